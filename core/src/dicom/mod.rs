@@ -1,0 +1,1 @@
+//! DICOM reading, decoding to exact stored values, and derived-instance writing.

@@ -1,0 +1,8 @@
+//! adverse: red-team and protect medical-imaging AI.
+//!
+//! The library behind the `adverse` binary. DICOM in ([`dicom`]), a tensor runtime with gradients
+//! on a CPU or WGSL GPU backend ([`runtime`]), derived DICOM out.
+
+pub mod cli;
+pub mod dicom;
+pub mod runtime;

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian 12 machine: installs what is missing (apt packages when
+# root, the Python oracle venv), then checks formatting and lints and runs every test.
+# Usage: scripts/test.sh            (CI calls exactly this through .ci/run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+# --- system packages: cmake (JPEG-LS codec build), lavapipe (the Vulkan adapter GPU tests use) ---
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v c++ >/dev/null 2>&1 || need+=(g++)
+ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || need+=(mesa-vulkan-drivers)
+ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1' || need+=(libvulkan1)
+if ((${#need[@]})); then
+  if [ "$(id -u)" = 0 ]; then
+    echo "test.sh: installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "test.sh: missing system packages: ${need[*]} (run as root or install them)" >&2
+    exit 2
+  fi
+fi
+
+# --- Python oracles (pydicom, onnxruntime, onnx): test-only, in a venv ---
+if ! .venv/bin/python -c 'import pydicom, numpy, onnx, onnxruntime, scipy' >/dev/null 2>&1; then
+  echo "test.sh: creating the oracle venv (.venv)"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -r scripts/requirements-oracle.txt
+fi
+export ADVERSE_PYTHON="$root/.venv/bin/python"
+
+# --- Rust checks and tests ---
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast

@@ -1,0 +1,1 @@
+//! Helpers for the end-to-end tests: locate the `adverse` binary, the repository, its data.

@@ -1,0 +1,1 @@
+//! End-to-end tests, one binary with a module per area (ripgrep style).
