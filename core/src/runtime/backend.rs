@@ -77,6 +77,13 @@ pub enum PoolKind {
 
 /// 2-D pooling geometry (ONNX `MaxPool` / `AveragePool`; output size already decided by the
 /// caller, which handles `ceil_mode` by passing `out_hw`).
+///
+/// Window semantics (as `runtime::reference::pool_axis_taps`): tap t of output o reads input
+/// `o*stride + t*dilation - pad_begin`. Max ignores taps outside the input. Avg divides by the
+/// number of taps inside the input, or with `count_include_pad` by the taps inside the *padded*
+/// extent `[-pad_begin, len + pad_end)` (taps past it, reachable only through `ceil_mode`'s
+/// extra windows, never count: ONNX Runtime / PyTorch behaviour). A window with no tap inside the
+/// input outputs 0 and gets no gradient.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Pool2dParams {
     pub kind: PoolKind,
@@ -90,6 +97,8 @@ pub struct Pool2dParams {
     pub out_hw: [usize; 2],
 }
 
+/// Gradients at kinks: Relu 0 and LeakyRelu `alpha` at x = 0 (the x > 0 branch is strict); Abs
+/// sign(x) (0 at 0); Sqrt `0.5 / y` (from the output).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Unary {
     Relu,
@@ -109,7 +118,7 @@ pub enum Unary {
     Affine { a: f32, b: f32 },
     /// y = x^p for a constant exponent
     Powf { p: f32 },
-    /// Forward is sign(x); its gradient is 0 everywhere.
+    /// Forward is sign(x) (sign(0) = 0); its gradient is 0 everywhere.
     Sign,
 }
 
@@ -158,6 +167,12 @@ pub enum ResizeMode {
     Area,
 }
 
+/// Coordinates (ONNX Resize, scale = out/in per axis): HalfPixel `(o + 0.5) * in / out - 0.5`,
+/// PytorchHalfPixel the same but 0 when `out == 1`, AlignCorners `o * (in - 1) / (out - 1)` (0
+/// when `out == 1`), Asymmetric `o * in / out`, evaluated in f64 in that form so Nearest's ties
+/// (`RoundPrefer*`: fraction exactly 0.5) round identically on every backend. Nearest then clamps
+/// the index to `[0, in - 1]`; Linear clamps the coordinate to `[0, in - 1]` before interpolating
+/// between floor and floor + 1 (as onnxruntime). See `runtime::reference::resize_taps`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ResizeParams {
     pub mode: ResizeMode,
@@ -174,6 +189,13 @@ pub enum ReduceOp {
 
 /// Per-sample losses on logits `[N, K]`. All return the loss per sample and the gradient of each
 /// sample's loss with respect to its own logits (so the gradient of the batch *sum*).
+///
+/// CrossEntropy, CwMargin and Dlr take `LossTargets::Classes`; Mse takes `LossTargets::Dense`
+/// (logits of any rank >= 1, mean over each sample's elements); the other pairings are caller
+/// bugs (panic). "max_{i!=t}" picks the first (lowest-index) maximal logit. CwMargin's gradient is
+/// `e_t - e_j` while the margin is strictly above `-kappa`, else 0. Dlr's pi1/pi3 come from a sort
+/// by descending logit with ties broken by lower index, and its gradient includes the
+/// denominator's.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Loss {
     /// -log softmax(z)[t]
@@ -228,6 +250,8 @@ pub trait Backend: Send + Sync {
     /// Elements `start..end` along `axis` (contiguous range).
     fn slice(&self, x: &Tensor<Self>, axis: usize, start: usize, end: usize) -> Tensor<Self>;
     /// Pad every axis by `pads[i] = (before, after)`; `value` is used by `PadMode::Constant`.
+    /// Reflect is NumPy's `reflect` (edge not repeated); pads wider than `len - 1` keep reflecting
+    /// back and forth, and a length-1 axis reflects onto itself.
     fn pad(&self, x: &Tensor<Self>, pads: &[(usize, usize)], mode: PadMode, value: f32) -> Tensor<Self>;
     /// Adjoint of [`Backend::pad`]: gradient w.r.t. the unpadded input (reflect/edge accumulate).
     fn pad_backward(&self, dy: &Tensor<Self>, x_shape: &[usize], pads: &[(usize, usize)], mode: PadMode) -> Tensor<Self>;
@@ -265,6 +289,7 @@ pub trait Backend: Send + Sync {
 
     // ---- reduce / softmax / loss family ---------------------------------------------------------
     /// Sum or mean over `axes` (sorted, unique); kept axes have size 1 when `keepdims`.
+    /// Empty `axes` reduce nothing (a copy): the caller expands ONNX's "all axes" default.
     fn reduce(&self, x: &Tensor<Self>, axes: &[usize], op: ReduceOp, keepdims: bool) -> Tensor<Self>;
     /// Softmax (or log-softmax) along `axis`, numerically stable.
     fn softmax(&self, x: &Tensor<Self>, axis: usize, log: bool) -> Tensor<Self>;
@@ -291,7 +316,8 @@ pub trait Backend: Send + Sync {
     fn clamp_per_sample(&self, x: &Tensor<Self>, lo: &[f32], hi: &[f32]) -> Tensor<Self>;
     /// Per-sample norm of x, shape `[N]`.
     fn norm_per_sample(&self, x: &Tensor<Self>, norm: Norm) -> Tensor<Self>;
-    /// Counter-based (seed, element index) uniform in [lo, hi): identical on every backend.
+    /// Counter-based (seed, element index) uniform in [lo, hi): identical on every backend,
+    /// computed in f32 as `lo + (hi - lo) * counter_uniform(seed, i)`.
     fn random_uniform(&self, shape: &[usize], seed: u64, lo: f32, hi: f32) -> Tensor<Self>;
     /// Counter-based standard normal times `std` (Box-Muller on the same counter stream).
     fn random_normal(&self, shape: &[usize], seed: u64, std: f32) -> Tensor<Self>;

@@ -2,4 +2,18 @@
 //! two backends behind one kernel contract ([`backend::Backend`]): `cpu` (native, rayon + GEMM)
 //! and `gpu` (wgpu + the WGSL kernels in `shaders/`).
 
+pub mod autodiff;
 pub mod backend;
+pub mod cpu;
+pub mod exec;
+pub mod gpu;
+#[cfg(test)]
+mod graph_tests;
+pub mod ir;
+pub mod loss;
+pub mod onnx;
+pub mod reference;
+pub mod shape;
+pub mod card;
+pub mod preprocess;
+pub mod select;

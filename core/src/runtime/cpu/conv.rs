@@ -1,0 +1,478 @@
+//! Convolution forward and both adjoints: im2col + GEMM (1x1 convolutions skip im2col; depthwise
+//! convolutions use a direct loop, where GEMM with one output row would waste its blocking).
+//!
+//! Work is split by disjoint output blocks ((sample, group) for the forward and the input
+//! gradient, group for the weight gradient), so every output element is produced by exactly one
+//! task in a fixed reduction order: results do not depend on thread scheduling.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::CpuBackend;
+use super::gemm::{MatRef, gemm_f32};
+use crate::runtime::backend::Conv2dParams;
+use crate::runtime::reference::conv2d_out_hw;
+
+/// Everything derived from the shapes that the three kernels share.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    m: usize,
+    cg: usize,
+    mg: usize,
+    g: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    p: Conv2dParams,
+}
+
+impl Geom {
+    fn new(x: [usize; 4], wt: [usize; 4], p: &Conv2dParams) -> Geom {
+        let [n, c, h, w] = x;
+        let [m, cg, kh, kw] = wt;
+        let g = p.groups;
+        assert!(
+            g >= 1 && cg * g == c && m % g == 0,
+            "conv channels: x {x:?}, w {wt:?}, groups {g}"
+        );
+        let [oh, ow] = conv2d_out_hw(h, w, kh, kw, p);
+        Geom {
+            n,
+            c,
+            h,
+            w,
+            m,
+            cg,
+            mg: m / g,
+            g,
+            kh,
+            kw,
+            oh,
+            ow,
+            p: *p,
+        }
+    }
+    /// Rows of the im2col matrix (the GEMM reduction length).
+    fn k(&self) -> usize {
+        self.cg * self.kh * self.kw
+    }
+    fn p_out(&self) -> usize {
+        self.oh * self.ow
+    }
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1
+            && self.kw == 1
+            && self.p.stride == [1, 1]
+            && self.p.pad == [0; 4]
+            && self.oh == self.h
+            && self.ow == self.w
+    }
+    fn is_depthwise(&self) -> bool {
+        self.cg == 1 && self.mg == 1
+    }
+    fn flops(&self) -> usize {
+        self.n * self.m * self.p_out() * self.k()
+    }
+    /// Range of output columns `o` whose input column `o * stride + off` lies in `[0, len)`.
+    fn valid_range(out: usize, stride: usize, off: isize, len: usize) -> (usize, usize) {
+        // o * stride + off >= 0  <=>  o >= ceil(-off / stride)
+        let lo = if off >= 0 {
+            0
+        } else {
+            ((-off) as usize).div_ceil(stride)
+        };
+        // o * stride + off < len  <=>  o < ceil((len - off) / stride)
+        let hi_num = len as isize - off;
+        let hi = if hi_num <= 0 {
+            0
+        } else {
+            (hi_num as usize).div_ceil(stride)
+        };
+        (lo.min(out), hi.min(out).max(lo.min(out)))
+    }
+    fn row_off(&self, ky: usize) -> isize {
+        (ky * self.p.dilation[0]) as isize - self.p.pad[0] as isize
+    }
+    fn col_off(&self, kx: usize) -> isize {
+        (kx * self.p.dilation[1]) as isize - self.p.pad[1] as isize
+    }
+}
+
+/// Fills `col` (`k x oh*ow`) with the receptive fields of one (sample, group) input block `xg`
+/// (`cg x h x w`).
+fn im2col(gm: &Geom, xg: &[f32], col: &mut [f32]) {
+    let (sh, sw) = (gm.p.stride[0], gm.p.stride[1]);
+    let pw = gm.p_out();
+    for ci in 0..gm.cg {
+        let plane = &xg[ci * gm.h * gm.w..(ci + 1) * gm.h * gm.w];
+        for ky in 0..gm.kh {
+            let (oy0, oy1) = Geom::valid_range(gm.oh, sh, gm.row_off(ky), gm.h);
+            for kx in 0..gm.kw {
+                let row = &mut col[((ci * gm.kh + ky) * gm.kw + kx) * pw..][..pw];
+                let (ox0, ox1) = Geom::valid_range(gm.ow, sw, gm.col_off(kx), gm.w);
+                for oy in 0..gm.oh {
+                    let dst = &mut row[oy * gm.ow..(oy + 1) * gm.ow];
+                    if oy < oy0 || oy >= oy1 {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let iy = (oy * sh) as isize + gm.row_off(ky);
+                    let src = &plane[iy as usize * gm.w..(iy as usize + 1) * gm.w];
+                    dst[..ox0].fill(0.0);
+                    dst[ox1..].fill(0.0);
+                    let ix0 = (ox0 * sw) as isize + gm.col_off(kx);
+                    if sw == 1 {
+                        let ix0 = ix0 as usize;
+                        dst[ox0..ox1].copy_from_slice(&src[ix0..ix0 + (ox1 - ox0)]);
+                    } else {
+                        for (j, d) in dst[ox0..ox1].iter_mut().enumerate() {
+                            *d = src[ix0 as usize + j * sw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adjoint of [`im2col`]: accumulates `col` into one (sample, group) input-gradient block.
+fn col2im(gm: &Geom, col: &[f32], dxg: &mut [f32]) {
+    let (sh, sw) = (gm.p.stride[0], gm.p.stride[1]);
+    let pw = gm.p_out();
+    for ci in 0..gm.cg {
+        let plane = &mut dxg[ci * gm.h * gm.w..(ci + 1) * gm.h * gm.w];
+        for ky in 0..gm.kh {
+            let (oy0, oy1) = Geom::valid_range(gm.oh, sh, gm.row_off(ky), gm.h);
+            for kx in 0..gm.kw {
+                let row = &col[((ci * gm.kh + ky) * gm.kw + kx) * pw..][..pw];
+                let (ox0, ox1) = Geom::valid_range(gm.ow, sw, gm.col_off(kx), gm.w);
+                for oy in oy0..oy1 {
+                    let iy = ((oy * sh) as isize + gm.row_off(ky)) as usize;
+                    let dst = &mut plane[iy * gm.w..(iy + 1) * gm.w];
+                    let src = &row[oy * gm.ow..(oy + 1) * gm.ow];
+                    let ix0 = ((ox0 * sw) as isize + gm.col_off(kx)) as usize;
+                    for ox in ox0..ox1 {
+                        dst[ix0 + (ox - ox0) * sw] += src[ox];
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl CpuBackend {
+    /// How to run `tasks` independent GEMM-sized jobs of `flops` total: (parallel over tasks,
+    /// parallelism inside each GEMM).
+    fn conv_plan(&self, tasks: usize, flops: usize) -> (bool, Parallelism) {
+        if self.threads <= 1 || flops < super::PAR_MIN_FLOPS {
+            (false, Parallelism::None)
+        } else if tasks >= self.threads {
+            (true, Parallelism::None)
+        } else {
+            (false, Parallelism::Rayon(self.threads))
+        }
+    }
+
+    pub(super) fn conv2d_impl(
+        &self,
+        x: &[f32],
+        xs: [usize; 4],
+        w: &[f32],
+        ws: [usize; 4],
+        bias: Option<&[f32]>,
+        p: &Conv2dParams,
+    ) -> (Vec<f32>, [usize; 4]) {
+        let gm = Geom::new(xs, ws, p);
+        let ys = [gm.n, gm.m, gm.oh, gm.ow];
+        let pw = gm.p_out();
+        let mut y = vec![0.0f32; gm.n * gm.m * pw];
+        if y.is_empty() {
+            return (y, ys);
+        }
+        if gm.is_depthwise() {
+            self.depthwise_forward(&gm, x, w, &mut y);
+        } else {
+            let (par_tasks, par) = self.conv_plan(gm.n * gm.g, gm.flops());
+            let k = gm.k();
+            let xblock = gm.cg * gm.h * gm.w;
+            let task = |t: usize, yb: &mut [f32]| {
+                let (ni, gi) = (t / gm.g, t % gm.g);
+                let xg = &x[(ni * gm.c + gi * gm.cg) * gm.h * gm.w..][..xblock];
+                let wg = &w[gi * gm.mg * k..(gi + 1) * gm.mg * k];
+                let owned;
+                let col: &[f32] = if gm.is_pointwise() {
+                    xg
+                } else {
+                    let mut c = vec![0.0f32; k * pw];
+                    im2col(&gm, xg, &mut c);
+                    owned = c;
+                    &owned
+                };
+                gemm_f32(
+                    gm.mg,
+                    pw,
+                    k,
+                    yb,
+                    pw,
+                    false,
+                    MatRef::new(wg, k, 1),
+                    MatRef::new(col, pw, 1),
+                    par,
+                );
+            };
+            self.run_blocks(&mut y, gm.mg * pw, par_tasks, par, task);
+        }
+        if let Some(b) = bias {
+            assert_eq!(b.len(), gm.m, "conv2d bias length");
+            for (i, plane) in y.chunks_mut(pw).enumerate() {
+                let bv = b[i % gm.m];
+                plane.iter_mut().for_each(|v| *v += bv);
+            }
+        }
+        (y, ys)
+    }
+
+    /// Runs `task(i, block_i)` over the `block`-sized chunks of `out`, on the pool when asked.
+    fn run_blocks(
+        &self,
+        out: &mut [f32],
+        block: usize,
+        par_tasks: bool,
+        par: Parallelism,
+        task: impl Fn(usize, &mut [f32]) + Sync + Send,
+    ) {
+        if par_tasks {
+            self.install(|| {
+                out.par_chunks_mut(block)
+                    .enumerate()
+                    .for_each(|(t, b)| task(t, b))
+            });
+        } else if matches!(par, Parallelism::None) {
+            out.chunks_mut(block)
+                .enumerate()
+                .for_each(|(t, b)| task(t, b));
+        } else {
+            // gemm's own rayon parallelism must run on this backend's pool.
+            self.install(|| {
+                out.chunks_mut(block)
+                    .enumerate()
+                    .for_each(|(t, b)| task(t, b))
+            });
+        }
+    }
+
+    fn depthwise_forward(&self, gm: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
+        let pw = gm.p_out();
+        let (sh, sw) = (gm.p.stride[0], gm.p.stride[1]);
+        let (dh, dw) = (gm.p.dilation[0], gm.p.dilation[1]);
+        let task = |t: usize, yp: &mut [f32]| {
+            let (ni, mi) = (t / gm.m, t % gm.m);
+            let plane = &x[(ni * gm.c + mi) * gm.h * gm.w..][..gm.h * gm.w];
+            let wk = &w[mi * gm.kh * gm.kw..(mi + 1) * gm.kh * gm.kw];
+            for ky in 0..gm.kh {
+                let (oy0, oy1) = Geom::valid_range(gm.oh, sh, gm.row_off(ky), gm.h);
+                for kx in 0..gm.kw {
+                    let (ox0, ox1) = Geom::valid_range(gm.ow, sw, gm.col_off(kx), gm.w);
+                    let wv = wk[ky * gm.kw + kx];
+                    for oy in oy0..oy1 {
+                        let iy = (oy * sh + ky * dh) - gm.p.pad[0];
+                        let src = &plane[iy * gm.w..(iy + 1) * gm.w];
+                        let dst = &mut yp[oy * gm.ow..(oy + 1) * gm.ow];
+                        for ox in ox0..ox1 {
+                            dst[ox] += wv * src[ox * sw + kx * dw - gm.p.pad[1]];
+                        }
+                    }
+                }
+            }
+        };
+        let par = self.threads > 1 && gm.flops() >= super::PAR_MIN_FLOPS;
+        self.run_blocks(y, pw, par, Parallelism::None, task);
+    }
+
+    pub(super) fn conv2d_backward_input_impl(
+        &self,
+        dy: &[f32],
+        dys: &[usize],
+        w: &[f32],
+        ws: [usize; 4],
+        p: &Conv2dParams,
+        xs: [usize; 4],
+    ) -> Vec<f32> {
+        let gm = Geom::new(xs, ws, p);
+        assert_eq!(
+            dys,
+            [gm.n, gm.m, gm.oh, gm.ow],
+            "conv2d_backward_input dy shape"
+        );
+        let mut dx = vec![0.0f32; xs.iter().product()];
+        if dx.is_empty() || gm.p_out() == 0 {
+            return dx;
+        }
+        let pw = gm.p_out();
+        let k = gm.k();
+        let xblock = gm.cg * gm.h * gm.w;
+        if gm.is_depthwise() {
+            let (sh, sw) = (gm.p.stride[0], gm.p.stride[1]);
+            let (dh, dw) = (gm.p.dilation[0], gm.p.dilation[1]);
+            let task = |t: usize, dxp: &mut [f32]| {
+                let (ni, ci) = (t / gm.c, t % gm.c);
+                let dyp = &dy[(ni * gm.m + ci) * pw..][..pw];
+                let wk = &w[ci * gm.kh * gm.kw..(ci + 1) * gm.kh * gm.kw];
+                for ky in 0..gm.kh {
+                    let (oy0, oy1) = Geom::valid_range(gm.oh, sh, gm.row_off(ky), gm.h);
+                    for kx in 0..gm.kw {
+                        let (ox0, ox1) = Geom::valid_range(gm.ow, sw, gm.col_off(kx), gm.w);
+                        let wv = wk[ky * gm.kw + kx];
+                        for oy in oy0..oy1 {
+                            let iy = (oy * sh + ky * dh) - gm.p.pad[0];
+                            let dst = &mut dxp[iy * gm.w..(iy + 1) * gm.w];
+                            let src = &dyp[oy * gm.ow..(oy + 1) * gm.ow];
+                            for ox in ox0..ox1 {
+                                dst[ox * sw + kx * dw - gm.p.pad[1]] += wv * src[ox];
+                            }
+                        }
+                    }
+                }
+            };
+            let par = self.threads > 1 && gm.flops() >= super::PAR_MIN_FLOPS;
+            self.run_blocks(&mut dx, gm.h * gm.w, par, Parallelism::None, task);
+            return dx;
+        }
+        let (par_tasks, par) = self.conv_plan(gm.n * gm.g, gm.flops());
+        let task = |t: usize, dxb: &mut [f32]| {
+            let (ni, gi) = (t / gm.g, t % gm.g);
+            let wg = &w[gi * gm.mg * k..(gi + 1) * gm.mg * k];
+            let dyg = &dy[(ni * gm.m + gi * gm.mg) * pw..][..gm.mg * pw];
+            // dcol (k x pw) = W_g^T (k x mg) * dY_g (mg x pw)
+            let wt = MatRef::new(wg, 1, k);
+            let dyv = MatRef::new(dyg, pw, 1);
+            if gm.is_pointwise() {
+                gemm_f32(k, pw, gm.mg, dxb, pw, false, wt, dyv, par);
+            } else {
+                let mut col = vec![0.0f32; k * pw];
+                gemm_f32(k, pw, gm.mg, &mut col, pw, false, wt, dyv, par);
+                col2im(&gm, &col, dxb);
+            }
+        };
+        self.run_blocks(&mut dx, xblock, par_tasks, par, task);
+        dx
+    }
+
+    pub(super) fn conv2d_backward_weight_impl(
+        &self,
+        dy: &[f32],
+        dys: &[usize],
+        x: &[f32],
+        xs: [usize; 4],
+        p: &Conv2dParams,
+        ws: [usize; 4],
+    ) -> Vec<f32> {
+        let gm = Geom::new(xs, ws, p);
+        assert_eq!(
+            dys,
+            [gm.n, gm.m, gm.oh, gm.ow],
+            "conv2d_backward_weight dy shape"
+        );
+        let k = gm.k();
+        let pw = gm.p_out();
+        let mut dw = vec![0.0f32; ws.iter().product()];
+        if dw.is_empty() || pw == 0 || gm.n == 0 {
+            return dw;
+        }
+        let xblock = gm.cg * gm.h * gm.w;
+        if gm.is_depthwise() {
+            let (sh, sw) = (gm.p.stride[0], gm.p.stride[1]);
+            let (dh, dwl) = (gm.p.dilation[0], gm.p.dilation[1]);
+            let task = |ci: usize, dwk: &mut [f32]| {
+                for ky in 0..gm.kh {
+                    let (oy0, oy1) = Geom::valid_range(gm.oh, sh, gm.row_off(ky), gm.h);
+                    for kx in 0..gm.kw {
+                        let (ox0, ox1) = Geom::valid_range(gm.ow, sw, gm.col_off(kx), gm.w);
+                        let mut acc = 0.0f64;
+                        for ni in 0..gm.n {
+                            let plane = &x[(ni * gm.c + ci) * gm.h * gm.w..][..gm.h * gm.w];
+                            let dyp = &dy[(ni * gm.m + ci) * pw..][..pw];
+                            let mut s = 0.0f32;
+                            for oy in oy0..oy1 {
+                                let iy = (oy * sh + ky * dh) - gm.p.pad[0];
+                                let src = &plane[iy * gm.w..(iy + 1) * gm.w];
+                                let d = &dyp[oy * gm.ow..(oy + 1) * gm.ow];
+                                for ox in ox0..ox1 {
+                                    s += d[ox] * src[ox * sw + kx * dwl - gm.p.pad[1]];
+                                }
+                            }
+                            acc += s as f64;
+                        }
+                        dwk[ky * gm.kw + kx] = acc as f32;
+                    }
+                }
+            };
+            let par = self.threads > 1 && gm.flops() >= super::PAR_MIN_FLOPS;
+            self.run_blocks(&mut dw, gm.kh * gm.kw, par, Parallelism::None, task);
+            return dw;
+        }
+        let (par_groups, par) = self.conv_plan(gm.g, gm.flops());
+        let task = |gi: usize, dwg: &mut [f32]| {
+            let mut col = if gm.is_pointwise() {
+                Vec::new()
+            } else {
+                vec![0.0f32; k * pw]
+            };
+            for ni in 0..gm.n {
+                let xg = &x[(ni * gm.c + gi * gm.cg) * gm.h * gm.w..][..xblock];
+                let colv: &[f32] = if gm.is_pointwise() {
+                    xg
+                } else {
+                    im2col(&gm, xg, &mut col);
+                    &col
+                };
+                let dyg = &dy[(ni * gm.m + gi * gm.mg) * pw..][..gm.mg * pw];
+                // dW_g (mg x k) += dY_g (mg x pw) * col^T (pw x k)
+                gemm_f32(
+                    gm.mg,
+                    k,
+                    pw,
+                    dwg,
+                    k,
+                    ni > 0,
+                    MatRef::new(dyg, pw, 1),
+                    MatRef::new(colv, 1, pw),
+                    par,
+                );
+            }
+        };
+        self.run_blocks(&mut dw, gm.mg * k, par_groups, par, task);
+        dw
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Geom;
+
+    #[test]
+    fn valid_range_matches_brute_force() {
+        for out in 0..6 {
+            for stride in 1..4 {
+                for off in -5isize..5 {
+                    for len in 0..7 {
+                        let (lo, hi) = Geom::valid_range(out, stride, off, len);
+                        let want: Vec<usize> = (0..out)
+                            .filter(|&o| {
+                                let i = (o * stride) as isize + off;
+                                i >= 0 && i < len as isize
+                            })
+                            .collect();
+                        let got: Vec<usize> = (lo..hi).collect();
+                        assert_eq!(got, want, "out {out} stride {stride} off {off} len {len}");
+                    }
+                }
+            }
+        }
+    }
+}

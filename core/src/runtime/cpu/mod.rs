@@ -1,0 +1,420 @@
+//! The native CPU backend: f32 kernels on rayon, convolutions and matmuls on the `gemm` crate.
+//!
+//! It is both the speed path on machines without a GPU and the backend the GPU results are
+//! compared with in whole-graph tests, so it favours exactness of semantics (same geometry code
+//! as [`crate::runtime::reference`] for pools and resizes) and determinism: every op splits its
+//! work by disjoint output blocks, each computed in a fixed order, and reductions that cross
+//! blocks (norms, softmax sums, loss terms) accumulate in f64 sequentially.
+//!
+//! Small ops stay on the calling thread: below [`PAR_MIN_FLOPS`] of work, waking the pool costs
+//! more than the op (the demo model is a small CNN on 28x28 images).
+
+mod conv;
+mod gemm;
+mod ops;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use crate::runtime::backend::{
+    Backend, Binary, Conv2dParams, Loss, LossTargets, Norm, PadMode, Pool2dParams, ReduceOp,
+    ResizeParams, Tensor, Unary,
+};
+
+/// Below this many multiply-adds (or element operations) an op runs single-threaded.
+pub const PAR_MIN_FLOPS: usize = 1 << 16;
+
+/// Elements per parallel chunk for elementwise ops (large enough to amortise task overhead).
+const ELEM_CHUNK: usize = 1 << 14;
+
+/// Native CPU backend. Construct once and share: it owns a rayon pool of its own, so its thread
+/// count is what `describe()` says regardless of the global pool.
+pub struct CpuBackend {
+    pool: Option<rayon::ThreadPool>,
+    threads: usize,
+}
+
+impl std::fmt::Debug for CpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuBackend")
+            .field("threads", &self.threads)
+            .finish()
+    }
+}
+
+impl CpuBackend {
+    /// `threads`: worker count (None = the machine's available parallelism). If the OS refuses
+    /// to spawn the pool, the backend still works, single-threaded.
+    pub fn new(threads: Option<usize>) -> CpuBackend {
+        let want = threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1);
+        if want == 1 {
+            return CpuBackend {
+                pool: None,
+                threads: 1,
+            };
+        }
+        match rayon::ThreadPoolBuilder::new()
+            .num_threads(want)
+            .thread_name(|i| format!("adverse-cpu-{i}"))
+            .build()
+        {
+            Ok(pool) => CpuBackend {
+                pool: Some(pool),
+                threads: want,
+            },
+            Err(e) => {
+                tracing::warn!("cpu backend: could not start {want} threads ({e}); using 1");
+                CpuBackend {
+                    pool: None,
+                    threads: 1,
+                }
+            }
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `f` on this backend's pool (or inline when single-threaded).
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+
+    /// Whether an op of `work` element operations should use the pool.
+    fn parallel(&self, work: usize) -> bool {
+        self.threads > 1 && work >= PAR_MIN_FLOPS
+    }
+
+    fn wrap(data: Vec<f32>, shape: &[usize]) -> Tensor<Self> {
+        debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+        Tensor {
+            buf: Arc::new(data),
+            shape: shape.to_vec(),
+        }
+    }
+}
+
+fn dims4(shape: &[usize], what: &str) -> [usize; 4] {
+    assert_eq!(shape.len(), 4, "{what} must be 4-D, got {shape:?}");
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+impl Backend for CpuBackend {
+    type Buf = Arc<Vec<f32>>;
+
+    fn describe(&self) -> String {
+        format!(
+            "cpu ({} thread{})",
+            self.threads,
+            if self.threads == 1 { "" } else { "s" }
+        )
+    }
+
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Tensor<Self> {
+        assert_eq!(
+            data.len(),
+            shape.iter().product::<usize>(),
+            "upload: data does not match shape"
+        );
+        Self::wrap(data.to_vec(), shape)
+    }
+
+    fn download(&self, t: &Tensor<Self>) -> Vec<f32> {
+        t.buf[..t.len()].to_vec()
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Tensor<Self> {
+        self.fill(shape, 0.0)
+    }
+
+    fn fill(&self, shape: &[usize], value: f32) -> Tensor<Self> {
+        Self::wrap(vec![value; shape.iter().product()], shape)
+    }
+
+    fn transpose(&self, x: &Tensor<Self>, perm: &[usize]) -> Tensor<Self> {
+        let (data, shape) = self.transpose_impl(&x.buf, &x.shape, perm);
+        Self::wrap(data, &shape)
+    }
+
+    fn concat(&self, xs: &[&Tensor<Self>], axis: usize) -> Tensor<Self> {
+        let parts: Vec<(&[f32], &[usize])> = xs
+            .iter()
+            .map(|t| (t.buf.as_slice(), t.shape.as_slice()))
+            .collect();
+        let (data, shape) = ops::concat(&parts, axis);
+        Self::wrap(data, &shape)
+    }
+
+    fn slice(&self, x: &Tensor<Self>, axis: usize, start: usize, end: usize) -> Tensor<Self> {
+        let (data, shape) = self.slice_impl(&x.buf, &x.shape, axis, start, end);
+        Self::wrap(data, &shape)
+    }
+
+    fn pad(
+        &self,
+        x: &Tensor<Self>,
+        pads: &[(usize, usize)],
+        mode: PadMode,
+        value: f32,
+    ) -> Tensor<Self> {
+        let (data, shape) = ops::pad(&x.buf, &x.shape, pads, mode, value);
+        Self::wrap(data, &shape)
+    }
+
+    fn pad_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x_shape: &[usize],
+        pads: &[(usize, usize)],
+        mode: PadMode,
+    ) -> Tensor<Self> {
+        let data = ops::pad_backward(&dy.buf, &dy.shape, x_shape, pads, mode);
+        Self::wrap(data, x_shape)
+    }
+
+    fn broadcast_to(&self, x: &Tensor<Self>, shape: &[usize]) -> Tensor<Self> {
+        if x.shape == shape {
+            return x.clone();
+        }
+        Self::wrap(self.broadcast_impl(&x.buf, &x.shape, shape), shape)
+    }
+
+    fn conv2d(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        p: &Conv2dParams,
+    ) -> Tensor<Self> {
+        let (data, shape) = self.conv2d_impl(
+            &x.buf,
+            dims4(&x.shape, "conv2d x"),
+            &w.buf,
+            dims4(&w.shape, "conv2d w"),
+            bias.map(|b| b.buf.as_slice()),
+            p,
+        );
+        Self::wrap(data, &shape)
+    }
+
+    fn conv2d_backward_input(
+        &self,
+        dy: &Tensor<Self>,
+        w: &Tensor<Self>,
+        p: &Conv2dParams,
+        x_shape: [usize; 4],
+    ) -> Tensor<Self> {
+        let data = self.conv2d_backward_input_impl(
+            &dy.buf,
+            &dy.shape,
+            &w.buf,
+            dims4(&w.shape, "conv2d w"),
+            p,
+            x_shape,
+        );
+        Self::wrap(data, &x_shape)
+    }
+
+    fn conv2d_backward_weight(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        p: &Conv2dParams,
+        w_shape: [usize; 4],
+    ) -> Tensor<Self> {
+        let data = self.conv2d_backward_weight_impl(
+            &dy.buf,
+            &dy.shape,
+            &x.buf,
+            dims4(&x.shape, "conv2d x"),
+            p,
+            w_shape,
+        );
+        Self::wrap(data, &w_shape)
+    }
+
+    fn matmul(
+        &self,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        trans_a: bool,
+        trans_b: bool,
+    ) -> Tensor<Self> {
+        let (data, shape) = self.matmul_impl(&a.buf, &a.shape, &b.buf, &b.shape, trans_a, trans_b);
+        Self::wrap(data, &shape)
+    }
+
+    fn pool2d(&self, x: &Tensor<Self>, p: &Pool2dParams) -> Tensor<Self> {
+        let xs = dims4(&x.shape, "pool2d x");
+        let data = self.pool2d_impl(&x.buf, xs, p);
+        Self::wrap(data, &[xs[0], xs[1], p.out_hw[0], p.out_hw[1]])
+    }
+
+    fn pool2d_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        p: &Pool2dParams,
+    ) -> Tensor<Self> {
+        let xs = dims4(&x.shape, "pool2d x");
+        assert_eq!(
+            dy.shape,
+            [xs[0], xs[1], p.out_hw[0], p.out_hw[1]],
+            "pool2d_backward dy shape"
+        );
+        Self::wrap(self.pool2d_backward_impl(&dy.buf, &x.buf, xs, p), &x.shape)
+    }
+
+    fn unary(&self, op: Unary, x: &Tensor<Self>) -> Tensor<Self> {
+        Self::wrap(
+            self.map1(&x.buf[..x.len()], |v| ops::unary_f32(op, v)),
+            &x.shape,
+        )
+    }
+
+    fn unary_backward(
+        &self,
+        op: Unary,
+        x: &Tensor<Self>,
+        y: &Tensor<Self>,
+        dy: &Tensor<Self>,
+    ) -> Tensor<Self> {
+        assert!(
+            x.shape == dy.shape && y.shape == dy.shape,
+            "unary_backward shapes"
+        );
+        let data = self.map3(&x.buf, &y.buf, &dy.buf, |xv, yv, d| {
+            d * ops::unary_derivative_f32(op, xv, yv)
+        });
+        Self::wrap(data, &x.shape)
+    }
+
+    fn binary(&self, op: Binary, a: &Tensor<Self>, b: &Tensor<Self>) -> Tensor<Self> {
+        let (data, shape) = self.binary_impl(op, &a.buf, &a.shape, &b.buf, &b.shape);
+        Self::wrap(data, &shape)
+    }
+
+    fn reduce_sum_to(&self, x: &Tensor<Self>, shape: &[usize]) -> Tensor<Self> {
+        if x.shape == shape {
+            return x.clone();
+        }
+        Self::wrap(self.reduce_sum_to_impl(&x.buf, &x.shape, shape), shape)
+    }
+
+    fn reduce(
+        &self,
+        x: &Tensor<Self>,
+        axes: &[usize],
+        op: ReduceOp,
+        keepdims: bool,
+    ) -> Tensor<Self> {
+        let (data, shape) = self.reduce_impl(&x.buf, &x.shape, axes, op, keepdims);
+        Self::wrap(data, &shape)
+    }
+
+    fn softmax(&self, x: &Tensor<Self>, axis: usize, log: bool) -> Tensor<Self> {
+        Self::wrap(self.softmax_impl(&x.buf, &x.shape, axis, log), &x.shape)
+    }
+
+    fn softmax_backward(
+        &self,
+        y: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        axis: usize,
+        log: bool,
+    ) -> Tensor<Self> {
+        assert_eq!(y.shape, dy.shape, "softmax_backward shapes");
+        Self::wrap(
+            self.softmax_backward_impl(&y.buf, &dy.buf, &y.shape, axis, log),
+            &y.shape,
+        )
+    }
+
+    fn loss(
+        &self,
+        kind: Loss,
+        logits: &Tensor<Self>,
+        targets: &LossTargets<'_, Self>,
+    ) -> (Tensor<Self>, Tensor<Self>) {
+        let t = match targets {
+            LossTargets::Classes(c) => ops::Targets::Classes(c),
+            LossTargets::Dense(t) => {
+                assert_eq!(t.shape, logits.shape, "dense loss target shape");
+                ops::Targets::Dense(&t.buf)
+            }
+        };
+        let (l, g) = ops::loss(kind, &logits.buf, &logits.shape, t);
+        let n = logits.shape[0];
+        (Self::wrap(l, &[n]), Self::wrap(g, &logits.shape))
+    }
+
+    fn resize(&self, x: &Tensor<Self>, p: &ResizeParams) -> Tensor<Self> {
+        let xs = dims4(&x.shape, "resize x");
+        let data = self.resize_impl(&x.buf, xs, p);
+        Self::wrap(data, &[xs[0], xs[1], p.out_hw[0], p.out_hw[1]])
+    }
+
+    fn resize_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x_shape: [usize; 4],
+        p: &ResizeParams,
+    ) -> Tensor<Self> {
+        assert_eq!(
+            dy.shape,
+            [x_shape[0], x_shape[1], p.out_hw[0], p.out_hw[1]],
+            "resize_backward dy shape"
+        );
+        Self::wrap(self.resize_backward_impl(&dy.buf, x_shape, p), &x_shape)
+    }
+
+    fn sign_step(&self, x: &Tensor<Self>, g: &Tensor<Self>, alpha: f32) -> Tensor<Self> {
+        assert_eq!(x.shape, g.shape, "sign_step shapes");
+        Self::wrap(
+            self.map2(&x.buf, &g.buf, |v, gv| v + alpha * ops::sign_f32(gv)),
+            &x.shape,
+        )
+    }
+
+    fn l2_step(&self, x: &Tensor<Self>, g: &Tensor<Self>, alpha: f32) -> Tensor<Self> {
+        assert_eq!(x.shape, g.shape, "l2_step shapes");
+        Self::wrap(ops::l2_step(&x.buf, &g.buf, &x.shape, alpha), &x.shape)
+    }
+
+    fn project(&self, x: &Tensor<Self>, x0: &Tensor<Self>, eps: f32, norm: Norm) -> Tensor<Self> {
+        assert_eq!(x.shape, x0.shape, "project shapes");
+        Self::wrap(ops::project(&x.buf, &x0.buf, &x.shape, eps, norm), &x.shape)
+    }
+
+    fn clamp_per_sample(&self, x: &Tensor<Self>, lo: &[f32], hi: &[f32]) -> Tensor<Self> {
+        Self::wrap(ops::clamp_per_sample(&x.buf, &x.shape, lo, hi), &x.shape)
+    }
+
+    fn norm_per_sample(&self, x: &Tensor<Self>, norm: Norm) -> Tensor<Self> {
+        let data = ops::norm_per_sample(&x.buf, &x.shape, norm);
+        let n = data.len();
+        Self::wrap(data, &[n])
+    }
+
+    fn random_uniform(&self, shape: &[usize], seed: u64, lo: f32, hi: f32) -> Tensor<Self> {
+        let data = self.generate(shape.iter().product(), |i| {
+            lo + (hi - lo) * crate::runtime::backend::counter_uniform(seed, i as u32)
+        });
+        Self::wrap(data, shape)
+    }
+
+    fn random_normal(&self, shape: &[usize], seed: u64, std: f32) -> Tensor<Self> {
+        let data = self.generate(shape.iter().product(), |i| {
+            std * crate::runtime::backend::counter_normal(seed, i as u32)
+        });
+        Self::wrap(data, shape)
+    }
+}

@@ -1,0 +1,703 @@
+//! Every CPU primitive against the float64 reference, on the sequential path (1 thread, and
+//! small tensors) and the parallel path (2 threads, tensors above the threshold), plus
+//! determinism.
+
+use super::*;
+use crate::runtime::backend::{
+    CoordTransform, LossTargets, NearestMode, PoolKind, ResizeMode, counter_uniform,
+};
+use crate::runtime::reference::{self as r, RefLossTargets, RefTensor, assert_close};
+
+const FWD: f64 = 1e-4;
+const BWD: f64 = 1e-3;
+
+fn backends() -> [CpuBackend; 2] {
+    [CpuBackend::new(Some(1)), CpuBackend::new(Some(2))]
+}
+
+fn up(b: &CpuBackend, t: &RefTensor) -> Tensor<CpuBackend> {
+    b.upload(&t.to_f32(), &t.shape)
+}
+
+fn check(b: &CpuBackend, got: &Tensor<CpuBackend>, want: &RefTensor, rel: f64, what: &str) {
+    assert_eq!(got.shape, want.shape, "{what} [{}]: shape", b.describe());
+    assert_close(
+        &b.download(got),
+        want,
+        rel,
+        &format!("{what} [{}]", b.describe()),
+    );
+}
+
+fn conv(stride: usize, pad: [usize; 4], dil: usize, groups: usize) -> Conv2dParams {
+    Conv2dParams {
+        stride: [stride, stride],
+        pad,
+        dilation: [dil, dil],
+        groups,
+    }
+}
+
+#[test]
+fn describe_names_threads() {
+    assert_eq!(CpuBackend::new(Some(1)).describe(), "cpu (1 thread)");
+    assert_eq!(CpuBackend::new(Some(3)).describe(), "cpu (3 threads)");
+    assert!(CpuBackend::new(None).threads() >= 1);
+}
+
+#[test]
+fn conv_matches_reference() {
+    let cases: Vec<([usize; 4], [usize; 4], Conv2dParams)> = vec![
+        ([1, 3, 7, 6], [4, 3, 3, 3], Conv2dParams::default()),
+        ([3, 2, 9, 8], [5, 2, 3, 2], conv(2, [1, 0, 2, 1], 1, 1)),
+        ([1, 4, 9, 9], [6, 2, 3, 3], conv(1, [2, 2, 2, 2], 2, 2)),
+        ([3, 4, 5, 5], [8, 4, 1, 1], Conv2dParams::default()),
+        ([3, 4, 6, 6], [4, 2, 1, 1], conv(2, [0; 4], 1, 2)),
+        // depthwise, with stride, pads and dilation
+        ([3, 5, 8, 7], [5, 1, 3, 3], conv(2, [1, 2, 1, 0], 2, 5)),
+        ([1, 3, 6, 6], [6, 1, 3, 3], conv(1, [1; 4], 1, 3)),
+        // big enough for the parallel path: 3 * 16 * 20 * 20 * 72 multiply-adds
+        ([3, 8, 20, 20], [16, 8, 3, 3], conv(1, [1; 4], 1, 1)),
+        ([1, 8, 24, 24], [16, 8, 3, 3], conv(2, [1; 4], 1, 1)),
+        ([2, 16, 16, 16], [16, 1, 3, 3], conv(1, [1; 4], 1, 16)),
+        ([1, 16, 20, 20], [32, 16, 1, 1], Conv2dParams::default()),
+    ];
+    for b in backends() {
+        for (ci, (xs, ws, p)) in cases.iter().enumerate() {
+            let x = RefTensor::random(xs, ci as u64);
+            let w = RefTensor::random(ws, 100 + ci as u64);
+            let bias = RefTensor::random(&[ws[0]], 200 + ci as u64);
+            let want = r::conv2d(&x, &w, Some(&bias), p);
+            let (xt, wt, bt) = (up(&b, &x), up(&b, &w), up(&b, &bias));
+            let got = b.conv2d(&xt, &wt, Some(&bt), p);
+            check(&b, &got, &want, FWD, &format!("conv2d case {ci}"));
+            let got = b.conv2d(&xt, &wt, None, p);
+            check(
+                &b,
+                &got,
+                &r::conv2d(&x, &w, None, p),
+                FWD,
+                &format!("conv2d no bias {ci}"),
+            );
+
+            let dy = RefTensor::random(&want.shape, 300 + ci as u64);
+            let dyt = up(&b, &dy);
+            let got = b.conv2d_backward_input(&dyt, &wt, p, *xs);
+            check(
+                &b,
+                &got,
+                &r::conv2d_backward_input(&dy, &w, p, *xs),
+                BWD,
+                &format!("conv dx {ci}"),
+            );
+            let got = b.conv2d_backward_weight(&dyt, &xt, p, *ws);
+            check(
+                &b,
+                &got,
+                &r::conv2d_backward_weight(&dy, &x, p, *ws),
+                BWD,
+                &format!("conv dw {ci}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn conv_transpose_output_padding_leaves_zeros() {
+    // ConvTranspose with output_padding: x_shape one larger than the conv geometry needs; the
+    // extra row/column gets no gradient.
+    let b = CpuBackend::new(Some(1));
+    let p = conv(2, [0; 4], 1, 1);
+    let w = RefTensor::random(&[2, 3, 3, 3], 1);
+    let dy = RefTensor::random(&[1, 2, 3, 3], 2);
+    let want = r::conv2d_backward_input(&dy, &w, &p, [1, 3, 8, 8]);
+    let got = b.conv2d_backward_input(&up(&b, &dy), &up(&b, &w), &p, [1, 3, 8, 8]);
+    check(&b, &got, &want, BWD, "conv transpose");
+    let v = b.download(&got);
+    assert!(v[7] == 0.0 && v[63] == 0.0, "last column untouched");
+}
+
+#[test]
+fn matmul_matches_reference() {
+    // Shapes as stored (a is [.., K, M] when trans_a, b is [.., N, K] when trans_b).
+    let cases: Vec<(Vec<usize>, Vec<usize>, bool, bool)> = vec![
+        (vec![3, 5], vec![5, 4], false, false),
+        (vec![5, 3], vec![5, 4], true, false),
+        (vec![3, 5], vec![4, 5], false, true),
+        (vec![5, 3], vec![4, 5], true, true),
+        (vec![2, 1, 3, 5], vec![3, 5, 2], false, false),
+        (vec![2, 1, 5, 3], vec![3, 2, 5], true, true),
+        (vec![4, 6, 7], vec![7, 3], false, false),
+        (vec![1, 7], vec![2, 3, 7, 2], false, false),
+        // above the parallel threshold: batched (tasks) and single (gemm-internal threads)
+        (vec![3, 70, 60], vec![3, 50, 60], false, true),
+        (vec![90, 100], vec![90, 80], true, false),
+        (vec![64, 300], vec![10, 300], false, true),
+    ];
+    for b in backends() {
+        for (ci, (ash, bsh, ta, tb)) in cases.iter().enumerate() {
+            let x = RefTensor::random(ash, ci as u64);
+            let y = RefTensor::random(bsh, 50 + ci as u64);
+            let want = r::matmul(&x, &y, *ta, *tb);
+            let got = b.matmul(&up(&b, &x), &up(&b, &y), *ta, *tb);
+            check(
+                &b,
+                &got,
+                &want,
+                FWD,
+                &format!("matmul case {ci} {ash:?}x{bsh:?} t{ta}{tb}"),
+            );
+        }
+    }
+}
+
+fn pool(
+    kind: PoolKind,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    pad: [usize; 4],
+    dil: [usize; 2],
+    out: [usize; 2],
+) -> Pool2dParams {
+    Pool2dParams {
+        kind,
+        kernel,
+        stride,
+        pad,
+        dilation: dil,
+        out_hw: out,
+    }
+}
+
+#[test]
+fn pool_matches_reference() {
+    let avg_in = PoolKind::Avg {
+        count_include_pad: true,
+    };
+    let avg_ex = PoolKind::Avg {
+        count_include_pad: false,
+    };
+    let cases = [
+        (
+            [1, 2, 6, 6],
+            pool(PoolKind::Max, [2, 2], [2, 2], [0; 4], [1, 1], [3, 3]),
+        ),
+        (
+            [3, 2, 7, 6],
+            pool(PoolKind::Max, [3, 2], [2, 2], [1, 0, 0, 1], [2, 1], [3, 4]),
+        ),
+        (
+            [3, 1, 5, 5],
+            pool(avg_in, [3, 3], [2, 2], [1, 1, 1, 1], [1, 1], [3, 3]),
+        ),
+        (
+            [1, 3, 5, 7],
+            pool(avg_ex, [3, 2], [2, 3], [1, 0, 1, 1], [1, 1], [3, 3]),
+        ),
+        (
+            [1, 2, 6, 5],
+            pool(avg_in, [2, 2], [2, 2], [0, 1, 0, 0], [2, 1], [3, 3]),
+        ),
+        // global average pool and a large case (parallel path)
+        (
+            [3, 4, 7, 7],
+            pool(avg_ex, [7, 7], [1, 1], [0; 4], [1, 1], [1, 1]),
+        ),
+        (
+            [3, 16, 32, 32],
+            pool(PoolKind::Max, [3, 3], [2, 2], [1; 4], [1, 1], [16, 16]),
+        ),
+        (
+            [3, 16, 32, 32],
+            pool(avg_in, [3, 3], [2, 2], [1; 4], [1, 1], [17, 17]),
+        ),
+    ];
+    for b in backends() {
+        for (ci, (xs, p)) in cases.iter().enumerate() {
+            let x = RefTensor::random(xs, ci as u64);
+            let want = r::pool2d(&x, p);
+            let xt = up(&b, &x);
+            check(
+                &b,
+                &b.pool2d(&xt, p),
+                &want,
+                FWD,
+                &format!("pool2d case {ci}"),
+            );
+            let dy = RefTensor::random(&want.shape, 10 + ci as u64);
+            let got = b.pool2d_backward(&up(&b, &dy), &xt, p);
+            check(
+                &b,
+                &got,
+                &r::pool2d_backward(&dy, &x, p),
+                BWD,
+                &format!("pool2d backward {ci}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn elementwise_matches_reference() {
+    let ops = [
+        Unary::Relu,
+        Unary::LeakyRelu { alpha: 0.2 },
+        Unary::Sigmoid,
+        Unary::Tanh,
+        Unary::Clip {
+            min: -0.3,
+            max: 0.6,
+        },
+        Unary::Neg,
+        Unary::Exp,
+        Unary::Log,
+        Unary::Sqrt,
+        Unary::Abs,
+        Unary::Affine { a: 2.5, b: -1.0 },
+        Unary::Powf { p: 1.7 },
+        Unary::Sign,
+    ];
+    for b in backends() {
+        for shape in [vec![3, 5], vec![2, 3, 40, 300]] {
+            for op in ops {
+                let mut x = RefTensor::random(&shape, 3);
+                if matches!(op, Unary::Log | Unary::Sqrt | Unary::Powf { .. }) {
+                    x.data.iter_mut().for_each(|v| *v = v.abs() + 0.125);
+                }
+                let y = r::unary(op, &x);
+                let xt = up(&b, &x);
+                let yt = b.unary(op, &xt);
+                check(&b, &yt, &y, FWD, &format!("{op:?}"));
+                let dy = RefTensor::random(&shape, 4);
+                let got = b.unary_backward(op, &xt, &yt, &up(&b, &dy));
+                // The reference derivative is evaluated at the reference output; the backend uses
+                // its own f32 output, as it will in graphs.
+                check(
+                    &b,
+                    &got,
+                    &r::unary_backward(op, &x, &y, &dy),
+                    BWD,
+                    &format!("{op:?} backward"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn binary_and_broadcast_match_reference() {
+    let pairs: Vec<(Vec<usize>, Vec<usize>)> = vec![
+        (vec![3, 4], vec![3, 4]),
+        (vec![2, 3, 4], vec![4]),
+        (vec![2, 1, 4], vec![3, 1]),
+        (vec![1], vec![2, 3]),
+        (vec![5, 1, 1, 6], vec![1, 7, 3, 1]),
+        (vec![3, 64, 1, 32], vec![64, 40, 1]),
+    ];
+    let ops = [
+        Binary::Add,
+        Binary::Sub,
+        Binary::Mul,
+        Binary::Div,
+        Binary::Max,
+        Binary::Min,
+    ];
+    for b in backends() {
+        for (pi, (sa, sb)) in pairs.iter().enumerate() {
+            let x = RefTensor::random(sa, pi as u64);
+            let mut y = RefTensor::random(sb, 40 + pi as u64);
+            y.data
+                .iter_mut()
+                .for_each(|v| *v = if *v >= 0.0 { *v + 0.5 } else { *v - 0.5 });
+            let (xt, yt) = (up(&b, &x), up(&b, &y));
+            for op in ops {
+                check(
+                    &b,
+                    &b.binary(op, &xt, &yt),
+                    &r::binary(op, &x, &y),
+                    FWD,
+                    &format!("{op:?} {sa:?} {sb:?}"),
+                );
+                check(
+                    &b,
+                    &b.binary(op, &yt, &xt),
+                    &r::binary(op, &y, &x),
+                    FWD,
+                    &format!("{op:?} {sb:?} {sa:?}"),
+                );
+            }
+            let out = r::broadcast_shape(sa, sb);
+            check(
+                &b,
+                &b.broadcast_to(&xt, &out),
+                &r::broadcast_to(&x, &out),
+                FWD,
+                "broadcast_to",
+            );
+            let big = RefTensor::random(&out, 7);
+            let bt = up(&b, &big);
+            check(
+                &b,
+                &b.reduce_sum_to(&bt, sa),
+                &r::reduce_sum_to(&big, sa),
+                BWD,
+                "reduce_sum_to a",
+            );
+            check(
+                &b,
+                &b.reduce_sum_to(&bt, sb),
+                &r::reduce_sum_to(&big, sb),
+                BWD,
+                "reduce_sum_to b",
+            );
+        }
+    }
+}
+
+#[test]
+fn reduce_and_softmax_match_reference() {
+    let shape = [3, 4, 5, 6];
+    let axes_list: [&[usize]; 6] = [&[], &[0], &[1, 3], &[3], &[0, 1, 2, 3], &[0, 2]];
+    for b in backends() {
+        for big in [false, true] {
+            let sh: Vec<usize> = if big {
+                vec![3, 40, 33, 20]
+            } else {
+                shape.to_vec()
+            };
+            let x = RefTensor::random(&sh, 5);
+            let xt = up(&b, &x);
+            for axes in axes_list {
+                for op in [ReduceOp::Sum, ReduceOp::Mean] {
+                    for keep in [false, true] {
+                        let want = r::reduce(&x, axes, op, keep);
+                        check(
+                            &b,
+                            &b.reduce(&xt, axes, op, keep),
+                            &want,
+                            FWD,
+                            &format!("reduce {axes:?} {op:?} {keep}"),
+                        );
+                    }
+                }
+            }
+            for axis in 0..4 {
+                for log in [false, true] {
+                    let y = r::softmax(&x, axis, log);
+                    let yt = b.softmax(&xt, axis, log);
+                    check(&b, &yt, &y, FWD, &format!("softmax axis {axis} log {log}"));
+                    let dy = RefTensor::random(&sh, 6);
+                    let got = b.softmax_backward(&yt, &up(&b, &dy), axis, log);
+                    check(
+                        &b,
+                        &got,
+                        &r::softmax_backward(&y, &dy, axis, log),
+                        BWD,
+                        "softmax backward",
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn losses_match_reference() {
+    let b = CpuBackend::new(Some(2));
+    for (n, k, top) in [(1usize, 3usize, false), (3, 10, false), (3, 10, true)] {
+        let z = RefTensor::random(&[n, k], 8);
+        // Arbitrary classes, or each sample's top class (the DLR / CW branch where the target
+        // is the maximum).
+        let classes: Vec<u32> = (0..n)
+            .map(|i| {
+                let row = &z.data[i * k..(i + 1) * k];
+                let best = (0..k).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+                (if top { best } else { (i * 7 + 1) % k }) as u32
+            })
+            .collect();
+        let target = RefTensor::random(&[n, k], 9);
+        let (zt, tt) = (up(&b, &z), up(&b, &target));
+        for kind in [
+            Loss::CrossEntropy,
+            Loss::CwMargin { kappa: 0.1 },
+            Loss::CwMargin { kappa: 50.0 },
+            Loss::Dlr,
+            Loss::Mse,
+        ] {
+            let (want_l, want_g) = if kind == Loss::Mse {
+                r::loss(kind, &z, &RefLossTargets::Dense(&target))
+            } else {
+                r::loss(kind, &z, &RefLossTargets::Classes(&classes))
+            };
+            let (l, g) = if kind == Loss::Mse {
+                b.loss(kind, &zt, &LossTargets::Dense(&tt))
+            } else {
+                b.loss(kind, &zt, &LossTargets::Classes(&classes))
+            };
+            check(&b, &l, &want_l, FWD, &format!("{kind:?} loss"));
+            check(&b, &g, &want_g, BWD, &format!("{kind:?} grad"));
+        }
+    }
+    // MSE on image-shaped outputs (per-pixel targets).
+    let z = RefTensor::random(&[3, 2, 4, 4], 1);
+    let t = RefTensor::random(&[3, 2, 4, 4], 2);
+    let (wl, wg) = r::loss(Loss::Mse, &z, &RefLossTargets::Dense(&t));
+    let (l, g) = b.loss(Loss::Mse, &up(&b, &z), &LossTargets::Dense(&up(&b, &t)));
+    check(&b, &l, &wl, FWD, "mse image");
+    check(&b, &g, &wg, BWD, "mse image grad");
+}
+
+#[test]
+fn resize_matches_reference() {
+    let modes = [
+        ResizeMode::Nearest(NearestMode::RoundPreferFloor),
+        ResizeMode::Nearest(NearestMode::RoundPreferCeil),
+        ResizeMode::Nearest(NearestMode::Floor),
+        ResizeMode::Nearest(NearestMode::Ceil),
+        ResizeMode::Linear,
+        ResizeMode::Area,
+    ];
+    let coords = [
+        CoordTransform::HalfPixel,
+        CoordTransform::PytorchHalfPixel,
+        CoordTransform::AlignCorners,
+        CoordTransform::Asymmetric,
+    ];
+    let shapes = [
+        ([1, 2, 3, 5], [7, 4]),
+        ([3, 1, 6, 4], [3, 9]),
+        ([1, 1, 4, 4], [1, 1]),
+        ([2, 3, 64, 48], [28, 28]),
+    ];
+    for b in backends() {
+        for mode in modes {
+            for coord in coords {
+                for (xs, out) in shapes {
+                    let p = ResizeParams {
+                        mode,
+                        coord,
+                        out_hw: out,
+                    };
+                    let x = RefTensor::random(&xs, 1);
+                    let what = format!("{mode:?} {coord:?} {xs:?}->{out:?}");
+                    check(
+                        &b,
+                        &b.resize(&up(&b, &x), &p),
+                        &r::resize(&x, &p),
+                        FWD,
+                        &what,
+                    );
+                    let dy = RefTensor::random(&[xs[0], xs[1], out[0], out[1]], 2);
+                    let got = b.resize_backward(&up(&b, &dy), xs, &p);
+                    check(
+                        &b,
+                        &got,
+                        &r::resize_backward(&dy, xs, &p),
+                        BWD,
+                        &format!("{what} backward"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn movement_matches_reference() {
+    for b in backends() {
+        for big in [false, true] {
+            let sh: Vec<usize> = if big {
+                vec![3, 30, 40, 20]
+            } else {
+                vec![2, 3, 4, 5]
+            };
+            let x = RefTensor::random(&sh, 1);
+            let xt = up(&b, &x);
+            for perm in [[0, 1, 2, 3], [3, 2, 1, 0], [0, 2, 3, 1], [1, 0, 3, 2]] {
+                check(
+                    &b,
+                    &b.transpose(&xt, &perm),
+                    &r::transpose(&x, &perm),
+                    0.0,
+                    "transpose",
+                );
+            }
+            for axis in 0..4 {
+                let (s, e) = (1.min(sh[axis]), sh[axis] - 1);
+                check(
+                    &b,
+                    &b.slice(&xt, axis, s, e),
+                    &r::slice(&x, axis, s, e),
+                    0.0,
+                    "slice",
+                );
+                let mut osh = sh.clone();
+                osh[axis] = 2;
+                let o = RefTensor::random(&osh, 2);
+                let ot = up(&b, &o);
+                check(
+                    &b,
+                    &b.concat(&[&xt, &ot, &xt], axis),
+                    &r::concat(&[&x, &o, &x], axis),
+                    0.0,
+                    "concat",
+                );
+            }
+            for mode in [PadMode::Constant, PadMode::Reflect, PadMode::Edge] {
+                let pads = [(0, 1), (2, 1), (3, 2), (1, 4)];
+                let want = r::pad(&x, &pads, mode, 0.25);
+                check(
+                    &b,
+                    &b.pad(&xt, &pads, mode, 0.25),
+                    &want,
+                    0.0,
+                    &format!("pad {mode:?}"),
+                );
+                let dy = RefTensor::random(&want.shape, 3);
+                let got = b.pad_backward(&up(&b, &dy), &sh, &pads, mode);
+                check(
+                    &b,
+                    &got,
+                    &r::pad_backward(&dy, &sh, &pads, mode),
+                    BWD,
+                    &format!("pad backward {mode:?}"),
+                );
+            }
+        }
+        // Reflect pads wider than the axis keep reflecting (as the reference documents).
+        let x = RefTensor::random(&[1, 3], 4);
+        let got = b.pad(&up(&b, &x), &[(0, 0), (5, 6)], PadMode::Reflect, 0.0);
+        check(
+            &b,
+            &got,
+            &r::pad(&x, &[(0, 0), (5, 6)], PadMode::Reflect, 0.0),
+            0.0,
+            "wide reflect",
+        );
+        let z = b.zeros(&[2, 3]);
+        assert_eq!(b.download(&z), vec![0.0; 6]);
+        assert_eq!(b.download(&b.fill(&[2], 1.5)), vec![1.5, 1.5]);
+    }
+}
+
+#[test]
+fn perturbation_matches_reference() {
+    for b in backends() {
+        for sh in [vec![1, 3, 4, 4], vec![3, 2, 5, 7], vec![3, 3, 64, 64]] {
+            let x = RefTensor::random(&sh, 1);
+            let mut g = RefTensor::random(&sh, 2);
+            // One sample with a zero gradient takes no L2 step.
+            let per = g.len() / sh[0];
+            g.data[..per].iter_mut().for_each(|v| *v = 0.0);
+            let x0 = RefTensor::random(&sh, 3);
+            let (xt, gt, x0t) = (up(&b, &x), up(&b, &g), up(&b, &x0));
+            check(
+                &b,
+                &b.sign_step(&xt, &gt, 0.03),
+                &r::sign_step(&x, &g, 0.03),
+                FWD,
+                "sign_step",
+            );
+            check(
+                &b,
+                &b.l2_step(&xt, &gt, 0.5),
+                &r::l2_step(&x, &g, 0.5),
+                FWD,
+                "l2_step",
+            );
+            for (eps, norm) in [(0.1, Norm::Linf), (0.5, Norm::L2), (1e3, Norm::L2)] {
+                check(
+                    &b,
+                    &b.project(&xt, &x0t, eps, norm),
+                    &r::project(&x, &x0, eps, norm),
+                    FWD,
+                    &format!("project {norm:?} {eps}"),
+                );
+            }
+            let lo: Vec<f32> = (0..sh[0]).map(|i| -0.5 + 0.1 * i as f32).collect();
+            let hi: Vec<f32> = (0..sh[0]).map(|i| 0.5 - 0.05 * i as f32).collect();
+            check(
+                &b,
+                &b.clamp_per_sample(&xt, &lo, &hi),
+                &r::clamp_per_sample(&x, &lo, &hi),
+                FWD,
+                "clamp",
+            );
+            for norm in [Norm::L1, Norm::L2, Norm::Linf] {
+                check(
+                    &b,
+                    &b.norm_per_sample(&xt, norm),
+                    &r::norm_per_sample(&x, norm),
+                    FWD,
+                    &format!("norm {norm:?}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn random_is_counter_based() {
+    for b in backends() {
+        let shape = [3, 50, 700];
+        let u = b.download(&b.random_uniform(&shape, 42, -1.0, 3.0));
+        // Bit-exact with the shared counter formula (the GPU implements the same).
+        for i in [0usize, 1, 777, 104_999] {
+            assert_eq!(u[i], -1.0 + 4.0 * counter_uniform(42, i as u32));
+        }
+        assert!(u.iter().all(|&v| (-1.0..3.0).contains(&v)));
+        check(
+            &b,
+            &b.random_uniform(&shape, 42, -1.0, 3.0),
+            &r::random_uniform(&shape, 42, -1.0, 3.0),
+            FWD,
+            "uniform",
+        );
+        check(
+            &b,
+            &b.random_normal(&shape, 9, 0.5),
+            &r::random_normal(&shape, 9, 0.5),
+            FWD,
+            "normal",
+        );
+        assert_ne!(
+            u,
+            b.download(&b.random_uniform(&shape, 43, -1.0, 3.0)),
+            "seed changes the stream"
+        );
+    }
+}
+
+#[test]
+fn results_are_bit_identical_across_runs() {
+    // The parallel path (2 threads, sizes above the threshold) must not depend on scheduling.
+    let b = CpuBackend::new(Some(2));
+    let x = up(&b, &RefTensor::random(&[4, 8, 24, 24], 1));
+    let w = up(&b, &RefTensor::random(&[16, 8, 3, 3], 2));
+    let p = conv(1, [1; 4], 1, 1);
+    let run = || {
+        let y = b.conv2d(&x, &w, None, &p);
+        let dy = b.unary(Unary::Tanh, &y);
+        let dx = b.conv2d_backward_input(&dy, &w, &p, [4, 8, 24, 24]);
+        let dw = b.conv2d_backward_weight(&dy, &x, &p, [16, 8, 3, 3]);
+        let s = b.reduce(&y, &[0, 2, 3], ReduceOp::Sum, false);
+        let sm = b.softmax(&y.reshape(&[4, 16 * 24 * 24]), 1, true);
+        let mm = b.matmul(
+            &y.reshape(&[4 * 16, 576]),
+            &y.reshape(&[4 * 16, 576]),
+            false,
+            true,
+        );
+        [y, dx, dw, s, sm, mm].map(|t| b.download(&t))
+    };
+    let first = run();
+    for _ in 0..3 {
+        let again = run();
+        for (i, (a, c)) in first.iter().zip(&again).enumerate() {
+            assert!(
+                a.iter().zip(c).all(|(u, v)| u.to_bits() == v.to_bits()),
+                "output {i} differs between runs"
+            );
+        }
+    }
+}

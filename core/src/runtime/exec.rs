@@ -1,0 +1,388 @@
+//! The executor: evaluates a [`Graph`] on any [`Backend`] by lowering each IR op to backend
+//! primitives, and the user-facing entry points (forward, loss + input gradient, loss + parameter
+//! gradients) built on it and on `runtime::autodiff`.
+//!
+//! Shapes are re-inferred per call from the actual inputs (the graph stores batch-1 shapes), so
+//! one [`Model`] serves any batch size; the geometry each primitive receives comes from
+//! `runtime::shape`, the same code import validated the model with.
+
+use super::autodiff;
+use super::backend::{Backend, LossTargets, ReduceOp, Tensor, Unary};
+use super::ir::{Graph, Op, ValueId, ValueKind};
+use super::loss::{self, LossSpec};
+use super::shape::{self, ShapeError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("the model takes {want} input(s), {got} given")]
+    InputCount { want: usize, got: usize },
+    #[error(
+        "input `{name}`: shape {got:?} does not match the model's {want:?} (axis 0, the batch, may differ)"
+    )]
+    InputShape {
+        name: String,
+        got: Vec<usize>,
+        want: Vec<usize>,
+    },
+    #[error("inputs disagree on the batch size ({0} vs {1})")]
+    BatchMismatch(usize, usize),
+    #[error("empty batch")]
+    EmptyBatch,
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
+    #[error("loss: {0}")]
+    Loss(String),
+    #[error("output index {index} out of range (the model has {count} outputs)")]
+    OutputIndex { index: usize, count: usize },
+    #[error("parameter {index} out of range (the model has {count} parameters)")]
+    ParamIndex { index: usize, count: usize },
+    #[error("parameter `{name}`: shape {got:?}, expected {want:?}")]
+    ParamShape {
+        name: String,
+        got: Vec<usize>,
+        want: Vec<usize>,
+    },
+}
+
+/// A graph plus its parameters uploaded to a backend.
+pub struct Model<B: Backend> {
+    pub graph: Graph,
+    params: Vec<Tensor<B>>,
+    /// Which of `graph.outputs` the losses read (the logits).
+    pub logits_output: usize,
+}
+
+/// Everything a forward pass computed, kept for the backward pass.
+pub struct Tape<B: Backend> {
+    /// Indexed by [`ValueId`]; `None` for values never computed (or freed in inference mode).
+    pub values: Vec<Option<Tensor<B>>>,
+    /// Batch size of this run.
+    pub n: usize,
+}
+
+impl<B: Backend> Tape<B> {
+    pub(crate) fn get(&self, v: ValueId) -> &Tensor<B> {
+        match &self.values[v] {
+            Some(t) => t,
+            // The executor computes every value before any consumer runs and keeps all of them
+            // when taping; reaching this is an executor bug.
+            None => panic!("tape value {v} missing"),
+        }
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Upload the graph's parameters.
+    pub fn new(backend: &B, graph: Graph) -> Self {
+        let params = graph
+            .params
+            .iter()
+            .map(|p| backend.upload(&p.data, &p.shape))
+            .collect();
+        Model {
+            graph,
+            params,
+            logits_output: 0,
+        }
+    }
+
+    /// Pick the output the losses read, by index.
+    pub fn with_logits_output(mut self, index: usize) -> Result<Self, ExecError> {
+        if index >= self.graph.outputs.len() {
+            return Err(ExecError::OutputIndex {
+                index,
+                count: self.graph.outputs.len(),
+            });
+        }
+        self.logits_output = index;
+        Ok(self)
+    }
+
+    pub fn params(&self) -> &[Tensor<B>] {
+        &self.params
+    }
+
+    /// Replace parameter `i` (training). The shape must not change.
+    pub fn set_param(&mut self, i: usize, t: Tensor<B>) -> Result<(), ExecError> {
+        let count = self.params.len();
+        let p = self
+            .graph
+            .params
+            .get(i)
+            .ok_or(ExecError::ParamIndex { index: i, count })?;
+        if t.shape != p.shape {
+            return Err(ExecError::ParamShape {
+                name: p.name.clone(),
+                got: t.shape.clone(),
+                want: p.shape.clone(),
+            });
+        }
+        self.params[i] = t;
+        Ok(())
+    }
+
+    fn check_inputs(&self, inputs: &[&Tensor<B>]) -> Result<usize, ExecError> {
+        let g = &self.graph;
+        if inputs.len() != g.inputs.len() {
+            return Err(ExecError::InputCount {
+                want: g.inputs.len(),
+                got: inputs.len(),
+            });
+        }
+        let mut n = None;
+        for (t, &vid) in inputs.iter().zip(&g.inputs) {
+            let v = &g.values[vid];
+            if t.shape.len() != v.shape.len() || t.shape[1..] != v.shape[1..] {
+                return Err(ExecError::InputShape {
+                    name: v.name.clone(),
+                    got: t.shape.clone(),
+                    want: v.shape.clone(),
+                });
+            }
+            match n {
+                None => n = Some(t.shape[0]),
+                Some(m) if m != t.shape[0] => return Err(ExecError::BatchMismatch(m, t.shape[0])),
+                _ => {}
+            }
+        }
+        match n {
+            Some(0) | None => Err(ExecError::EmptyBatch),
+            Some(n) => Ok(n),
+        }
+    }
+
+    /// Run the graph. `keep_all` keeps every intermediate (for backward); otherwise values are
+    /// dropped after their last use to bound memory.
+    pub fn run(&self, b: &B, inputs: &[&Tensor<B>], keep_all: bool) -> Result<Tape<B>, ExecError> {
+        let n = self.check_inputs(inputs)?;
+        let g = &self.graph;
+        let mut vals: Vec<Option<Tensor<B>>> = vec![None; g.values.len()];
+        for (t, &vid) in inputs.iter().zip(&g.inputs) {
+            vals[vid] = Some((*t).clone());
+        }
+        for (i, p) in g.params.iter().enumerate() {
+            vals[p.value] = Some(self.params[i].clone());
+        }
+        let last_use = if keep_all { Vec::new() } else { last_uses(g) };
+        for (ni, node) in g.nodes.iter().enumerate() {
+            let ins: Vec<&Tensor<B>> = node
+                .inputs
+                .iter()
+                .map(|&i| vals[i].as_ref().expect("value computed before use"))
+                .collect();
+            let y = forward_op(b, &node.op, &ins, n).map_err(|e| e.at_node(&node.name))?;
+            vals[node.output] = Some(y);
+            if !keep_all {
+                for &i in &node.inputs {
+                    if last_use[i] == ni
+                        && matches!(g.values[i].kind, ValueKind::Node(_))
+                        && !g.outputs.contains(&i)
+                    {
+                        vals[i] = None;
+                    }
+                }
+            }
+        }
+        Ok(Tape { values: vals, n })
+    }
+
+    /// All outputs, in graph order.
+    pub fn forward(&self, b: &B, input: &Tensor<B>) -> Result<Vec<Tensor<B>>, ExecError> {
+        self.forward_multi(b, &[input])
+    }
+
+    pub fn forward_multi(&self, b: &B, inputs: &[&Tensor<B>]) -> Result<Vec<Tensor<B>>, ExecError> {
+        let tape = self.run(b, inputs, false)?;
+        Ok(self
+            .graph
+            .outputs
+            .iter()
+            .map(|&o| tape.get(o).clone())
+            .collect())
+    }
+
+    /// Per-sample objective values, the gradient of their sum w.r.t. the (first) input, and the
+    /// logits, for the whole batch in one forward + backward pass.
+    pub fn loss_and_input_grad(
+        &self,
+        b: &B,
+        input: &Tensor<B>,
+        spec: LossSpec,
+        targets: &LossTargets<'_, B>,
+    ) -> Result<(Vec<f32>, Tensor<B>, Tensor<B>), ExecError> {
+        let (losses, mut grads, logits) =
+            self.loss_and_grads(b, &[input], spec, targets, &[0], &[])?;
+        Ok((losses, grads.inputs.swap_remove(0), logits))
+    }
+
+    /// Like [`Model::loss_and_input_grad`] for multi-input graphs (e.g. preprocessing with
+    /// per-frame constants); gradients w.r.t. the inputs listed in `wrt_inputs` and the params
+    /// listed in `wrt_params`.
+    pub fn loss_and_grads(
+        &self,
+        b: &B,
+        inputs: &[&Tensor<B>],
+        spec: LossSpec,
+        targets: &LossTargets<'_, B>,
+        wrt_inputs: &[usize],
+        wrt_params: &[usize],
+    ) -> Result<(Vec<f32>, autodiff::Grads<B>, Tensor<B>), ExecError> {
+        for &p in wrt_params {
+            if p >= self.params.len() {
+                return Err(ExecError::ParamIndex {
+                    index: p,
+                    count: self.params.len(),
+                });
+            }
+        }
+        let tape = self.run(b, inputs, true)?;
+        let out = self.graph.outputs[self.logits_output];
+        let logits = tape.get(out).clone();
+        let (losses, dlogits) = loss::objective(b, spec, &logits, targets)?;
+        let grads = autodiff::backward(
+            b,
+            &self.graph,
+            &tape,
+            &[(out, dlogits)],
+            wrt_inputs,
+            wrt_params,
+        )?;
+        Ok((losses, grads, logits))
+    }
+
+    /// Training: per-sample losses, the gradients of their sum w.r.t. the chosen parameters
+    /// (indices into `graph.params`), and the logits.
+    pub fn loss_and_param_grads(
+        &self,
+        b: &B,
+        input: &Tensor<B>,
+        spec: LossSpec,
+        targets: &LossTargets<'_, B>,
+        params: &[usize],
+    ) -> Result<(Vec<f32>, Vec<Tensor<B>>, Tensor<B>), ExecError> {
+        let (losses, grads, logits) =
+            self.loss_and_grads(b, &[input], spec, targets, &[], params)?;
+        Ok((losses, grads.params, logits))
+    }
+}
+
+fn last_uses(g: &Graph) -> Vec<usize> {
+    let mut last = vec![usize::MAX; g.values.len()];
+    for (ni, n) in g.nodes.iter().enumerate() {
+        for &i in &n.inputs {
+            last[i] = ni;
+        }
+    }
+    last
+}
+
+/// Evaluate one op. `n` is the batch size (for batch-dependent reshapes).
+pub fn forward_op<B: Backend>(
+    b: &B,
+    op: &Op,
+    ins: &[&Tensor<B>],
+    n: usize,
+) -> Result<Tensor<B>, ShapeError> {
+    let shapes: Vec<&[usize]> = ins.iter().map(|t| t.shape.as_slice()).collect();
+    // Validates every input shape before any primitive sees it (primitives may panic on bad
+    // shapes; user inputs must never reach them unchecked).
+    let out_shape = shape::infer(op, &shapes, n)?;
+    Ok(match op {
+        Op::Conv { .. } => {
+            let (p, _) = shape::conv_geometry(op, &ins[0].shape, &ins[1].shape)?;
+            b.conv2d(ins[0], ins[1], ins.get(2).copied(), &p)
+        }
+        Op::ConvTranspose { .. } => {
+            let (p, out) = shape::conv_transpose_geometry(op, &ins[0].shape, &ins[1].shape)?;
+            let y = b.conv2d_backward_input(ins[0], ins[1], &p, [out[0], out[1], out[2], out[3]]);
+            match ins.get(2) {
+                Some(bias) => b.binary(
+                    super::backend::Binary::Add,
+                    &y,
+                    &bias.reshape(&[1, out[1], 1, 1]),
+                ),
+                None => y,
+            }
+        }
+        Op::Unary(u) => b.unary(*u, ins[0]),
+        Op::Binary(op) => b.binary(*op, ins[0], ins[1]),
+        Op::Pool { .. } => {
+            let (p, _) = shape::pool_geometry(op, &ins[0].shape)?;
+            b.pool2d(ins[0], &p)
+        }
+        Op::Reduce { axes, op, keepdims } => b.reduce(ins[0], axes, *op, *keepdims),
+        Op::Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        } => {
+            let mut y = b.matmul(ins[0], ins[1], *trans_a, *trans_b);
+            if *alpha != 1.0 {
+                y = b.unary(Unary::Affine { a: *alpha, b: 0.0 }, &y);
+            }
+            if let Some(c) = ins.get(2) {
+                if *beta != 0.0 {
+                    let c = if *beta != 1.0 {
+                        b.unary(Unary::Affine { a: *beta, b: 0.0 }, c)
+                    } else {
+                        (*c).clone()
+                    };
+                    y = b.binary(super::backend::Binary::Add, &y, &c);
+                }
+            }
+            y
+        }
+        Op::MatMul => b.matmul(ins[0], ins[1], false, false),
+        Op::Concat { axis } => b.concat(ins, *axis),
+        Op::Slice { axis, start, end } => b.slice(ins[0], *axis, *start, *end),
+        Op::Reshape(_) => ins[0].reshape(&out_shape),
+        Op::Transpose { perm } => b.transpose(ins[0], perm),
+        Op::Resize { .. } => {
+            let (p, _) = shape::resize_geometry(op, &ins[0].shape)?;
+            b.resize(ins[0], &p)
+        }
+        Op::Pad { pads, mode, value } => b.pad(ins[0], pads, *mode, *value),
+        Op::Softmax { axis, log, legacy } => {
+            if *legacy {
+                let s = &ins[0].shape;
+                let flat = [
+                    s[..*axis].iter().product::<usize>(),
+                    s[*axis..].iter().product(),
+                ];
+                b.softmax(&ins[0].reshape(&flat), 1, *log).reshape(s)
+            } else {
+                b.softmax(ins[0], *axis, *log)
+            }
+        }
+    })
+}
+
+/// Sum over `axes` then broadcast back: used by reduce's adjoint.
+pub(crate) fn reduce_adjoint<B: Backend>(
+    b: &B,
+    dy: &Tensor<B>,
+    x_shape: &[usize],
+    axes: &[usize],
+    op: ReduceOp,
+) -> Tensor<B> {
+    let kept: Vec<usize> = x_shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+        .collect();
+    let g = b.broadcast_to(&dy.reshape(&kept), x_shape);
+    match op {
+        ReduceOp::Sum => g,
+        ReduceOp::Mean => {
+            let count: usize = axes.iter().map(|&a| x_shape[a]).product();
+            b.unary(
+                Unary::Affine {
+                    a: 1.0 / count as f32,
+                    b: 0.0,
+                },
+                &g,
+            )
+        }
+    }
+}
