@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod model;
+
 /// Exit codes shared by every subcommand.
 pub mod exit {
     /// Everything processed.
@@ -25,7 +27,10 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    /// Inspect and run ONNX models.
+    Model(model::ModelArgs),
+}
 
 /// Parse arguments and run. Usage errors exit with [`exit::USAGE`].
 pub fn run() -> anyhow::Result<ExitCode> {
@@ -37,5 +42,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(code));
         }
     };
-    match cli.command {}
+    match cli.command {
+        Command::Model(a) => model::run(a),
+    }
 }

@@ -12,7 +12,7 @@ use super::preprocess::{PreprocessSpec, WindowSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CardError {
-    #[error("model card {path}: {source}")]
+    #[error("cannot read model card {path}")]
     Io {
         path: String,
         #[source]

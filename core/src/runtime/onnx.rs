@@ -25,13 +25,13 @@ pub const OPSET_MAX: i64 = 21;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
-    #[error("cannot read model {path}: {source}")]
+    #[error("cannot read model {path}")]
     Io {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{origin}: not a valid ONNX model: {source}")]
+    #[error("{origin}: not a valid ONNX model")]
     Parse {
         origin: String,
         #[source]

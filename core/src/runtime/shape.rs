@@ -9,12 +9,8 @@ use super::ir::{Op, PadSpec, ReshapeRule, ResizeSize};
 pub enum ShapeError {
     #[error("{0}")]
     Invalid(String),
-    #[error("node `{node}`: {source}")]
-    AtNode {
-        node: String,
-        #[source]
-        source: Box<ShapeError>,
-    },
+    #[error("node `{node}`: {inner}")]
+    AtNode { node: String, inner: Box<ShapeError> },
 }
 
 impl ShapeError {
@@ -24,7 +20,7 @@ impl ShapeError {
             e @ ShapeError::AtNode { .. } => e,
             e => ShapeError::AtNode {
                 node: node.to_string(),
-                source: Box::new(e),
+                inner: Box::new(e),
             },
         }
     }
