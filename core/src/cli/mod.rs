@@ -18,7 +18,11 @@ pub mod exit {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "adverse", version, about = "Red-team and protect medical-imaging AI on DICOM data")]
+#[command(
+    name = "adverse",
+    version,
+    about = "Red-team and protect medical-imaging AI on DICOM data"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -32,7 +36,11 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             return Ok(ExitCode::from(code));
         }

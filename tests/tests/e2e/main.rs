@@ -1,1 +1,3 @@
 //! End-to-end tests, one binary with a module per area (ripgrep style).
+
+mod dicom_corpus;
