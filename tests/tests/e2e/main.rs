@@ -1,3 +1,4 @@
 //! End-to-end tests, one binary with a module per area (ripgrep style).
 
 mod dicom_corpus;
+mod dicom_roundtrip;
