@@ -2,3 +2,4 @@
 
 mod dicom_corpus;
 mod dicom_roundtrip;
+mod dicom_malformed;
