@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod inspect;
+
 /// Exit codes shared by every subcommand.
 pub mod exit {
     /// Everything processed.
@@ -29,7 +31,10 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    /// Describe DICOM files (syntax, geometry, bits, rescale, window) and check they decode.
+    Inspect(inspect::InspectArgs),
+}
 
 /// Parse arguments and run. Usage errors exit with [`exit::USAGE`].
 pub fn run() -> anyhow::Result<ExitCode> {
@@ -45,5 +50,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(code));
         }
     };
-    match cli.command {}
+    match cli.command {
+        Command::Inspect(args) => inspect::run(args),
+    }
 }

@@ -3,3 +3,4 @@
 mod dicom_corpus;
 mod dicom_roundtrip;
 mod dicom_malformed;
+mod inspect;
