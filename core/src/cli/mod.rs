@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod inspect;
 pub mod model;
 
 /// Exit codes shared by every subcommand.
@@ -20,7 +21,11 @@ pub mod exit {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "adverse", version, about = "Red-team and protect medical-imaging AI on DICOM data")]
+#[command(
+    name = "adverse",
+    version,
+    about = "Red-team and protect medical-imaging AI on DICOM data"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -28,6 +33,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Describe DICOM files (syntax, geometry, bits, rescale, window) and check they decode.
+    Inspect(inspect::InspectArgs),
     /// Inspect and run ONNX models.
     Model(model::ModelArgs),
 }
@@ -37,12 +44,17 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             return Ok(ExitCode::from(code));
         }
     };
     match cli.command {
+        Command::Inspect(args) => inspect::run(args),
         Command::Model(a) => model::run(a),
     }
 }
