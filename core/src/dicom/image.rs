@@ -175,11 +175,15 @@ impl PixelStore {
     }
 
     /// Every value as f64 (exact for every stored type).
+    // The macro expands once per stored type; the cast is a no-op for one of them.
+    #[allow(clippy::unnecessary_cast)]
     pub fn get_f64(&self, i: usize) -> Option<f64> {
         each_store!(self, v => v.get(i).map(|&x| x as f64))
     }
 
     /// Minimum and maximum stored values (ignoring NaN); None when empty.
+    // The macro expands once per stored type; the cast is a no-op for one of them.
+    #[allow(clippy::unnecessary_cast)]
     pub fn min_max(&self) -> Option<(f64, f64)> {
         each_store!(self, v => {
             let mut it = v.iter().map(|&x| x as f64).filter(|x| !x.is_nan());
@@ -200,6 +204,8 @@ impl PixelSlice<'_> {
 
     /// Stored values as f32, the runtime's working type. Exact for integers of up to 24 bits;
     /// 32-bit integers and doubles are rounded to the nearest f32.
+    // The macro expands once per stored type; the cast is a no-op for one of them.
+    #[allow(clippy::unnecessary_cast)]
     pub fn to_f32(&self) -> Vec<f32> {
         each_slice!(self, v => v.iter().map(|&x| x as f32).collect())
     }

@@ -66,7 +66,12 @@ fn empty_and_non_dicom_files() {
 fn truncated_files_are_malformed() {
     let dir = tempfile::tempdir().unwrap();
     let limits = DecodeLimits::default();
-    for name in ["emri_small.dcm", "emri_small_RLE.dcm", "emri_small_big_endian.dcm", "OT-PAL-8-face.dcm"] {
+    for name in [
+        "emri_small.dcm",
+        "emri_small_RLE.dcm",
+        "emri_small_big_endian.dcm",
+        "OT-PAL-8-face.dcm",
+    ] {
         let bytes = std::fs::read(corpus(name)).unwrap();
         for cut in [bytes.len() / 2, bytes.len() - 3, 140, 300] {
             let p = dir.path().join(format!("cut_{cut}_{name}"));
@@ -112,8 +117,16 @@ fn huge_declared_element_length_is_rejected_before_allocation() {
 fn huge_rows_columns_frames_are_capped_before_decoding() {
     let dir = tempfile::tempdir().unwrap();
     let p = edited(dir.path(), "emri_small.dcm", |f| {
-        f.obj.put(DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(65535u16)));
-        f.obj.put(DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(65535u16)));
+        f.obj.put(DataElement::new(
+            tags::ROWS,
+            VR::US,
+            PrimitiveValue::from(65535u16),
+        ));
+        f.obj.put(DataElement::new(
+            tags::COLUMNS,
+            VR::US,
+            PrimitiveValue::from(65535u16),
+        ));
         f.obj.put_str(tags::NUMBER_OF_FRAMES, VR::IS, "2000000000");
     });
     let before = peak_rss_kib();
@@ -125,12 +138,20 @@ fn huge_rows_columns_frames_are_capped_before_decoding() {
         max_decoded_bytes: 10_000,
         ..DecodeLimits::default()
     };
-    expect_kind(&corpus("emri_small.dcm"), &tight, ErrorKind::DecodedTooLarge);
+    expect_kind(
+        &corpus("emri_small.dcm"),
+        &tight,
+        ErrorKind::DecodedTooLarge,
+    );
     let tiny_file = DecodeLimits {
         max_file_bytes: 1000,
         ..DecodeLimits::default()
     };
-    expect_kind(&corpus("emri_small.dcm"), &tiny_file, ErrorKind::FileTooLarge);
+    expect_kind(
+        &corpus("emri_small.dcm"),
+        &tiny_file,
+        ErrorKind::FileTooLarge,
+    );
 }
 
 #[test]
@@ -139,7 +160,11 @@ fn pixel_data_shorter_than_declared() {
     let limits = DecodeLimits::default();
     // Native: more rows than the pixel data holds.
     let p = edited(dir.path(), "emri_small.dcm", |f| {
-        f.obj.put(DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(65u16)));
+        f.obj.put(DataElement::new(
+            tags::ROWS,
+            VR::US,
+            PrimitiveValue::from(65u16),
+        ));
     });
     let e = expect_kind(&p, &limits, ErrorKind::PixelDataTooShort);
     assert!(e.to_string().contains("81920"), "{e}");
@@ -150,7 +175,11 @@ fn pixel_data_shorter_than_declared() {
     expect_kind(&p, &limits, ErrorKind::PixelDataTooShort);
     // Encapsulated: the codestream is smaller than the header says.
     let p = edited(dir.path(), "emri_small_jpeg_2k_lossless.dcm", |f| {
-        f.obj.put(DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(128u16)));
+        f.obj.put(DataElement::new(
+            tags::COLUMNS,
+            VR::US,
+            PrimitiveValue::from(128u16),
+        ));
     });
     let e = expect_kind(&p, &limits, ErrorKind::Decode);
     assert!(e.to_string().contains("1.2.840.10008.1.2.4.90"), "{e}");

@@ -55,7 +55,7 @@ fn perturb(img: &mut DecodedImage) -> Vec<f64> {
         let mut v = img.frame_f32(f).unwrap();
         let n = v.len();
         for (i, x) in v.iter_mut().enumerate() {
-            if (f * n + i) % 7 == 0 {
+            if (f * n + i).is_multiple_of(7) {
                 *x += 3.0;
             }
         }
@@ -91,10 +91,16 @@ fn derived_instances_read_back_exactly_with_pydicom() {
         };
         let info = write_derived(&src, &img, &opts, &out).unwrap();
         let src_sop = img.meta.sop_instance_uid.clone().unwrap();
-        assert_eq!(info.sop_instance_uid, derived_uid("sop-instance", &src_sop, PIPELINE));
+        assert_eq!(
+            info.sop_instance_uid,
+            derived_uid("sop-instance", &src_sop, PIPELINE)
+        );
         // Deterministic: a second write gives the same bytes.
         let again = write_derived(&src, &img, &opts, &dir.path().join("again.dcm")).unwrap();
-        assert_eq!(again.sha256, info.sha256, "{name}: non-deterministic output");
+        assert_eq!(
+            again.sha256, info.sha256,
+            "{name}: non-deterministic output"
+        );
         let bytes = std::fs::read(&out).unwrap();
         assert_eq!(
             hex_sha256(&bytes),
@@ -120,7 +126,11 @@ fn derived_instances_read_back_exactly_with_pydicom() {
             &std::fs::read_to_string(pix.path().join(format!("{i}.json"))).unwrap(),
         )
         .unwrap();
-        assert_eq!(info["ok"], true, "{}: pydicom cannot decode: {}", c.name, info["error"]);
+        assert_eq!(
+            info["ok"], true,
+            "{}: pydicom cannot decode: {}",
+            c.name, info["error"]
+        );
         let raw = std::fs::read(pix.path().join(format!("{i}.bin"))).unwrap();
         let theirs = decode_raw(&raw, info["dtype"].as_str().unwrap());
         assert_eq!(theirs.len(), c.expected.len(), "{}", c.name);
@@ -142,7 +152,10 @@ fn derived_instances_read_back_exactly_with_pydicom() {
         args.push(c.out.clone().into_os_string());
     }
     let out = adverse_tests::run_oracle("pydicom_pixels.py", args);
-    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2 * cases.len());
     for (k, c) in cases.iter().enumerate() {
         check_attributes(c, &lines[2 * k], &lines[2 * k + 1]);
@@ -159,8 +172,15 @@ fn check_attributes(c: &Case, src: &Value, dst: &Value) {
     assert_eq!(dst["meta"]["00020003"], sop.as_str(), "{n}");
     assert_eq!(dst["meta"]["00020010"], "1.2.840.10008.1.2.1", "{n}");
     // Without a source series, the source instance identifies the derived series.
-    let series = m.series_instance_uid.clone().unwrap_or_else(|| src_sop.clone());
-    assert_eq!(d["0020000E"], derived_uid("series", &series, PIPELINE).as_str(), "{n}");
+    let series = m
+        .series_instance_uid
+        .clone()
+        .unwrap_or_else(|| src_sop.clone());
+    assert_eq!(
+        d["0020000E"],
+        derived_uid("series", &series, PIPELINE).as_str(),
+        "{n}"
+    );
     assert_ne!(d["0020000E"], s["0020000E"], "{n}");
     assert_eq!(d["0020000D"], s["0020000D"], "{n}: study UID kept");
     // Image Type: DERIVED\SECONDARY, other values kept.
@@ -169,7 +189,9 @@ fn check_attributes(c: &Case, src: &Value, dst: &Value) {
         Value::String(x) => vec![Value::String(x.clone())],
         _ => vec![],
     };
-    let it_dst = d["00080008"].as_array().unwrap_or_else(|| panic!("{n}: {}", d["00080008"]));
+    let it_dst = d["00080008"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{n}: {}", d["00080008"]));
     assert_eq!(it_dst[0], "DERIVED", "{n}");
     assert_eq!(it_dst[1], "SECONDARY", "{n}");
     if it_src.len() > 2 {
@@ -248,5 +270,74 @@ fn decode_raw(raw: &[u8], dtype: &str) -> Vec<f64> {
         "<f4" => conv!(f32),
         "<f8" => conv!(f64),
         other => panic!("unexpected dtype {other}"),
+    }
+}
+
+/// Uncompressed YBR_FULL_422 (made from the corpus YBR_FULL image by keeping the chroma of
+/// every even pixel): decoded to full YBR_FULL, equal to pydicom's reading, written back as
+/// YBR_FULL.
+#[test]
+fn uncompressed_ybr_full_422_is_upsampled() {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let limits = DecodeLimits::default();
+    let src_path = adverse_tests::pydicom_data().join("SC_ybr_full_uncompressed.dcm");
+    let mut src = DicomFile::open(&src_path, &limits).unwrap();
+    let full = src.decode(&limits).unwrap();
+    let adverse::dicom::PixelStore::U8(ybr) = &full.pixels else {
+        panic!("8-bit expected")
+    };
+    let (rows, cols) = (full.meta.rows as usize, full.meta.cols as usize);
+    let mut packed = Vec::new();
+    let mut expected = Vec::new();
+    for r in 0..rows {
+        for c in (0..cols).step_by(2) {
+            let p = (r * cols + c) * 3;
+            let (y1, y2, cb, cr) = (ybr[p], ybr[p + 3], ybr[p + 1], ybr[p + 2]);
+            packed.extend([y1, y2, cb, cr]);
+            expected.extend([y1, cb, cr, y2, cb, cr]);
+        }
+    }
+    src.obj
+        .put_str(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "YBR_FULL_422");
+    src.obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PrimitiveValue::U8(packed.into()),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let p422 = dir.path().join("ybr422.dcm");
+    src.obj.write_to_file(&p422).unwrap();
+
+    let f = DicomFile::open(&p422, &limits).unwrap();
+    let img = f.decode(&limits).unwrap();
+    assert_eq!(img.meta.photometric, "YBR_FULL");
+    assert_eq!(img.meta.source_photometric, "YBR_FULL_422");
+    assert_eq!(img.pixels, adverse::dicom::PixelStore::U8(expected.clone()));
+
+    let out = dir.path().join("derived.dcm");
+    let opts = DerivedOptions {
+        pipeline_id: PIPELINE.into(),
+        derivation_description: "ybr422".into(),
+    };
+    write_derived(&f, &img, &opts, &out).unwrap();
+    let pix = tempfile::tempdir().unwrap();
+    adverse_tests::run_oracle(
+        "pydicom_pixels.py",
+        [
+            "pixels".as_ref(),
+            pix.path().as_os_str(),
+            p422.as_os_str(),
+            out.as_os_str(),
+        ],
+    );
+    for i in 0..2 {
+        let info: Value = serde_json::from_str(
+            &std::fs::read_to_string(pix.path().join(format!("{i}.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(info["ok"], true, "{info}");
+        let raw = std::fs::read(pix.path().join(format!("{i}.bin"))).unwrap();
+        assert_eq!(raw, expected, "file {i}");
     }
 }

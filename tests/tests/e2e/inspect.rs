@@ -26,15 +26,32 @@ fn exit_0_when_every_file_decodes_recursively() {
     copy("US1_J2KR.dcm", &sub);
     copy("liver_nonbyte_aligned.dcm", &sub);
     let out = inspect(&[dir.path().as_os_str()]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
     assert!(lines.iter().all(|l| l.ends_with("status=ok")), "{text}");
-    let rle = lines.iter().find(|l| l.contains("emri_small_RLE.dcm")).unwrap();
-    assert!(rle.contains("ts=RLE_Lossless") && rle.contains("frames=10") && rle.contains("dims=64x64x1") && rle.contains("bits=12/16u"), "{rle}");
+    let rle = lines
+        .iter()
+        .find(|l| l.contains("emri_small_RLE.dcm"))
+        .unwrap();
+    assert!(
+        rle.contains("ts=RLE_Lossless")
+            && rle.contains("frames=10")
+            && rle.contains("dims=64x64x1")
+            && rle.contains("bits=12/16u"),
+        "{rle}"
+    );
     let j2k = lines.iter().find(|l| l.contains("US1_J2KR.dcm")).unwrap();
-    assert!(j2k.contains("dims=480x640x3") && j2k.contains("pi=RGB"), "{j2k}");
+    assert!(
+        j2k.contains("dims=480x640x3") && j2k.contains("pi=RGB"),
+        "{j2k}"
+    );
     assert!(out.stderr.is_empty());
 }
 
@@ -48,11 +65,24 @@ fn exit_1_when_some_fail_and_each_failure_is_named_on_stderr() {
     let out = inspect(&[dir.path().as_os_str()]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(stderr.contains("notes.txt") && stderr.contains("not a DICOM file"), "{stderr}");
-    assert!(stderr.contains("cut.dcm") && stderr.contains("malformed"), "{stderr}");
+    assert!(
+        stderr.contains("notes.txt") && stderr.contains("not a DICOM file"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("cut.dcm") && stderr.contains("malformed"),
+        "{stderr}"
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.lines().count(), 3);
-    assert_eq!(stdout.lines().filter(|l| l.contains("status=error:")).count(), 2, "{stdout}");
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.contains("status=error:"))
+            .count(),
+        2,
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -62,7 +92,10 @@ fn exit_2_on_usage_errors() {
     let out = inspect(&["/definitely/not/here.dcm".as_ref()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/definitely/not/here.dcm"));
-    let out = inspect(&["--no-such-flag".as_ref(), adverse_tests::pydicom_data().as_os_str()]);
+    let out = inspect(&[
+        "--no-such-flag".as_ref(),
+        adverse_tests::pydicom_data().as_os_str(),
+    ]);
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -118,7 +151,10 @@ fn json_over_the_corpus_and_no_patient_identity() {
             }
         }
     }
-    assert!(secrets.len() >= 10, "expected the corpus to carry patient names/IDs: {secrets:?}");
+    assert!(
+        secrets.len() >= 10,
+        "expected the corpus to carry patient names/IDs: {secrets:?}"
+    );
     let text = inspect(&[corpus.as_os_str()]);
     for o in [&out, &text] {
         let all = format!(

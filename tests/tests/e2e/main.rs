@@ -1,7 +1,7 @@
 //! End-to-end tests, one binary with a module per area (ripgrep style).
 
 mod dicom_corpus;
-mod dicom_roundtrip;
 mod dicom_malformed;
+mod dicom_roundtrip;
 mod inspect;
 mod model;
