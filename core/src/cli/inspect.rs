@@ -19,6 +19,10 @@ pub struct InspectArgs {
     /// One JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Only files in searched folders whose name matches one of these globs (e.g. `*.dcm`);
+    /// files named on the command line are always inspected. Default: every file.
+    #[arg(long = "include", value_name = "GLOB")]
+    pub include: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -46,7 +50,15 @@ struct Report {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
+    let include = match name_filter(&args.include) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("adverse inspect: {e}");
+            return Ok(ExitCode::from(exit::USAGE));
+        }
+    };
     let mut files = Vec::new();
+    let mut failed = 0usize;
     for p in &args.paths {
         if !p.exists() {
             eprintln!(
@@ -55,10 +67,13 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
             );
             return Ok(ExitCode::from(exit::USAGE));
         }
-        collect(p, &mut files);
+        for walk_error in collect(p, include.as_ref(), &mut files) {
+            // An unreadable folder is a failure to report, never a silent gap in the listing.
+            failed += 1;
+            eprintln!("adverse inspect: {walk_error}");
+        }
     }
     let limits = DecodeLimits::default();
-    let mut failed = 0usize;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for f in &files {
@@ -92,20 +107,44 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     }))
 }
 
-fn collect(p: &Path, files: &mut Vec<PathBuf>) {
-    if p.is_dir() {
-        let mut found: Vec<PathBuf> = walkdir::WalkDir::new(p)
-            .follow_links(false)
-            .into_iter()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_type().is_file())
-            .map(|e| e.into_path())
-            .collect();
-        found.sort();
-        files.extend(found);
-    } else {
-        files.push(p.to_path_buf());
+/// The `--include` globs as one matcher (`None`: take every file).
+fn name_filter(globs: &[String]) -> Result<Option<globset::GlobSet>, globset::Error> {
+    if globs.is_empty() {
+        return Ok(None);
     }
+    let mut set = globset::GlobSetBuilder::new();
+    for g in globs {
+        set.add(globset::Glob::new(g)?);
+    }
+    set.build().map(Some)
+}
+
+/// Adds the files under `p` (sorted) to `files`; returns the walk errors (unreadable entries).
+fn collect(
+    p: &Path,
+    include: Option<&globset::GlobSet>,
+    files: &mut Vec<PathBuf>,
+) -> Vec<walkdir::Error> {
+    if !p.is_dir() {
+        files.push(p.to_path_buf());
+        return Vec::new();
+    }
+    let mut errors = Vec::new();
+    let mut found = Vec::new();
+    for entry in walkdir::WalkDir::new(p).follow_links(false) {
+        match entry {
+            Ok(e) if e.file_type().is_file() => {
+                if include.is_none_or(|set| set.is_match(e.file_name())) {
+                    found.push(e.into_path());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    found.sort();
+    files.extend(found);
+    errors
 }
 
 fn inspect_file(path: &Path, limits: &DecodeLimits) -> Report {

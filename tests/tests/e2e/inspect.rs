@@ -85,6 +85,49 @@ fn exit_1_when_some_fail_and_each_failure_is_named_on_stderr() {
     );
 }
 
+/// `--include` narrows what a folder search takes (the demo's `*.dcm`), but a file named on the
+/// command line is always inspected, so nothing asked for is silently passed over.
+#[test]
+fn include_globs_filter_folder_search_only() {
+    let dir = tempfile::tempdir().unwrap();
+    copy("emri_small.dcm", dir.path());
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    copy("liver.dcm", &dir.path().join("sub"));
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "not dicom at all").unwrap();
+    let out = inspect(&[
+        "--include".as_ref(),
+        "*.dcm".as_ref(),
+        dir.path().as_os_str(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stdout.contains("emri_small.dcm") && stdout.contains("liver.dcm"));
+    assert!(!stdout.contains("notes.txt"));
+
+    let out = inspect(&[
+        "--include".as_ref(),
+        "*.dcm".as_ref(),
+        dir.path().as_os_str(),
+        notes.as_os_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("notes.txt"));
+
+    let out = inspect(&["--include".as_ref(), "[".as_ref(), dir.path().as_os_str()]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a malformed glob is a usage error"
+    );
+}
+
 #[test]
 fn exit_2_on_usage_errors() {
     let out = inspect(&[]);
