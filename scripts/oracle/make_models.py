@@ -259,7 +259,9 @@ def main(argv):
             m, ops = fn()
             onnx.save(m, str(out / f"{fn.__name__}.onnx"))
             shape = [1] + [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]]
-            manifest.append({"name": fn.__name__, "file": f"{fn.__name__}.onnx", "input_shape": shape, "ops": ops,
+            used = sorted({n.op_type for n in m.graph.node})
+            assert set(ops) <= set(used), (fn.__name__, set(ops) - set(used))
+            manifest.append({"name": fn.__name__, "file": f"{fn.__name__}.onnx", "input_shape": shape, "ops": used,
                              "outputs": [o.name for o in m.graph.output], "opset": m.opset_import[0].version})
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return 0

@@ -36,7 +36,8 @@ pub enum ModelCmd {
 pub struct RunArgs {
     /// The ONNX model.
     pub model: PathBuf,
-    /// DICOM files to classify (needs the model card `<model>.card.yaml`).
+    /// DICOM files to classify (needs the model card `<model>.card.yaml`); frames must be
+    /// single-channel.
     pub dicom: Vec<PathBuf>,
     /// Input array [N, C, H, W] (float32 or float64 .npy), fed to the raw graph (no card).
     #[arg(long)]
@@ -67,7 +68,17 @@ fn load(path: &Path) -> anyhow::Result<Graph> {
 }
 
 fn shape_str(s: &[usize], batched: bool) -> String {
-    let dims: Vec<String> = s.iter().enumerate().map(|(i, d)| if i == 0 && batched { "N".to_string() } else { d.to_string() }).collect();
+    let dims: Vec<String> = s
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            if i == 0 && batched {
+                "N".to_string()
+            } else {
+                d.to_string()
+            }
+        })
+        .collect();
     format!("[{}]", dims.join(", "))
 }
 
@@ -84,30 +95,59 @@ fn info(path: &Path) -> anyhow::Result<ExitCode> {
         println!("output: {} {}", v.name, shape_str(&v.shape, v.batched));
     }
     println!("nodes: {}", g.nodes.len());
-    let ops: Vec<String> = g.op_counts().iter().map(|(k, c)| format!("{k} x{c}")).collect();
+    let ops: Vec<String> = g
+        .op_counts()
+        .iter()
+        .map(|(k, c)| format!("{k} x{c}"))
+        .collect();
     println!("operators: {}", ops.join(", "));
-    println!("parameters: {} ({} tensors)", g.param_count(), g.params.len());
+    println!(
+        "parameters: {} ({} tensors)",
+        g.param_count(),
+        g.params.len()
+    );
     let f = g.flops_per_image();
     println!("flops_per_image: {f} ({:.3} GFLOP)", f as f64 / 1e9);
     let cp = card_path(path);
     if cp.exists() {
         let card = ModelCard::load(&cp)?;
-        println!("card: {} (input {:?}, {} classes)", card.name, card.input_chw, card.classes.len());
+        println!(
+            "card: {} (input {:?}, {} classes)",
+            card.name,
+            card.input_chw,
+            card.classes.len()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn read_npy(path: &Path) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let npy = npyz::NpyFile::new(&bytes[..]).with_context(|| format!("{}: not a .npy file", path.display()))?;
+    let npy = npyz::NpyFile::new(&bytes[..])
+        .with_context(|| format!("{}: not a .npy file", path.display()))?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     if npy.order() != npyz::Order::C {
-        bail!("{}: Fortran-order arrays are not supported (save with np.ascontiguousarray)", path.display());
+        bail!(
+            "{}: Fortran-order arrays are not supported (save with np.ascontiguousarray)",
+            path.display()
+        );
     }
     let data = match npy.dtype() {
-        npyz::DType::Plain(ts) if ts.type_char() == npyz::TypeChar::Float && ts.size_field() == 4 => npy.into_vec::<f32>(),
-        npyz::DType::Plain(ts) if ts.type_char() == npyz::TypeChar::Float && ts.size_field() == 8 => npy.into_vec::<f64>().map(|v| v.into_iter().map(|x| x as f32).collect()),
-        other => bail!("{}: dtype {other:?} is not supported (float32 or float64)", path.display()),
+        npyz::DType::Plain(ts)
+            if ts.type_char() == npyz::TypeChar::Float && ts.size_field() == 4 =>
+        {
+            npy.into_vec::<f32>()
+        }
+        npyz::DType::Plain(ts)
+            if ts.type_char() == npyz::TypeChar::Float && ts.size_field() == 8 =>
+        {
+            npy.into_vec::<f64>()
+                .map(|v| v.into_iter().map(|x| x as f32).collect())
+        }
+        other => bail!(
+            "{}: dtype {other:?} is not supported (float32 or float64)",
+            path.display()
+        ),
     }
     .with_context(|| format!("{}: cannot decode the array", path.display()))?;
     Ok((data, shape))
@@ -115,36 +155,159 @@ fn read_npy(path: &Path) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
 
 fn write_npy(path: &Path, data: &[f32], shape: &[usize]) -> anyhow::Result<()> {
     use npyz::WriterBuilder;
-    let f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let f =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let shape64: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-    let mut w = npyz::WriteOptions::<f32>::new().default_dtype().shape(&shape64).writer(std::io::BufWriter::new(f)).begin_nd()?;
+    let mut w = npyz::WriteOptions::<f32>::new()
+        .default_dtype()
+        .shape(&shape64)
+        .writer(std::io::BufWriter::new(f))
+        .begin_nd()?;
     w.extend(data.iter().copied())?;
-    w.finish().with_context(|| format!("cannot write {}", path.display()))?;
+    w.finish()
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
 fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
-    let Some(npy) = &a.npy else {
-        if a.dicom.is_empty() {
-            bail!("give DICOM files or --npy IN.npy");
-        }
-        bail!("`model run` on DICOM files needs the DICOM decoder, which this build does not have yet; run the raw graph with --npy");
-    };
-    if !a.dicom.is_empty() {
-        bail!("give either DICOM files or --npy, not both");
+    if a.npy.is_some() != a.dicom.is_empty() {
+        bail!("give either DICOM files or --npy IN.npy (one of them)");
     }
     let g = load(&a.model)?;
-    let logits_idx = match card_path(&a.model) {
-        p if p.exists() => ModelCard::load(&p)?.logits_index(&g)?,
-        _ => 0,
+    let cp = card_path(&a.model);
+    let card = if cp.exists() {
+        Some(ModelCard::load(&cp)?)
+    } else {
+        None
     };
-    let (data, shape) = read_npy(npy)?;
+    let logits_idx = match &card {
+        Some(c) => c.logits_index(&g)?,
+        None => 0,
+    };
     let backend = select::select(select::resolve_choice(a.backend)?)?;
     eprintln!("backend: {}", backend.describe());
-    crate::with_backend!(&backend, |b| run_on(b, g, logits_idx, &data, &shape, &a))
+    match &a.npy {
+        Some(npy) => {
+            let (data, shape) = read_npy(npy)?;
+            crate::with_backend!(&backend, |b| run_on(b, g, logits_idx, &data, &shape, &a))
+        }
+        None => {
+            let Some(card) = card else {
+                bail!(
+                    "`model run` on DICOM files needs the model card {} (preprocessing, classes)",
+                    cp.display()
+                );
+            };
+            if a.grad.is_some() || a.out.is_some() {
+                bail!("--grad/--out apply to --npy runs only");
+            }
+            crate::with_backend!(&backend, |b| run_dicom(b, &g, &card, logits_idx, &a.dicom))
+        }
+    }
 }
 
-fn run_on<B: Backend>(b: &B, g: Graph, logits_idx: usize, data: &[f32], shape: &[usize], a: &RunArgs) -> anyhow::Result<ExitCode> {
+/// Classify every frame of every file; a file that fails is reported and counted, the rest go on.
+fn run_dicom<B: Backend>(
+    b: &B,
+    g: &Graph,
+    card: &ModelCard,
+    logits_idx: usize,
+    files: &[PathBuf],
+) -> anyhow::Result<ExitCode> {
+    let mut failed = 0;
+    for path in files {
+        match classify_file(b, g, card, logits_idx, path) {
+            Ok(preds) => {
+                for (i, (class, p)) in preds.iter().enumerate() {
+                    let name = card
+                        .classes
+                        .get(*class)
+                        .cloned()
+                        .unwrap_or_else(|| format!("class {class}"));
+                    println!("{} frame {i}: {name} (p={p:.4})", path.display());
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("{}: error: {e:#}", path.display());
+            }
+        }
+    }
+    Ok(ExitCode::from(if failed > 0 {
+        super::exit::SOME_FAILED
+    } else {
+        super::exit::OK
+    }))
+}
+
+fn classify_file<B: Backend>(
+    b: &B,
+    g: &Graph,
+    card: &ModelCard,
+    logits_idx: usize,
+    path: &Path,
+) -> anyhow::Result<Vec<(usize, f32)>> {
+    use crate::dicom::{DecodeLimits, DicomFile};
+    use crate::runtime::preprocess::{FrameParams, Pipeline};
+    let limits = DecodeLimits::default();
+    let img = DicomFile::open(path, &limits)?.decode(&limits)?;
+    let m = &img.meta;
+    if m.samples_per_pixel != 1 {
+        bail!(
+            "{} samples per pixel: only single-channel images are supported",
+            m.samples_per_pixel
+        );
+    }
+    let (h, w, n) = (m.rows as usize, m.cols as usize, img.frame_count());
+    let mut stored = Vec::with_capacity(n * h * w);
+    for i in 0..n {
+        stored.extend(
+            img.frame_f32(i)
+                .with_context(|| format!("frame {i} missing"))?,
+        );
+    }
+    let window = m
+        .window_center
+        .first()
+        .copied()
+        .zip(m.window_width.first().copied());
+    let frames = vec![
+        FrameParams {
+            slope: m.rescale_slope,
+            intercept: m.rescale_intercept,
+            window
+        };
+        n
+    ];
+    let pipe = Pipeline::new(b, card.preprocess.clone(), g, [h, w], logits_idx)?;
+    let k = pipe.frame_consts(b, &stored, &frames)?;
+    let outs = pipe.forward(b, &b.upload(&stored, &[n, 1, h, w]), &k)?;
+    let z = b.download(&outs[logits_idx]);
+    let kk = z.len() / n.max(1);
+    Ok(z.chunks(kk.max(1))
+        .map(|row| {
+            let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let den: f64 = row.iter().map(|&v| ((v - mx) as f64).exp()).sum();
+            let (best, v) = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |m, (j, &v)| if v > m.1 { (j, v) } else { m },
+                );
+            (best, (((v - mx) as f64).exp() / den) as f32)
+        })
+        .collect())
+}
+
+fn run_on<B: Backend>(
+    b: &B,
+    g: Graph,
+    logits_idx: usize,
+    data: &[f32],
+    shape: &[usize],
+    a: &RunArgs,
+) -> anyhow::Result<ExitCode> {
     let model = Model::new(b, g).with_logits_output(logits_idx)?;
     let x = b.upload(data, shape);
     let n = shape.first().copied().unwrap_or(0);
@@ -154,7 +317,12 @@ fn run_on<B: Backend>(b: &B, g: Graph, logits_idx: usize, data: &[f32], shape: &
             k if k == n => a.label.clone(),
             k => bail!("{k} labels for a batch of {n} (give one, or one per sample)"),
         };
-        let (losses, grad, logits) = model.loss_and_input_grad(b, &x, LossSpec::CrossEntropy { targeted: false }, &LossTargets::Classes(&labels))?;
+        let (losses, grad, logits) = model.loss_and_input_grad(
+            b,
+            &x,
+            LossSpec::CrossEntropy { targeted: false },
+            &LossTargets::Classes(&labels),
+        )?;
         write_npy(gp, &b.download(&grad), &grad.shape)?;
         for (i, l) in losses.iter().enumerate() {
             println!("sample {i}: cross_entropy {l:.6}");
@@ -170,7 +338,11 @@ fn run_on<B: Backend>(b: &B, g: Graph, logits_idx: usize, data: &[f32], shape: &
     }
     let k = z.len() / n.max(1);
     for (i, row) in z.chunks(k.max(1)).enumerate() {
-        let (best, score) = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (j, &v)| if v > m.1 { (j, v) } else { m });
+        let (best, score) =
+            row.iter().enumerate().fold(
+                (0, f32::NEG_INFINITY),
+                |m, (j, &v)| if v > m.1 { (j, v) } else { m },
+            );
         println!("sample {i}: class {best} (score {score:.6})");
     }
     Ok(ExitCode::SUCCESS)

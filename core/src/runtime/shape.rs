@@ -10,7 +10,10 @@ pub enum ShapeError {
     #[error("{0}")]
     Invalid(String),
     #[error("node `{node}`: {inner}")]
-    AtNode { node: String, inner: Box<ShapeError> },
+    AtNode {
+        node: String,
+        inner: Box<ShapeError>,
+    },
 }
 
 impl ShapeError {
@@ -148,7 +151,11 @@ pub fn conv_geometry(
             &w[2..]
         )));
     }
-    if *groups == 0 || c % groups != 0 || w[0] % groups != 0 || w[1] * groups != c {
+    if *groups == 0
+        || !c.is_multiple_of(*groups)
+        || !w[0].is_multiple_of(*groups)
+        || w[1] * groups != c
+    {
         return Err(bad(format!(
             "Conv channels: input {c}, weight {w:?}, groups {groups} are inconsistent"
         )));
@@ -221,8 +228,9 @@ pub fn conv_transpose_geometry(
     let mut p = *pads;
     let mut out = [0usize; 2];
     for i in 0..2 {
-        let full =
-            stride[i] * (inp[i] - 1).max(0) + output_padding[i] + effective(kernel[i], dilation[i]);
+        let full = stride[i] * inp[i].saturating_sub(1)
+            + output_padding[i]
+            + effective(kernel[i], dilation[i]);
         let target = match (output_shape, same_upper) {
             (Some(o), _) => Some(o[i]),
             (None, Some(_)) => Some(inp[i] * stride[i]),
@@ -383,7 +391,7 @@ pub fn reshape_target(rule: &ReshapeRule, x: &[usize], n: usize) -> Result<Vec<u
             }
             if let Some(i) = infer {
                 let known: usize = out.iter().product();
-                if known == 0 || count % known != 0 {
+                if known == 0 || !count.is_multiple_of(known) {
                     return Err(bad(format!(
                         "Reshape of {x:?} to {dims:?} (-1 not inferable)"
                     )));
@@ -716,7 +724,15 @@ mod tests {
             reshape_target(&rule, &[3, 4, 2, 2], 3).unwrap(),
             vec![3, 16]
         );
-        assert!(reshape_target(&rule, &[3, 4, 2, 2], 2).is_err());
+        assert_eq!(
+            reshape_target(&rule, &[3, 4, 2, 2], 2).unwrap(),
+            vec![2, 24]
+        );
+        let fixed = ReshapeRule::Spec {
+            dims: vec![SymInt::BATCH, SymInt::lit(5)],
+            allowzero: false,
+        };
+        assert!(reshape_target(&fixed, &[3, 4, 2, 2], 3).is_err());
         let z = ReshapeRule::Spec {
             dims: vec![SymInt::lit(0), SymInt::lit(4), SymInt::lit(-1)],
             allowzero: false,

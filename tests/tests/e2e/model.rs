@@ -6,7 +6,10 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn python() -> PathBuf {
@@ -14,7 +17,11 @@ fn python() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = repo().join(".venv/bin/python");
-    assert!(p.exists(), "no Python oracle: set ADVERSE_PYTHON or create {} (scripts/test.sh does)", p.display());
+    assert!(
+        p.exists(),
+        "no Python oracle: set ADVERSE_PYTHON or create {} (scripts/test.sh does)",
+        p.display()
+    );
     p
 }
 
@@ -23,18 +30,35 @@ fn adverse() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join(format!("adverse{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "{} not built: run `cargo build --workspace --bins` first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build --workspace --bins` first",
+        bin.display()
+    );
     bin
 }
 
 fn py(code: &str, args: &[&str]) -> String {
-    let out = Command::new(python()).arg("-c").arg(code).args(args).output().expect("python");
-    assert!(out.status.success(), "python failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new(adverse()).args(args).env("ADVERSE_BACKEND", "cpu").output().expect("run adverse")
+    Command::new(adverse())
+        .args(args)
+        .env("ADVERSE_BACKEND", "cpu")
+        .output()
+        .expect("run adverse")
 }
 
 fn models() -> &'static tempfile::TempDir {
@@ -42,8 +66,16 @@ fn models() -> &'static tempfile::TempDir {
     D.get_or_init(|| {
         let d = tempfile::tempdir().expect("tempdir");
         let script = repo().join("scripts/oracle/make_models.py");
-        let out = Command::new(python()).arg(script).arg(d.path()).output().expect("make_models");
-        assert!(out.status.success(), "make_models.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(python())
+            .arg(script)
+            .arg(d.path())
+            .output()
+            .expect("make_models");
+        assert!(
+            out.status.success(),
+            "make_models.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         d
     })
 }
@@ -52,7 +84,11 @@ fn models() -> &'static tempfile::TempDir {
 fn model_info_prints_the_graph_summary() {
     let m = models().path().join("plain_cnn.onnx");
     let out = run(&["model", "info", m.to_str().unwrap_or_default()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     // Parameter count and operator counts from onnx itself.
     let want = py(
@@ -61,7 +97,11 @@ fn model_info_prints_the_graph_summary() {
     );
     let mut lines = want.lines();
     let params = lines.next().unwrap_or_default().trim().to_string();
-    let counts: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
+    let counts: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
     assert!(text.contains(&format!("parameters: {params} ")), "{text}");
     assert!(text.contains(&format!("Conv x{}", counts[0])), "{text}");
     assert!(text.contains(&format!("MaxPool x{}", counts[1])), "{text}");
@@ -79,10 +119,29 @@ fn model_run_npy_writes_outputs_and_the_input_gradient() {
     let d = models().path();
     let m = d.join("resnet_block.onnx");
     let (x, o, g) = (d.join("x.npy"), d.join("out.npy"), d.join("grad.npy"));
-    py("import numpy as np,sys\nnp.save(sys.argv[1], np.random.RandomState(3).uniform(-1,1,(3,3,8,8)).astype(np.float32))", &[x.to_str().unwrap_or_default()]);
+    py(
+        "import numpy as np,sys\nnp.save(sys.argv[1], np.random.RandomState(3).uniform(-1,1,(3,3,8,8)).astype(np.float32))",
+        &[x.to_str().unwrap_or_default()],
+    );
     let s = |p: &Path| p.to_str().unwrap_or_default().to_string();
-    let out = run(&["model", "run", &s(&m), "--npy", &s(&x), "--out", &s(&o), "--grad", &s(&g), "--label", "2,0,3"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&[
+        "model",
+        "run",
+        &s(&m),
+        "--npy",
+        &s(&x),
+        "--out",
+        &s(&o),
+        "--grad",
+        &s(&g),
+        "--label",
+        "2,0,3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("sample 2: class"), "{stdout}");
     // Oracle: onnxruntime logits; the gradient checked by central differences of the
@@ -115,14 +174,116 @@ print(np.linalg.norm(grad))
 "#,
         &[&s(&m), &s(&x), &s(&o), &s(&g)],
     );
-    let v: Vec<f64> = report.lines().map(|l| l.trim().parse().expect("number")).collect();
-    assert!(v[0] <= 1e-4, "logits vs onnxruntime: relative error {}", v[0]);
-    assert!(v[1] <= 2e-2, "input gradient vs finite differences: relative error {}", v[1]);
+    let v: Vec<f64> = report
+        .lines()
+        .map(|l| l.trim().parse().expect("number"))
+        .collect();
+    assert!(
+        v[0] <= 1e-4,
+        "logits vs onnxruntime: relative error {}",
+        v[0]
+    );
+    assert!(
+        v[1] <= 2e-2,
+        "input gradient vs finite differences: relative error {}",
+        v[1]
+    );
     assert!(v[2] > 0.0, "zero gradient");
     // Wrong label count and a label out of range are usage errors.
-    let bad = run(&["model", "run", &s(&m), "--npy", &s(&x), "--grad", &s(&g), "--label", "1,2"]);
+    let bad = run(&[
+        "model",
+        "run",
+        &s(&m),
+        "--npy",
+        &s(&x),
+        "--grad",
+        &s(&g),
+        "--label",
+        "1,2",
+    ]);
     assert_eq!(bad.status.code(), Some(2));
-    let bad = run(&["model", "run", &s(&m), "--npy", &s(&x), "--grad", &s(&g), "--label", "99"]);
+    let bad = run(&[
+        "model",
+        "run",
+        &s(&m),
+        "--npy",
+        &s(&x),
+        "--grad",
+        &s(&g),
+        "--label",
+        "99",
+    ]);
     assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("label 99"), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("label 99"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
+
+#[test]
+fn model_run_on_dicom_matches_a_pydicom_numpy_onnxruntime_pipeline() {
+    let d = models().path();
+    let m = d.join("plain_cnn.onnx");
+    std::fs::write(
+        d.join("plain_cnn.card.yaml"),
+        "name: demo\ninput: [1, 12, 12]\npreprocessing:\n  rescale: auto\n  window: from_dicom\n  resize: area\n  scale: 2.0\n  mean: [0.5]\n  std: [0.25]\nclasses: [a, b, c, d, e]\n",
+    )
+    .expect("card");
+    let data = repo().join("tests/data/dicom/pydicom-data");
+    let ct = data.join("693_UNCI.dcm");
+    let rgb = data.join("SC_rgb.dcm");
+    let s = |p: &Path| p.to_str().unwrap_or_default().to_string();
+    let out = run(&["model", "run", &s(&m), &s(&ct), &s(&rgb)]);
+    // The RGB file fails (single-channel model), the CT file is classified: exit 1.
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SC_rgb.dcm"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("693_UNCI.dcm frame 0:"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let want = py(
+        r#"
+import sys, numpy as np, pydicom, onnxruntime as ort
+m, f = sys.argv[1:3]
+ds = pydicom.dcmread(f)
+x = ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+wc = ds.WindowCenter; ww = ds.WindowWidth
+c = float(wc[0] if isinstance(wc, pydicom.multival.MultiValue) else wc)
+w = float(ww[0] if isinstance(ww, pydicom.multival.MultiValue) else ww)
+y = np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0, 1) * 2.0
+H, W = y.shape
+def area(v, n, axis):
+    L = v.shape[axis]
+    parts = [np.take(v, range(i * L // n, -(-(i + 1) * L // n)), axis=axis).mean(axis=axis, keepdims=True) for i in range(n)]
+    return np.concatenate(parts, axis=axis)
+y = area(area(y, 12, 0), 12, 1)
+y = (y - 0.5) / 0.25
+s = ort.InferenceSession(m, providers=["CPUExecutionProvider"])
+z = s.run(None, {"input": y[None, None].astype(np.float32)})[0][0].astype(np.float64)
+p = np.exp(z - z.max()); p /= p.sum()
+print(int(p.argmax()), float(p.max()))
+"#,
+        &[&s(&m), &s(&ct)],
+    );
+    let mut it = want.split_whitespace();
+    let class: usize = it.next().and_then(|v| v.parse().ok()).expect("class");
+    let p: f64 = it.next().and_then(|v| v.parse().ok()).expect("p");
+    let names = ["a", "b", "c", "d", "e"];
+    assert!(
+        line.contains(&format!(": {} (p=", names[class])),
+        "{line} vs class {class}"
+    );
+    let got: f64 = line
+        .rsplit("p=")
+        .next()
+        .and_then(|v| v.trim_end_matches(')').parse().ok())
+        .expect("p in output");
+    assert!((got - p).abs() < 2e-4, "{line}: p {got} vs {p}");
 }

@@ -94,6 +94,52 @@ fn run_all<B: Backend>(b: &B) -> Vec<Vec<Vec<f32>>> {
 }
 
 #[test]
+fn models_cover_every_required_operator() {
+    let (_, list) = models();
+    let have: std::collections::BTreeSet<&str> = list
+        .iter()
+        .flat_map(|m| m.ops.iter().map(String::as_str))
+        .collect();
+    for op in [
+        "Conv",
+        "ConvTranspose",
+        "BatchNormalization",
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "Tanh",
+        "Clip",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "Gemm",
+        "MatMul",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Concat",
+        "Flatten",
+        "Reshape",
+        "Transpose",
+        "Resize",
+        "Pad",
+        "Softmax",
+        "Dropout",
+        "Constant",
+        "Shape",
+        "Gather",
+        "Unsqueeze",
+        "Squeeze",
+        "Cast",
+        "Slice",
+        "ConstantOfShape",
+    ] {
+        assert!(have.contains(op), "no oracle model exercises {op}");
+    }
+}
+
+#[test]
 fn cpu_forward_matches_onnxruntime() {
     run_all(&CpuBackend::new(Some(2)));
 }
