@@ -27,8 +27,33 @@ pub mod exit {
     about = "Red-team and protect medical-imaging AI on DICOM data"
 )]
 pub struct Cli {
+    /// More log detail on stderr (-v: info, -vv: debug). `ADVERSE_LOG` (tracing filter syntax)
+    /// overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Logs go to stderr so stdout stays machine-readable (`--json`, `.npy` paths); warnings are
+/// always shown because they carry things a user must act on (a skipped GPU, a fallback).
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("ADVERSE_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| {
+            EnvFilter::new(match verbose {
+                0 => "warn",
+                1 => "info",
+                _ => "debug",
+            })
+        });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
 #[derive(Subcommand, Debug)]
@@ -53,6 +78,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(code));
         }
     };
+    init_logging(cli.verbose);
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Model(a) => model::run(a),
