@@ -2,7 +2,8 @@
 //! a hardware GPU when present) against onnxruntime's CPU forward, measured in the same run on
 //! the same ONNX files (scripts/oracle/make_models.py --bench). Prints a table with ratios.
 //!
-//! `cargo bench -p adverse --bench runtime` (env `ADVERSE_BENCH_QUICK=1` for fewer iterations).
+//! `cargo bench -p adverse --bench runtime` (env `ADVERSE_BENCH_QUICK=1` for fewer iterations,
+//! `ADVERSE_BENCH_MODELS=demo_cnn` for one model).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -67,6 +68,41 @@ fn time_backend<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize, g
     (n * iters) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// Per-node forward times (`ADVERSE_BENCH_PROFILE=1`): where a model's forward time goes.
+fn profile_forward<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize) {
+    let model = Model::new(b, onnx::load(path).expect("import"));
+    let g = &model.graph;
+    let data: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|i| counter_uniform(1, i as u32))
+        .collect();
+    let x = b.upload(&data, shape);
+    let mut times = vec![0.0f64; g.nodes.len()];
+    for _ in 0..iters + 1 {
+        let mut vals: Vec<Option<adverse::runtime::backend::Tensor<B>>> = vec![None; g.values.len()];
+        vals[g.inputs[0]] = Some(x.clone());
+        for (i, p) in g.params.iter().enumerate() {
+            vals[p.value] = Some(model.params()[i].clone());
+        }
+        for (ni, node) in g.nodes.iter().enumerate() {
+            let ins: Vec<_> = node.inputs.iter().map(|&i| vals[i].as_ref().expect("value")).collect();
+            let t = Instant::now();
+            let y = adverse::runtime::exec::forward_op(b, &node.op, &ins, shape[0]).expect("op");
+            b.download(&y.reshape(&[y.len()]));
+            times[ni] += t.elapsed().as_secs_f64();
+            vals[node.output] = Some(y);
+        }
+    }
+    let total: f64 = times.iter().sum();
+    for (node, t) in g.nodes.iter().zip(&times) {
+        println!(
+            "  {:<24} {:>9.3} ms {:>5.1}%",
+            node.name,
+            1e3 * t / (iters + 1) as f64,
+            100.0 * t / total
+        );
+    }
+}
+
 fn ort_ips(path: &Path, batch: usize, iters: usize, threads: usize) -> f64 {
     let script = repo().join("scripts/oracle/ort_run.py");
     let out = Command::new(python())
@@ -114,9 +150,19 @@ fn main() {
         ("demo_cnn", [1, 28, 28], 64, if quick { 3 } else { 20 }),
         ("resnet18", [3, 224, 224], 4, if quick { 1 } else { 3 }),
     ];
+    // `ADVERSE_BENCH_MODELS=demo_cnn` (comma-separated) restricts the run, for profiling.
+    let only = std::env::var("ADVERSE_BENCH_MODELS").ok();
     for (name, chw, batch, iters) in cases {
+        if only.as_ref().is_some_and(|o| !o.split(',').any(|m| m == name)) {
+            continue;
+        }
         let path = dir.path().join(format!("{name}.onnx"));
         let shape = [batch, chw[0], chw[1], chw[2]];
+        if std::env::var_os("ADVERSE_BENCH_PROFILE").is_some() {
+            println!("{name}: per-node forward, {}", cpu.describe());
+            profile_forward(&cpu, &path, &shape, iters);
+            continue;
+        }
         let ort = ort_ips(&path, batch, iters, threads);
         rows.push(Row {
             model: name.into(),

@@ -45,8 +45,8 @@ fn init_logging(verbose: u8) {
         .unwrap_or_else(|| {
             EnvFilter::new(match verbose {
                 0 => "warn",
-                1 => "info",
-                _ => "debug",
+                1 => "warn,adverse=info",
+                _ => "info,adverse=debug",
             })
         });
     let _ = tracing_subscriber::fmt()

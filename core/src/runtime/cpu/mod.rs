@@ -274,10 +274,7 @@ impl Backend for CpuBackend {
     }
 
     fn unary(&self, op: Unary, x: &Tensor<Self>) -> Tensor<Self> {
-        Self::wrap(
-            self.map1(&x.buf[..x.len()], |v| ops::unary_f32(op, v)),
-            &x.shape,
-        )
+        Self::wrap(self.unary_map(op, &x.buf[..x.len()]), &x.shape)
     }
 
     fn unary_backward(
@@ -291,9 +288,7 @@ impl Backend for CpuBackend {
             x.shape == dy.shape && y.shape == dy.shape,
             "unary_backward shapes"
         );
-        let data = self.map3(&x.buf, &y.buf, &dy.buf, |xv, yv, d| {
-            d * ops::unary_derivative_f32(op, xv, yv)
-        });
+        let data = self.unary_backward_map(op, &x.buf, &y.buf, &dy.buf);
         Self::wrap(data, &x.shape)
     }
 

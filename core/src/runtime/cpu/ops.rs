@@ -16,24 +16,55 @@ use crate::runtime::reference::{
 // ---- generic helpers ---------------------------------------------------------------------------
 
 impl CpuBackend {
+    /// Runs `body(start, chunk)` over contiguous chunks of `out` (`start` = the chunk's offset),
+    /// one chunk per thread-sized share when `work` is big enough, else in one call.
+    ///
+    /// Few large chunks (two per thread) rather than many small ones: elementwise ops are memory
+    /// bound and every extra task is a pool round trip.
+    pub(super) fn for_ranges(
+        &self,
+        out: &mut [f32],
+        work: usize,
+        body: impl Fn(usize, &mut [f32]) + Sync + Send,
+    ) {
+        let len = out.len();
+        if !self.parallel(work) || len < 2 * ELEM_CHUNK {
+            body(0, out);
+            return;
+        }
+        let chunk = len
+            .div_ceil(self.threads * 2)
+            .max(ELEM_CHUNK)
+            .next_multiple_of(16);
+        self.install(|| {
+            out.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(i, c)| body(i * chunk, c))
+        });
+    }
+
     /// Fills a fresh vector element-wise, in parallel chunks when large.
     pub(super) fn generate(&self, len: usize, f: impl Fn(usize) -> f32 + Sync + Send) -> Vec<f32> {
         let mut out = vec![0.0f32; len];
-        let body = |(ci, chunk): (usize, &mut [f32])| {
-            for (j, v) in chunk.iter_mut().enumerate() {
-                *v = f(ci * ELEM_CHUNK + j);
+        self.for_ranges(&mut out, len, |s, c| {
+            for (j, v) in c.iter_mut().enumerate() {
+                *v = f(s + j);
             }
-        };
-        if self.parallel(len) {
-            self.install(|| out.par_chunks_mut(ELEM_CHUNK).enumerate().for_each(body));
-        } else {
-            out.chunks_mut(ELEM_CHUNK).enumerate().for_each(body);
-        }
+        });
         out
     }
 
+    // The map helpers zip slices (no per-element index arithmetic or bounds checks) so that
+    // simple closures vectorise.
     pub(super) fn map1(&self, a: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
-        self.generate(a.len(), |i| f(a[i]))
+        let mut out = vec![0.0f32; a.len()];
+        self.for_ranges(&mut out, a.len(), |s, c| {
+            let a = &a[s..s + c.len()];
+            for (o, &x) in c.iter_mut().zip(a) {
+                *o = f(x);
+            }
+        });
+        out
     }
 
     pub(super) fn map2(
@@ -43,7 +74,14 @@ impl CpuBackend {
         f: impl Fn(f32, f32) -> f32 + Sync + Send,
     ) -> Vec<f32> {
         assert_eq!(a.len(), b.len());
-        self.generate(a.len(), |i| f(a[i], b[i]))
+        let mut out = vec![0.0f32; a.len()];
+        self.for_ranges(&mut out, a.len(), |s, c| {
+            let (a, b) = (&a[s..s + c.len()], &b[s..s + c.len()]);
+            for ((o, &x), &y) in c.iter_mut().zip(a).zip(b) {
+                *o = f(x, y);
+            }
+        });
+        out
     }
 
     pub(super) fn map3(
@@ -54,7 +92,47 @@ impl CpuBackend {
         f: impl Fn(f32, f32, f32) -> f32 + Sync + Send,
     ) -> Vec<f32> {
         assert!(a.len() == b.len() && b.len() == c.len());
-        self.generate(a.len(), |i| f(a[i], b[i], c[i]))
+        let mut out = vec![0.0f32; a.len()];
+        self.for_ranges(&mut out, a.len(), |s, o| {
+            let n = o.len();
+            let (a, b, c) = (&a[s..s + n], &b[s..s + n], &c[s..s + n]);
+            for (((o, &x), &y), &z) in o.iter_mut().zip(a).zip(b).zip(c) {
+                *o = f(x, y, z);
+            }
+        });
+        out
+    }
+
+    /// `unary` with the op matched once outside the loop (the per-element `match` otherwise
+    /// blocks vectorisation of the cheap ops).
+    pub(super) fn unary_map(&self, op: Unary, a: &[f32]) -> Vec<f32> {
+        match op {
+            Unary::Relu => self.map1(a, |v| unary_f32(Unary::Relu, v)),
+            Unary::Neg => self.map1(a, |v| -v),
+            Unary::Abs => self.map1(a, f32::abs),
+            Unary::Affine { a: k, b } => self.map1(a, move |v| k * v + b),
+            Unary::Clip { min, max } => self.map1(a, move |v| v.max(min).min(max)),
+            Unary::LeakyRelu { alpha } => {
+                self.map1(a, move |v| unary_f32(Unary::LeakyRelu { alpha }, v))
+            }
+            op => self.map1(a, move |v| unary_f32(op, v)),
+        }
+    }
+
+    /// `dy * unary'(x, y)`, specialised like [`CpuBackend::unary_map`].
+    pub(super) fn unary_backward_map(&self, op: Unary, x: &[f32], y: &[f32], dy: &[f32]) -> Vec<f32> {
+        match op {
+            Unary::Relu => self.map2(x, dy, |xv, d| {
+                d * unary_derivative_f32(Unary::Relu, xv, 0.0)
+            }),
+            Unary::Affine { a, b } => {
+                self.map1(dy, move |d| d * unary_derivative_f32(Unary::Affine { a, b }, 0.0, 0.0))
+            }
+            Unary::Neg => self.map1(dy, |d| d * -1.0),
+            op => self.map3(x, y, dy, move |xv, yv, d| {
+                d * unary_derivative_f32(op, xv, yv)
+            }),
+        }
     }
 
     /// `out[i] = src[offset + sum_d idx_d(i) * src_strides[d]]` over the row-major multi-index of
@@ -158,18 +236,36 @@ impl CpuBackend {
         b: &[f32],
         bsh: &[usize],
     ) -> (Vec<f32>, Vec<usize>) {
-        let f = move |x: f32, y: f32| binary_f32(op, x, y);
+        // One monomorphised body per op, so the inner loops see a concrete operation.
+        match op {
+            Binary::Add => self.binary_with(a, ash, b, bsh, |x, y| binary_f32(Binary::Add, x, y)),
+            Binary::Sub => self.binary_with(a, ash, b, bsh, |x, y| binary_f32(Binary::Sub, x, y)),
+            Binary::Mul => self.binary_with(a, ash, b, bsh, |x, y| binary_f32(Binary::Mul, x, y)),
+            Binary::Div => self.binary_with(a, ash, b, bsh, |x, y| binary_f32(Binary::Div, x, y)),
+            Binary::Max => self.binary_with(a, ash, b, bsh, |x, y| binary_f32(Binary::Max, x, y)),
+            Binary::Min => self.binary_with(a, ash, b, bsh, |x, y| binary_f32(Binary::Min, x, y)),
+        }
+    }
+
+    fn binary_with(
+        &self,
+        a: &[f32],
+        ash: &[usize],
+        b: &[f32],
+        bsh: &[usize],
+        f: impl Fn(f32, f32) -> f32 + Copy + Sync + Send,
+    ) -> (Vec<f32>, Vec<usize>) {
         if ash == bsh {
             return (self.map2(a, b, f), ash.to_vec());
         }
         let shape = broadcast_shape(ash, bsh);
         if b.len() == 1 {
             let s = b[0];
-            return (self.map1(a, |x| f(x, s)), shape);
+            return (self.map1(a, move |x| f(x, s)), shape);
         }
         if a.len() == 1 {
             let s = a[0];
-            return (self.map1(b, |y| f(s, y)), shape);
+            return (self.map1(b, move |y| f(s, y)), shape);
         }
         let (sa, sb) = (
             broadcast_strides(ash, &shape),
@@ -182,6 +278,7 @@ impl CpuBackend {
         }
         let r = shape.len();
         let last = shape[r - 1];
+        let (la, lb) = (sa[r - 1], sb[r - 1]);
         let body = |(row, dst): (usize, &mut [f32])| {
             let (mut rem, mut ba, mut bb) = (row, 0usize, 0usize);
             for d in (0..r - 1).rev() {
@@ -190,13 +287,45 @@ impl CpuBackend {
                 ba += i * sa[d];
                 bb += i * sb[d];
             }
-            let (la, lb) = (sa[r - 1], sb[r - 1]);
-            for (j, v) in dst.iter_mut().enumerate() {
-                *v = f(a[ba + j * la], b[bb + j * lb]);
+            // Contiguous / scalar rows (a bias over channels, a per-feature vector) as slice
+            // loops; anything else strided.
+            match (la, lb) {
+                (1, 1) => {
+                    for ((o, &x), &y) in dst.iter_mut().zip(&a[ba..ba + last]).zip(&b[bb..bb + last])
+                    {
+                        *o = f(x, y);
+                    }
+                }
+                (1, 0) => {
+                    let y = b[bb];
+                    for (o, &x) in dst.iter_mut().zip(&a[ba..ba + last]) {
+                        *o = f(x, y);
+                    }
+                }
+                (0, 1) => {
+                    let x = a[ba];
+                    for (o, &y) in dst.iter_mut().zip(&b[bb..bb + last]) {
+                        *o = f(x, y);
+                    }
+                }
+                _ => {
+                    for (j, v) in dst.iter_mut().enumerate() {
+                        *v = f(a[ba + j * la], b[bb + j * lb]);
+                    }
+                }
             }
         };
-        if self.parallel(len) {
-            self.install(|| out.par_chunks_mut(last).enumerate().for_each(body));
+        if self.parallel(len) && len > last {
+            let rows_per = (len / last).div_ceil(self.threads * 2).max(1);
+            self.install(|| {
+                out.par_chunks_mut(last * rows_per)
+                    .enumerate()
+                    .for_each(|(ci, c)| {
+                        c.chunks_mut(last)
+                            .enumerate()
+                            .for_each(|(j, d)| body((ci * rows_per + j, d)))
+                    })
+            });
         } else {
             out.chunks_mut(last).enumerate().for_each(body);
         }
@@ -660,12 +789,22 @@ fn resize_taps_f32(
     (axis(h, p.out_hw[0]), axis(w, p.out_hw[1]))
 }
 
+/// One output position's taps along one axis: the valid input indices are
+/// `first, first + dilation, ...` (`count` of them, contiguous in tap order because the input
+/// index grows with the tap), and `counted` taps fall inside the padded extent.
+#[derive(Clone, Copy)]
+struct AxisWindow {
+    first: usize,
+    count: usize,
+    counted: usize,
+}
+
 /// Per-axis pooling taps, computed once per op (see [`pool_axis_taps`] for the semantics).
 struct PoolWindows {
     w: usize,
-    /// Per output row: valid input rows, and the count of taps inside the padded extent.
-    rows: Vec<(Vec<usize>, usize)>,
-    cols: Vec<(Vec<usize>, usize)>,
+    dil: [usize; 2],
+    rows: Vec<AxisWindow>,
+    cols: Vec<AxisWindow>,
 }
 
 impl PoolWindows {
@@ -674,13 +813,19 @@ impl PoolWindows {
             (0..n_out)
                 .map(|o| {
                     let taps = pool_axis_taps(o, k, s, d, p0, p1, n);
-                    let valid = taps.iter().filter_map(|t| t.0).collect();
-                    (valid, taps.iter().filter(|t| t.1).count())
+                    let mut valid = taps.iter().filter_map(|t| t.0);
+                    let first = valid.next();
+                    AxisWindow {
+                        first: first.unwrap_or(0),
+                        count: first.map_or(0, |_| 1 + valid.count()),
+                        counted: taps.iter().filter(|t| t.1).count(),
+                    }
                 })
                 .collect()
         };
         PoolWindows {
             w,
+            dil: p.dilation,
             rows: axis(
                 p.out_hw[0],
                 p.kernel[0],
@@ -704,30 +849,41 @@ impl PoolWindows {
 
     fn divisor(&self, oy: usize, ox: usize, count_include_pad: bool) -> usize {
         if count_include_pad {
-            self.rows[oy].1 * self.cols[ox].1
+            self.rows[oy].counted * self.cols[ox].counted
         } else {
-            self.rows[oy].0.len() * self.cols[ox].0.len()
+            self.rows[oy].count * self.cols[ox].count
         }
     }
 
     /// Calls `f(flat plane index)` for each valid tap, row-major.
+    #[inline]
     fn for_valid(&self, oy: usize, ox: usize, mut f: impl FnMut(usize)) {
-        for &iy in &self.rows[oy].0 {
-            for &ix in &self.cols[ox].0 {
-                f(iy * self.w + ix);
+        let (r, c) = (self.rows[oy], self.cols[ox]);
+        for ty in 0..r.count {
+            let base = (r.first + ty * self.dil[0]) * self.w + c.first;
+            for tx in 0..c.count {
+                f(base + tx * self.dil[1]);
             }
         }
     }
 
     /// First maximal valid element (row-major scan, strict `>`), None for an empty window.
+    #[inline]
     fn argmax(&self, plane: &[f32], oy: usize, ox: usize) -> Option<usize> {
-        let mut best: Option<usize> = None;
+        let (r, c) = (self.rows[oy], self.cols[ox]);
+        if r.count == 0 || c.count == 0 {
+            return None;
+        }
+        let mut best = r.first * self.w + c.first;
+        let mut bv = plane[best];
         self.for_valid(oy, ox, |i| {
-            if best.is_none_or(|b| plane[i] > plane[b]) {
-                best = Some(i);
+            let v = plane[i];
+            if v > bv {
+                bv = v;
+                best = i;
             }
         });
-        best
+        Some(best)
     }
 }
 
@@ -877,6 +1033,7 @@ pub(super) fn sign_f32(v: f32) -> f32 {
     }
 }
 
+#[inline(always)]
 pub(super) fn unary_f32(op: Unary, v: f32) -> f32 {
     match op {
         Unary::Relu => v.max(0.0),
@@ -910,6 +1067,7 @@ pub(super) fn unary_f32(op: Unary, v: f32) -> f32 {
 }
 
 /// Same rules as [`crate::runtime::reference::unary_derivative`].
+#[inline(always)]
 pub(super) fn unary_derivative_f32(op: Unary, x: f32, y: f32) -> f32 {
     match op {
         Unary::Relu => {
@@ -946,6 +1104,7 @@ pub(super) fn unary_derivative_f32(op: Unary, x: f32, y: f32) -> f32 {
     }
 }
 
+#[inline(always)]
 fn binary_f32(op: Binary, a: f32, b: f32) -> f32 {
     match op {
         Binary::Add => a + b,
