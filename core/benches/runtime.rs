@@ -77,6 +77,7 @@ fn profile_forward<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize
         .collect();
     let x = b.upload(&data, shape);
     let mut times = vec![0.0f64; g.nodes.len()];
+    let mut cpu = vec![0.0f64; g.nodes.len()];
     for _ in 0..iters + 1 {
         let mut vals: Vec<Option<adverse::runtime::backend::Tensor<B>>> = vec![None; g.values.len()];
         vals[g.inputs[0]] = Some(x.clone());
@@ -85,22 +86,37 @@ fn profile_forward<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize
         }
         for (ni, node) in g.nodes.iter().enumerate() {
             let ins: Vec<_> = node.inputs.iter().map(|&i| vals[i].as_ref().expect("value")).collect();
-            let t = Instant::now();
+            let (t, c) = (Instant::now(), cpu_ns());
             let y = adverse::runtime::exec::forward_op(b, &node.op, &ins, shape[0]).expect("op");
-            b.download(&y.reshape(&[y.len()]));
             times[ni] += t.elapsed().as_secs_f64();
+            cpu[ni] += (cpu_ns() - c) as f64 * 1e-9;
             vals[node.output] = Some(y);
         }
     }
-    let total: f64 = times.iter().sum();
-    for (node, t) in g.nodes.iter().zip(&times) {
+    let total: f64 = cpu.iter().sum();
+    println!("  {:<24} {:>9} {:>12} {:>7}", "node", "wall", "cpu (all)", "cpu %");
+    for ((node, t), c) in g.nodes.iter().zip(&times).zip(&cpu) {
         println!(
-            "  {:<24} {:>9.3} ms {:>5.1}%",
+            "  {:<24} {:>6.3} ms {:>9.3} ms {:>6.1}%",
             node.name,
             1e3 * t / (iters + 1) as f64,
-            100.0 * t / total
+            1e3 * c / (iters + 1) as f64,
+            100.0 * c / total
         );
     }
+}
+
+/// CPU time of every thread of this process so far (Linux `schedstat`, ns; 0 elsewhere): a
+/// per-op cost that the other processes on a shared machine do not inflate the way they inflate
+/// wall time.
+fn cpu_ns() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn ort_ips(path: &Path, batch: usize, iters: usize, threads: usize) -> f64 {

@@ -165,6 +165,29 @@ fn col2im(gm: &Geom, col: &[f32], dxg: &mut [f32]) {
     }
 }
 
+/// Largest im2col scratch (in f32s) a thread keeps between calls; bigger ones are freed after use.
+const SCRATCH_KEEP: usize = 8 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` with a per-thread scratch buffer of `len` f32s whose contents are unspecified (every
+/// user overwrites all of it). Reusing it avoids an allocation plus page faults per (sample,
+/// group) in im2col convolutions; the buffer is taken out of the thread-local while in use, so a
+/// nested call (gemm's own parallelism running another task here) just gets a fresh one.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|c| c.take());
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len]);
+    if buf.len() <= SCRATCH_KEEP {
+        SCRATCH.with(|c| c.set(buf));
+    }
+    r
+}
+
 impl CpuBackend {
     /// How to run `tasks` independent GEMM-sized jobs of `flops` total: (parallel over tasks,
     /// parallelism inside each GEMM).
@@ -190,7 +213,12 @@ impl CpuBackend {
         let gm = Geom::new(xs, ws, p);
         let ys = [gm.n, gm.m, gm.oh, gm.ow];
         let pw = gm.p_out();
-        let mut y = vec![0.0f32; gm.n * gm.m * pw];
+        // The depthwise loop accumulates; the GEMM path writes every element.
+        let mut y = if gm.is_depthwise() {
+            self.out_zeroed(gm.n * gm.m * pw)
+        } else {
+            self.out_dirty(gm.n * gm.m * pw)
+        };
         if y.is_empty() {
             return (y, ys);
         }
@@ -204,28 +232,40 @@ impl CpuBackend {
                 let (ni, gi) = (t / gm.g, t % gm.g);
                 let xg = &x[(ni * gm.c + gi * gm.cg) * gm.h * gm.w..][..xblock];
                 let wg = &w[gi * gm.mg * k..(gi + 1) * gm.mg * k];
-                let owned;
-                let col: &[f32] = if gm.is_pointwise() {
-                    xg
-                } else {
-                    let mut c = vec![0.0f32; k * pw];
-                    im2col(&gm, xg, &mut c);
-                    owned = c;
-                    &owned
+                let run = |col: &[f32], yb: &mut [f32]| {
+                    gemm_f32(
+                        gm.mg,
+                        pw,
+                        k,
+                        yb,
+                        pw,
+                        false,
+                        MatRef::new(wg, k, 1),
+                        MatRef::new(col, pw, 1),
+                        par,
+                    )
                 };
-                gemm_f32(
-                    gm.mg,
-                    pw,
-                    k,
-                    yb,
-                    pw,
-                    false,
-                    MatRef::new(wg, k, 1),
-                    MatRef::new(col, pw, 1),
-                    par,
-                );
+                if gm.is_pointwise() {
+                    run(xg, yb);
+                } else {
+                    with_scratch(k * pw, |col| {
+                        im2col(&gm, xg, col);
+                        run(col, yb);
+                    });
+                }
+                // Bias while the block is still in cache.
+                if let Some(b) = bias {
+                    let bg = &b[gi * gm.mg..(gi + 1) * gm.mg];
+                    for (plane, &bv) in yb.chunks_mut(pw).zip(bg) {
+                        plane.iter_mut().for_each(|v| *v += bv);
+                    }
+                }
             };
+            if let Some(b) = bias {
+                assert_eq!(b.len(), gm.m, "conv2d bias length");
+            }
             self.run_blocks(&mut y, gm.mg * pw, par_tasks, par, task);
+            return (y, ys);
         }
         if let Some(b) = bias {
             assert_eq!(b.len(), gm.m, "conv2d bias length");
@@ -309,7 +349,7 @@ impl CpuBackend {
             [gm.n, gm.m, gm.oh, gm.ow],
             "conv2d_backward_input dy shape"
         );
-        let mut dx = vec![0.0f32; xs.iter().product()];
+        let mut dx = self.out_zeroed(xs.iter().product());
         if dx.is_empty() || gm.p_out() == 0 {
             return dx;
         }
@@ -354,9 +394,10 @@ impl CpuBackend {
             if gm.is_pointwise() {
                 gemm_f32(k, pw, gm.mg, dxb, pw, false, wt, dyv, par);
             } else {
-                let mut col = vec![0.0f32; k * pw];
-                gemm_f32(k, pw, gm.mg, &mut col, pw, false, wt, dyv, par);
-                col2im(&gm, &col, dxb);
+                with_scratch(k * pw, |col| {
+                    gemm_f32(k, pw, gm.mg, col, pw, false, wt, dyv, par);
+                    col2im(&gm, col, dxb);
+                });
             }
         };
         self.run_blocks(&mut dx, xblock, par_tasks, par, task);
@@ -380,7 +421,7 @@ impl CpuBackend {
         );
         let k = gm.k();
         let pw = gm.p_out();
-        let mut dw = vec![0.0f32; ws.iter().product()];
+        let mut dw = self.out_zeroed(ws.iter().product());
         if dw.is_empty() || pw == 0 || gm.n == 0 {
             return dw;
         }

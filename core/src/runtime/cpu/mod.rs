@@ -12,11 +12,15 @@
 mod conv;
 mod gemm;
 mod ops;
+mod pool;
 
 #[cfg(test)]
 mod tests;
 
 use std::sync::Arc;
+
+pub use pool::CpuBuf;
+use pool::BufPool;
 
 use crate::runtime::backend::{
     Backend, Binary, Conv2dParams, Loss, LossTargets, Norm, PadMode, Pool2dParams, ReduceOp,
@@ -34,6 +38,8 @@ const ELEM_CHUNK: usize = 1 << 14;
 pub struct CpuBackend {
     pool: Option<rayon::ThreadPool>,
     threads: usize,
+    /// Recycled output buffers (see `pool`).
+    bufs: Arc<BufPool>,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -55,6 +61,7 @@ impl CpuBackend {
             return CpuBackend {
                 pool: None,
                 threads: 1,
+                bufs: Arc::default(),
             };
         }
         match rayon::ThreadPoolBuilder::new()
@@ -65,12 +72,14 @@ impl CpuBackend {
             Ok(pool) => CpuBackend {
                 pool: Some(pool),
                 threads: want,
+                bufs: Arc::default(),
             },
             Err(e) => {
                 tracing::warn!("cpu backend: could not start {want} threads ({e}); using 1");
                 CpuBackend {
                     pool: None,
                     threads: 1,
+                    bufs: Arc::default(),
                 }
             }
         }
@@ -93,12 +102,23 @@ impl CpuBackend {
         self.threads > 1 && work >= PAR_MIN_FLOPS
     }
 
-    fn wrap(data: Vec<f32>, shape: &[usize]) -> Tensor<Self> {
+    fn wrap(&self, data: Vec<f32>, shape: &[usize]) -> Tensor<Self> {
         debug_assert_eq!(data.len(), shape.iter().product::<usize>());
         Tensor {
-            buf: Arc::new(data),
+            buf: CpuBuf::new(data, &self.bufs),
             shape: shape.to_vec(),
         }
+    }
+
+    /// An output buffer of `len` elements with unspecified contents, for kernels that write
+    /// every element.
+    pub(crate) fn out_dirty(&self, len: usize) -> Vec<f32> {
+        self.bufs.take_dirty(len)
+    }
+
+    /// A zero-filled output buffer, for kernels that accumulate.
+    pub(crate) fn out_zeroed(&self, len: usize) -> Vec<f32> {
+        self.bufs.take_zeroed(len)
     }
 }
 
@@ -108,7 +128,7 @@ fn dims4(shape: &[usize], what: &str) -> [usize; 4] {
 }
 
 impl Backend for CpuBackend {
-    type Buf = Arc<Vec<f32>>;
+    type Buf = CpuBuf;
 
     fn describe(&self) -> String {
         format!(
@@ -124,7 +144,9 @@ impl Backend for CpuBackend {
             shape.iter().product::<usize>(),
             "upload: data does not match shape"
         );
-        Self::wrap(data.to_vec(), shape)
+        let mut v = self.out_dirty(data.len());
+        v.copy_from_slice(data);
+        self.wrap(v, shape)
     }
 
     fn download(&self, t: &Tensor<Self>) -> Vec<f32> {
@@ -136,26 +158,28 @@ impl Backend for CpuBackend {
     }
 
     fn fill(&self, shape: &[usize], value: f32) -> Tensor<Self> {
-        Self::wrap(vec![value; shape.iter().product()], shape)
+        let mut v = self.out_dirty(shape.iter().product());
+        v.fill(value);
+        self.wrap(v, shape)
     }
 
     fn transpose(&self, x: &Tensor<Self>, perm: &[usize]) -> Tensor<Self> {
         let (data, shape) = self.transpose_impl(&x.buf, &x.shape, perm);
-        Self::wrap(data, &shape)
+        self.wrap(data, &shape)
     }
 
     fn concat(&self, xs: &[&Tensor<Self>], axis: usize) -> Tensor<Self> {
         let parts: Vec<(&[f32], &[usize])> = xs
             .iter()
-            .map(|t| (t.buf.as_slice(), t.shape.as_slice()))
+            .map(|t| (&t.buf[..], t.shape.as_slice()))
             .collect();
         let (data, shape) = ops::concat(&parts, axis);
-        Self::wrap(data, &shape)
+        self.wrap(data, &shape)
     }
 
     fn slice(&self, x: &Tensor<Self>, axis: usize, start: usize, end: usize) -> Tensor<Self> {
         let (data, shape) = self.slice_impl(&x.buf, &x.shape, axis, start, end);
-        Self::wrap(data, &shape)
+        self.wrap(data, &shape)
     }
 
     fn pad(
@@ -166,7 +190,7 @@ impl Backend for CpuBackend {
         value: f32,
     ) -> Tensor<Self> {
         let (data, shape) = ops::pad(&x.buf, &x.shape, pads, mode, value);
-        Self::wrap(data, &shape)
+        self.wrap(data, &shape)
     }
 
     fn pad_backward(
@@ -177,14 +201,14 @@ impl Backend for CpuBackend {
         mode: PadMode,
     ) -> Tensor<Self> {
         let data = ops::pad_backward(&dy.buf, &dy.shape, x_shape, pads, mode);
-        Self::wrap(data, x_shape)
+        self.wrap(data, x_shape)
     }
 
     fn broadcast_to(&self, x: &Tensor<Self>, shape: &[usize]) -> Tensor<Self> {
         if x.shape == shape {
             return x.clone();
         }
-        Self::wrap(self.broadcast_impl(&x.buf, &x.shape, shape), shape)
+        self.wrap(self.broadcast_impl(&x.buf, &x.shape, shape), shape)
     }
 
     fn conv2d(
@@ -199,10 +223,10 @@ impl Backend for CpuBackend {
             dims4(&x.shape, "conv2d x"),
             &w.buf,
             dims4(&w.shape, "conv2d w"),
-            bias.map(|b| b.buf.as_slice()),
+            bias.map(|b| &b.buf[..]),
             p,
         );
-        Self::wrap(data, &shape)
+        self.wrap(data, &shape)
     }
 
     fn conv2d_backward_input(
@@ -220,7 +244,7 @@ impl Backend for CpuBackend {
             p,
             x_shape,
         );
-        Self::wrap(data, &x_shape)
+        self.wrap(data, &x_shape)
     }
 
     fn conv2d_backward_weight(
@@ -238,7 +262,7 @@ impl Backend for CpuBackend {
             p,
             w_shape,
         );
-        Self::wrap(data, &w_shape)
+        self.wrap(data, &w_shape)
     }
 
     fn matmul(
@@ -249,13 +273,13 @@ impl Backend for CpuBackend {
         trans_b: bool,
     ) -> Tensor<Self> {
         let (data, shape) = self.matmul_impl(&a.buf, &a.shape, &b.buf, &b.shape, trans_a, trans_b);
-        Self::wrap(data, &shape)
+        self.wrap(data, &shape)
     }
 
     fn pool2d(&self, x: &Tensor<Self>, p: &Pool2dParams) -> Tensor<Self> {
         let xs = dims4(&x.shape, "pool2d x");
         let data = self.pool2d_impl(&x.buf, xs, p);
-        Self::wrap(data, &[xs[0], xs[1], p.out_hw[0], p.out_hw[1]])
+        self.wrap(data, &[xs[0], xs[1], p.out_hw[0], p.out_hw[1]])
     }
 
     fn pool2d_backward(
@@ -270,11 +294,11 @@ impl Backend for CpuBackend {
             [xs[0], xs[1], p.out_hw[0], p.out_hw[1]],
             "pool2d_backward dy shape"
         );
-        Self::wrap(self.pool2d_backward_impl(&dy.buf, &x.buf, xs, p), &x.shape)
+        self.wrap(self.pool2d_backward_impl(&dy.buf, &x.buf, xs, p), &x.shape)
     }
 
     fn unary(&self, op: Unary, x: &Tensor<Self>) -> Tensor<Self> {
-        Self::wrap(self.unary_map(op, &x.buf[..x.len()]), &x.shape)
+        self.wrap(self.unary_map(op, &x.buf[..x.len()]), &x.shape)
     }
 
     fn unary_backward(
@@ -289,19 +313,19 @@ impl Backend for CpuBackend {
             "unary_backward shapes"
         );
         let data = self.unary_backward_map(op, &x.buf, &y.buf, &dy.buf);
-        Self::wrap(data, &x.shape)
+        self.wrap(data, &x.shape)
     }
 
     fn binary(&self, op: Binary, a: &Tensor<Self>, b: &Tensor<Self>) -> Tensor<Self> {
         let (data, shape) = self.binary_impl(op, &a.buf, &a.shape, &b.buf, &b.shape);
-        Self::wrap(data, &shape)
+        self.wrap(data, &shape)
     }
 
     fn reduce_sum_to(&self, x: &Tensor<Self>, shape: &[usize]) -> Tensor<Self> {
         if x.shape == shape {
             return x.clone();
         }
-        Self::wrap(self.reduce_sum_to_impl(&x.buf, &x.shape, shape), shape)
+        self.wrap(self.reduce_sum_to_impl(&x.buf, &x.shape, shape), shape)
     }
 
     fn reduce(
@@ -312,11 +336,11 @@ impl Backend for CpuBackend {
         keepdims: bool,
     ) -> Tensor<Self> {
         let (data, shape) = self.reduce_impl(&x.buf, &x.shape, axes, op, keepdims);
-        Self::wrap(data, &shape)
+        self.wrap(data, &shape)
     }
 
     fn softmax(&self, x: &Tensor<Self>, axis: usize, log: bool) -> Tensor<Self> {
-        Self::wrap(self.softmax_impl(&x.buf, &x.shape, axis, log), &x.shape)
+        self.wrap(self.softmax_impl(&x.buf, &x.shape, axis, log), &x.shape)
     }
 
     fn softmax_backward(
@@ -327,7 +351,7 @@ impl Backend for CpuBackend {
         log: bool,
     ) -> Tensor<Self> {
         assert_eq!(y.shape, dy.shape, "softmax_backward shapes");
-        Self::wrap(
+        self.wrap(
             self.softmax_backward_impl(&y.buf, &dy.buf, &y.shape, axis, log),
             &y.shape,
         )
@@ -348,13 +372,13 @@ impl Backend for CpuBackend {
         };
         let (l, g) = ops::loss(kind, &logits.buf, &logits.shape, t);
         let n = logits.shape[0];
-        (Self::wrap(l, &[n]), Self::wrap(g, &logits.shape))
+        (self.wrap(l, &[n]), self.wrap(g, &logits.shape))
     }
 
     fn resize(&self, x: &Tensor<Self>, p: &ResizeParams) -> Tensor<Self> {
         let xs = dims4(&x.shape, "resize x");
         let data = self.resize_impl(&x.buf, xs, p);
-        Self::wrap(data, &[xs[0], xs[1], p.out_hw[0], p.out_hw[1]])
+        self.wrap(data, &[xs[0], xs[1], p.out_hw[0], p.out_hw[1]])
     }
 
     fn resize_backward(
@@ -368,12 +392,12 @@ impl Backend for CpuBackend {
             [x_shape[0], x_shape[1], p.out_hw[0], p.out_hw[1]],
             "resize_backward dy shape"
         );
-        Self::wrap(self.resize_backward_impl(&dy.buf, x_shape, p), &x_shape)
+        self.wrap(self.resize_backward_impl(&dy.buf, x_shape, p), &x_shape)
     }
 
     fn sign_step(&self, x: &Tensor<Self>, g: &Tensor<Self>, alpha: f32) -> Tensor<Self> {
         assert_eq!(x.shape, g.shape, "sign_step shapes");
-        Self::wrap(
+        self.wrap(
             self.map2(&x.buf, &g.buf, |v, gv| v + alpha * ops::sign_f32(gv)),
             &x.shape,
         )
@@ -381,35 +405,35 @@ impl Backend for CpuBackend {
 
     fn l2_step(&self, x: &Tensor<Self>, g: &Tensor<Self>, alpha: f32) -> Tensor<Self> {
         assert_eq!(x.shape, g.shape, "l2_step shapes");
-        Self::wrap(ops::l2_step(&x.buf, &g.buf, &x.shape, alpha), &x.shape)
+        self.wrap(ops::l2_step(&x.buf, &g.buf, &x.shape, alpha), &x.shape)
     }
 
     fn project(&self, x: &Tensor<Self>, x0: &Tensor<Self>, eps: f32, norm: Norm) -> Tensor<Self> {
         assert_eq!(x.shape, x0.shape, "project shapes");
-        Self::wrap(ops::project(&x.buf, &x0.buf, &x.shape, eps, norm), &x.shape)
+        self.wrap(ops::project(&x.buf, &x0.buf, &x.shape, eps, norm), &x.shape)
     }
 
     fn clamp_per_sample(&self, x: &Tensor<Self>, lo: &[f32], hi: &[f32]) -> Tensor<Self> {
-        Self::wrap(ops::clamp_per_sample(&x.buf, &x.shape, lo, hi), &x.shape)
+        self.wrap(ops::clamp_per_sample(&x.buf, &x.shape, lo, hi), &x.shape)
     }
 
     fn norm_per_sample(&self, x: &Tensor<Self>, norm: Norm) -> Tensor<Self> {
         let data = ops::norm_per_sample(&x.buf, &x.shape, norm);
         let n = data.len();
-        Self::wrap(data, &[n])
+        self.wrap(data, &[n])
     }
 
     fn random_uniform(&self, shape: &[usize], seed: u64, lo: f32, hi: f32) -> Tensor<Self> {
         let data = self.generate(shape.iter().product(), |i| {
             lo + (hi - lo) * crate::runtime::backend::counter_uniform(seed, i as u32)
         });
-        Self::wrap(data, shape)
+        self.wrap(data, shape)
     }
 
     fn random_normal(&self, shape: &[usize], seed: u64, std: f32) -> Tensor<Self> {
         let data = self.generate(shape.iter().product(), |i| {
             std * crate::runtime::backend::counter_normal(seed, i as u32)
         });
-        Self::wrap(data, shape)
+        self.wrap(data, shape)
     }
 }

@@ -45,7 +45,7 @@ impl CpuBackend {
 
     /// Fills a fresh vector element-wise, in parallel chunks when large.
     pub(super) fn generate(&self, len: usize, f: impl Fn(usize) -> f32 + Sync + Send) -> Vec<f32> {
-        let mut out = vec![0.0f32; len];
+        let mut out = self.out_dirty(len);
         self.for_ranges(&mut out, len, |s, c| {
             for (j, v) in c.iter_mut().enumerate() {
                 *v = f(s + j);
@@ -57,7 +57,7 @@ impl CpuBackend {
     // The map helpers zip slices (no per-element index arithmetic or bounds checks) so that
     // simple closures vectorise.
     pub(super) fn map1(&self, a: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
-        let mut out = vec![0.0f32; a.len()];
+        let mut out = self.out_dirty(a.len());
         self.for_ranges(&mut out, a.len(), |s, c| {
             let a = &a[s..s + c.len()];
             for (o, &x) in c.iter_mut().zip(a) {
@@ -74,7 +74,7 @@ impl CpuBackend {
         f: impl Fn(f32, f32) -> f32 + Sync + Send,
     ) -> Vec<f32> {
         assert_eq!(a.len(), b.len());
-        let mut out = vec![0.0f32; a.len()];
+        let mut out = self.out_dirty(a.len());
         self.for_ranges(&mut out, a.len(), |s, c| {
             let (a, b) = (&a[s..s + c.len()], &b[s..s + c.len()]);
             for ((o, &x), &y) in c.iter_mut().zip(a).zip(b) {
@@ -92,7 +92,7 @@ impl CpuBackend {
         f: impl Fn(f32, f32, f32) -> f32 + Sync + Send,
     ) -> Vec<f32> {
         assert!(a.len() == b.len() && b.len() == c.len());
-        let mut out = vec![0.0f32; a.len()];
+        let mut out = self.out_dirty(a.len());
         self.for_ranges(&mut out, a.len(), |s, o| {
             let n = o.len();
             let (a, b, c) = (&a[s..s + n], &b[s..s + n], &c[s..s + n]);
@@ -145,7 +145,7 @@ impl CpuBackend {
         offset: usize,
     ) -> Vec<f32> {
         let len: usize = shape.iter().product();
-        let mut out = vec![0.0f32; len];
+        let mut out = self.out_dirty(len);
         if len == 0 {
             return out;
         }
@@ -272,7 +272,7 @@ impl CpuBackend {
             broadcast_strides(bsh, &shape),
         );
         let len: usize = shape.iter().product();
-        let mut out = vec![0.0f32; len];
+        let mut out = self.out_dirty(len);
         if len == 0 {
             return (out, shape);
         }
@@ -435,7 +435,7 @@ impl CpuBackend {
         work: usize,
         f: impl Fn(usize) -> f32 + Sync + Send,
     ) -> Vec<f32> {
-        let mut out = vec![0.0f32; len];
+        let mut out = self.out_dirty(len);
         if self.parallel(work) && len > 1 {
             let chunk = len.div_ceil(self.threads * 4).max(1);
             self.install(|| {
@@ -481,7 +481,7 @@ impl CpuBackend {
         log: bool,
     ) -> Vec<f32> {
         let (_, n, inner) = split_axis(shape, axis);
-        let mut out = vec![0.0f32; x.len()];
+        let mut out = self.out_dirty(x.len());
         self.blocks(&mut out, n * inner, x.len() * 8, |o, dst| {
             let src = &x[o * n * inner..(o + 1) * n * inner];
             for i in 0..inner {
@@ -514,7 +514,7 @@ impl CpuBackend {
         log: bool,
     ) -> Vec<f32> {
         let (_, n, inner) = split_axis(shape, axis);
-        let mut out = vec![0.0f32; y.len()];
+        let mut out = self.out_dirty(y.len());
         self.blocks(&mut out, n * inner, y.len() * 4, |o, dst| {
             let ys = &y[o * n * inner..(o + 1) * n * inner];
             let ds = &dy[o * n * inner..(o + 1) * n * inner];
@@ -586,7 +586,7 @@ impl CpuBackend {
             }
             base
         };
-        let mut out = vec![0.0f32; batches * m * n];
+        let mut out = self.out_dirty(batches * m * n);
         if out.is_empty() {
             return (out, out_shape);
         }
@@ -626,10 +626,15 @@ impl CpuBackend {
         let [n, c, h, w] = xs;
         let [oh, ow] = p.out_hw;
         let win = PoolWindows::new(h, w, p);
-        let mut y = vec![0.0f32; n * c * oh * ow];
+        let mut y = self.out_dirty(n * c * oh * ow);
         let work = y.len() * p.kernel[0] * p.kernel[1];
+        let full = p.kind == PoolKind::Max && win.all_full(p);
         self.blocks(&mut y, oh * ow, work, |pl, dst| {
             let plane = &x[pl * h * w..(pl + 1) * h * w];
+            if full {
+                win.max_full(plane, p.kernel, dst);
+                return;
+            }
             for oy in 0..oh {
                 for ox in 0..ow {
                     dst[oy * ow + ox] = match p.kind {
@@ -661,7 +666,7 @@ impl CpuBackend {
         let [n, c, h, w] = xs;
         let [oh, ow] = p.out_hw;
         let win = PoolWindows::new(h, w, p);
-        let mut dx = vec![0.0f32; n * c * h * w];
+        let mut dx = self.out_zeroed(n * c * h * w);
         let work = n * c * oh * ow * p.kernel[0] * p.kernel[1];
         self.blocks(&mut dx, h * w, work, |pl, dst| {
             let plane = &x[pl * h * w..(pl + 1) * h * w];
@@ -693,7 +698,7 @@ impl CpuBackend {
         let [n, c, h, w] = xs;
         let [oh, ow] = p.out_hw;
         let (rows, cols) = resize_taps_f32(h, w, p);
-        let mut y = vec![0.0f32; n * c * oh * ow];
+        let mut y = self.out_dirty(n * c * oh * ow);
         let taps = rows.iter().map(Vec::len).max().unwrap_or(0)
             * cols.iter().map(Vec::len).max().unwrap_or(0);
         let work = y.len() * taps;
@@ -726,7 +731,7 @@ impl CpuBackend {
         let [n, c, h, w] = xs;
         let [oh, ow] = p.out_hw;
         let (rows, cols) = resize_taps_f32(h, w, p);
-        let mut dx = vec![0.0f32; n * c * h * w];
+        let mut dx = self.out_zeroed(n * c * h * w);
         let taps = rows.iter().map(Vec::len).max().unwrap_or(0)
             * cols.iter().map(Vec::len).max().unwrap_or(0);
         self.blocks(&mut dx, h * w, n * c * oh * ow * taps, |pl, dst| {
@@ -863,6 +868,40 @@ impl PoolWindows {
             let base = (r.first + ty * self.dil[0]) * self.w + c.first;
             for tx in 0..c.count {
                 f(base + tx * self.dil[1]);
+            }
+        }
+    }
+
+    /// Whether every window has all its taps inside the input (no padding reached, no
+    /// dilation): the case [`PoolWindows::max_full`] handles.
+    fn all_full(&self, p: &Pool2dParams) -> bool {
+        self.dil == [1, 1]
+            && self.rows.iter().all(|r| r.count == p.kernel[0])
+            && self.cols.iter().all(|c| c.count == p.kernel[1])
+    }
+
+    /// Max pooling of one plane when every window is full: tap by tap over whole output rows
+    /// (branch-free selects the compiler can keep in registers) instead of window by window.
+    /// Same result as [`PoolWindows::argmax`]: each output sees its taps in row-major order and
+    /// keeps the first strictly greater value.
+    fn max_full(&self, plane: &[f32], kernel: [usize; 2], dst: &mut [f32]) {
+        let ow = self.cols.len();
+        for (oy, r) in self.rows.iter().enumerate() {
+            let out = &mut dst[oy * ow..(oy + 1) * ow];
+            for ty in 0..kernel[0] {
+                let row = &plane[(r.first + ty) * self.w..(r.first + ty + 1) * self.w];
+                for tx in 0..kernel[1] {
+                    if ty == 0 && tx == 0 {
+                        for (o, c) in out.iter_mut().zip(&self.cols) {
+                            *o = row[c.first];
+                        }
+                    } else {
+                        for (o, c) in out.iter_mut().zip(&self.cols) {
+                            let v = row[c.first + tx];
+                            *o = if v > *o { v } else { *o };
+                        }
+                    }
+                }
             }
         }
     }
