@@ -136,9 +136,21 @@ pub struct AdvPluginDesc {
     pub description: *const c_char,
     /// JSON Schema of the parameters object (NUL-terminated JSON text).
     pub param_schema: *const c_char,
-    pub create: Option<AdvCreateFn>,
-    pub process: Option<AdvProcessFn>,
-    pub destroy: Option<AdvDestroyFn>,
+    // The function pointer types are spelled out (same types as the `Adv*Fn` aliases) so that
+    // cbindgen emits them as nullable C function pointers.
+    /// An [`AdvCreateFn`].
+    pub create: Option<
+        unsafe extern "C" fn(
+            host: *const AdvHost,
+            params_json: *const c_char,
+            params_len: usize,
+            out_instance: *mut *mut c_void,
+        ) -> AdvStatus,
+    >,
+    /// An [`AdvProcessFn`].
+    pub process: Option<unsafe extern "C" fn(instance: *mut c_void, host: *const AdvHost, batch: *const AdvBatch) -> AdvStatus>,
+    /// An [`AdvDestroyFn`].
+    pub destroy: Option<unsafe extern "C" fn(instance: *mut c_void)>,
 }
 
 /// One batch of frames handed to `process`. Fields are only ever appended.
@@ -215,8 +227,9 @@ pub type AdvCpuKernelFn = unsafe extern "C" fn(
 /// A plugin-supplied compute kernel (`AdvHost::run_shader`). On the GPU backend the host runs
 /// the WGSL: binding 0 is `var<storage, read> params: array<f32>` (the `params` values, at least
 /// one element), bindings 1..=n are the inputs as `var<storage, read> array<f32>`, and binding
-/// n+1 is the output `var<storage, read_write> array<f32>`, all in `@group(0)`. On the CPU
-/// backend the host calls `cpu` instead. Fields are only ever appended.
+/// n+1 is the output `var<storage, read_write> array<f32>`, all in `@group(0)`; the output
+/// starts zeroed, and bound arrays may be longer than their tensors (pass sizes in `params`).
+/// On the CPU backend the host calls `cpu` instead. Fields are only ever appended.
 #[repr(C)]
 #[derive(Debug)]
 pub struct AdvShaderCall {
@@ -237,8 +250,19 @@ pub struct AdvShaderCall {
     pub n_params: u32,
     /// Workgroups to dispatch (x, y, z).
     pub workgroups: [u32; 3],
-    /// Required for the CPU backend; may be null when the plugin only runs on the GPU.
-    pub cpu: Option<AdvCpuKernelFn>,
+    /// An [`AdvCpuKernelFn`]. Required for the CPU backend; may be null when the plugin only
+    /// runs on the GPU.
+    pub cpu: Option<
+        unsafe extern "C" fn(
+            user: *mut c_void,
+            inputs: *const AdvCpuSlice,
+            n_inputs: u32,
+            params: *const f32,
+            n_params: u32,
+            out: *mut f32,
+            out_len: usize,
+        ) -> AdvStatus,
+    >,
     pub cpu_user: *mut c_void,
 }
 
