@@ -69,3 +69,6 @@ pub enum PluginError {
     #[error("plugin `{plugin}`: {message}")]
     Contract { plugin: String, message: String },
 }
+
+#[cfg(test)]
+mod tests;
