@@ -5,4 +5,5 @@
 
 pub mod cli;
 pub mod dicom;
+pub mod plugin;
 pub mod runtime;

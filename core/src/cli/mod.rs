@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 pub mod inspect;
 pub mod model;
+pub mod plugins;
 
 /// Exit codes shared by every subcommand.
 pub mod exit {
@@ -62,6 +63,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Inspect and run ONNX models.
     Model(model::ModelArgs),
+    /// List, inspect and run plugins.
+    Plugins(plugins::PluginsArgs),
+    /// Create a new plugin crate.
+    Plugin(plugins::PluginArgs),
 }
 
 /// Parse arguments and run. Usage errors exit with [`exit::USAGE`].
@@ -82,5 +87,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Model(a) => model::run(a),
+        Command::Plugins(a) => plugins::run(a),
+        Command::Plugin(a) => plugins::run_new(a),
     }
 }

@@ -5,3 +5,4 @@ mod dicom_malformed;
 mod dicom_roundtrip;
 mod inspect;
 mod model;
+mod plugins;

@@ -13,6 +13,7 @@
 
 mod context;
 mod conv;
+mod custom;
 mod elementwise;
 mod matmul;
 mod movement;

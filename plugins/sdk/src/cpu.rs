@@ -1,0 +1,202 @@
+//! CPU reference kernels shared by every host: the adverse host runs its Gaussian and median
+//! filter services through these (over downloaded data) and the in-process test host runs all of
+//! its services through them, so a plugin tested in-process sees the same filters as in a run.
+//!
+//! Images are `[N, C, H, W]` f32, row-major; filters work on each `[H, W]` plane. Borders use
+//! SciPy's `reflect` mode (`d c b a | a b c d | d c b a`), the `scipy.ndimage` default.
+
+/// Index into `0..n` for a possibly out-of-range `i` under half-sample symmetric reflection.
+pub fn reflect_index(i: isize, n: usize) -> usize {
+    let n = n as isize;
+    if n == 1 {
+        return 0;
+    }
+    let period = 2 * n;
+    let mut m = i.rem_euclid(period);
+    if m >= n {
+        m = period - 1 - m;
+    }
+    m as usize
+}
+
+/// Normalised 1-D Gaussian taps with SciPy's radius `floor(4 * sigma + 0.5)` (`truncate = 4`).
+pub fn gaussian_taps(sigma: f32) -> Vec<f32> {
+    let sigma = sigma as f64;
+    let radius = (4.0 * sigma + 0.5).floor() as isize;
+    let mut taps: Vec<f64> = (-radius..=radius)
+        .map(|x| (-0.5 * (x as f64 / sigma).powi(2)).exp())
+        .collect();
+    let sum: f64 = taps.iter().sum();
+    for t in &mut taps {
+        *t /= sum;
+    }
+    taps.into_iter().map(|t| t as f32).collect()
+}
+
+fn planes(shape: &[usize]) -> Option<(usize, usize, usize)> {
+    match *shape {
+        [n, c, h, w] if h > 0 && w > 0 => Some((n * c, h, w)),
+        _ => None,
+    }
+}
+
+/// Separable Gaussian blur of every plane; `None` when the shape is not `[N, C, H, W]`, the data
+/// length does not match, or `sigma` is not finite and positive.
+pub fn gaussian_filter(data: &[f32], shape: &[usize], sigma: f32) -> Option<Vec<f32>> {
+    let (p, h, w) = planes(shape)?;
+    if data.len() != p * h * w || !(sigma.is_finite() && sigma > 0.0) || sigma > 1000.0 {
+        return None;
+    }
+    let taps = gaussian_taps(sigma);
+    let r = (taps.len() / 2) as isize;
+    let mut tmp = vec![0f32; data.len()];
+    let mut out = vec![0f32; data.len()];
+    for pi in 0..p {
+        let src = &data[pi * h * w..(pi + 1) * h * w];
+        let t = &mut tmp[pi * h * w..(pi + 1) * h * w];
+        for y in 0..h {
+            for x in 0..w {
+                let mut acc = 0f64;
+                for (k, &tap) in taps.iter().enumerate() {
+                    let xx = reflect_index(x as isize + k as isize - r, w);
+                    acc += tap as f64 * src[y * w + xx] as f64;
+                }
+                t[y * w + x] = acc as f32;
+            }
+        }
+        let o = &mut out[pi * h * w..(pi + 1) * h * w];
+        for y in 0..h {
+            for x in 0..w {
+                let mut acc = 0f64;
+                for (k, &tap) in taps.iter().enumerate() {
+                    let yy = reflect_index(y as isize + k as isize - r, h);
+                    acc += tap as f64 * t[yy * w + x] as f64;
+                }
+                o[y * w + x] = acc as f32;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Median over the `(2 radius + 1)^2` window of every plane; `None` on a bad shape or length,
+/// or a radius over 64.
+pub fn median_filter(data: &[f32], shape: &[usize], radius: u32) -> Option<Vec<f32>> {
+    let (p, h, w) = planes(shape)?;
+    if data.len() != p * h * w || radius > 64 {
+        return None;
+    }
+    let r = radius as isize;
+    let mut out = vec![0f32; data.len()];
+    let mut win = Vec::with_capacity(((2 * r + 1) * (2 * r + 1)) as usize);
+    for pi in 0..p {
+        let src = &data[pi * h * w..(pi + 1) * h * w];
+        for y in 0..h {
+            for x in 0..w {
+                win.clear();
+                for dy in -r..=r {
+                    let yy = reflect_index(y as isize + dy, h);
+                    for dx in -r..=r {
+                        win.push(src[yy * w + reflect_index(x as isize + dx, w)]);
+                    }
+                }
+                let mid = win.len() / 2;
+                let (_, m, _) = win.select_nth_unstable_by(mid, |a, b| a.total_cmp(b));
+                out[pi * h * w + y * w + x] = *m;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The PCG output hash of the runtime's counter-based generator (same constants as the host's
+/// backends, so the test host draws the same numbers as a real run).
+pub fn pcg_hash(v: u32) -> u32 {
+    let state = v.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
+    let word = ((state >> ((state >> 28).wrapping_add(4))) ^ state).wrapping_mul(277_803_737);
+    (word >> 22) ^ word
+}
+
+/// Uniform in [0, 1) for element `i` of stream `seed`.
+pub fn counter_uniform(seed: u64, i: u32) -> f32 {
+    let k = pcg_hash((seed as u32) ^ pcg_hash((seed >> 32) as u32));
+    let h = pcg_hash(i ^ k);
+    (h >> 8) as f32 * (1.0 / 16_777_216.0)
+}
+
+/// Standard normal for element `i` (Box-Muller on uniforms 2i and 2i + 1).
+pub fn counter_normal(seed: u64, i: u32) -> f32 {
+    let u1 = counter_uniform(seed, i.wrapping_mul(2)).max(1.0 / 16_777_216.0);
+    let u2 = counter_uniform(seed, i.wrapping_mul(2).wrapping_add(1));
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+}
+
+/// The seed the random services use for `stream` of a batch seeded `seed` (SplitMix64 mix, so
+/// neighbouring streams are unrelated).
+pub fn stream_seed(seed: u64, stream: u64) -> u64 {
+    let mut z = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reflect_matches_scipy_reflect_mode() {
+        // scipy 'reflect' on [a b c]: ... c b a | a b c | c b a ...
+        let got: Vec<usize> = (-4..7).map(|i| reflect_index(i, 3)).collect();
+        assert_eq!(got, vec![2, 2, 1, 0, 0, 1, 2, 2, 1, 0, 0]);
+        assert_eq!(reflect_index(-3, 1), 0);
+    }
+
+    #[test]
+    fn median_removes_salt_and_keeps_flat_regions() {
+        let mut img = vec![10f32; 25];
+        img[12] = 1000.0; // one hot pixel in a flat 5x5
+        let out = median_filter(&img, &[1, 1, 5, 5], 1).unwrap();
+        assert!(out.iter().all(|&v| v == 10.0), "{out:?}");
+        // A step edge survives a 3x3 median unchanged.
+        let step: Vec<f32> = (0..25).map(|i| if i % 5 < 2 { 0.0 } else { 9.0 }).collect();
+        assert_eq!(median_filter(&step, &[1, 1, 5, 5], 1).unwrap(), step);
+        assert!(median_filter(&img, &[1, 5, 5], 1).is_none());
+        assert!(median_filter(&img[..24], &[1, 1, 5, 5], 1).is_none());
+    }
+
+    #[test]
+    fn gaussian_preserves_mean_and_smooths() {
+        let img: Vec<f32> = (0..64).map(|i| if i % 2 == 0 { 100.0 } else { 0.0 }).collect();
+        let out = gaussian_filter(&img, &[1, 1, 8, 8], 1.0).unwrap();
+        let mean_in: f32 = img.iter().sum::<f32>() / 64.0;
+        let mean_out: f32 = out.iter().sum::<f32>() / 64.0;
+        assert!((mean_in - mean_out).abs() < 1e-3, "{mean_in} {mean_out}");
+        // Away from the border, alternating columns blur to (almost) their mean.
+        for y in 0..8 {
+            for x in 3..5 {
+                assert!((out[y * 8 + x] - 50.0).abs() < 2.0, "({y},{x}) = {}", out[y * 8 + x]);
+            }
+        }
+        let taps = gaussian_taps(1.0);
+        assert_eq!(taps.len(), 9);
+        assert!((taps.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(gaussian_filter(&img, &[1, 1, 8, 8], 0.0).is_none());
+        assert!(gaussian_filter(&img, &[1, 1, 8, 8], f32::NAN).is_none());
+    }
+
+    #[test]
+    fn counter_rng_is_deterministic_and_in_range() {
+        let a: Vec<f32> = (0..1000).map(|i| counter_uniform(7, i)).collect();
+        let b: Vec<f32> = (0..1000).map(|i| counter_uniform(7, i)).collect();
+        assert_eq!(a, b);
+        assert!(a.iter().all(|&u| (0.0..1.0).contains(&u)));
+        let mean = a.iter().sum::<f32>() / 1000.0;
+        assert!((mean - 0.5).abs() < 0.05, "{mean}");
+        assert_ne!(stream_seed(1, 0), stream_seed(1, 1));
+        let z: Vec<f32> = (0..2000).map(|i| counter_normal(3, i)).collect();
+        let m = z.iter().sum::<f32>() / 2000.0;
+        let var = z.iter().map(|x| (x - m) * (x - m)).sum::<f32>() / 2000.0;
+        assert!(m.abs() < 0.1 && (var - 1.0).abs() < 0.15, "{m} {var}");
+    }
+}
