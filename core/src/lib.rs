@@ -6,3 +6,4 @@
 pub mod cli;
 pub mod dicom;
 pub mod runtime;
+pub mod train;
