@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 pub mod inspect;
 pub mod model;
+pub mod train;
 
 /// Exit codes shared by every subcommand.
 pub mod exit {
@@ -37,6 +38,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Inspect and run ONNX models.
     Model(model::ModelArgs),
+    /// Train a classifier from a YAML config, evaluate it and export ONNX + model card.
+    Train(train::TrainArgs),
 }
 
 /// Parse arguments and run. Usage errors exit with [`exit::USAGE`].
@@ -56,5 +59,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Model(a) => model::run(a),
+        Command::Train(a) => train::run(a),
     }
 }

@@ -17,7 +17,9 @@ use onnx_protobuf::{
 };
 use protobuf::{EnumOrUnknown, Message, MessageField};
 
-use super::backend::{Binary, CoordTransform, NearestMode, PadMode, PoolKind, ReduceOp, ResizeMode, Unary};
+use super::backend::{
+    Binary, CoordTransform, NearestMode, PadMode, PoolKind, ReduceOp, ResizeMode, Unary,
+};
 use super::ir::{Graph, Op, PadSpec, ReshapeRule, ResizeSize, ValueId};
 
 /// The opset exported models declare.
@@ -158,7 +160,14 @@ impl Emitter {
         self.consts.push(f32_tensor(&n, &[], &[v]));
         n
     }
-    fn node(&mut self, name: &str, op: &str, inputs: Vec<String>, output: String, attrs: Vec<AttributeProto>) {
+    fn node(
+        &mut self,
+        name: &str,
+        op: &str,
+        inputs: Vec<String>,
+        output: String,
+        attrs: Vec<AttributeProto>,
+    ) {
         self.nodes.push(NodeProto {
             name: name.into(),
             op_type: op.into(),
@@ -179,7 +188,11 @@ fn pads4(p: &PadSpec) -> Result<Vec<AttributeProto>, String> {
 }
 
 /// Export `graph` with `params` (host copies in `graph.params` order; `None` = the graph's own).
-pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) -> Result<ModelProto, ExportError> {
+pub fn to_model_proto(
+    graph: &Graph,
+    params: Option<&[Vec<f32>]>,
+    name: &str,
+) -> Result<ModelProto, ExportError> {
     if let Some(p) = params {
         if p.len() != graph.params.len() {
             return Err(ExportError::ParamCount(p.len(), graph.params.len()));
@@ -189,7 +202,11 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
     let mut used = HashSet::new();
     let mut names: HashMap<ValueId, String> = HashMap::new();
     for (i, v) in graph.values.iter().enumerate() {
-        let base = if v.name.is_empty() { format!("v{i}") } else { v.name.clone() };
+        let base = if v.name.is_empty() {
+            format!("v{i}")
+        } else {
+            v.name.clone()
+        };
         let mut n = base.clone();
         let mut k = 1;
         while !used.insert(n.clone()) {
@@ -226,7 +243,13 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
         let out = nm(node.output);
         let nn = node.name.as_str();
         match &node.op {
-            Op::Conv { kernel, stride, dilation, pad, groups } => {
+            Op::Conv {
+                kernel,
+                stride,
+                dilation,
+                pad,
+                groups,
+            } => {
                 let mut a = vec![
                     attr_ints("kernel_shape", kernel),
                     attr_ints("strides", stride),
@@ -236,7 +259,16 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
                 a.extend(pads4(pad).map_err(|w| unsupported(&w))?);
                 e.node(nn, "Conv", ins, out, a);
             }
-            Op::ConvTranspose { kernel, stride, dilation, pads, output_padding, groups, output_shape, same_upper } => {
+            Op::ConvTranspose {
+                kernel,
+                stride,
+                dilation,
+                pads,
+                output_padding,
+                groups,
+                output_shape,
+                same_upper,
+            } => {
                 let mut a = vec![
                     attr_ints("kernel_shape", kernel),
                     attr_ints("strides", stride),
@@ -246,7 +278,10 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
                 ];
                 match (output_shape, same_upper) {
                     (None, None) => a.push(attr_ints("pads", pads)),
-                    (None, Some(up)) => a.push(attr_s("auto_pad", if *up { "SAME_UPPER" } else { "SAME_LOWER" })),
+                    (None, Some(up)) => a.push(attr_s(
+                        "auto_pad",
+                        if *up { "SAME_UPPER" } else { "SAME_LOWER" },
+                    )),
                     (Some(s), _) => a.push(attr_ints("output_shape", s)),
                 }
                 e.node(nn, "ConvTranspose", ins, out, a);
@@ -254,7 +289,9 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
             Op::Unary(u) => {
                 let (op, attrs, extra): (&str, Vec<AttributeProto>, Vec<String>) = match *u {
                     Unary::Relu => ("Relu", vec![], vec![]),
-                    Unary::LeakyRelu { alpha } => ("LeakyRelu", vec![attr_f("alpha", alpha)], vec![]),
+                    Unary::LeakyRelu { alpha } => {
+                        ("LeakyRelu", vec![attr_f("alpha", alpha)], vec![])
+                    }
                     Unary::Sigmoid => ("Sigmoid", vec![], vec![]),
                     Unary::Tanh => ("Tanh", vec![], vec![]),
                     Unary::Neg => ("Neg", vec![], vec![]),
@@ -276,7 +313,13 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
                         let ca = e.const_f32(&format!("{nn}_scale"), a);
                         let cb = e.const_f32(&format!("{nn}_shift"), b);
                         let mid = e.fresh(&format!("{nn}_scaled"));
-                        e.node(&format!("{nn}_mul"), "Mul", vec![ins[0].clone(), ca], mid.clone(), vec![]);
+                        e.node(
+                            &format!("{nn}_mul"),
+                            "Mul",
+                            vec![ins[0].clone(), ca],
+                            mid.clone(),
+                            vec![],
+                        );
                         e.node(&format!("{nn}_add"), "Add", vec![mid, cb], out, vec![]);
                         continue;
                     }
@@ -296,7 +339,14 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
                 };
                 e.node(nn, op, ins, out, vec![]);
             }
-            Op::Pool { kind, kernel, stride, dilation, pad, ceil_mode } => {
+            Op::Pool {
+                kind,
+                kernel,
+                stride,
+                dilation,
+                pad,
+                ceil_mode,
+            } => {
                 let mut a = vec![
                     attr_ints("kernel_shape", kernel),
                     attr_ints("strides", stride),
@@ -321,7 +371,13 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
             Op::Reduce { axes, op, keepdims } => {
                 let kd = attr_i("keepdims", *keepdims as i64);
                 match op {
-                    ReduceOp::Mean => e.node(nn, "ReduceMean", ins, out, vec![attr_ints("axes", axes), kd]),
+                    ReduceOp::Mean => e.node(
+                        nn,
+                        "ReduceMean",
+                        ins,
+                        out,
+                        vec![attr_ints("axes", axes), kd],
+                    ),
                     ReduceOp::Sum => {
                         let ax: Vec<i64> = axes.iter().map(|&a| a as i64).collect();
                         let c = e.const_i64(&format!("{nn}_axes"), &ax);
@@ -331,7 +387,12 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
                     }
                 }
             }
-            Op::Gemm { alpha, beta, trans_a, trans_b } => e.node(
+            Op::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            } => e.node(
                 nn,
                 "Gemm",
                 ins,
@@ -344,7 +405,9 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
                 ],
             ),
             Op::MatMul => e.node(nn, "MatMul", ins, out, vec![]),
-            Op::Concat { axis } => e.node(nn, "Concat", ins, out, vec![attr_i("axis", *axis as i64)]),
+            Op::Concat { axis } => {
+                e.node(nn, "Concat", ins, out, vec![attr_i("axis", *axis as i64)])
+            }
             Op::Slice { axis, start, end } => {
                 let s = e.const_i64(&format!("{nn}_starts"), &[*start as i64]);
                 let en = e.const_i64(&format!("{nn}_ends"), &[*end as i64]);
@@ -354,11 +417,17 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
                 e.node(nn, "Slice", i, out, vec![]);
             }
             Op::Reshape(rule) => match rule {
-                ReshapeRule::Flatten { axis } => e.node(nn, "Flatten", ins, out, vec![attr_i("axis", *axis as i64)]),
+                ReshapeRule::Flatten { axis } => {
+                    e.node(nn, "Flatten", ins, out, vec![attr_i("axis", *axis as i64)])
+                }
                 ReshapeRule::Squeeze { axes } | ReshapeRule::Unsqueeze { axes } => {
                     let ax: Vec<i64> = axes.iter().map(|&a| a as i64).collect();
                     let c = e.const_i64(&format!("{nn}_axes"), &ax);
-                    let op = if matches!(rule, ReshapeRule::Squeeze { .. }) { "Squeeze" } else { "Unsqueeze" };
+                    let op = if matches!(rule, ReshapeRule::Squeeze { .. }) {
+                        "Squeeze"
+                    } else {
+                        "Unsqueeze"
+                    };
                     let mut i = ins;
                     i.push(c);
                     e.node(nn, op, i, out, vec![]);
@@ -370,8 +439,18 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
                         match d.as_lit() {
                             Some(0) if *allowzero => return Err(unsupported("allowzero reshape")),
                             Some(v) => shape.push(v),
-                            None if k == 0 && *d == super::ir::SymInt::BATCH && in_batched && !*allowzero => shape.push(0),
-                            None => return Err(unsupported("a reshape whose size depends on the batch other than keeping it")),
+                            None if k == 0
+                                && *d == super::ir::SymInt::BATCH
+                                && in_batched
+                                && !*allowzero =>
+                            {
+                                shape.push(0)
+                            }
+                            None => {
+                                return Err(unsupported(
+                                    "a reshape whose size depends on the batch other than keeping it",
+                                ));
+                            }
                         }
                     }
                     let c = e.const_i64(&format!("{nn}_shape"), &shape);
@@ -380,7 +459,9 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
                     e.node(nn, "Reshape", i, out, vec![]);
                 }
             },
-            Op::Transpose { perm } => e.node(nn, "Transpose", ins, out, vec![attr_ints("perm", perm)]),
+            Op::Transpose { perm } => {
+                e.node(nn, "Transpose", ins, out, vec![attr_ints("perm", perm)])
+            }
             Op::Resize { mode, coord, size } => {
                 let (m, mut a) = match mode {
                     ResizeMode::Nearest(nmode) => {
@@ -393,7 +474,9 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
                         ("nearest", vec![attr_s("nearest_mode", s)])
                     }
                     ResizeMode::Linear => ("linear", vec![]),
-                    ResizeMode::Area => return Err(unsupported("area resize has no ONNX Resize mode")),
+                    ResizeMode::Area => {
+                        return Err(unsupported("area resize has no ONNX Resize mode"));
+                    }
                 };
                 a.push(attr_s("mode", m));
                 a.push(attr_s(
@@ -418,11 +501,21 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
                     ResizeSize::Sizes([oh, ow]) => {
                         let in_shape = &graph.values[node.inputs[0]].shape;
                         if graph.values[node.inputs[0]].batched {
-                            return Err(unsupported("fixed-size Resize of a batched input (sizes would pin the batch)"));
+                            return Err(unsupported(
+                                "fixed-size Resize of a batched input (sizes would pin the batch)",
+                            ));
                         }
                         let s = e.fresh(&format!("{nn}_scales"));
                         e.consts.push(f32_tensor(&s, &[0], &[]));
-                        let z = e.const_i64(&format!("{nn}_sizes"), &[in_shape[0] as i64, in_shape[1] as i64, *oh as i64, *ow as i64]);
+                        let z = e.const_i64(
+                            &format!("{nn}_sizes"),
+                            &[
+                                in_shape[0] as i64,
+                                in_shape[1] as i64,
+                                *oh as i64,
+                                *ow as i64,
+                            ],
+                        );
                         i.extend([s, z]);
                     }
                 }
@@ -483,13 +576,22 @@ pub fn to_model_proto(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) ->
 }
 
 /// Serialise to bytes.
-pub fn to_bytes(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str) -> Result<Vec<u8>, ExportError> {
+pub fn to_bytes(
+    graph: &Graph,
+    params: Option<&[Vec<f32>]>,
+    name: &str,
+) -> Result<Vec<u8>, ExportError> {
     Ok(to_model_proto(graph, params, name)?.write_to_bytes()?)
 }
 
 /// Write an `.onnx` file (through a temporary file and a rename, so a crash never leaves half a
 /// model behind).
-pub fn save(graph: &Graph, params: Option<&[Vec<f32>]>, name: &str, path: &Path) -> Result<(), ExportError> {
+pub fn save(
+    graph: &Graph,
+    params: Option<&[Vec<f32>]>,
+    name: &str,
+    path: &Path,
+) -> Result<(), ExportError> {
     let bytes = to_bytes(graph, params, name)?;
     let io = |source| ExportError::Io {
         path: path.display().to_string(),
@@ -513,26 +615,109 @@ mod tests {
     fn mixed_graph() -> Graph {
         let mut g = Graph::default();
         let x = g.add_input("x", vec![1, 2, 6, 6]);
-        let w = g.add_param("w", vec![3, 2, 3, 3], (0..54).map(|i| ((i * 7 % 11) as f32 - 5.0) / 10.0).collect());
+        let w = g.add_param(
+            "w",
+            vec![3, 2, 3, 3],
+            (0..54)
+                .map(|i| ((i * 7 % 11) as f32 - 5.0) / 10.0)
+                .collect(),
+        );
         let b = g.add_param("b", vec![3], vec![0.1, -0.2, 0.3]);
         let c = g
-            .add_node("conv", Op::Conv { kernel: [3, 3], stride: [1, 1], dilation: [1, 1], pad: PadSpec::Explicit([1, 0, 1, 0]), groups: 1 }, vec![x, w, b])
+            .add_node(
+                "conv",
+                Op::Conv {
+                    kernel: [3, 3],
+                    stride: [1, 1],
+                    dilation: [1, 1],
+                    pad: PadSpec::Explicit([1, 0, 1, 0]),
+                    groups: 1,
+                },
+                vec![x, w, b],
+            )
             .unwrap();
-        let r = g.add_node("lrelu", Op::Unary(Unary::LeakyRelu { alpha: 0.1 }), vec![c]).unwrap();
-        let a = g.add_node("affine", Op::Unary(Unary::Affine { a: 2.0, b: -0.5 }), vec![r]).unwrap();
-        let cl = g.add_node("clip", Op::Unary(Unary::Clip { min: -1.0, max: 1.5 }), vec![a]).unwrap();
+        let r = g
+            .add_node("lrelu", Op::Unary(Unary::LeakyRelu { alpha: 0.1 }), vec![c])
+            .unwrap();
+        let a = g
+            .add_node(
+                "affine",
+                Op::Unary(Unary::Affine { a: 2.0, b: -0.5 }),
+                vec![r],
+            )
+            .unwrap();
+        let cl = g
+            .add_node(
+                "clip",
+                Op::Unary(Unary::Clip {
+                    min: -1.0,
+                    max: 1.5,
+                }),
+                vec![a],
+            )
+            .unwrap();
         let p = g
             .add_node(
                 "pool",
-                Op::Pool { kind: PoolKind::Avg { count_include_pad: false }, kernel: [2, 2], stride: [2, 2], dilation: [1, 1], pad: PadSpec::Explicit([0; 4]), ceil_mode: true },
+                Op::Pool {
+                    kind: PoolKind::Avg {
+                        count_include_pad: false,
+                    },
+                    kernel: [2, 2],
+                    stride: [2, 2],
+                    dilation: [1, 1],
+                    pad: PadSpec::Explicit([0; 4]),
+                    ceil_mode: true,
+                },
                 vec![cl],
             )
             .unwrap();
-        let s = g.add_node("slice", Op::Slice { axis: 1, start: 1, end: 3 }, vec![p]).unwrap();
-        let rs = g.add_node("reshape", Op::Reshape(ReshapeRule::Spec { dims: vec![SymInt::BATCH, SymInt::lit(-1)], allowzero: false }), vec![s]).unwrap();
-        let red = g.add_node("rsum", Op::Reduce { axes: vec![1], op: ReduceOp::Sum, keepdims: true }, vec![rs]).unwrap();
-        let cat = g.add_node("cat", Op::Concat { axis: 1 }, vec![rs, red]).unwrap();
-        let sm = g.add_node("lsm", Op::Softmax { axis: 1, log: true, legacy: false }, vec![cat]).unwrap();
+        let s = g
+            .add_node(
+                "slice",
+                Op::Slice {
+                    axis: 1,
+                    start: 1,
+                    end: 3,
+                },
+                vec![p],
+            )
+            .unwrap();
+        let rs = g
+            .add_node(
+                "reshape",
+                Op::Reshape(ReshapeRule::Spec {
+                    dims: vec![SymInt::BATCH, SymInt::lit(-1)],
+                    allowzero: false,
+                }),
+                vec![s],
+            )
+            .unwrap();
+        let red = g
+            .add_node(
+                "rsum",
+                Op::Reduce {
+                    axes: vec![1],
+                    op: ReduceOp::Sum,
+                    keepdims: true,
+                },
+                vec![rs],
+            )
+            .unwrap();
+        let cat = g
+            .add_node("cat", Op::Concat { axis: 1 }, vec![rs, red])
+            .unwrap();
+        let sm = g
+            .add_node(
+                "lsm",
+                Op::Softmax {
+                    axis: 1,
+                    log: true,
+                    legacy: false,
+                },
+                vec![cat],
+            )
+            .unwrap();
         g.outputs.push(sm);
         g
     }
@@ -543,7 +728,9 @@ mod tests {
         let g = mixed_graph();
         let bytes = to_bytes(&g, None, "mixed").unwrap();
         let g2 = onnx::import_bytes(&bytes, "exported").unwrap();
-        let x: Vec<f32> = (0..2 * 2 * 36).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
+        let x: Vec<f32> = (0..2 * 2 * 36)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0)
+            .collect();
         let xt = b.upload(&x, &[2, 2, 6, 6]);
         let y1 = b.download(&Model::new(&b, g).forward(&b, &xt).unwrap()[0]);
         let y2 = b.download(&Model::new(&b, g2).forward(&b, &xt).unwrap()[0]);
@@ -559,10 +746,19 @@ mod tests {
         let mut ps: Vec<Vec<f32>> = g.params.iter().map(|p| p.data.clone()).collect();
         ps[1] = vec![9.0, 9.0, 9.0];
         let g2 = onnx::import_bytes(&to_bytes(&g, Some(&ps), "m").unwrap(), "m").unwrap();
-        let bias = g2.params.iter().find(|p| p.shape == vec![3] && p.data == vec![9.0, 9.0, 9.0]);
+        let bias = g2
+            .params
+            .iter()
+            .find(|p| p.shape == vec![3] && p.data == vec![9.0, 9.0, 9.0]);
         assert!(bias.is_some(), "the replaced bias is in the export");
         ps[1].pop();
-        assert!(matches!(to_bytes(&g, Some(&ps), "m"), Err(ExportError::ParamLen { .. })));
-        assert!(matches!(to_bytes(&g, Some(&ps[..1]), "m"), Err(ExportError::ParamCount(1, 2))));
+        assert!(matches!(
+            to_bytes(&g, Some(&ps), "m"),
+            Err(ExportError::ParamLen { .. })
+        ));
+        assert!(matches!(
+            to_bytes(&g, Some(&ps[..1]), "m"),
+            Err(ExportError::ParamCount(1, 2))
+        ));
     }
 }

@@ -181,7 +181,10 @@ mod tests {
         let xa = pgd_model(&b, &m, &x0, &t, spec, &lo, &hi, &p).unwrap();
         let xav = b.download(&xa);
         for (a, o) in xav.iter().zip(&x0v) {
-            assert!((a - o).abs() <= 0.1 + 1e-6 && (0.0..=1.0).contains(a), "{a} vs {o}");
+            assert!(
+                (a - o).abs() <= 0.1 + 1e-6 && (0.0..=1.0).contains(a),
+                "{a} vs {o}"
+            );
         }
         // Sample 0's 4th feature has zero weight: its random start stays but the range clamp
         // caps it at 1.
@@ -189,7 +192,10 @@ mod tests {
         let (l1, _, _) = m.loss_and_input_grad(&b, &xa, spec, &t).unwrap();
         assert!(l1[0] > l0[0] && l1[1] > l0[1], "{l0:?} -> {l1:?}");
         // For a linear model the optimal L∞ move on features 0..3 is the full eps: x0 -/+ eps.
-        assert!((xav[0] - 0.4).abs() < 1e-6 && (xav[1] - 0.6).abs() < 1e-6, "{xav:?}");
+        assert!(
+            (xav[0] - 0.4).abs() < 1e-6 && (xav[1] - 0.6).abs() < 1e-6,
+            "{xav:?}"
+        );
         // Same seed: identical result.
         let again = b.download(&pgd_model(&b, &m, &x0, &t, spec, &lo, &hi, &p).unwrap());
         assert_eq!(xav, again);
@@ -247,11 +253,42 @@ mod tests {
             random_start: false,
             seed: 0,
         };
-        let run = |p: PgdParams, lo: &[f32], hi: &[f32]| pgd_model(&b, &m, &x0, &t, spec, lo, hi, &p);
+        let run =
+            |p: PgdParams, lo: &[f32], hi: &[f32]| pgd_model(&b, &m, &x0, &t, spec, lo, hi, &p);
         assert!(run(ok, &[0.0], &[1.0]).is_ok());
-        assert!(matches!(run(PgdParams { norm: Norm::L1, ..ok }, &[0.0], &[1.0]), Err(PgdError::Norm(_))));
-        assert!(run(PgdParams { eps: f32::NAN, ..ok }, &[0.0], &[1.0]).is_err());
-        assert!(run(PgdParams { step_size: 0.0, ..ok }, &[0.0], &[1.0]).is_err());
+        assert!(matches!(
+            run(
+                PgdParams {
+                    norm: Norm::L1,
+                    ..ok
+                },
+                &[0.0],
+                &[1.0]
+            ),
+            Err(PgdError::Norm(_))
+        ));
+        assert!(
+            run(
+                PgdParams {
+                    eps: f32::NAN,
+                    ..ok
+                },
+                &[0.0],
+                &[1.0]
+            )
+            .is_err()
+        );
+        assert!(
+            run(
+                PgdParams {
+                    step_size: 0.0,
+                    ..ok
+                },
+                &[0.0],
+                &[1.0]
+            )
+            .is_err()
+        );
         assert!(run(ok, &[0.0, 0.0], &[1.0]).is_err());
         assert!(run(ok, &[1.0], &[0.0]).is_err());
     }

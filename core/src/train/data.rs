@@ -185,35 +185,59 @@ fn read_array<R: std::io::Read + std::io::Seek>(
     let conv = |r: std::io::Result<Vec<f64>>| r.map_err(io);
     let (values, int_max) = match (ts.type_char(), ts.size_field()) {
         (TypeChar::Uint, 1) => (
-            conv(file.into_vec::<u8>().map(|v| v.into_iter().map(f64::from).collect()))?,
+            conv(
+                file.into_vec::<u8>()
+                    .map(|v| v.into_iter().map(f64::from).collect()),
+            )?,
             Some(u8::MAX as f64),
         ),
         (TypeChar::Uint, 2) => (
-            conv(file.into_vec::<u16>().map(|v| v.into_iter().map(f64::from).collect()))?,
+            conv(
+                file.into_vec::<u16>()
+                    .map(|v| v.into_iter().map(f64::from).collect()),
+            )?,
             Some(u16::MAX as f64),
         ),
         (TypeChar::Uint, 4) => (
-            conv(file.into_vec::<u32>().map(|v| v.into_iter().map(f64::from).collect()))?,
+            conv(
+                file.into_vec::<u32>()
+                    .map(|v| v.into_iter().map(f64::from).collect()),
+            )?,
             Some(u32::MAX as f64),
         ),
         (TypeChar::Int, 1) => (
-            conv(file.into_vec::<i8>().map(|v| v.into_iter().map(f64::from).collect()))?,
+            conv(
+                file.into_vec::<i8>()
+                    .map(|v| v.into_iter().map(f64::from).collect()),
+            )?,
             Some(i8::MAX as f64),
         ),
         (TypeChar::Int, 2) => (
-            conv(file.into_vec::<i16>().map(|v| v.into_iter().map(f64::from).collect()))?,
+            conv(
+                file.into_vec::<i16>()
+                    .map(|v| v.into_iter().map(f64::from).collect()),
+            )?,
             Some(i16::MAX as f64),
         ),
         (TypeChar::Int, 4) => (
-            conv(file.into_vec::<i32>().map(|v| v.into_iter().map(f64::from).collect()))?,
+            conv(
+                file.into_vec::<i32>()
+                    .map(|v| v.into_iter().map(f64::from).collect()),
+            )?,
             Some(i32::MAX as f64),
         ),
         (TypeChar::Int, 8) => (
-            conv(file.into_vec::<i64>().map(|v| v.into_iter().map(|x| x as f64).collect()))?,
+            conv(
+                file.into_vec::<i64>()
+                    .map(|v| v.into_iter().map(|x| x as f64).collect()),
+            )?,
             Some(i64::MAX as f64),
         ),
         (TypeChar::Float, 4) => (
-            conv(file.into_vec::<f32>().map(|v| v.into_iter().map(f64::from).collect()))?,
+            conv(
+                file.into_vec::<f32>()
+                    .map(|v| v.into_iter().map(f64::from).collect()),
+            )?,
             None,
         ),
         (TypeChar::Float, 8) => (conv(file.into_vec::<f64>())?, None),
@@ -322,7 +346,10 @@ pub fn load_dicom_csv(csv: &Path) -> Result<Dataset, DataError> {
         source,
     })?;
     let dir = csv.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
     let Some((_, header)) = lines.next() else {
         return Err(DataError::Empty { path: p });
     };

@@ -3,6 +3,11 @@
 //! early stopping, checkpoints, and adversarial training (Madry PGD, TRADES) on the runtime's
 //! gradients.
 
+pub mod adversarial;
 pub mod arch;
+pub mod checkpoint;
+pub mod config;
 pub mod data;
+pub mod metrics;
 pub mod optim;
+pub mod trainer;
