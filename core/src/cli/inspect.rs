@@ -49,10 +49,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     let mut files = Vec::new();
     for p in &args.paths {
         if !p.exists() {
-            eprintln!(
-                "adverse inspect: no such file or directory: {}",
-                p.display()
-            );
+            eprintln!("adverse inspect: no such file or directory: {}", p.display());
             return Ok(ExitCode::from(exit::USAGE));
         }
         collect(p, &mut files);
@@ -182,13 +179,7 @@ fn text_line(r: &Report) -> String {
         None => "",
     };
     let status = match (&r.error_kind, r.status) {
-        (Some(k), _) => format!(
-            "error:{}",
-            serde_json::to_value(k)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default()
-        ),
+        (Some(k), _) => format!("error:{}", serde_json::to_value(k).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
         (None, s) => s.to_string(),
     };
     format!(

@@ -67,17 +67,7 @@ fn load(path: &Path) -> anyhow::Result<Graph> {
 }
 
 fn shape_str(s: &[usize], batched: bool) -> String {
-    let dims: Vec<String> = s
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            if i == 0 && batched {
-                "N".to_string()
-            } else {
-                d.to_string()
-            }
-        })
-        .collect();
+    let dims: Vec<String> = s.iter().enumerate().map(|(i, d)| if i == 0 && batched { "N".to_string() } else { d.to_string() }).collect();
     format!("[{}]", dims.join(", "))
 }
 
@@ -94,59 +84,30 @@ fn info(path: &Path) -> anyhow::Result<ExitCode> {
         println!("output: {} {}", v.name, shape_str(&v.shape, v.batched));
     }
     println!("nodes: {}", g.nodes.len());
-    let ops: Vec<String> = g
-        .op_counts()
-        .iter()
-        .map(|(k, c)| format!("{k} x{c}"))
-        .collect();
+    let ops: Vec<String> = g.op_counts().iter().map(|(k, c)| format!("{k} x{c}")).collect();
     println!("operators: {}", ops.join(", "));
-    println!(
-        "parameters: {} ({} tensors)",
-        g.param_count(),
-        g.params.len()
-    );
+    println!("parameters: {} ({} tensors)", g.param_count(), g.params.len());
     let f = g.flops_per_image();
     println!("flops_per_image: {f} ({:.3} GFLOP)", f as f64 / 1e9);
     let cp = card_path(path);
     if cp.exists() {
         let card = ModelCard::load(&cp)?;
-        println!(
-            "card: {} (input {:?}, {} classes)",
-            card.name,
-            card.input_chw,
-            card.classes.len()
-        );
+        println!("card: {} (input {:?}, {} classes)", card.name, card.input_chw, card.classes.len());
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn read_npy(path: &Path) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let npy = npyz::NpyFile::new(&bytes[..])
-        .with_context(|| format!("{}: not a .npy file", path.display()))?;
+    let npy = npyz::NpyFile::new(&bytes[..]).with_context(|| format!("{}: not a .npy file", path.display()))?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     if npy.order() != npyz::Order::C {
-        bail!(
-            "{}: Fortran-order arrays are not supported (save with np.ascontiguousarray)",
-            path.display()
-        );
+        bail!("{}: Fortran-order arrays are not supported (save with np.ascontiguousarray)", path.display());
     }
     let data = match npy.dtype() {
-        npyz::DType::Plain(ts)
-            if ts.type_char() == npyz::TypeChar::Float && ts.size_field() == 4 =>
-        {
-            npy.into_vec::<f32>()
-        }
-        npyz::DType::Plain(ts)
-            if ts.type_char() == npyz::TypeChar::Float && ts.size_field() == 8 =>
-        {
-            npy.into_vec::<f64>()
-                .map(|v| v.into_iter().map(|x| x as f32).collect())
-        }
-        other => bail!(
-            "{}: dtype {other:?} is not supported (float32 or float64)",
-            path.display()
-        ),
+        npyz::DType::Plain(ts) if ts.type_char() == npyz::TypeChar::Float && ts.size_field() == 4 => npy.into_vec::<f32>(),
+        npyz::DType::Plain(ts) if ts.type_char() == npyz::TypeChar::Float && ts.size_field() == 8 => npy.into_vec::<f64>().map(|v| v.into_iter().map(|x| x as f32).collect()),
+        other => bail!("{}: dtype {other:?} is not supported (float32 or float64)", path.display()),
     }
     .with_context(|| format!("{}: cannot decode the array", path.display()))?;
     Ok((data, shape))
@@ -154,17 +115,11 @@ fn read_npy(path: &Path) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
 
 fn write_npy(path: &Path, data: &[f32], shape: &[usize]) -> anyhow::Result<()> {
     use npyz::WriterBuilder;
-    let f =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let shape64: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-    let mut w = npyz::WriteOptions::<f32>::new()
-        .default_dtype()
-        .shape(&shape64)
-        .writer(std::io::BufWriter::new(f))
-        .begin_nd()?;
+    let mut w = npyz::WriteOptions::<f32>::new().default_dtype().shape(&shape64).writer(std::io::BufWriter::new(f)).begin_nd()?;
     w.extend(data.iter().copied())?;
-    w.finish()
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    w.finish().with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
@@ -173,9 +128,7 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
         if a.dicom.is_empty() {
             bail!("give DICOM files or --npy IN.npy");
         }
-        bail!(
-            "`model run` on DICOM files needs the DICOM decoder, which this build does not have yet; run the raw graph with --npy"
-        );
+        bail!("`model run` on DICOM files needs the DICOM decoder, which this build does not have yet; run the raw graph with --npy");
     };
     if !a.dicom.is_empty() {
         bail!("give either DICOM files or --npy, not both");
@@ -191,14 +144,7 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
     crate::with_backend!(&backend, |b| run_on(b, g, logits_idx, &data, &shape, &a))
 }
 
-fn run_on<B: Backend>(
-    b: &B,
-    g: Graph,
-    logits_idx: usize,
-    data: &[f32],
-    shape: &[usize],
-    a: &RunArgs,
-) -> anyhow::Result<ExitCode> {
+fn run_on<B: Backend>(b: &B, g: Graph, logits_idx: usize, data: &[f32], shape: &[usize], a: &RunArgs) -> anyhow::Result<ExitCode> {
     let model = Model::new(b, g).with_logits_output(logits_idx)?;
     let x = b.upload(data, shape);
     let n = shape.first().copied().unwrap_or(0);
@@ -208,12 +154,7 @@ fn run_on<B: Backend>(
             k if k == n => a.label.clone(),
             k => bail!("{k} labels for a batch of {n} (give one, or one per sample)"),
         };
-        let (losses, grad, logits) = model.loss_and_input_grad(
-            b,
-            &x,
-            LossSpec::CrossEntropy { targeted: false },
-            &LossTargets::Classes(&labels),
-        )?;
+        let (losses, grad, logits) = model.loss_and_input_grad(b, &x, LossSpec::CrossEntropy { targeted: false }, &LossTargets::Classes(&labels))?;
         write_npy(gp, &b.download(&grad), &grad.shape)?;
         for (i, l) in losses.iter().enumerate() {
             println!("sample {i}: cross_entropy {l:.6}");
@@ -229,11 +170,7 @@ fn run_on<B: Backend>(
     }
     let k = z.len() / n.max(1);
     for (i, row) in z.chunks(k.max(1)).enumerate() {
-        let (best, score) =
-            row.iter().enumerate().fold(
-                (0, f32::NEG_INFINITY),
-                |m, (j, &v)| if v > m.1 { (j, v) } else { m },
-            );
+        let (best, score) = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (j, &v)| if v > m.1 { (j, v) } else { m });
         println!("sample {i}: class {best} (score {score:.6})");
     }
     Ok(ExitCode::SUCCESS)

@@ -25,18 +25,13 @@ pub struct Tensor<B: Backend + ?Sized> {
 
 impl<B: Backend + ?Sized> Clone for Tensor<B> {
     fn clone(&self) -> Self {
-        Tensor {
-            buf: self.buf.clone(),
-            shape: self.shape.clone(),
-        }
+        Tensor { buf: self.buf.clone(), shape: self.shape.clone() }
     }
 }
 
 impl<B: Backend + ?Sized> fmt::Debug for Tensor<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tensor")
-            .field("shape", &self.shape)
-            .finish_non_exhaustive()
+        f.debug_struct("Tensor").field("shape", &self.shape).finish_non_exhaustive()
     }
 }
 
@@ -50,15 +45,8 @@ impl<B: Backend + ?Sized> Tensor<B> {
     }
     /// Same buffer, new shape (element count must match).
     pub fn reshape(&self, shape: &[usize]) -> Self {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            self.len(),
-            "reshape changes element count"
-        );
-        Tensor {
-            buf: self.buf.clone(),
-            shape: shape.to_vec(),
-        }
+        assert_eq!(shape.iter().product::<usize>(), self.len(), "reshape changes element count");
+        Tensor { buf: self.buf.clone(), shape: shape.to_vec() }
     }
 }
 
@@ -76,12 +64,7 @@ pub struct Conv2dParams {
 
 impl Default for Conv2dParams {
     fn default() -> Self {
-        Conv2dParams {
-            stride: [1, 1],
-            pad: [0; 4],
-            dilation: [1, 1],
-            groups: 1,
-        }
+        Conv2dParams { stride: [1, 1], pad: [0; 4], dilation: [1, 1], groups: 1 }
     }
 }
 
@@ -89,9 +72,7 @@ impl Default for Conv2dParams {
 pub enum PoolKind {
     Max,
     /// `count_include_pad`: ONNX AveragePool attribute (padding cells count in the divisor).
-    Avg {
-        count_include_pad: bool,
-    },
+    Avg { count_include_pad: bool },
 }
 
 /// 2-D pooling geometry (ONNX `MaxPool` / `AveragePool`; output size already decided by the
@@ -121,17 +102,12 @@ pub struct Pool2dParams {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Unary {
     Relu,
-    LeakyRelu {
-        alpha: f32,
-    },
+    LeakyRelu { alpha: f32 },
     Sigmoid,
     Tanh,
     /// Clamp to [min, max]; gradient 1 strictly inside, 0 outside (at the bounds: 1, the
     /// subgradient PyTorch uses for `clamp`).
-    Clip {
-        min: f32,
-        max: f32,
-    },
+    Clip { min: f32, max: f32 },
     Neg,
     Exp,
     /// Natural log (inputs > 0).
@@ -139,14 +115,9 @@ pub enum Unary {
     Sqrt,
     Abs,
     /// y = a * x + b
-    Affine {
-        a: f32,
-        b: f32,
-    },
+    Affine { a: f32, b: f32 },
     /// y = x^p for a constant exponent
-    Powf {
-        p: f32,
-    },
+    Powf { p: f32 },
     /// Forward is sign(x) (sign(0) = 0); its gradient is 0 everywhere.
     Sign,
 }
@@ -281,83 +252,36 @@ pub trait Backend: Send + Sync {
     /// Pad every axis by `pads[i] = (before, after)`; `value` is used by `PadMode::Constant`.
     /// Reflect is NumPy's `reflect` (edge not repeated); pads wider than `len - 1` keep reflecting
     /// back and forth, and a length-1 axis reflects onto itself.
-    fn pad(
-        &self,
-        x: &Tensor<Self>,
-        pads: &[(usize, usize)],
-        mode: PadMode,
-        value: f32,
-    ) -> Tensor<Self>;
+    fn pad(&self, x: &Tensor<Self>, pads: &[(usize, usize)], mode: PadMode, value: f32) -> Tensor<Self>;
     /// Adjoint of [`Backend::pad`]: gradient w.r.t. the unpadded input (reflect/edge accumulate).
-    fn pad_backward(
-        &self,
-        dy: &Tensor<Self>,
-        x_shape: &[usize],
-        pads: &[(usize, usize)],
-        mode: PadMode,
-    ) -> Tensor<Self>;
+    fn pad_backward(&self, dy: &Tensor<Self>, x_shape: &[usize], pads: &[(usize, usize)], mode: PadMode) -> Tensor<Self>;
     /// NumPy-style broadcast of `x` to `shape`.
     fn broadcast_to(&self, x: &Tensor<Self>, shape: &[usize]) -> Tensor<Self>;
 
     // ---- conv family -------------------------------------------------------------------------
     /// x `[N, C, H, W]`, w `[M, C/groups, kh, kw]`, bias `[M]` -> y `[N, M, oh, ow]`.
-    fn conv2d(
-        &self,
-        x: &Tensor<Self>,
-        w: &Tensor<Self>,
-        bias: Option<&Tensor<Self>>,
-        p: &Conv2dParams,
-    ) -> Tensor<Self>;
+    fn conv2d(&self, x: &Tensor<Self>, w: &Tensor<Self>, bias: Option<&Tensor<Self>>, p: &Conv2dParams) -> Tensor<Self>;
     /// Gradient w.r.t. x (this is also ConvTranspose's forward, with `x_shape` its output shape).
-    fn conv2d_backward_input(
-        &self,
-        dy: &Tensor<Self>,
-        w: &Tensor<Self>,
-        p: &Conv2dParams,
-        x_shape: [usize; 4],
-    ) -> Tensor<Self>;
+    fn conv2d_backward_input(&self, dy: &Tensor<Self>, w: &Tensor<Self>, p: &Conv2dParams, x_shape: [usize; 4]) -> Tensor<Self>;
     /// Gradient w.r.t. w.
-    fn conv2d_backward_weight(
-        &self,
-        dy: &Tensor<Self>,
-        x: &Tensor<Self>,
-        p: &Conv2dParams,
-        w_shape: [usize; 4],
-    ) -> Tensor<Self>;
+    fn conv2d_backward_weight(&self, dy: &Tensor<Self>, x: &Tensor<Self>, p: &Conv2dParams, w_shape: [usize; 4]) -> Tensor<Self>;
 
     // ---- matmul family -----------------------------------------------------------------------
     /// Batched matrix product over the last two axes: a `[..., M, K]` (or `[..., K, M]` when
     /// `trans_a`), b `[..., K, N]` (or `[..., N, K]` when `trans_b`). Leading (batch) axes
     /// broadcast NumPy-style; 2-D inputs are plain GEMM.
-    fn matmul(
-        &self,
-        a: &Tensor<Self>,
-        b: &Tensor<Self>,
-        trans_a: bool,
-        trans_b: bool,
-    ) -> Tensor<Self>;
+    fn matmul(&self, a: &Tensor<Self>, b: &Tensor<Self>, trans_a: bool, trans_b: bool) -> Tensor<Self>;
 
     // ---- pool family -------------------------------------------------------------------------
     fn pool2d(&self, x: &Tensor<Self>, p: &Pool2dParams) -> Tensor<Self>;
     /// Max: routes dy to the first maximal element of each window (recomputed from x).
     /// Avg: spreads dy evenly over each window's counted cells.
-    fn pool2d_backward(
-        &self,
-        dy: &Tensor<Self>,
-        x: &Tensor<Self>,
-        p: &Pool2dParams,
-    ) -> Tensor<Self>;
+    fn pool2d_backward(&self, dy: &Tensor<Self>, x: &Tensor<Self>, p: &Pool2dParams) -> Tensor<Self>;
 
     // ---- elementwise family --------------------------------------------------------------------
     fn unary(&self, op: Unary, x: &Tensor<Self>) -> Tensor<Self>;
     /// dx from dy; `x` is the op's input, `y` its output (each rule uses whichever is cheaper).
-    fn unary_backward(
-        &self,
-        op: Unary,
-        x: &Tensor<Self>,
-        y: &Tensor<Self>,
-        dy: &Tensor<Self>,
-    ) -> Tensor<Self>;
+    fn unary_backward(&self, op: Unary, x: &Tensor<Self>, y: &Tensor<Self>, dy: &Tensor<Self>) -> Tensor<Self>;
     /// NumPy broadcasting; output shape is the broadcast of both.
     fn binary(&self, op: Binary, a: &Tensor<Self>, b: &Tensor<Self>) -> Tensor<Self>;
     /// Sum `x` down to `shape` over broadcast axes (adjoint of [`Backend::broadcast_to`]).
@@ -366,39 +290,17 @@ pub trait Backend: Send + Sync {
     // ---- reduce / softmax / loss family ---------------------------------------------------------
     /// Sum or mean over `axes` (sorted, unique); kept axes have size 1 when `keepdims`.
     /// Empty `axes` reduce nothing (a copy): the caller expands ONNX's "all axes" default.
-    fn reduce(
-        &self,
-        x: &Tensor<Self>,
-        axes: &[usize],
-        op: ReduceOp,
-        keepdims: bool,
-    ) -> Tensor<Self>;
+    fn reduce(&self, x: &Tensor<Self>, axes: &[usize], op: ReduceOp, keepdims: bool) -> Tensor<Self>;
     /// Softmax (or log-softmax) along `axis`, numerically stable.
     fn softmax(&self, x: &Tensor<Self>, axis: usize, log: bool) -> Tensor<Self>;
     /// dx given the forward output `y` and dy.
-    fn softmax_backward(
-        &self,
-        y: &Tensor<Self>,
-        dy: &Tensor<Self>,
-        axis: usize,
-        log: bool,
-    ) -> Tensor<Self>;
+    fn softmax_backward(&self, y: &Tensor<Self>, dy: &Tensor<Self>, axis: usize, log: bool) -> Tensor<Self>;
     /// Returns (per-sample loss `[N]`, d loss_i / d logits_i with the logits' shape).
-    fn loss(
-        &self,
-        kind: Loss,
-        logits: &Tensor<Self>,
-        targets: &LossTargets<'_, Self>,
-    ) -> (Tensor<Self>, Tensor<Self>);
+    fn loss(&self, kind: Loss, logits: &Tensor<Self>, targets: &LossTargets<'_, Self>) -> (Tensor<Self>, Tensor<Self>);
 
     // ---- resize family -------------------------------------------------------------------------
     fn resize(&self, x: &Tensor<Self>, p: &ResizeParams) -> Tensor<Self>;
-    fn resize_backward(
-        &self,
-        dy: &Tensor<Self>,
-        x_shape: [usize; 4],
-        p: &ResizeParams,
-    ) -> Tensor<Self>;
+    fn resize_backward(&self, dy: &Tensor<Self>, x_shape: [usize; 4], p: &ResizeParams) -> Tensor<Self>;
 
     // ---- perturbation family (attacks, adversarial training) -------------------------------------
     // "Per sample" = over all axes but the first.

@@ -71,40 +71,21 @@ pub struct FrameParams {
 
 impl Default for FrameParams {
     fn default() -> Self {
-        FrameParams {
-            slope: 1.0,
-            intercept: 0.0,
-            window: None,
-        }
+        FrameParams { slope: 1.0, intercept: 0.0, window: None }
     }
 }
 
 impl PreprocessSpec {
     fn clips(&self) -> bool {
-        matches!(
-            self.window,
-            WindowSpec::Fixed { .. } | WindowSpec::FromDicom
-        )
+        matches!(self.window, WindowSpec::Fixed { .. } | WindowSpec::FromDicom)
     }
 
     /// Host-side fold of one frame into `(a, b)` with `pre_clip = a * S + b`.
-    pub fn frame_affine(
-        &self,
-        frame_idx: usize,
-        f: &FrameParams,
-        stored: &[f32],
-    ) -> Result<(f64, f64), PreprocessError> {
-        let (s, i) = if self.rescale {
-            (f.slope, f.intercept)
-        } else {
-            (1.0, 0.0)
-        };
+    pub fn frame_affine(&self, frame_idx: usize, f: &FrameParams, stored: &[f32]) -> Result<(f64, f64), PreprocessError> {
+        let (s, i) = if self.rescale { (f.slope, f.intercept) } else { (1.0, 0.0) };
         let win = |c: f64, w: f64| -> Result<(f64, f64), PreprocessError> {
             if w.is_nan() || w <= 1.0 {
-                return Err(PreprocessError::WindowWidth {
-                    frame: frame_idx,
-                    width: w,
-                });
+                return Err(PreprocessError::WindowWidth { frame: frame_idx, width: w });
             }
             // DICOM linear VOI: (x - (c - 0.5)) / (w - 1) + 0.5, with x = s*S + i.
             Ok((s / (w - 1.0), (i - (c - 0.5)) / (w - 1.0) + 0.5))
@@ -112,25 +93,16 @@ impl PreprocessSpec {
         Ok(match self.window {
             WindowSpec::Fixed { center, width } => win(center, width)?,
             WindowSpec::FromDicom => {
-                let (c, w) = f
-                    .window
-                    .ok_or(PreprocessError::NoWindow { frame: frame_idx })?;
+                let (c, w) = f.window.ok_or(PreprocessError::NoWindow { frame: frame_idx })?;
                 win(c, w)?
             }
             WindowSpec::MinMax => {
-                let (lo, hi) =
-                    stored
-                        .iter()
-                        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
-                            let x = s * v as f64 + i;
-                            (l.min(x), h.max(x))
-                        });
+                let (lo, hi) = stored.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
+                    let x = s * v as f64 + i;
+                    (l.min(x), h.max(x))
+                });
                 let sc = self.scale as f64;
-                if hi > lo {
-                    (sc * s / (hi - lo), sc * (i - lo) / (hi - lo))
-                } else {
-                    (0.0, 0.0)
-                }
+                if hi > lo { (sc * s / (hi - lo), sc * (i - lo) / (hi - lo)) } else { (0.0, 0.0) }
             }
             WindowSpec::None => (s * self.scale as f64, i * self.scale as f64),
         })
@@ -138,58 +110,29 @@ impl PreprocessSpec {
 
     /// Build `stored [N,1,h,w], a [N,1,1,1], b [N,1,1,1] -> model outputs` for frames of `in_hw`.
     pub fn build(&self, model: &Graph, in_hw: [usize; 2]) -> Result<Graph, PreprocessError> {
-        let mi = model
-            .inputs
-            .first()
-            .map(|&v| model.values[v].shape.clone())
-            .unwrap_or_default();
+        let mi = model.inputs.first().map(|&v| model.values[v].shape.clone()).unwrap_or_default();
         if mi.len() != 4 {
             return Err(PreprocessError::ModelInput(mi));
         }
         if mi[1..] != self.out_chw {
-            return Err(PreprocessError::CardMismatch {
-                card: self.out_chw,
-                model: mi,
-            });
+            return Err(PreprocessError::CardMismatch { card: self.out_chw, model: mi });
         }
         let [c, h, w] = self.out_chw;
-        let mut g = Graph {
-            opset: model.opset,
-            ..Graph::default()
-        };
+        let mut g = Graph { opset: model.opset, ..Graph::default() };
         let stored = g.add_input("stored_values", vec![1, 1, in_hw[0], in_hw[1]]);
         let a = g.add_input("pp_scale", vec![1, 1, 1, 1]);
         let b = g.add_input("pp_offset", vec![1, 1, 1, 1]);
         let mut x = g.add_node("pp/affine_mul", Op::Binary(Binary::Mul), vec![stored, a])?;
         x = g.add_node("pp/affine_add", Op::Binary(Binary::Add), vec![x, b])?;
         if self.clips() {
-            x = g.add_node(
-                "pp/window_clip",
-                Op::Unary(Unary::Clip { min: 0.0, max: 1.0 }),
-                vec![x],
-            )?;
+            x = g.add_node("pp/window_clip", Op::Unary(Unary::Clip { min: 0.0, max: 1.0 }), vec![x])?;
             if self.scale != 1.0 {
-                x = g.add_node(
-                    "pp/scale",
-                    Op::Unary(Unary::Affine {
-                        a: self.scale,
-                        b: 0.0,
-                    }),
-                    vec![x],
-                )?;
+                x = g.add_node("pp/scale", Op::Unary(Unary::Affine { a: self.scale, b: 0.0 }), vec![x])?;
             }
         }
         if in_hw != [h, w] {
             let coord = CoordTransform::HalfPixel;
-            x = g.add_node(
-                "pp/resize",
-                Op::Resize {
-                    mode: self.resize,
-                    coord,
-                    size: ResizeSize::Sizes([h, w]),
-                },
-                vec![x],
-            )?;
+            x = g.add_node("pp/resize", Op::Resize { mode: self.resize, coord, size: ResizeSize::Sizes([h, w]) }, vec![x])?;
         }
         if c > 1 {
             if !self.replicate_channels {
@@ -220,19 +163,9 @@ fn splice(g: &mut Graph, model: &Graph, x: ValueId) {
     for n in &model.nodes {
         let nid = g.nodes.len();
         let v = &model.values[n.output];
-        let out = g.add_value(
-            v.name.clone(),
-            ValueKind::Node(nid),
-            v.shape.clone(),
-            v.batched,
-        );
+        let out = g.add_value(v.name.clone(), ValueKind::Node(nid), v.shape.clone(), v.batched);
         map[n.output] = out;
-        g.nodes.push(super::ir::Node {
-            name: n.name.clone(),
-            op: n.op.clone(),
-            inputs: n.inputs.iter().map(|&i| map[i]).collect(),
-            output: out,
-        });
+        g.nodes.push(super::ir::Node { name: n.name.clone(), op: n.op.clone(), inputs: n.inputs.iter().map(|&i| map[i]).collect(), output: out });
     }
     g.outputs = model.outputs.iter().map(|&o| map[o]).collect();
 }
@@ -251,13 +184,7 @@ pub struct FrameConsts<B: Backend> {
 }
 
 impl<B: Backend> Pipeline<B> {
-    pub fn new(
-        backend: &B,
-        spec: PreprocessSpec,
-        model: &Graph,
-        in_hw: [usize; 2],
-        logits_output: usize,
-    ) -> Result<Self, PreprocessError> {
+    pub fn new(backend: &B, spec: PreprocessSpec, model: &Graph, in_hw: [usize; 2], logits_output: usize) -> Result<Self, PreprocessError> {
         let g = spec.build(model, in_hw)?;
         let model = Model::new(backend, g).with_logits_output(logits_output)?;
         Ok(Pipeline { model, spec, in_hw })
@@ -265,68 +192,38 @@ impl<B: Backend> Pipeline<B> {
 
     /// Fold each frame's parameters (and, for `minmax`, its original stored values
     /// `[N, 1, h, w]` on the host) into the batch constants.
-    pub fn frame_consts(
-        &self,
-        backend: &B,
-        stored: &[f32],
-        frames: &[FrameParams],
-    ) -> Result<FrameConsts<B>, PreprocessError> {
+    pub fn frame_consts(&self, backend: &B, stored: &[f32], frames: &[FrameParams]) -> Result<FrameConsts<B>, PreprocessError> {
         let per = self.in_hw[0] * self.in_hw[1];
         let n = frames.len();
         if stored.len() != n * per {
-            return Err(PreprocessError::StoredSize {
-                got: stored.len(),
-                shape: vec![n, 1, self.in_hw[0], self.in_hw[1]],
-            });
+            return Err(PreprocessError::StoredSize { got: stored.len(), shape: vec![n, 1, self.in_hw[0], self.in_hw[1]] });
         }
         let mut a = Vec::with_capacity(n);
         let mut b = Vec::with_capacity(n);
         for (i, f) in frames.iter().enumerate() {
-            let (ai, bi) = self
-                .spec
-                .frame_affine(i, f, &stored[i * per..(i + 1) * per])?;
+            let (ai, bi) = self.spec.frame_affine(i, f, &stored[i * per..(i + 1) * per])?;
             a.push(ai as f32);
             b.push(bi as f32);
         }
-        Ok(FrameConsts {
-            a: backend.upload(&a, &[n, 1, 1, 1]),
-            b: backend.upload(&b, &[n, 1, 1, 1]),
-        })
+        Ok(FrameConsts { a: backend.upload(&a, &[n, 1, 1, 1]), b: backend.upload(&b, &[n, 1, 1, 1]) })
     }
 
-    pub fn forward(
-        &self,
-        backend: &B,
-        stored: &Tensor<B>,
-        k: &FrameConsts<B>,
-    ) -> Result<Vec<Tensor<B>>, PreprocessError> {
+    pub fn forward(&self, backend: &B, stored: &Tensor<B>, k: &FrameConsts<B>) -> Result<Vec<Tensor<B>>, PreprocessError> {
         self.check(stored, k)?;
         Ok(self.model.forward_multi(backend, &[stored, &k.a, &k.b])?)
     }
 
     /// Per-sample objectives, the gradient w.r.t. the stored values, and the logits.
-    pub fn loss_and_stored_grad(
-        &self,
-        backend: &B,
-        stored: &Tensor<B>,
-        k: &FrameConsts<B>,
-        spec: LossSpec,
-        targets: &LossTargets<'_, B>,
-    ) -> Result<(Vec<f32>, Tensor<B>, Tensor<B>), PreprocessError> {
+    pub fn loss_and_stored_grad(&self, backend: &B, stored: &Tensor<B>, k: &FrameConsts<B>, spec: LossSpec, targets: &LossTargets<'_, B>) -> Result<(Vec<f32>, Tensor<B>, Tensor<B>), PreprocessError> {
         self.check(stored, k)?;
-        let (l, mut g, z) =
-            self.model
-                .loss_and_grads(backend, &[stored, &k.a, &k.b], spec, targets, &[0], &[])?;
+        let (l, mut g, z) = self.model.loss_and_grads(backend, &[stored, &k.a, &k.b], spec, targets, &[0], &[])?;
         Ok((l, g.inputs.swap_remove(0), z))
     }
 
     fn check(&self, stored: &Tensor<B>, k: &FrameConsts<B>) -> Result<(), PreprocessError> {
         let n = stored.shape.first().copied().unwrap_or(0);
         if k.a.shape[0] != n {
-            return Err(PreprocessError::FrameCount {
-                frames: k.a.shape[0],
-                n,
-            });
+            return Err(PreprocessError::FrameCount { frames: k.a.shape[0], n });
         }
         Ok(())
     }
@@ -342,32 +239,12 @@ mod tests {
     fn tiny(c: usize, h: usize, w: usize) -> Graph {
         let mut g = Graph::default();
         let x = g.add_input("x", vec![1, c, h, w]);
-        let wt: Vec<f32> = (0..2 * c * 9)
-            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 7.0)
-            .collect();
+        let wt: Vec<f32> = (0..2 * c * 9).map(|i| ((i * 7 % 11) as f32 - 5.0) / 7.0).collect();
         let wv = g.add_param("w", vec![2 * c, 1, 3, 3], wt);
-        let op = Op::Conv {
-            kernel: [3, 3],
-            stride: [1, 1],
-            dilation: [1, 1],
-            pad: super::super::ir::PadSpec::Explicit([1; 4]),
-            groups: c,
-        };
+        let op = Op::Conv { kernel: [3, 3], stride: [1, 1], dilation: [1, 1], pad: super::super::ir::PadSpec::Explicit([1; 4]), groups: c };
         let y = g.add_node("conv", op, vec![x, wv]).unwrap();
-        let y = g
-            .add_node("sq", Op::Binary(Binary::Mul), vec![y, y])
-            .unwrap();
-        let y = g
-            .add_node(
-                "gap",
-                Op::Reduce {
-                    axes: vec![2, 3],
-                    op: crate::runtime::backend::ReduceOp::Mean,
-                    keepdims: false,
-                },
-                vec![y],
-            )
-            .unwrap();
+        let y = g.add_node("sq", Op::Binary(Binary::Mul), vec![y, y]).unwrap();
+        let y = g.add_node("gap", Op::Reduce { axes: vec![2, 3], op: crate::runtime::backend::ReduceOp::Mean, keepdims: false }, vec![y]).unwrap();
         g.outputs.push(y);
         g
     }
@@ -396,25 +273,16 @@ mod tests {
         let per = in_hw[0] * in_hw[1];
         // Stored values 0..2000 so a soft-tissue window [-160, 240] after rescale (-1024)
         // leaves some pixels below, some inside, some above.
-        let stored: Vec<f32> = (0..n * per)
-            .map(|i| (i * 787 % 2000) as f32 + 0.25)
-            .collect();
+        let stored: Vec<f32> = (0..n * per).map(|i| (i * 787 % 2000) as f32 + 0.25).collect();
         let k = pipe.frame_consts(&b, &stored, frames).unwrap();
-        let st = tensor64(
-            stored.iter().map(|&v| v as f64).collect(),
-            &[n, 1, in_hw[0], in_hw[1]],
-        );
+        let st = tensor64(stored.iter().map(|&v| v as f64).collect(), &[n, 1, in_hw[0], in_hw[1]]);
         let wts: Vec<f64> = (0..n * 2 * c).map(|i| 1.0 + (i % 3) as f64).collect();
         let obj = |s: &[f64]| -> f64 {
-            let o = pipe
-                .forward(&b, &tensor64(s.to_vec(), &st.shape), &k)
-                .unwrap();
+            let o = pipe.forward(&b, &tensor64(s.to_vec(), &st.shape), &k).unwrap();
             data64(&o[0]).iter().zip(&wts).map(|(a, b)| a * b).sum()
         };
         let dense = tensor64(wts.clone(), &[n, 2 * c]);
-        let (_, g, _) = pipe
-            .loss_and_stored_grad(&b, &st, &k, LossSpec::Dense, &LossTargets::Dense(&dense))
-            .unwrap();
+        let (_, g, _) = pipe.loss_and_stored_grad(&b, &st, &k, LossSpec::Dense, &LossTargets::Dense(&dense)).unwrap();
         let g = data64(&g);
         let scale = g.iter().fold(0f64, |m, v| m.max(v.abs()));
         assert!(scale > 0.0);
@@ -428,104 +296,37 @@ mod tests {
             p[i] -= 2.0 * hh;
             let dn = obj(&p);
             let fd = (up - dn) / (2.0 * hh);
-            assert!(
-                (g[i] - fd).abs() <= 1e-5 * scale + 1e-4 * fd.abs(),
-                "stored[{i}]: grad {} vs fd {fd}",
-                g[i]
-            );
-            if g[i] == 0.0 {
-                zeros += 1
-            } else {
-                nonzeros += 1
-            }
+            assert!((g[i] - fd).abs() <= 1e-5 * scale + 1e-4 * fd.abs(), "stored[{i}]: grad {} vs fd {fd}", g[i]);
+            if g[i] == 0.0 { zeros += 1 } else { nonzeros += 1 }
         }
         if pipe.spec.clips() {
-            assert!(
-                zeros > 0 && nonzeros > 0,
-                "window test must hit pixels inside and outside ({zeros} zero, {nonzeros} non-zero)"
-            );
+            assert!(zeros > 0 && nonzeros > 0, "window test must hit pixels inside and outside ({zeros} zero, {nonzeros} non-zero)");
         }
     }
 
     #[test]
     fn window_resize_replicate_normalise_gradients_match_fd() {
-        let ct = FrameParams {
-            slope: 1.0,
-            intercept: -1024.0,
-            window: Some((40.0, 400.0)),
-        };
-        let ct2 = FrameParams {
-            slope: 0.5,
-            intercept: -500.0,
-            window: Some((100.0, 300.0)),
-        };
-        check_chain(
-            spec(3, [4, 4], WindowSpec::FromDicom, ResizeMode::Linear),
-            [6, 5],
-            &[ct, ct2],
-        );
-        check_chain(
-            spec(
-                1,
-                [3, 3],
-                WindowSpec::Fixed {
-                    center: 40.0,
-                    width: 400.0,
-                },
-                ResizeMode::Area,
-            ),
-            [7, 6],
-            &[ct],
-        );
-        check_chain(
-            spec(1, [4, 4], WindowSpec::MinMax, ResizeMode::Linear),
-            [5, 5],
-            &[ct, ct2],
-        );
-        check_chain(
-            spec(3, [5, 5], WindowSpec::None, ResizeMode::Linear),
-            [5, 5],
-            &[ct],
-        );
+        let ct = FrameParams { slope: 1.0, intercept: -1024.0, window: Some((40.0, 400.0)) };
+        let ct2 = FrameParams { slope: 0.5, intercept: -500.0, window: Some((100.0, 300.0)) };
+        check_chain(spec(3, [4, 4], WindowSpec::FromDicom, ResizeMode::Linear), [6, 5], &[ct, ct2]);
+        check_chain(spec(1, [3, 3], WindowSpec::Fixed { center: 40.0, width: 400.0 }, ResizeMode::Area), [7, 6], &[ct]);
+        check_chain(spec(1, [4, 4], WindowSpec::MinMax, ResizeMode::Linear), [5, 5], &[ct, ct2]);
+        check_chain(spec(3, [5, 5], WindowSpec::None, ResizeMode::Linear), [5, 5], &[ct]);
     }
 
     #[test]
     fn window_matches_dicom_formula_and_errors_are_typed() {
-        let s = spec(
-            1,
-            [2, 2],
-            WindowSpec::Fixed {
-                center: 40.0,
-                width: 400.0,
-            },
-            ResizeMode::Linear,
-        );
-        let f = FrameParams {
-            slope: 1.0,
-            intercept: -1024.0,
-            window: None,
-        };
+        let s = spec(1, [2, 2], WindowSpec::Fixed { center: 40.0, width: 400.0 }, ResizeMode::Linear);
+        let f = FrameParams { slope: 1.0, intercept: -1024.0, window: None };
         let (a, b) = s.frame_affine(0, &f, &[]).unwrap();
         // Stored 1064 -> HU 40 (the centre) -> (40 - 39.5)/399 + 0.5.
         let want = (40.0 - 39.5) / 399.0 + 0.5;
         assert!((a * 1064.0 + b - want).abs() < 1e-12);
         let d = spec(1, [2, 2], WindowSpec::FromDicom, ResizeMode::Linear);
-        assert!(matches!(
-            d.frame_affine(3, &f, &[]),
-            Err(PreprocessError::NoWindow { frame: 3 })
-        ));
-        let bad = FrameParams {
-            window: Some((0.0, 1.0)),
-            ..f
-        };
-        assert!(matches!(
-            d.frame_affine(0, &bad, &[]),
-            Err(PreprocessError::WindowWidth { .. })
-        ));
+        assert!(matches!(d.frame_affine(3, &f, &[]), Err(PreprocessError::NoWindow { frame: 3 })));
+        let bad = FrameParams { window: Some((0.0, 1.0)), ..f };
+        assert!(matches!(d.frame_affine(0, &bad, &[]), Err(PreprocessError::WindowWidth { .. })));
         let m = tiny(1, 3, 3);
-        assert!(matches!(
-            spec(1, [4, 4], WindowSpec::None, ResizeMode::Linear).build(&m, [4, 4]),
-            Err(PreprocessError::CardMismatch { .. })
-        ));
+        assert!(matches!(spec(1, [4, 4], WindowSpec::None, ResizeMode::Linear).build(&m, [4, 4]), Err(PreprocessError::CardMismatch { .. })));
     }
 }

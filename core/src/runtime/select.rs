@@ -57,10 +57,7 @@ pub fn resolve_choice(cli: Option<BackendChoice>) -> Result<BackendChoice, Selec
         return Ok(c);
     }
     match std::env::var(ENV) {
-        Ok(v) => v.parse().map_err(|e| SelectError::Env {
-            value: v,
-            source: Box::new(e),
-        }),
+        Ok(v) => v.parse().map_err(|e| SelectError::Env { value: v, source: Box::new(e) }),
         Err(_) => Ok(BackendChoice::Auto),
     }
 }
@@ -97,15 +94,9 @@ macro_rules! with_backend {
 pub fn select(choice: BackendChoice) -> Result<AnyBackend, SelectError> {
     let b = match choice {
         BackendChoice::Cpu => AnyBackend::Cpu(CpuBackend::new(None)),
-        BackendChoice::Gpu => AnyBackend::Gpu(GpuBackend::new(GpuOptions {
-            adapter: AdapterPolicy::HardwareOnly,
-        })?),
-        BackendChoice::GpuSoftware => AnyBackend::Gpu(GpuBackend::new(GpuOptions {
-            adapter: AdapterPolicy::SoftwareOnly,
-        })?),
-        BackendChoice::Auto => match GpuBackend::new(GpuOptions {
-            adapter: AdapterPolicy::HardwareOnly,
-        }) {
+        BackendChoice::Gpu => AnyBackend::Gpu(GpuBackend::new(GpuOptions { adapter: AdapterPolicy::HardwareOnly })?),
+        BackendChoice::GpuSoftware => AnyBackend::Gpu(GpuBackend::new(GpuOptions { adapter: AdapterPolicy::SoftwareOnly })?),
+        BackendChoice::Auto => match GpuBackend::new(GpuOptions { adapter: AdapterPolicy::HardwareOnly }) {
             Ok(g) => AnyBackend::Gpu(g),
             Err(e) => {
                 tracing::info!("backend auto: no hardware GPU ({e}); using the CPU backend");
@@ -124,33 +115,17 @@ mod tests {
     #[test]
     fn parses_choices_and_rejects_unknown() {
         assert_eq!("CPU".parse::<BackendChoice>().unwrap(), BackendChoice::Cpu);
-        assert_eq!(
-            "gpu-software".parse::<BackendChoice>().unwrap(),
-            BackendChoice::GpuSoftware
-        );
-        assert_eq!(
-            "auto".parse::<BackendChoice>().unwrap(),
-            BackendChoice::Auto
-        );
-        assert!(matches!(
-            "tpu".parse::<BackendChoice>(),
-            Err(SelectError::Unknown(_))
-        ));
-        assert_eq!(
-            resolve_choice(Some(BackendChoice::Cpu)).unwrap(),
-            BackendChoice::Cpu
-        );
+        assert_eq!("gpu-software".parse::<BackendChoice>().unwrap(), BackendChoice::GpuSoftware);
+        assert_eq!("auto".parse::<BackendChoice>().unwrap(), BackendChoice::Auto);
+        assert!(matches!("tpu".parse::<BackendChoice>(), Err(SelectError::Unknown(_))));
+        assert_eq!(resolve_choice(Some(BackendChoice::Cpu)).unwrap(), BackendChoice::Cpu);
     }
 
     #[test]
     fn auto_never_picks_a_software_adapter() {
         let b = select(BackendChoice::Auto).unwrap();
         if let AnyBackend::Gpu(g) = &b {
-            assert!(
-                !g.is_software(),
-                "auto picked {}",
-                crate::runtime::backend::Backend::describe(g)
-            );
+            assert!(!g.is_software(), "auto picked {}", crate::runtime::backend::Backend::describe(g));
         }
         let sw = select(BackendChoice::GpuSoftware).expect("lavapipe");
         assert!(matches!(sw, AnyBackend::Gpu(ref g) if g.is_software()));

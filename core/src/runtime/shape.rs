@@ -10,10 +10,7 @@ pub enum ShapeError {
     #[error("{0}")]
     Invalid(String),
     #[error("node `{node}`: {inner}")]
-    AtNode {
-        node: String,
-        inner: Box<ShapeError>,
-    },
+    AtNode { node: String, inner: Box<ShapeError> },
 }
 
 impl ShapeError {
