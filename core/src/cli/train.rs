@@ -28,6 +28,10 @@ pub struct TrainArgs {
     /// auto, cpu, gpu or gpu-software (default: $ADVERSE_BACKEND, else auto).
     #[arg(long)]
     pub backend: Option<BackendChoice>,
+    /// Stop after this many epochs in total (resume later with `--resume`); nothing is
+    /// evaluated or exported until the run is complete.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
     /// No progress bar (per-epoch lines are still printed).
     #[arg(long)]
     pub quiet: bool,
@@ -106,7 +110,7 @@ fn run_on<B: Backend>(b: &B, cfg: TrainConfig, a: &TrainArgs) -> anyhow::Result<
             tr.state.next_epoch + 1
         );
     }
-    tr.run(&train, val.as_ref(), !a.quiet, |s| {
+    tr.run(&train, val.as_ref(), !a.quiet, a.stop_after, |s| {
         let v = match (s.val_loss, s.val_accuracy) {
             (Some(l), Some(acc)) => format!(" val_loss {l:.4} val_acc {acc:.4}"),
             _ => String::new(),
@@ -121,6 +125,13 @@ fn run_on<B: Backend>(b: &B, cfg: TrainConfig, a: &TrainArgs) -> anyhow::Result<
         );
     })?;
     let seconds = t0.elapsed().as_secs_f64();
+    if !tr.finished() {
+        println!("stopped after epoch {} of {} ({seconds:.1}s); continue with --resume CHECKPOINT", tr.state.next_epoch, cfg.epochs);
+        if cfg.checkpoint.is_none() {
+            eprintln!("warning: the config has no `checkpoint:` path, so this run cannot be resumed");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if tr.state.stopped_early {
         eprintln!("early stopping after epoch {}", tr.state.next_epoch);
     }

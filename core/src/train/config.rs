@@ -148,6 +148,19 @@ pub struct AdversarialCfg {
     /// TRADES weight of the KL term.
     #[serde(default = "trades_beta")]
     pub beta: f32,
+    /// Ramp eps (and the step size) linearly from eps/warmup to eps over this many epochs: a
+    /// small CNN trained at full eps from random weights tends to collapse to a constant
+    /// prediction.
+    #[serde(default)]
+    pub warmup_epochs: usize,
+}
+
+impl AdversarialCfg {
+    /// The settings for `epoch` (0-based) after the warm-up ramp.
+    pub fn at_epoch(&self, epoch: usize) -> AdversarialCfg {
+        let f = if self.warmup_epochs == 0 { 1.0 } else { ((epoch + 1) as f32 / self.warmup_epochs as f32).min(1.0) };
+        AdversarialCfg { eps: Num(self.eps.0 * f), step_size: Num(self.step_size.0 * f), ..self.clone() }
+    }
 }
 
 fn mix_replace() -> AdvMix {

@@ -283,7 +283,15 @@ pub fn load_npz(path: &Path, split: &str) -> Result<Dataset, DataError> {
         [_, 1] => true,
         _ => false,
     };
-    if !lab_ok || labs.int_max.is_none() {
+    if labs.int_max.is_none() {
+        return Err(DataError::Dtype {
+            path: p,
+            name: lab_name,
+            dtype: "float".into(),
+            want: "integer labels",
+        });
+    }
+    if !lab_ok {
         return Err(DataError::Shape {
             path: p,
             name: lab_name,

@@ -259,6 +259,11 @@ impl<'b, B: Backend> Trainer<'b, B> {
         })
     }
 
+    /// Whether the configured epochs ran (or early stopping ended the run).
+    pub fn finished(&self) -> bool {
+        self.state.stopped_early || self.state.next_epoch >= self.cfg.epochs
+    }
+
     /// Continue from a checkpoint written by this same config.
     pub fn resume(&mut self, path: &Path) -> Result<(), TrainError> {
         let s = checkpoint::load(path, &self.fingerprint)?;
@@ -393,10 +398,12 @@ impl<'b, B: Backend> Trainer<'b, B> {
         train: &Dataset,
         val: Option<&Dataset>,
         progress: bool,
+        until: Option<usize>,
         mut on_epoch: impl FnMut(&EpochStats),
     ) -> Result<(), TrainError> {
         let cfg = self.cfg.clone();
-        while self.state.next_epoch < cfg.epochs && !self.state.stopped_early {
+        let end = cfg.epochs.min(until.unwrap_or(usize::MAX));
+        while self.state.next_epoch < end && !self.state.stopped_early {
             let epoch = self.state.next_epoch;
             let t0 = Instant::now();
             let lr = cfg.schedule.lr(cfg.lr, epoch, cfg.epochs);
@@ -559,4 +566,130 @@ fn fingerprint(cfg: &TrainConfig, g: &Graph) -> String {
         h.update(format!("{:?}", p.shape).as_bytes());
     }
     hex::encode(&h.finalize()[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::cpu::CpuBackend;
+    use crate::train::config::TrainConfig;
+
+    const CFG: &str = "seed: 3\nmodel:\n  builtin:\n    input: [1, 6, 6]\n    layers:\n      - conv: {out: 8, kernel: 3}\n      - relu\n      - flatten\n      - linear: {out: 2}\ndata:\n  npz: {path: unused.npz}\nepochs: 6\nbatch_size: 4\noptimizer: {sgd: {momentum: 0.0}}\nlr: 0.3\n";
+
+    /// 12 images: class 1 has a bright left half.
+    fn toy() -> Dataset {
+        let mut images = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..12 {
+            let l = (i % 2) as u32;
+            for p in 0..36 {
+                let bright = l == 1 && p % 6 < 3;
+                images.push(if bright { 0.8 } else { 0.2 } + 0.01 * ((i * 7 + p) % 5) as f32);
+            }
+            labels.push(l);
+        }
+        Dataset { images, labels, chw: [1, 6, 6], origin: "toy".into() }
+    }
+
+    fn trainer<'a>(b: &'a CpuBackend, extra: &str) -> Trainer<'a, CpuBackend> {
+        let cfg = TrainConfig::parse(&format!("{CFG}{extra}"), "t.yaml", Path::new(".")).unwrap();
+        let g = build_graph(&cfg).unwrap();
+        Trainer::new(b, cfg, g).unwrap()
+    }
+
+    fn mean_loss(t: &Trainer<'_, CpuBackend>, b: &CpuBackend, x: &[f32], y: &[u32]) -> f64 {
+        let xt = b.upload(x, &[y.len(), 1, 6, 6]);
+        let (l, _, _) = t.model.loss_and_param_grads(b, &xt, LossSpec::CrossEntropy { targeted: false }, &LossTargets::Classes(y), &[]).unwrap();
+        l.iter().map(|&v| v as f64).sum::<f64>() / y.len() as f64
+    }
+
+    #[test]
+    fn one_sgd_step_changes_the_loss_as_the_gradient_predicts() {
+        let b = CpuBackend::new(Some(1));
+        let mut t = trainer(&b, "");
+        let ds = toy();
+        let idx: Vec<usize> = (0..8).collect();
+        let (x, y) = ds.gather(&idx);
+        let all: Vec<usize> = (0..t.state.params.len()).collect();
+        let xt = b.upload(&x, &[8, 1, 6, 6]);
+        let (_, g, _) = t.model.loss_and_param_grads(&b, &xt, LossSpec::CrossEntropy { targeted: false }, &LossTargets::Classes(&y), &all).unwrap();
+        // First-order prediction of the mean loss change for w -= lr * g_mean: -lr * |g_mean|^2.
+        let gsq: f64 = g.iter().flat_map(|t| b.download(t)).map(|v| (v as f64 / 8.0).powi(2)).sum();
+        let lr = 0.01f32;
+        let before = mean_loss(&t, &b, &x, &y);
+        t.step(&x, &y, lr, 0).unwrap();
+        let after = mean_loss(&t, &b, &x, &y);
+        let predicted = -(lr as f64) * gsq;
+        assert!(after < before, "{before} -> {after}");
+        assert!(((after - before) - predicted).abs() < 0.1 * predicted.abs(), "change {} vs predicted {predicted}", after - before);
+    }
+
+    #[test]
+    fn training_learns_the_toy_task_and_resume_equals_uninterrupted() {
+        let b = CpuBackend::new(Some(1));
+        let ds = toy();
+        let mut full = trainer(&b, "");
+        full.run(&ds, Some(&ds), false, None, |_| {}).unwrap();
+        let acc = evaluate(&b, &full.final_model().unwrap(), &ds, 5).unwrap().accuracy;
+        assert_eq!(acc, 1.0);
+        assert_eq!(full.state.history.len(), 6);
+        assert!(full.state.history[5].train_loss < full.state.history[0].train_loss);
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("c.ckpt");
+        let extra = format!("checkpoint: {}\n", ck.display());
+        let mut first = trainer(&b, &extra);
+        first.run(&ds, Some(&ds), false, Some(1), |_| {}).unwrap();
+        assert!(!first.finished());
+        let mut second = trainer(&b, &extra);
+        second.resume(&ck).unwrap();
+        second.run(&ds, Some(&ds), false, None, |_| {}).unwrap();
+        assert_eq!(second.state.params, full.state.params);
+        assert_eq!(second.final_params(), full.final_params());
+    }
+
+    #[test]
+    fn trades_with_zero_beta_is_plain_cross_entropy() {
+        let b = CpuBackend::new(Some(1));
+        let t = trainer(&b, "adversarial: {method: trades, eps: 0.1, steps: 2, step_size: 0.05, beta: 0}\n");
+        let ds = toy();
+        let (x, y) = ds.gather(&[0, 1, 2, 3, 4]);
+        let xt = b.upload(&x, &[5, 1, 6, 6]);
+        let all: Vec<usize> = (0..t.state.params.len()).collect();
+        let a = t.cfg.adversarial.clone().unwrap();
+        let (l, g, _) = adversarial::trades_grads(&b, &t.model, &xt, &y, &a, [0.0, 1.0], 1).unwrap();
+        let (l2, g2, _) = t.model.loss_and_param_grads(&b, &xt, LossSpec::CrossEntropy { targeted: false }, &LossTargets::Classes(&y), &all).unwrap();
+        for (u, v) in l.iter().zip(&l2) {
+            assert!((u - v).abs() < 1e-5, "{u} vs {v}");
+        }
+        for (u, v) in g.iter().zip(&g2) {
+            for (p, q) in b.download(u).iter().zip(b.download(v)) {
+                assert!((p - q / 5.0).abs() < 1e-5, "{p} vs {}", q / 5.0);
+            }
+        }
+        // With beta > 0 the KL term adds gradient.
+        let a6 = AdversarialCfgExt::with_beta(&a, 6.0);
+        let (l6, _, _) = adversarial::trades_grads(&b, &t.model, &xt, &y, &a6, [0.0, 1.0], 1).unwrap();
+        assert!(l6.iter().zip(&l).all(|(p, q)| p >= q) && l6.iter().zip(&l).any(|(p, q)| p > q));
+    }
+
+    trait AdversarialCfgExt {
+        fn with_beta(&self, beta: f32) -> Self;
+    }
+    impl AdversarialCfgExt for crate::train::config::AdversarialCfg {
+        fn with_beta(&self, beta: f32) -> Self {
+            Self { beta, ..self.clone() }
+        }
+    }
+
+    #[test]
+    fn augmentation_is_seeded_and_keeps_values() {
+        let mut a: Vec<f32> = (0..2 * 16).map(|v| v as f32).collect();
+        let mut b2 = a.clone();
+        let cfg = crate::train::config::AugmentCfg { shift: 1, hflip: true };
+        augment(&mut a, [1, 4, 4], &cfg, 9);
+        augment(&mut b2, [1, 4, 4], &cfg, 9);
+        assert_eq!(a, b2);
+        // Values are only moved/replicated within each image.
+        assert!(a[..16].iter().all(|v| (0.0..16.0).contains(v)) && a[16..].iter().all(|v| (16.0..32.0).contains(v)));
+    }
 }

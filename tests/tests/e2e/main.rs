@@ -5,3 +5,4 @@ mod dicom_roundtrip;
 mod dicom_malformed;
 mod inspect;
 mod model;
+mod train;
