@@ -7,3 +7,4 @@ pub mod cli;
 pub mod dicom;
 pub mod plugin;
 pub mod runtime;
+pub mod train;

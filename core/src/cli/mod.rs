@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 pub mod inspect;
 pub mod model;
 pub mod plugins;
+pub mod train;
 
 /// Exit codes shared by every subcommand.
 pub mod exit {
@@ -67,6 +68,8 @@ pub enum Command {
     Plugins(plugins::PluginsArgs),
     /// Create a new plugin crate.
     Plugin(plugins::PluginArgs),
+    /// Train a classifier from a YAML config, evaluate it and export ONNX + model card.
+    Train(train::TrainArgs),
 }
 
 /// Parse arguments and run. Usage errors exit with [`exit::USAGE`].
@@ -89,5 +92,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Model(a) => model::run(a),
         Command::Plugins(a) => plugins::run(a),
         Command::Plugin(a) => plugins::run_new(a),
+        Command::Train(a) => train::run(a),
     }
 }

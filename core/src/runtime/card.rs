@@ -85,6 +85,14 @@ struct CardFile {
     logits: Option<OutputRef>,
     #[serde(default)]
     notes: Option<String>,
+    /// Provenance written by `adverse train` (command, seed, backend, timing); not interpreted.
+    #[serde(default)]
+    #[allow(dead_code)]
+    training: Option<serde_yaml::Value>,
+    /// Measured metrics written by `adverse train`; not interpreted.
+    #[serde(default)]
+    #[allow(dead_code)]
+    evaluation: Option<serde_yaml::Value>,
 }
 
 /// A validated model card.

@@ -16,4 +16,6 @@ pub mod reference;
 pub mod shape;
 pub mod card;
 pub mod preprocess;
+pub mod pgd;
+pub mod export;
 pub mod select;

@@ -6,3 +6,4 @@ mod dicom_roundtrip;
 mod inspect;
 mod model;
 mod plugins;
+mod train;
