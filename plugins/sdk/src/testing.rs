@@ -7,7 +7,7 @@
 //! cross-entropy and the CW margin; everything else follows the adverse host's semantics (the
 //! filters and random streams are the very same code, [`crate::cpu`]).
 //!
-//! ```ignore
+//! ```text
 //! let mut host = TestHost::new(vec![TestHost::frame(8, 8)]);
 //! let out = testing::run(adverse_plugin_library(), "median", &json!({"radius": 1}), &mut host, &img, [1, 1, 8, 8])?;
 //! ```
