@@ -200,6 +200,24 @@ fn rust_and_c_plugins_are_listed_loaded_and_run_on_real_frames() {
     ]);
     assert!(list.status.success(), "{}", stderr(&list));
     let text = stdout(&list);
+    // The same libraries through ADVERSE_PLUGIN_PATH (missing entries are skipped).
+    let path = std::env::join_paths([
+        Path::new(dir_of(&l.rust)),
+        Path::new("/nonexistent-adverse"),
+        Path::new(dir_of(&l.c)),
+    ])
+    .unwrap();
+    let env_list = Command::new(adverse_bin())
+        .args(["plugins", "list"])
+        .env("ADVERSE_PLUGIN_PATH", &path)
+        .output()
+        .expect("run adverse");
+    assert!(env_list.status.success(), "{}", stderr(&env_list));
+    assert_eq!(
+        stdout(&env_list),
+        text,
+        "env search path lists the same plugins"
+    );
     for (name, kind) in [
         ("median", "purifier"),
         ("gaussian", "purifier"),
