@@ -291,6 +291,24 @@ impl Instance {
                 }
                 Some(t)
             }
+            None if matches!(
+                self.handle.kind,
+                adverse_plugin_sdk::Kind::Attack | adverse_plugin_sdk::Kind::Purifier
+            ) =>
+            {
+                return Err(PluginError::Contract {
+                    plugin: self.handle.name.clone(),
+                    message: format!(
+                        "a{} {} must set an output (set_output), none was set",
+                        if self.handle.kind == adverse_plugin_sdk::Kind::Attack {
+                            "n"
+                        } else {
+                            ""
+                        },
+                        self.handle.kind
+                    ),
+                });
+            }
             None => None,
         };
         Ok(BatchOutput {

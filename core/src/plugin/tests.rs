@@ -15,6 +15,7 @@ use serde_json::json;
 use super::host::{BatchInput, Instance, PluginBackend};
 use super::loader::{Pins, PluginLibrary};
 use super::{PluginError, PluginHandle};
+use crate::runtime::backend::Backend;
 use crate::runtime::cpu::CpuBackend;
 use crate::runtime::gpu::{AdapterPolicy, GpuBackend, GpuOptions};
 
@@ -291,5 +292,65 @@ fn pins_are_parsed_and_enforced() {
             .unwrap()
             .check(&h)
             .is_ok()
+    );
+}
+
+/// A hand-written (C-style) purifier whose process succeeds without setting an output.
+unsafe extern "C" fn silent_create(
+    _h: *const abi::AdvHost,
+    _p: *const std::ffi::c_char,
+    _l: usize,
+    out: *mut *mut std::ffi::c_void,
+) -> abi::AdvStatus {
+    // SAFETY: the host passes a writable out pointer; any non-null value is a valid instance here.
+    unsafe { *out = std::ptr::NonNull::<u8>::dangling().as_ptr().cast() };
+    abi::ADV_OK
+}
+unsafe extern "C" fn silent_process(
+    _i: *mut std::ffi::c_void,
+    _h: *const abi::AdvHost,
+    _b: *const abi::AdvBatch,
+) -> abi::AdvStatus {
+    abi::ADV_OK
+}
+unsafe extern "C" fn silent_destroy(_i: *mut std::ffi::c_void) {}
+
+#[test]
+fn a_purifier_that_sets_no_output_breaks_the_contract() {
+    let descs: &'static [abi::AdvPluginDesc] = Box::leak(Box::new([abi::AdvPluginDesc {
+        size: std::mem::size_of::<abi::AdvPluginDesc>() as u32,
+        kind: abi::ADV_KIND_PURIFIER,
+        name: c"silent".as_ptr(),
+        version: c"0".as_ptr(),
+        description: c"sets no output".as_ptr(),
+        param_schema: c"{}".as_ptr(),
+        create: Some(silent_create),
+        process: Some(silent_process),
+        destroy: Some(silent_destroy),
+    }]));
+    let lib: &'static AdvLibrary = Box::leak(Box::new(AdvLibrary {
+        abi: super::host_abi(),
+        size: std::mem::size_of::<AdvLibrary>() as u32,
+        plugin_count: 1,
+        plugins: descs.as_ptr(),
+        plugin_desc_size: std::mem::size_of::<abi::AdvPluginDesc>() as u32,
+    }));
+    let h = Arc::new(PluginLibrary::in_process("silent", lib).unwrap().remove(0));
+    let b = CpuBackend::new(Some(1));
+    let mut inst = Instance::create(h, &json!({}), &b).unwrap();
+    let input = b.upload(&[1.0], &[1, 1, 1, 1]);
+    let err = inst
+        .process(BatchInput {
+            backend: &b,
+            frames: vec![frame(1, 1)],
+            input,
+            model: None,
+            seed: 0,
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("plugin `silent`: a purifier must set an output"),
+        "{err}"
     );
 }
