@@ -129,7 +129,12 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
 
 pub fn run_new(args: PluginArgs) -> anyhow::Result<ExitCode> {
     match args.cmd {
-        PluginCmd::New { name, kind, dir, sdk_path } => scaffold(&name, kind, &dir, sdk_path),
+        PluginCmd::New {
+            name,
+            kind,
+            dir,
+            sdk_path,
+        } => scaffold(&name, kind, &dir, sdk_path),
     }
 }
 
@@ -156,16 +161,31 @@ fn list(search: &SearchArgs, json: bool) -> anyhow::Result<ExitCode> {
             });
             writeln!(out, "{v}")?;
         } else {
-            writeln!(out, "{}\t{}\t{}\tabi {}\t{}", p.name, p.kind, p.version, abi_string(p.library.abi), p.library.path.display())?;
+            writeln!(
+                out,
+                "{}\t{}\t{}\tabi {}\t{}",
+                p.name,
+                p.kind,
+                p.version,
+                abi_string(p.library.abi),
+                p.library.path.display()
+            )?;
         }
     }
     for e in &reg.refused {
         eprintln!("adverse plugins: refused: {e}");
     }
     if reg.plugins.is_empty() && reg.refused.is_empty() {
-        eprintln!("adverse plugins: no plugins found (search path: {})", reg.searched);
+        eprintln!(
+            "adverse plugins: no plugins found (search path: {})",
+            reg.searched
+        );
     }
-    Ok(ExitCode::from(if reg.refused.is_empty() { exit::OK } else { exit::SOME_FAILED }))
+    Ok(ExitCode::from(if reg.refused.is_empty() {
+        exit::OK
+    } else {
+        exit::SOME_FAILED
+    }))
 }
 
 fn info(name: &str, search: &SearchArgs) -> anyhow::Result<ExitCode> {
@@ -178,16 +198,24 @@ fn info(name: &str, search: &SearchArgs) -> anyhow::Result<ExitCode> {
     println!("kind: {}", p.kind);
     println!("version: {}", p.version);
     println!("description: {}", p.description);
-    println!("abi: {} (host {})", abi_string(p.library.abi), abi_string(host_abi()));
+    println!(
+        "abi: {} (host {})",
+        abi_string(p.library.abi),
+        abi_string(host_abi())
+    );
     println!("library: {}", p.library.path.display());
     println!("sha256: {}", p.library.sha256);
-    println!("parameters: {}", serde_json::to_string_pretty(&p.schema).unwrap_or_else(|_| p.schema_text.clone()));
+    println!(
+        "parameters: {}",
+        serde_json::to_string_pretty(&p.schema).unwrap_or_else(|_| p.schema_text.clone())
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 fn parse_params(text: &str) -> anyhow::Result<Value> {
     let body = match text.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read parameters file {path}"))?,
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read parameters file {path}"))?,
         None => text.to_string(),
     };
     serde_json::from_str(&body).with_context(|| format!("--params is not valid JSON: {body}"))
@@ -199,7 +227,9 @@ fn run_plugin(a: RunArgs) -> anyhow::Result<ExitCode> {
         Ok(p) => p,
         Err(e) => return usage(format!("{e:#}")),
     };
-    let handle = match Pins::parse(&a.search.pin).and_then(|pins| registry(&a.search)?.get(&a.name, &pins)) {
+    let handle = match Pins::parse(&a.search.pin)
+        .and_then(|pins| registry(&a.search)?.get(&a.name, &pins))
+    {
         Ok(h) => h,
         Err(e) => return usage(e),
     };
@@ -215,14 +245,23 @@ fn run_plugin(a: RunArgs) -> anyhow::Result<ExitCode> {
             let graph = crate::runtime::onnx::load(m)?;
             let cp = card_path(m);
             if !cp.exists() {
-                bail!("{}: the model services need its card {}", m.display(), cp.display());
+                bail!(
+                    "{}: the model services need its card {}",
+                    m.display(),
+                    cp.display()
+                );
             }
             let card = ModelCard::load(&cp)?;
             let logits_output = card.logits_index(&graph)?;
-            Some(RunModel { graph, card, logits_output })
+            Some(RunModel {
+                graph,
+                card,
+                logits_output,
+            })
         }
     };
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
     let backend = select::select(select::resolve_choice(a.backend)?)?;
     eprintln!("backend: {}", backend.describe());
     let opts = RunOptions {
@@ -238,14 +277,24 @@ fn run_plugin(a: RunArgs) -> anyhow::Result<ExitCode> {
     crate::with_backend!(&backend, |b| run_on(b, handle, &a.files, &opts))
 }
 
-fn run_on<B: PluginBackend>(b: &B, handle: std::sync::Arc<crate::plugin::PluginHandle>, files: &[PathBuf], opts: &RunOptions) -> anyhow::Result<ExitCode> {
+fn run_on<B: PluginBackend>(
+    b: &B,
+    handle: std::sync::Arc<crate::plugin::PluginHandle>,
+    files: &[PathBuf],
+    opts: &RunOptions,
+) -> anyhow::Result<ExitCode> {
     let mut instance = match Instance::create(handle, &opts.params, b) {
         Ok(i) => i,
         Err(e) => return usage(e),
     };
     let report = runner::run_files(b, &mut instance, files, opts);
     drop(instance);
-    runner::write_report(&opts.out_dir, &report).with_context(|| format!("cannot write the result files in {}", opts.out_dir.display()))?;
+    runner::write_report(&opts.out_dir, &report).with_context(|| {
+        format!(
+            "cannot write the result files in {}",
+            opts.out_dir.display()
+        )
+    })?;
     let mut out = std::io::stdout().lock();
     for r in &report.rows {
         writeln!(out, "{}", serde_json::to_string(r)?)?;
@@ -253,7 +302,11 @@ fn run_on<B: PluginBackend>(b: &B, handle: std::sync::Arc<crate::plugin::PluginH
             eprintln!("adverse plugins run: {}: {e}", r.file);
         }
     }
-    Ok(ExitCode::from(if report.failed_files > 0 { exit::SOME_FAILED } else { exit::OK }))
+    Ok(ExitCode::from(if report.failed_files > 0 {
+        exit::SOME_FAILED
+    } else {
+        exit::OK
+    }))
 }
 
 // ---- scaffolding ---------------------------------------------------------------------------------
@@ -262,7 +315,10 @@ fn default_sdk_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("ADVERSE_SDK_PATH") {
         return Some(PathBuf::from(p));
     }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("plugins").join("sdk");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("plugins")
+        .join("sdk");
     p.canonicalize().ok()
 }
 
@@ -271,26 +327,46 @@ fn camel(name: &str) -> String {
         .filter(|s| !s.is_empty())
         .map(|s| {
             let mut c = s.chars();
-            c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
         })
         .collect()
 }
 
-fn scaffold(name: &str, kind: ScaffoldKind, dir: &Path, sdk: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_') || name.starts_with(|c: char| c.is_ascii_digit()) {
-        return usage(format!("plugin name {name:?}: use [a-z0-9_-], starting with a letter"));
+fn scaffold(
+    name: &str,
+    kind: ScaffoldKind,
+    dir: &Path,
+    sdk: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        || name.starts_with(|c: char| c.is_ascii_digit())
+    {
+        return usage(format!(
+            "plugin name {name:?}: use [a-z0-9_-], starting with a letter"
+        ));
     }
     let Some(sdk) = sdk.or_else(default_sdk_path) else {
-        return usage("cannot find the adverse-plugin-sdk crate: give --sdk-path or set ADVERSE_SDK_PATH");
+        return usage(
+            "cannot find the adverse-plugin-sdk crate: give --sdk-path or set ADVERSE_SDK_PATH",
+        );
     };
     if !sdk.join("Cargo.toml").exists() {
-        return usage(format!("{} is not the adverse-plugin-sdk crate (no Cargo.toml)", sdk.display()));
+        return usage(format!(
+            "{} is not the adverse-plugin-sdk crate (no Cargo.toml)",
+            sdk.display()
+        ));
     }
     let root = dir.join(name);
     if root.exists() {
         return usage(format!("{} already exists", root.display()));
     }
-    std::fs::create_dir_all(root.join("src")).with_context(|| format!("cannot create {}", root.display()))?;
+    std::fs::create_dir_all(root.join("src"))
+        .with_context(|| format!("cannot create {}", root.display()))?;
     let sdk_str = sdk.display().to_string().replace('\\', "/");
     let ty = camel(name);
     let files = [
@@ -300,9 +376,14 @@ fn scaffold(name: &str, kind: ScaffoldKind, dir: &Path, sdk: Option<PathBuf>) ->
         (".gitignore", "/target\n".to_string()),
     ];
     for (rel, text) in files {
-        std::fs::write(root.join(rel), text).with_context(|| format!("cannot write {}", root.join(rel).display()))?;
+        std::fs::write(root.join(rel), text)
+            .with_context(|| format!("cannot write {}", root.join(rel).display()))?;
     }
-    println!("created {} ({} plugin `{name}`, SDK at {sdk_str})", root.display(), kind_name(kind));
+    println!(
+        "created {} ({} plugin `{name}`, SDK at {sdk_str})",
+        root.display(),
+        kind_name(kind)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -315,7 +396,12 @@ fn kind_name(k: ScaffoldKind) -> &'static str {
 }
 
 fn readme(name: &str, kind: ScaffoldKind, sdk: &str) -> String {
-    let lib = format!("{}{}.{}", std::env::consts::DLL_PREFIX, name.replace('-', "_"), std::env::consts::DLL_EXTENSION);
+    let lib = format!(
+        "{}{}.{}",
+        std::env::consts::DLL_PREFIX,
+        name.replace('-', "_"),
+        std::env::consts::DLL_EXTENSION
+    );
     format!(
         "# {name}\n\nAn adverse {} plugin. `cargo test` runs it in-process against the SDK's test host;\n`cargo build` makes `target/debug/{lib}`, which the host loads with\n`adverse plugins run {name} --plugin-dir target/debug --out OUT FILE.dcm`.\nSee the SDK tutorial: {sdk}/README.md\n",
         kind_name(kind)

@@ -13,7 +13,9 @@ use std::ffi::{c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
-use adverse_plugin_sdk::abi::{self, AdvBatch, AdvFrameMeta, AdvHost, AdvShaderCall, AdvStatus, AdvTensor};
+use adverse_plugin_sdk::abi::{
+    self, AdvBatch, AdvFrameMeta, AdvHost, AdvShaderCall, AdvStatus, AdvTensor,
+};
 use adverse_plugin_sdk::{FrameMeta, cpu};
 use serde_json::Value;
 
@@ -61,7 +63,14 @@ impl PluginBackend for GpuBackend {
     }
     fn run_wgsl(&self, req: &ShaderRequest<'_, Self>) -> Result<Tensor<Self>, String> {
         let inputs: Vec<&Tensor<Self>> = req.inputs.iter().collect();
-        self.run_custom_wgsl(req.wgsl, req.entry, &inputs, req.params, &req.out_shape, req.workgroups)
+        self.run_custom_wgsl(
+            req.wgsl,
+            req.entry,
+            &inputs,
+            req.params,
+            &req.out_shape,
+            req.workgroups,
+        )
     }
 }
 
@@ -69,7 +78,13 @@ impl PluginBackend for GpuBackend {
 /// the frames of the current batch.
 pub trait BatchModel<B: Backend> {
     fn forward(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>, String>;
-    fn loss_grad(&self, b: &B, x: &Tensor<B>, spec: LossSpec, targets: &[u32]) -> Result<(Vec<f32>, Tensor<B>), String>;
+    fn loss_grad(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        spec: LossSpec,
+        targets: &[u32],
+    ) -> Result<(Vec<f32>, Tensor<B>), String>;
 }
 
 /// Everything a `process` call may see.
@@ -130,7 +145,10 @@ impl<'a, B: PluginBackend> State<'a, B> {
     }
 
     fn get(&self, t: AdvTensor) -> Result<Tensor<B>, String> {
-        self.tensors.get(&t).cloned().ok_or_else(|| format!("unknown tensor handle {t}"))
+        self.tensors
+            .get(&t)
+            .cloned()
+            .ok_or_else(|| format!("unknown tensor handle {t}"))
     }
 
     fn table(&mut self) -> AdvHost {
@@ -177,7 +195,9 @@ pub struct Instance {
 
 impl std::fmt::Debug for Instance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Instance").field("plugin", &self.handle.name).finish_non_exhaustive()
+        f.debug_struct("Instance")
+            .field("plugin", &self.handle.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -191,7 +211,11 @@ impl Drop for Instance {
 
 impl Instance {
     /// Validates `params` against the schema, then creates the plugin.
-    pub fn create<B: PluginBackend>(handle: Arc<PluginHandle>, params: &Value, backend: &B) -> Result<Instance, PluginError> {
+    pub fn create<B: PluginBackend>(
+        handle: Arc<PluginHandle>,
+        params: &Value,
+        backend: &B,
+    ) -> Result<Instance, PluginError> {
         handle.validate_params(params)?;
         let json = params.to_string();
         let mut st = State::new(backend, &handle.name);
@@ -201,10 +225,17 @@ impl Instance {
         // parameters as (ptr, len), and a writable out pointer.
         let status = unsafe { (handle.create)(&table, json.as_ptr().cast(), json.len(), &mut ptr) };
         if status != abi::ADV_OK {
-            return Err(PluginError::Create { plugin: handle.name.clone(), status, message: message_or_status(&st.plugin_error, status) });
+            return Err(PluginError::Create {
+                plugin: handle.name.clone(),
+                status,
+                message: message_or_status(&st.plugin_error, status),
+            });
         }
         if ptr.is_null() {
-            return Err(PluginError::Contract { plugin: handle.name.clone(), message: "create succeeded but returned no instance".into() });
+            return Err(PluginError::Contract {
+                plugin: handle.name.clone(),
+                message: "create succeeded but returned no instance".into(),
+            });
         }
         Ok(Instance { handle, ptr })
     }
@@ -214,7 +245,10 @@ impl Instance {
     }
 
     /// Runs one batch. Every handle the plugin created is released when this returns.
-    pub fn process<B: PluginBackend>(&mut self, batch: BatchInput<'_, B>) -> Result<BatchOutput<B>, PluginError> {
+    pub fn process<B: PluginBackend>(
+        &mut self,
+        batch: BatchInput<'_, B>,
+    ) -> Result<BatchOutput<B>, PluginError> {
         let n = batch.frames.len();
         let mut st = State::new(batch.backend, &self.handle.name);
         st.frames = batch.frames;
@@ -223,25 +257,64 @@ impl Instance {
         st.audit = vec![BTreeMap::new(); n];
         let in_shape = batch.input.shape.clone();
         let input = st.put(batch.input);
-        let raw = AdvBatch { size: std::mem::size_of::<AdvBatch>() as u32, frames: n as u32, input, seed: batch.seed };
+        let raw = AdvBatch {
+            size: std::mem::size_of::<AdvBatch>() as u32,
+            frames: n as u32,
+            input,
+            seed: batch.seed,
+        };
         let table = st.table();
         // SAFETY: per the ABI: the instance from create, a host table whose ctx (`st`) outlives
         // the call, and a valid batch. `&mut self` serialises calls on the instance.
         let status = unsafe { (self.handle.process)(self.ptr, &table, &raw) };
         if status != abi::ADV_OK {
-            return Err(PluginError::Process { plugin: self.handle.name.clone(), status, message: message_or_status(&st.plugin_error, status) });
+            return Err(PluginError::Process {
+                plugin: self.handle.name.clone(),
+                status,
+                message: message_or_status(&st.plugin_error, status),
+            });
         }
         let output = match st.output {
             Some(id) => {
-                let t = st.get(id).map_err(|m| PluginError::Contract { plugin: self.handle.name.clone(), message: m })?;
+                let t = st.get(id).map_err(|m| PluginError::Contract {
+                    plugin: self.handle.name.clone(),
+                    message: m,
+                })?;
                 if t.shape != in_shape {
-                    return Err(PluginError::Contract { plugin: self.handle.name.clone(), message: format!("output shape {:?} differs from the input's {in_shape:?}", t.shape) });
+                    return Err(PluginError::Contract {
+                        plugin: self.handle.name.clone(),
+                        message: format!(
+                            "output shape {:?} differs from the input's {in_shape:?}",
+                            t.shape
+                        ),
+                    });
                 }
                 Some(t)
             }
+            None if matches!(
+                self.handle.kind,
+                adverse_plugin_sdk::Kind::Attack | adverse_plugin_sdk::Kind::Purifier
+            ) =>
+            {
+                return Err(PluginError::Contract {
+                    plugin: self.handle.name.clone(),
+                    message: format!(
+                        "a{} {} must set an output (set_output), none was set",
+                        if self.handle.kind == adverse_plugin_sdk::Kind::Attack {
+                            "n"
+                        } else {
+                            ""
+                        },
+                        self.handle.kind
+                    ),
+                });
+            }
             None => None,
         };
-        Ok(BatchOutput { output, audit: std::mem::take(&mut st.audit) })
+        Ok(BatchOutput {
+            output,
+            audit: std::mem::take(&mut st.audit),
+        })
     }
 }
 
@@ -260,7 +333,10 @@ fn message_or_status(msg: &str, status: AdvStatus) -> String {
 // ---- services --------------------------------------------------------------------------------
 
 /// Runs a service body on the state, mapping errors and panics to a status plus message.
-fn svc<B: PluginBackend>(ctx: *mut c_void, f: impl FnOnce(&mut State<'_, B>) -> Result<(), String>) -> AdvStatus {
+fn svc<B: PluginBackend>(
+    ctx: *mut c_void,
+    f: impl FnOnce(&mut State<'_, B>) -> Result<(), String>,
+) -> AdvStatus {
     if ctx.is_null() {
         return abi::ADV_ERR_INVALID;
     }
@@ -275,7 +351,10 @@ fn svc<B: PluginBackend>(ctx: *mut c_void, f: impl FnOnce(&mut State<'_, B>) -> 
             abi::ADV_ERR_INVALID
         }
         Err(p) => {
-            st.service_error = format!("host service failed internally: {}", adverse_plugin_sdk::__private::panic_message(p.as_ref()));
+            st.service_error = format!(
+                "host service failed internally: {}",
+                adverse_plugin_sdk::__private::panic_message(p.as_ref())
+            );
             abi::ADV_ERR_FAILED
         }
     }
@@ -286,7 +365,11 @@ fn text(p: *const c_char, len: usize) -> Result<String, String> {
         return Err("string argument longer than 1 MiB".into());
     }
     if p.is_null() {
-        return if len == 0 { Ok(String::new()) } else { Err("null string pointer".into()) };
+        return if len == 0 {
+            Ok(String::new())
+        } else {
+            Err("null string pointer".into())
+        };
     }
     // SAFETY: the plugin passes (ptr, len) of a string it owns, per the ABI.
     let b = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) };
@@ -306,7 +389,9 @@ fn shape_arg(shape: *const u64, ndim: u32) -> Result<Vec<usize>, String> {
         .collect();
     match dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
         Some(n) if n <= MAX_ELEMENTS => Ok(dims),
-        _ => Err(format!("shape {dims:?} exceeds the {MAX_ELEMENTS}-element limit")),
+        _ => Err(format!(
+            "shape {dims:?} exceeds the {MAX_ELEMENTS}-element limit"
+        )),
     }
 }
 
@@ -319,18 +404,29 @@ fn store(out: *mut AdvTensor, id: AdvTensor) -> Result<(), String> {
     Ok(())
 }
 
-fn two<B: PluginBackend>(st: &State<'_, B>, a: AdvTensor, b: AdvTensor) -> Result<(Tensor<B>, Tensor<B>), String> {
+fn two<B: PluginBackend>(
+    st: &State<'_, B>,
+    a: AdvTensor,
+    b: AdvTensor,
+) -> Result<(Tensor<B>, Tensor<B>), String> {
     let (x, y) = (st.get(a)?, st.get(b)?);
     if x.shape != y.shape {
         return Err(format!("shapes differ: {:?} vs {:?}", x.shape, y.shape));
     }
     if x.shape.is_empty() || x.shape[0] == 0 {
-        return Err(format!("per-sample ops need a leading batch axis, got {:?}", x.shape));
+        return Err(format!(
+            "per-sample ops need a leading batch axis, got {:?}",
+            x.shape
+        ));
     }
     Ok((x, y))
 }
 
-fn put_out<B: PluginBackend>(st: &mut State<'_, B>, out: *mut AdvTensor, t: Tensor<B>) -> Result<(), String> {
+fn put_out<B: PluginBackend>(
+    st: &mut State<'_, B>,
+    out: *mut AdvTensor,
+    t: Tensor<B>,
+) -> Result<(), String> {
     let id = st.put(t);
     store(out, id)
 }
@@ -342,21 +438,32 @@ unsafe extern "C" fn set_error<B: PluginBackend>(ctx: *mut c_void, msg: *const c
     });
 }
 
-unsafe extern "C" fn last_error<B: PluginBackend>(ctx: *mut c_void, buf: *mut c_char, cap: usize) -> usize {
+unsafe extern "C" fn last_error<B: PluginBackend>(
+    ctx: *mut c_void,
+    buf: *mut c_char,
+    cap: usize,
+) -> usize {
     let mut n = 0;
     svc::<B>(ctx, |st| {
         let b = st.service_error.as_bytes();
         n = b.len();
         if !buf.is_null() {
             // SAFETY: the plugin's buffer holds `cap` bytes.
-            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), buf.cast::<u8>(), b.len().min(cap)) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(b.as_ptr(), buf.cast::<u8>(), b.len().min(cap))
+            };
         }
         Ok(())
     });
     n
 }
 
-unsafe extern "C" fn log<B: PluginBackend>(ctx: *mut c_void, level: u32, msg: *const c_char, len: usize) {
+unsafe extern "C" fn log<B: PluginBackend>(
+    ctx: *mut c_void,
+    level: u32,
+    msg: *const c_char,
+    len: usize,
+) {
     svc::<B>(ctx, |st| {
         let m = text(msg, len)?;
         let p = &st.plugin;
@@ -379,14 +486,28 @@ unsafe extern "C" fn backend_kind<B: PluginBackend>(ctx: *mut c_void) -> u32 {
     k
 }
 
-unsafe extern "C" fn frame_meta<B: PluginBackend>(ctx: *mut c_void, index: u32, out: *mut AdvFrameMeta) -> AdvStatus {
+unsafe extern "C" fn frame_meta<B: PluginBackend>(
+    ctx: *mut c_void,
+    index: u32,
+    out: *mut AdvFrameMeta,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
-        let m = st.frames.get(index as usize).ok_or_else(|| format!("frame {index} out of range ({} frames)", st.frames.len()))?;
-        adverse_plugin_sdk::write_frame_meta(out, &m.to_raw())
+        let m = st
+            .frames
+            .get(index as usize)
+            .ok_or_else(|| format!("frame {index} out of range ({} frames)", st.frames.len()))?;
+        // SAFETY: `out` comes from the plugin's frame_meta call, which the ABI requires to point
+        // to an AdvFrameMeta with its `size` set.
+        unsafe { adverse_plugin_sdk::write_frame_meta(out, &m.to_raw()) }
     })
 }
 
-unsafe extern "C" fn tensor_zeros<B: PluginBackend>(ctx: *mut c_void, shape: *const u64, ndim: u32, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn tensor_zeros<B: PluginBackend>(
+    ctx: *mut c_void,
+    shape: *const u64,
+    ndim: u32,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         let s = shape_arg(shape, ndim)?;
         let t = st.backend.zeros(&s);
@@ -394,7 +515,14 @@ unsafe extern "C" fn tensor_zeros<B: PluginBackend>(ctx: *mut c_void, shape: *co
     })
 }
 
-unsafe extern "C" fn tensor_upload<B: PluginBackend>(ctx: *mut c_void, data: *const f32, len: usize, shape: *const u64, ndim: u32, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn tensor_upload<B: PluginBackend>(
+    ctx: *mut c_void,
+    data: *const f32,
+    len: usize,
+    shape: *const u64,
+    ndim: u32,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         let s = shape_arg(shape, ndim)?;
         if s.iter().product::<usize>() != len || (data.is_null() && len > 0) {
@@ -411,11 +539,19 @@ unsafe extern "C" fn tensor_upload<B: PluginBackend>(ctx: *mut c_void, data: *co
     })
 }
 
-unsafe extern "C" fn tensor_download<B: PluginBackend>(ctx: *mut c_void, t: AdvTensor, out: *mut f32, len: usize) -> AdvStatus {
+unsafe extern "C" fn tensor_download<B: PluginBackend>(
+    ctx: *mut c_void,
+    t: AdvTensor,
+    out: *mut f32,
+    len: usize,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         let x = st.get(t)?;
         if x.len() != len || (out.is_null() && len > 0) {
-            return Err(format!("download of {} values into a buffer of {len}", x.len()));
+            return Err(format!(
+                "download of {} values into a buffer of {len}",
+                x.len()
+            ));
         }
         let d = st.backend.download(&x);
         // SAFETY: out holds `len` floats (checked equal to d.len()).
@@ -424,10 +560,19 @@ unsafe extern "C" fn tensor_download<B: PluginBackend>(ctx: *mut c_void, t: AdvT
     })
 }
 
-unsafe extern "C" fn tensor_shape<B: PluginBackend>(ctx: *mut c_void, t: AdvTensor, shape: *mut u64, cap: u32, ndim: *mut u32) -> AdvStatus {
+unsafe extern "C" fn tensor_shape<B: PluginBackend>(
+    ctx: *mut c_void,
+    t: AdvTensor,
+    shape: *mut u64,
+    cap: u32,
+    ndim: *mut u32,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         let x = st.get(t)?;
-        if ndim.is_null() || x.shape.len() > cap as usize || (shape.is_null() && !x.shape.is_empty()) {
+        if ndim.is_null()
+            || x.shape.len() > cap as usize
+            || (shape.is_null() && !x.shape.is_empty())
+        {
             return Err(format!("shape buffer of {cap} for rank {}", x.shape.len()));
         }
         // SAFETY: shape holds `cap` >= rank entries; ndim is non-null.
@@ -446,11 +591,21 @@ unsafe extern "C" fn tensor_free<B: PluginBackend>(ctx: *mut c_void, t: AdvTenso
         if st.output == Some(t) {
             return Err("cannot free the tensor set as output".into());
         }
-        st.tensors.remove(&t).map(|_| ()).ok_or_else(|| format!("unknown tensor handle {t}"))
+        st.tensors
+            .remove(&t)
+            .map(|_| ())
+            .ok_or_else(|| format!("unknown tensor handle {t}"))
     })
 }
 
-unsafe extern "C" fn axpby<B: PluginBackend>(ctx: *mut c_void, a: f32, x: AdvTensor, b: f32, y: AdvTensor, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn axpby<B: PluginBackend>(
+    ctx: *mut c_void,
+    a: f32,
+    x: AdvTensor,
+    b: f32,
+    y: AdvTensor,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         let (x, y) = (st.get(x)?, st.get(y)?);
         if x.shape != y.shape {
@@ -464,7 +619,13 @@ unsafe extern "C" fn axpby<B: PluginBackend>(ctx: *mut c_void, a: f32, x: AdvTen
     })
 }
 
-unsafe extern "C" fn sign_step<B: PluginBackend>(ctx: *mut c_void, x: AdvTensor, g: AdvTensor, alpha: f32, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn sign_step<B: PluginBackend>(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    g: AdvTensor,
+    alpha: f32,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         let (x, g) = two(st, x, g)?;
         let r = st.backend.sign_step(&x, &g, alpha);
@@ -472,7 +633,13 @@ unsafe extern "C" fn sign_step<B: PluginBackend>(ctx: *mut c_void, x: AdvTensor,
     })
 }
 
-unsafe extern "C" fn l2_step<B: PluginBackend>(ctx: *mut c_void, x: AdvTensor, g: AdvTensor, alpha: f32, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn l2_step<B: PluginBackend>(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    g: AdvTensor,
+    alpha: f32,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         let (x, g) = two(st, x, g)?;
         let r = st.backend.l2_step(&x, &g, alpha);
@@ -489,7 +656,14 @@ fn norm_arg(n: u32, allow_l1: bool) -> Result<Norm, String> {
     }
 }
 
-unsafe extern "C" fn project<B: PluginBackend>(ctx: *mut c_void, x: AdvTensor, x0: AdvTensor, eps: f32, norm: u32, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn project<B: PluginBackend>(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    x0: AdvTensor,
+    eps: f32,
+    norm: u32,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         let (x, x0) = two(st, x, x0)?;
         let n = norm_arg(norm, false)?;
@@ -501,11 +675,19 @@ unsafe extern "C" fn project<B: PluginBackend>(ctx: *mut c_void, x: AdvTensor, x
     })
 }
 
-unsafe extern "C" fn clip_to_range<B: PluginBackend>(ctx: *mut c_void, x: AdvTensor, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn clip_to_range<B: PluginBackend>(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         let x = st.get(x)?;
         if x.shape.first() != Some(&st.frames.len()) {
-            return Err(format!("clip_to_range needs a tensor of the batch's {} frames, got {:?}", st.frames.len(), x.shape));
+            return Err(format!(
+                "clip_to_range needs a tensor of the batch's {} frames, got {:?}",
+                st.frames.len(),
+                x.shape
+            ));
         }
         let lo: Vec<f32> = st.frames.iter().map(|m| m.value_range.0 as f32).collect();
         let hi: Vec<f32> = st.frames.iter().map(|m| m.value_range.1 as f32).collect();
@@ -514,7 +696,13 @@ unsafe extern "C" fn clip_to_range<B: PluginBackend>(ctx: *mut c_void, x: AdvTen
     })
 }
 
-unsafe extern "C" fn norm_per_sample<B: PluginBackend>(ctx: *mut c_void, x: AdvTensor, norm: u32, out: *mut f32, n: usize) -> AdvStatus {
+unsafe extern "C" fn norm_per_sample<B: PluginBackend>(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    norm: u32,
+    out: *mut f32,
+    n: usize,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         let x = st.get(x)?;
         let nm = norm_arg(norm, true)?;
@@ -528,43 +716,104 @@ unsafe extern "C" fn norm_per_sample<B: PluginBackend>(ctx: *mut c_void, x: AdvT
     })
 }
 
-fn filter<B: PluginBackend>(st: &mut State<'_, B>, x: AdvTensor, out: *mut AdvTensor, f: impl FnOnce(&[f32], &[usize]) -> Option<Vec<f32>>, what: &str) -> Result<(), String> {
+fn filter<B: PluginBackend>(
+    st: &mut State<'_, B>,
+    x: AdvTensor,
+    out: *mut AdvTensor,
+    f: impl FnOnce(&[f32], &[usize]) -> Option<Vec<f32>>,
+    what: &str,
+) -> Result<(), String> {
     let x = st.get(x)?;
     let d = st.backend.download(&x);
-    let r = f(&d, &x.shape).ok_or_else(|| format!("{what}: needs an [N, C, H, W] tensor and a valid size, got {:?}", x.shape))?;
+    let r = f(&d, &x.shape).ok_or_else(|| {
+        format!(
+            "{what}: needs an [N, C, H, W] tensor and a valid size, got {:?}",
+            x.shape
+        )
+    })?;
     let t = st.backend.upload(&r, &x.shape);
     put_out(st, out, t)
 }
 
-unsafe extern "C" fn gaussian_filter<B: PluginBackend>(ctx: *mut c_void, x: AdvTensor, sigma: f32, out: *mut AdvTensor) -> AdvStatus {
-    svc::<B>(ctx, |st| filter(st, x, out, |d, s| cpu::gaussian_filter(d, s, sigma), &format!("gaussian_filter (sigma {sigma})")))
+unsafe extern "C" fn gaussian_filter<B: PluginBackend>(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    sigma: f32,
+    out: *mut AdvTensor,
+) -> AdvStatus {
+    svc::<B>(ctx, |st| {
+        filter(
+            st,
+            x,
+            out,
+            |d, s| cpu::gaussian_filter(d, s, sigma),
+            &format!("gaussian_filter (sigma {sigma})"),
+        )
+    })
 }
 
-unsafe extern "C" fn median_filter<B: PluginBackend>(ctx: *mut c_void, x: AdvTensor, radius: u32, out: *mut AdvTensor) -> AdvStatus {
-    svc::<B>(ctx, |st| filter(st, x, out, |d, s| cpu::median_filter(d, s, radius), &format!("median_filter (radius {radius})")))
+unsafe extern "C" fn median_filter<B: PluginBackend>(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    radius: u32,
+    out: *mut AdvTensor,
+) -> AdvStatus {
+    svc::<B>(ctx, |st| {
+        filter(
+            st,
+            x,
+            out,
+            |d, s| cpu::median_filter(d, s, radius),
+            &format!("median_filter (radius {radius})"),
+        )
+    })
 }
 
-unsafe extern "C" fn random_uniform<B: PluginBackend>(ctx: *mut c_void, shape: *const u64, ndim: u32, lo: f32, hi: f32, stream: u64, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn random_uniform<B: PluginBackend>(
+    ctx: *mut c_void,
+    shape: *const u64,
+    ndim: u32,
+    lo: f32,
+    hi: f32,
+    stream: u64,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         let s = shape_arg(shape, ndim)?;
-        let t = st.backend.random_uniform(&s, cpu::stream_seed(st.seed, stream), lo, hi);
+        let t = st
+            .backend
+            .random_uniform(&s, cpu::stream_seed(st.seed, stream), lo, hi);
         put_out(st, out, t)
     })
 }
 
-unsafe extern "C" fn random_normal<B: PluginBackend>(ctx: *mut c_void, shape: *const u64, ndim: u32, std: f32, stream: u64, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn random_normal<B: PluginBackend>(
+    ctx: *mut c_void,
+    shape: *const u64,
+    ndim: u32,
+    std: f32,
+    stream: u64,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         let s = shape_arg(shape, ndim)?;
-        let t = st.backend.random_normal(&s, cpu::stream_seed(st.seed, stream), std);
+        let t = st
+            .backend
+            .random_normal(&s, cpu::stream_seed(st.seed, stream), std);
         put_out(st, out, t)
     })
 }
 
 fn model_of<'m, B: PluginBackend>(st: &State<'m, B>) -> Result<&'m dyn BatchModel<B>, String> {
-    st.model.ok_or_else(|| "no model in this run (give --model)".to_string())
+    st.model
+        .ok_or_else(|| "no model in this run (give --model)".to_string())
 }
 
-unsafe extern "C" fn model_forward<B: PluginBackend>(ctx: *mut c_void, x: AdvTensor, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn model_forward<B: PluginBackend>(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         let m = model_of(st)?;
         let x = st.get(x)?;
@@ -596,7 +845,10 @@ unsafe extern "C" fn model_loss_grad<B: PluginBackend>(
         let t_on = targeted != 0;
         let spec = match loss {
             abi::ADV_LOSS_CROSS_ENTROPY => LossSpec::CrossEntropy { targeted: t_on },
-            abi::ADV_LOSS_CW_MARGIN => LossSpec::CwMargin { kappa, targeted: t_on },
+            abi::ADV_LOSS_CW_MARGIN => LossSpec::CwMargin {
+                kappa,
+                targeted: t_on,
+            },
             abi::ADV_LOSS_DLR if !t_on => LossSpec::Dlr,
             abi::ADV_LOSS_DLR => return Err("DLR is untargeted only".into()),
             o => return Err(format!("unknown loss kind {o}")),
@@ -608,12 +860,19 @@ unsafe extern "C" fn model_loss_grad<B: PluginBackend>(
     })
 }
 
-unsafe extern "C" fn run_shader<B: PluginBackend>(ctx: *mut c_void, call: *const AdvShaderCall, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn run_shader<B: PluginBackend>(
+    ctx: *mut c_void,
+    call: *const AdvShaderCall,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         // SAFETY: the plugin passes a call description valid during this service.
         let call = unsafe { call.as_ref() }.ok_or("null shader call")?;
         if (call.size as usize) < std::mem::size_of::<AdvShaderCall>() {
-            return Err(format!("shader call struct of {} bytes is smaller than this ABI's", call.size));
+            return Err(format!(
+                "shader call struct of {} bytes is smaller than this ABI's",
+                call.size
+            ));
         }
         if call.n_inputs > 8 || call.n_params > 1 << 16 {
             return Err("a shader takes at most 8 inputs and 65536 params".into());
@@ -622,25 +881,65 @@ unsafe extern "C" fn run_shader<B: PluginBackend>(ctx: *mut c_void, call: *const
             // SAFETY: the plugin passes n_inputs handles.
             .map(|i| unsafe { *call.inputs.add(i) })
             .collect();
-        let inputs = ids.iter().map(|&t| st.get(t)).collect::<Result<Vec<_>, _>>()?;
+        let inputs = ids
+            .iter()
+            .map(|&t| st.get(t))
+            .collect::<Result<Vec<_>, _>>()?;
         let params: Vec<f32> = (0..call.n_params as usize)
             // SAFETY: the plugin passes n_params floats.
             .map(|i| unsafe { *call.params.add(i) })
             .collect();
         let out_shape = shape_arg(call.out_shape, call.out_ndim)?;
         let t = if st.backend.kind() == abi::ADV_BACKEND_GPU {
-            let req = ShaderRequest { wgsl: &text(call.wgsl, call.wgsl_len)?, entry: &text(call.entry, call.entry_len)?, inputs, params: &params, out_shape, workgroups: call.workgroups };
+            let req = ShaderRequest {
+                wgsl: &text(call.wgsl, call.wgsl_len)?,
+                entry: &text(call.entry, call.entry_len)?,
+                inputs,
+                params: &params,
+                out_shape,
+                workgroups: call.workgroups,
+            };
             st.backend.run_wgsl(&req)?
         } else {
-            let cpu_fn = call.cpu.ok_or("this run uses the CPU backend and the shader has no CPU callback")?;
-            let data: Vec<(Vec<f32>, Vec<u64>)> = inputs.iter().map(|t| (st.backend.download(t), t.shape.iter().map(|&d| d as u64).collect())).collect();
-            let slices: Vec<abi::AdvCpuSlice> = data.iter().map(|(d, s)| abi::AdvCpuSlice { data: d.as_ptr(), len: d.len(), shape: s.as_ptr(), ndim: s.len() as u32 }).collect();
+            let cpu_fn = call
+                .cpu
+                .ok_or("this run uses the CPU backend and the shader has no CPU callback")?;
+            let data: Vec<(Vec<f32>, Vec<u64>)> = inputs
+                .iter()
+                .map(|t| {
+                    (
+                        st.backend.download(t),
+                        t.shape.iter().map(|&d| d as u64).collect(),
+                    )
+                })
+                .collect();
+            let slices: Vec<abi::AdvCpuSlice> = data
+                .iter()
+                .map(|(d, s)| abi::AdvCpuSlice {
+                    data: d.as_ptr(),
+                    len: d.len(),
+                    shape: s.as_ptr(),
+                    ndim: s.len() as u32,
+                })
+                .collect();
             let mut o = vec![0f32; out_shape.iter().product()];
             // SAFETY: every pointer refers to a live buffer of the stated length; cpu_user is the
             // plugin's own pointer, passed back unchanged.
-            let status = unsafe { cpu_fn(call.cpu_user, slices.as_ptr(), slices.len() as u32, params.as_ptr(), params.len() as u32, o.as_mut_ptr(), o.len()) };
+            let status = unsafe {
+                cpu_fn(
+                    call.cpu_user,
+                    slices.as_ptr(),
+                    slices.len() as u32,
+                    params.as_ptr(),
+                    params.len() as u32,
+                    o.as_mut_ptr(),
+                    o.len(),
+                )
+            };
             if status != abi::ADV_OK {
-                return Err(format!("the shader's CPU callback failed (status {status})"));
+                return Err(format!(
+                    "the shader's CPU callback failed (status {status})"
+                ));
             }
             st.backend.upload(&o, &out_shape)
         };
@@ -648,18 +947,40 @@ unsafe extern "C" fn run_shader<B: PluginBackend>(ctx: *mut c_void, call: *const
     })
 }
 
-fn audit_put<B: PluginBackend>(st: &mut State<'_, B>, frame: u32, key: *const c_char, key_len: usize, v: Value) -> Result<(), String> {
+fn audit_put<B: PluginBackend>(
+    st: &mut State<'_, B>,
+    frame: u32,
+    key: *const c_char,
+    key_len: usize,
+    v: Value,
+) -> Result<(), String> {
     let k = text(key, key_len)?;
-    if k.is_empty() || k.len() > 64 || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') {
-        return Err(format!("audit key {k:?}: use 1-64 characters of [A-Za-z0-9_.-]"));
+    if k.is_empty()
+        || k.len() > 64
+        || !k
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    {
+        return Err(format!(
+            "audit key {k:?}: use 1-64 characters of [A-Za-z0-9_.-]"
+        ));
     }
     let n = st.audit.len();
-    let row = st.audit.get_mut(frame as usize).ok_or_else(|| format!("frame {frame} out of range ({n} frames)"))?;
+    let row = st
+        .audit
+        .get_mut(frame as usize)
+        .ok_or_else(|| format!("frame {frame} out of range ({n} frames)"))?;
     row.insert(k, v);
     Ok(())
 }
 
-unsafe extern "C" fn audit_number<B: PluginBackend>(ctx: *mut c_void, frame: u32, key: *const c_char, key_len: usize, value: f64) -> AdvStatus {
+unsafe extern "C" fn audit_number<B: PluginBackend>(
+    ctx: *mut c_void,
+    frame: u32,
+    key: *const c_char,
+    key_len: usize,
+    value: f64,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         // JSON has no NaN/inf: they become null with the key kept.
         let v = serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number);
@@ -667,11 +988,26 @@ unsafe extern "C" fn audit_number<B: PluginBackend>(ctx: *mut c_void, frame: u32
     })
 }
 
-unsafe extern "C" fn audit_flag<B: PluginBackend>(ctx: *mut c_void, frame: u32, key: *const c_char, key_len: usize, value: u32) -> AdvStatus {
-    svc::<B>(ctx, |st| audit_put(st, frame, key, key_len, Value::Bool(value != 0)))
+unsafe extern "C" fn audit_flag<B: PluginBackend>(
+    ctx: *mut c_void,
+    frame: u32,
+    key: *const c_char,
+    key_len: usize,
+    value: u32,
+) -> AdvStatus {
+    svc::<B>(ctx, |st| {
+        audit_put(st, frame, key, key_len, Value::Bool(value != 0))
+    })
 }
 
-unsafe extern "C" fn audit_text<B: PluginBackend>(ctx: *mut c_void, frame: u32, key: *const c_char, key_len: usize, t: *const c_char, t_len: usize) -> AdvStatus {
+unsafe extern "C" fn audit_text<B: PluginBackend>(
+    ctx: *mut c_void,
+    frame: u32,
+    key: *const c_char,
+    key_len: usize,
+    t: *const c_char,
+    t_len: usize,
+) -> AdvStatus {
     svc::<B>(ctx, |st| {
         let v = text(t, t_len)?;
         if v.len() > 4096 {

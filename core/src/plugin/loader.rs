@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use adverse_plugin_sdk::Kind;
-use adverse_plugin_sdk::abi::{self, AdvAbiVersion, AdvCreateFn, AdvDestroyFn, AdvEntryFn, AdvLibrary, AdvPluginDesc, AdvProcessFn};
+use adverse_plugin_sdk::abi::{
+    self, AdvAbiVersion, AdvCreateFn, AdvDestroyFn, AdvEntryFn, AdvLibrary, AdvPluginDesc,
+    AdvProcessFn,
+};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -36,7 +39,11 @@ pub struct SearchPath {
 impl SearchPath {
     /// `explicit` entries must exist (a typo is a usage error); environment entries that do not
     /// exist are skipped.
-    pub fn new(pipeline_dirs: &[PathBuf], explicit: &[PathBuf], include_env: bool) -> Result<Self, PluginError> {
+    pub fn new(
+        pipeline_dirs: &[PathBuf],
+        explicit: &[PathBuf],
+        include_env: bool,
+    ) -> Result<Self, PluginError> {
         let mut entries = Vec::new();
         for p in pipeline_dirs.iter().chain(explicit) {
             if !p.exists() {
@@ -46,7 +53,9 @@ impl SearchPath {
         }
         if include_env {
             if let Some(v) = std::env::var_os(ENV_PATH) {
-                entries.extend(std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty() && p.exists()));
+                entries.extend(
+                    std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty() && p.exists()),
+                );
             }
         }
         Ok(SearchPath { entries })
@@ -57,8 +66,14 @@ impl SearchPath {
         let mut out = Vec::new();
         for e in &self.entries {
             if e.is_dir() {
-                let rd = std::fs::read_dir(e).map_err(|source| PluginError::Io { path: e.clone(), source })?;
-                let mut libs: Vec<PathBuf> = rd.filter_map(|d| d.ok().map(|d| d.path())).filter(|p| p.is_file() && is_library(p)).collect();
+                let rd = std::fs::read_dir(e).map_err(|source| PluginError::Io {
+                    path: e.clone(),
+                    source,
+                })?;
+                let mut libs: Vec<PathBuf> = rd
+                    .filter_map(|d| d.ok().map(|d| d.path()))
+                    .filter(|p| p.is_file() && is_library(p))
+                    .collect();
                 libs.sort();
                 out.extend(libs);
             } else {
@@ -74,12 +89,18 @@ impl SearchPath {
         if self.entries.is_empty() {
             return format!("empty: give --plugin-dir or set {ENV_PATH}");
         }
-        self.entries.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        self.entries
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
 fn is_library(p: &Path) -> bool {
-    p.extension().and_then(|e| e.to_str()).is_some_and(|e| e == std::env::consts::DLL_EXTENSION)
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e == std::env::consts::DLL_EXTENSION)
 }
 
 /// A loaded library (or an in-process table).
@@ -96,7 +117,10 @@ pub struct PluginLibrary {
 
 impl std::fmt::Debug for PluginLibrary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginLibrary").field("path", &self.path).field("sha256", &self.sha256).finish_non_exhaustive()
+        f.debug_struct("PluginLibrary")
+            .field("path", &self.path)
+            .field("sha256", &self.sha256)
+            .finish_non_exhaustive()
     }
 }
 
@@ -116,12 +140,19 @@ pub struct PluginHandle {
 
 impl std::fmt::Debug for PluginHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginHandle").field("name", &self.name).field("kind", &self.kind).field("library", &self.library.path).finish_non_exhaustive()
+        f.debug_struct("PluginHandle")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("library", &self.library.path)
+            .finish_non_exhaustive()
     }
 }
 
 pub fn sha256_file(path: &Path) -> Result<String, PluginError> {
-    let bytes = std::fs::read(path).map_err(|source| PluginError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| PluginError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(hex::encode(Sha256::digest(&bytes)))
 }
 
@@ -135,7 +166,9 @@ unsafe fn desc_str(p: *const std::ffi::c_char, what: &str) -> Result<String, Str
     }
     // SAFETY: per the function contract.
     let s = unsafe { CStr::from_ptr(p) };
-    s.to_str().map(str::to_string).map_err(|_| format!("{what} is not UTF-8"))
+    s.to_str()
+        .map(str::to_string)
+        .map_err(|_| format!("{what} is not UTF-8"))
 }
 
 impl PluginLibrary {
@@ -144,12 +177,18 @@ impl PluginLibrary {
         let sha256 = sha256_file(path)?;
         // SAFETY: loading a library runs its initialisers; plugin libraries are trusted code by
         // design (the user put them on the search path, and may pin their hashes).
-        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| PluginError::Load { path: path.to_path_buf(), reason: e.to_string() })?;
+        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| PluginError::Load {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         let entry: AdvEntryFn = {
             // SAFETY: the symbol's type is fixed by the ABI (`AdvEntryFn`); a library exporting a
             // different type under this reserved name breaks the ABI contract.
             let sym = unsafe { lib.get::<AdvEntryFn>(abi::ADVERSE_ENTRY_SYMBOL.as_bytes()) }
-                .map_err(|e| PluginError::NoEntry { path: path.to_path_buf(), reason: e.to_string() })?;
+                .map_err(|e| PluginError::NoEntry {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
             *sym
         };
         // SAFETY: calling the entry function per the ABI; the library stays loaded (moved into
@@ -160,11 +199,24 @@ impl PluginLibrary {
 
     /// Plugins from a table already in this process (e.g. a plugin crate's
     /// `adverse_plugin_library()`), for tests and static builds: no library is loaded.
-    pub fn in_process(label: &str, table: &'static AdvLibrary) -> Result<Vec<PluginHandle>, PluginError> {
-        Self::from_table(PathBuf::from(format!("<in-process:{label}>")), String::new(), table, None)
+    pub fn in_process(
+        label: &str,
+        table: &'static AdvLibrary,
+    ) -> Result<Vec<PluginHandle>, PluginError> {
+        Self::from_table(
+            PathBuf::from(format!("<in-process:{label}>")),
+            String::new(),
+            table,
+            None,
+        )
     }
 
-    fn from_table(path: PathBuf, sha256: String, table: *const AdvLibrary, lib: Option<libloading::Library>) -> Result<Vec<PluginHandle>, PluginError> {
+    fn from_table(
+        path: PathBuf,
+        sha256: String,
+        table: *const AdvLibrary,
+        lib: Option<libloading::Library>,
+    ) -> Result<Vec<PluginHandle>, PluginError> {
         if table.is_null() {
             return Err(PluginError::NullEntry { path });
         }
@@ -173,14 +225,32 @@ impl PluginLibrary {
         let version = unsafe { (*table).abi };
         let host = host_abi();
         if version.major != host.major || version.minor > host.minor {
-            return Err(PluginError::AbiMismatch { path, library: version, host });
+            return Err(PluginError::AbiMismatch {
+                path,
+                library: version,
+                host,
+            });
         }
         // SAFETY: same major, minor <= ours: the table has at least the fields of the version it
         // declares, all of which this host knows.
         let t = unsafe { &*table };
-        let bad = |index: usize, reason: String| PluginError::BadDescriptor { path: path.clone(), index, reason };
-        if (t.size as usize) < std::mem::size_of::<AdvLibrary>() || (t.plugin_desc_size as usize) < std::mem::size_of::<AdvPluginDesc>() {
-            return Err(bad(0, format!("table sizes {} / {} are smaller than ABI {} requires", t.size, t.plugin_desc_size, abi_string(version))));
+        let bad = |index: usize, reason: String| PluginError::BadDescriptor {
+            path: path.clone(),
+            index,
+            reason,
+        };
+        if (t.size as usize) < std::mem::size_of::<AdvLibrary>()
+            || (t.plugin_desc_size as usize) < std::mem::size_of::<AdvPluginDesc>()
+        {
+            return Err(bad(
+                0,
+                format!(
+                    "table sizes {} / {} are smaller than ABI {} requires",
+                    t.size,
+                    t.plugin_desc_size,
+                    abi_string(version)
+                ),
+            ));
         }
         if t.plugin_count > 0 && t.plugins.is_null() {
             return Err(bad(0, "plugin array is null".into()));
@@ -189,39 +259,99 @@ impl PluginLibrary {
         for i in 0..t.plugin_count as usize {
             // SAFETY: the library declares `plugin_count` descriptors with stride
             // `plugin_desc_size` (>= our struct, checked above); the array is static.
-            let d: &AdvPluginDesc = unsafe { &*t.plugins.cast::<u8>().add(i * t.plugin_desc_size as usize).cast::<AdvPluginDesc>() };
+            let d: &AdvPluginDesc = unsafe {
+                &*t.plugins
+                    .cast::<u8>()
+                    .add(i * t.plugin_desc_size as usize)
+                    .cast::<AdvPluginDesc>()
+            };
             // SAFETY: descriptor strings are NUL-terminated statics of the library.
-            let strs = unsafe { (desc_str(d.name, "name"), desc_str(d.version, "version"), desc_str(d.description, "description"), desc_str(d.param_schema, "param_schema")) };
+            let strs = unsafe {
+                (
+                    desc_str(d.name, "name"),
+                    desc_str(d.version, "version"),
+                    desc_str(d.description, "description"),
+                    desc_str(d.param_schema, "param_schema"),
+                )
+            };
             let (name, ver, descr, schema_text) = match strs {
                 (Ok(a), Ok(b), Ok(c), Ok(e)) => (a, b, c, e),
-                (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => return Err(bad(i, e)),
+                (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => {
+                    return Err(bad(i, e));
+                }
             };
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(bad(i, format!("invalid plugin name {name:?} (use [A-Za-z0-9_-])")));
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(bad(
+                    i,
+                    format!("invalid plugin name {name:?} (use [A-Za-z0-9_-])"),
+                ));
             }
-            let kind = Kind::from_raw(d.kind).ok_or_else(|| bad(i, format!("plugin `{name}`: unknown kind {}", d.kind)))?;
-            let (Some(create), Some(process), Some(destroy)) = (d.create, d.process, d.destroy) else {
-                return Err(bad(i, format!("plugin `{name}`: create, process and destroy are required")));
+            let kind = Kind::from_raw(d.kind)
+                .ok_or_else(|| bad(i, format!("plugin `{name}`: unknown kind {}", d.kind)))?;
+            let (Some(create), Some(process), Some(destroy)) = (d.create, d.process, d.destroy)
+            else {
+                return Err(bad(
+                    i,
+                    format!("plugin `{name}`: create, process and destroy are required"),
+                ));
             };
-            let schema: Value = serde_json::from_str(&schema_text).map_err(|e| PluginError::BadSchema { plugin: name.clone(), reason: format!("not JSON: {e}") })?;
-            schema::check_schema(&schema).map_err(|reason| PluginError::BadSchema { plugin: name.clone(), reason })?;
-            raw.push((name, ver, descr, kind, schema_text, schema, create, process, destroy));
-        }
-        let library = Arc::new(PluginLibrary { path, sha256, abi: version, _lib: lib });
-        Ok(raw
-            .into_iter()
-            .map(|(name, version, description, kind, schema_text, schema, create, process, destroy)| PluginHandle {
+            let schema: Value =
+                serde_json::from_str(&schema_text).map_err(|e| PluginError::BadSchema {
+                    plugin: name.clone(),
+                    reason: format!("not JSON: {e}"),
+                })?;
+            schema::check_schema(&schema).map_err(|reason| PluginError::BadSchema {
+                plugin: name.clone(),
+                reason,
+            })?;
+            raw.push((
                 name,
-                version,
-                description,
+                ver,
+                descr,
                 kind,
                 schema_text,
                 schema,
                 create,
                 process,
                 destroy,
-                library: library.clone(),
-            })
+            ));
+        }
+        let library = Arc::new(PluginLibrary {
+            path,
+            sha256,
+            abi: version,
+            _lib: lib,
+        });
+        Ok(raw
+            .into_iter()
+            .map(
+                |(
+                    name,
+                    version,
+                    description,
+                    kind,
+                    schema_text,
+                    schema,
+                    create,
+                    process,
+                    destroy,
+                )| PluginHandle {
+                    name,
+                    version,
+                    description,
+                    kind,
+                    schema_text,
+                    schema,
+                    create,
+                    process,
+                    destroy,
+                    library: library.clone(),
+                },
+            )
             .collect())
     }
 }
@@ -236,10 +366,21 @@ impl PluginHandle {
             Some(first) => {
                 let mut reason = first.reason.clone();
                 if v.len() > 1 {
-                    let rest: Vec<String> = v[1..].iter().map(|x| format!("`{}` {}", x.path, x.reason)).collect();
+                    let rest: Vec<String> = v[1..]
+                        .iter()
+                        .map(|x| format!("`{}` {}", x.path, x.reason))
+                        .collect();
                     reason = format!("{reason} (also: {})", rest.join("; "));
                 }
-                Err(PluginError::InvalidParam { plugin: self.name.clone(), param: if first.path.is_empty() { "<root>".into() } else { first.path.clone() }, reason })
+                Err(PluginError::InvalidParam {
+                    plugin: self.name.clone(),
+                    param: if first.path.is_empty() {
+                        "<root>".into()
+                    } else {
+                        first.path.clone()
+                    },
+                    reason,
+                })
             }
         }
     }
@@ -257,7 +398,10 @@ impl Registry {
     /// Loads every library on `path`. A library that fails to load is recorded in `refused` and
     /// the search goes on; a plugin name seen twice keeps the first.
     pub fn discover(path: &SearchPath) -> Result<Registry, PluginError> {
-        let mut reg = Registry { searched: path.describe(), ..Default::default() };
+        let mut reg = Registry {
+            searched: path.describe(),
+            ..Default::default()
+        };
         let mut by_name: HashMap<String, PathBuf> = HashMap::new();
         for lib in path.libraries()? {
             match PluginLibrary::open(&lib) {
@@ -270,14 +414,22 @@ impl Registry {
 
     /// Adds plugins (e.g. from [`PluginLibrary::in_process`]).
     pub fn add_handles(&mut self, handles: Vec<PluginHandle>) {
-        let mut by_name: HashMap<String, PathBuf> = self.plugins.iter().map(|p| (p.name.clone(), p.library.path.clone())).collect();
+        let mut by_name: HashMap<String, PathBuf> = self
+            .plugins
+            .iter()
+            .map(|p| (p.name.clone(), p.library.path.clone()))
+            .collect();
         self.add(handles, &mut by_name);
     }
 
     fn add(&mut self, handles: Vec<PluginHandle>, by_name: &mut HashMap<String, PathBuf>) {
         for h in handles {
             if let Some(first) = by_name.get(&h.name) {
-                self.refused.push(PluginError::Duplicate { name: h.name.clone(), first: first.clone(), second: h.library.path.clone() });
+                self.refused.push(PluginError::Duplicate {
+                    name: h.name.clone(),
+                    first: first.clone(),
+                    second: h.library.path.clone(),
+                });
                 continue;
             }
             by_name.insert(h.name.clone(), h.library.path.clone());
@@ -291,9 +443,20 @@ impl Registry {
             let refused = if self.refused.is_empty() {
                 String::new()
             } else {
-                format!("; refused: {}", self.refused.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+                format!(
+                    "; refused: {}",
+                    self.refused
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
             };
-            return Err(PluginError::NotFound { name: name.to_string(), searched: self.searched.clone(), refused });
+            return Err(PluginError::NotFound {
+                name: name.to_string(),
+                searched: self.searched.clone(),
+                refused,
+            });
         };
         pins.check(h)?;
         Ok(h.clone())
@@ -309,7 +472,9 @@ impl Pins {
     pub fn parse(entries: &[String]) -> Result<Pins, PluginError> {
         let mut m = BTreeMap::new();
         for e in entries {
-            let (name, hash) = e.split_once('=').ok_or_else(|| PluginError::BadPin(e.clone()))?;
+            let (name, hash) = e
+                .split_once('=')
+                .ok_or_else(|| PluginError::BadPin(e.clone()))?;
             let hash = hash.trim().to_ascii_lowercase();
             if name.is_empty() || hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
                 return Err(PluginError::BadPin(e.clone()));

@@ -10,8 +10,8 @@ pub mod schema;
 
 use std::path::PathBuf;
 
-pub use adverse_plugin_sdk::abi::AdvAbiVersion;
 pub use adverse_plugin_sdk::Kind;
+pub use adverse_plugin_sdk::abi::AdvAbiVersion;
 pub use loader::{PluginHandle, PluginLibrary, Registry, SearchPath};
 
 /// `major.minor` of an ABI version, for messages.
@@ -21,7 +21,10 @@ pub fn abi_string(v: AdvAbiVersion) -> String {
 
 /// The host's own ABI version.
 pub fn host_abi() -> AdvAbiVersion {
-    AdvAbiVersion { major: adverse_plugin_sdk::abi::ADVERSE_ABI_MAJOR, minor: adverse_plugin_sdk::abi::ADVERSE_ABI_MINOR }
+    AdvAbiVersion {
+        major: adverse_plugin_sdk::abi::ADVERSE_ABI_MAJOR,
+        minor: adverse_plugin_sdk::abi::ADVERSE_ABI_MINOR,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,15 +48,40 @@ pub enum PluginError {
         abi_string(*library),
         abi_string(*host)
     )]
-    AbiMismatch { path: PathBuf, library: AdvAbiVersion, host: AdvAbiVersion },
+    AbiMismatch {
+        path: PathBuf,
+        library: AdvAbiVersion,
+        host: AdvAbiVersion,
+    },
     #[error("{path}: plugin descriptor {index}: {reason}")]
-    BadDescriptor { path: PathBuf, index: usize, reason: String },
-    #[error("plugin `{name}` in {second} is shadowed by the one in {first} (earlier in the search path)")]
-    Duplicate { name: String, first: PathBuf, second: PathBuf },
+    BadDescriptor {
+        path: PathBuf,
+        index: usize,
+        reason: String,
+    },
+    #[error(
+        "plugin `{name}` in {second} is shadowed by the one in {first} (earlier in the search path)"
+    )]
+    Duplicate {
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
     #[error("no plugin named `{name}` in the search path ({searched}){refused}")]
-    NotFound { name: String, searched: String, refused: String },
-    #[error("plugin `{name}`: library {path} has SHA-256 {actual}, but the pin requires {expected}; refusing to run it")]
-    HashMismatch { name: String, path: PathBuf, expected: String, actual: String },
+    NotFound {
+        name: String,
+        searched: String,
+        refused: String,
+    },
+    #[error(
+        "plugin `{name}`: library {path} has SHA-256 {actual}, but the pin requires {expected}; refusing to run it"
+    )]
+    HashMismatch {
+        name: String,
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
     #[error("bad pin `{0}`: expected NAME=SHA256 (64 hex digits)")]
     BadPin(String),
     #[error("plugin `{plugin}`: its parameter schema is not usable: {reason}")]
@@ -61,11 +89,23 @@ pub enum PluginError {
     #[error("plugin `{plugin}`: parameters are not valid JSON: {reason}")]
     ParamsJson { plugin: String, reason: String },
     #[error("plugin `{plugin}`: parameter `{param}` {reason}")]
-    InvalidParam { plugin: String, param: String, reason: String },
+    InvalidParam {
+        plugin: String,
+        param: String,
+        reason: String,
+    },
     #[error("plugin `{plugin}`: create failed (status {status}): {message}")]
-    Create { plugin: String, status: i32, message: String },
+    Create {
+        plugin: String,
+        status: i32,
+        message: String,
+    },
     #[error("plugin `{plugin}` failed (status {status}): {message}")]
-    Process { plugin: String, status: i32, message: String },
+    Process {
+        plugin: String,
+        status: i32,
+        message: String,
+    },
     #[error("plugin `{plugin}`: {message}")]
     Contract { plugin: String, message: String },
 }

@@ -11,7 +11,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::host::{BatchInput, BatchModel, Instance, PluginBackend};
-use crate::dicom::{DecodeLimits, DecodedImage, DerivedOptions, DicomFile, ImageMeta, PixelKind, write_derived};
+use crate::dicom::{
+    DecodeLimits, DecodedImage, DerivedOptions, DicomFile, ImageMeta, PixelKind, write_derived,
+};
 use crate::runtime::backend::{Backend, LossTargets, Tensor};
 use crate::runtime::card::ModelCard;
 use crate::runtime::ir::Graph;
@@ -97,7 +99,12 @@ struct FileState {
 }
 
 /// The frame description a plugin sees.
-pub fn frame_meta(m: &ImageMeta, frame_index: u32, label: Option<u32>, target: Option<u32>) -> FrameMeta {
+pub fn frame_meta(
+    m: &ImageMeta,
+    frame_index: u32,
+    label: Option<u32>,
+    target: Option<u32>,
+) -> FrameMeta {
     FrameMeta {
         rows: m.rows,
         cols: m.cols,
@@ -109,7 +116,11 @@ pub fn frame_meta(m: &ImageMeta, frame_index: u32, label: Option<u32>, target: O
         frame_index,
         rescale_slope: m.rescale_slope,
         rescale_intercept: m.rescale_intercept,
-        window: m.window_center.first().copied().zip(m.window_width.first().copied()),
+        window: m
+            .window_center
+            .first()
+            .copied()
+            .zip(m.window_width.first().copied()),
         value_range: m.value_range(),
         label,
         target,
@@ -149,7 +160,10 @@ fn to_interleaved(v: &[f32], c: usize) -> Vec<f32> {
 /// The model service for one batch: the card's preprocessing + the model, with the batch's
 /// per-frame constants; or the reason it cannot run on these frames.
 enum ModelService<'p, B: Backend> {
-    Ready { pipe: &'p Pipeline<B>, consts: FrameConsts<B> },
+    Ready {
+        pipe: &'p Pipeline<B>,
+        consts: FrameConsts<B>,
+    },
     Broken(String),
 }
 
@@ -158,15 +172,25 @@ impl<B: Backend> BatchModel<B> for ModelService<'_, B> {
         match self {
             ModelService::Ready { pipe, consts } => {
                 let outs = pipe.forward(b, x, consts).map_err(|e| e.to_string())?;
-                outs.into_iter().nth(pipe.model.logits_output).ok_or_else(|| "the model has no logits output".to_string())
+                outs.into_iter()
+                    .nth(pipe.model.logits_output)
+                    .ok_or_else(|| "the model has no logits output".to_string())
             }
             ModelService::Broken(m) => Err(m.clone()),
         }
     }
-    fn loss_grad(&self, b: &B, x: &Tensor<B>, spec: LossSpec, targets: &[u32]) -> Result<(Vec<f32>, Tensor<B>), String> {
+    fn loss_grad(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        spec: LossSpec,
+        targets: &[u32],
+    ) -> Result<(Vec<f32>, Tensor<B>), String> {
         match self {
             ModelService::Ready { pipe, consts } => {
-                let (l, g, _) = pipe.loss_and_stored_grad(b, x, consts, spec, &LossTargets::Classes(targets)).map_err(|e| e.to_string())?;
+                let (l, g, _) = pipe
+                    .loss_and_stored_grad(b, x, consts, spec, &LossTargets::Classes(targets))
+                    .map_err(|e| e.to_string())?;
                 Ok((l, g))
             }
             ModelService::Broken(m) => Err(m.clone()),
@@ -176,7 +200,9 @@ impl<B: Backend> BatchModel<B> for ModelService<'_, B> {
 
 /// The seed of batch `index` for plugin `name`: distinct per plugin and batch, fixed per run seed.
 pub fn batch_seed(run_seed: u64, plugin: &str, index: u64) -> u64 {
-    let h = plugin.bytes().fold(0xcbf2_9ce4_8422_2325u64, |a, b| (a ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let h = plugin.bytes().fold(0xcbf2_9ce4_8422_2325u64, |a, b| {
+        (a ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     cpu::stream_seed(run_seed ^ h, index)
 }
 
@@ -192,7 +218,12 @@ fn unique_name(stem: &str, used: &mut HashSet<String>) -> String {
 
 /// Runs `instance` over `files` on `backend`; never fails as a whole: per-file problems are in
 /// the rows. The caller writes the rows and audit records.
-pub fn run_files<B: PluginBackend>(backend: &B, instance: &mut Instance, files: &[PathBuf], opts: &RunOptions) -> RunReport {
+pub fn run_files<B: PluginBackend>(
+    backend: &B,
+    instance: &mut Instance,
+    files: &[PathBuf],
+    opts: &RunOptions,
+) -> RunReport {
     let plugin = instance.handle().name.clone();
     let mut states: Vec<FileState> = files
         .iter()
@@ -204,9 +235,23 @@ pub fn run_files<B: PluginBackend>(backend: &B, instance: &mut Instance, files: 
             match decoded {
                 Ok((f, img)) => {
                     let n = img.frame_count();
-                    FileState { path: p.clone(), src: Some(f), image: Some(img), error: None, changed: false, values: vec![BTreeMap::new(); n] }
+                    FileState {
+                        path: p.clone(),
+                        src: Some(f),
+                        image: Some(img),
+                        error: None,
+                        changed: false,
+                        values: vec![BTreeMap::new(); n],
+                    }
                 }
-                Err(e) => FileState { path: p.clone(), src: None, image: None, error: Some(e.to_string()), changed: false, values: Vec::new() },
+                Err(e) => FileState {
+                    path: p.clone(),
+                    src: None,
+                    image: None,
+                    error: Some(e.to_string()),
+                    changed: false,
+                    values: Vec::new(),
+                },
             }
         })
         .collect();
@@ -217,7 +262,10 @@ pub fn run_files<B: PluginBackend>(backend: &B, instance: &mut Instance, files: 
         if let Some(img) = &s.image {
             let m = &img.meta;
             for k in 0..img.frame_count() {
-                groups.entry((m.samples_per_pixel, m.rows, m.cols)).or_default().push((fi, k));
+                groups
+                    .entry((m.samples_per_pixel, m.rows, m.cols))
+                    .or_default()
+                    .push((fi, k));
             }
         }
     }
@@ -228,7 +276,11 @@ pub fn run_files<B: PluginBackend>(backend: &B, instance: &mut Instance, files: 
         let (c, h, w) = (spp as usize, rows as usize, cols as usize);
         for chunk in frames.chunks(opts.batch_size.max(1)) {
             // Frames of files that already failed are not worth processing.
-            let chunk: Vec<(usize, usize)> = chunk.iter().copied().filter(|(fi, _)| states[*fi].error.is_none()).collect();
+            let chunk: Vec<(usize, usize)> = chunk
+                .iter()
+                .copied()
+                .filter(|(fi, _)| states[*fi].error.is_none())
+                .collect();
             if chunk.is_empty() {
                 continue;
             }
@@ -236,7 +288,10 @@ pub fn run_files<B: PluginBackend>(backend: &B, instance: &mut Instance, files: 
             let mut data = Vec::with_capacity(n * c * h * w);
             let mut metas = Vec::with_capacity(n);
             for &(fi, k) in &chunk {
-                let img = states[fi].image.as_ref().expect("decoded files have an image");
+                let img = states[fi]
+                    .image
+                    .as_ref()
+                    .expect("decoded files have an image");
                 let v = img.frame_f32(k).unwrap_or_default();
                 data.extend(to_planar(&v, c));
                 metas.push(frame_meta(&img.meta, k as u32, opts.label, opts.target));
@@ -244,15 +299,31 @@ pub fn run_files<B: PluginBackend>(backend: &B, instance: &mut Instance, files: 
             let input = backend.upload(&data, &[n, c, h, w]);
             let service: Option<ModelService<'_, B>> = opts.model.as_ref().map(|m| {
                 if c != 1 {
-                    return ModelService::Broken(format!("the model's preprocessing takes 1-sample frames, these have {c}"));
+                    return ModelService::Broken(format!(
+                        "the model's preprocessing takes 1-sample frames, these have {c}"
+                    ));
                 }
                 let entry = pipelines.entry([h, w]).or_insert_with(|| {
-                    Pipeline::new(backend, m.card.preprocess.clone(), &m.graph, [h, w], m.logits_output).map_err(|e| e.to_string())
+                    Pipeline::new(
+                        backend,
+                        m.card.preprocess.clone(),
+                        &m.graph,
+                        [h, w],
+                        m.logits_output,
+                    )
+                    .map_err(|e| e.to_string())
                 });
                 match entry {
                     Err(e) => ModelService::Broken(e.clone()),
                     Ok(pipe) => {
-                        let params: Vec<FrameParams> = metas.iter().map(|f| FrameParams { slope: f.rescale_slope, intercept: f.rescale_intercept, window: f.window }).collect();
+                        let params: Vec<FrameParams> = metas
+                            .iter()
+                            .map(|f| FrameParams {
+                                slope: f.rescale_slope,
+                                intercept: f.rescale_intercept,
+                                window: f.window,
+                            })
+                            .collect();
                         match pipe.frame_consts(backend, &data, &params) {
                             Ok(consts) => ModelService::Ready { pipe, consts },
                             Err(e) => ModelService::Broken(e.to_string()),
@@ -262,7 +333,13 @@ pub fn run_files<B: PluginBackend>(backend: &B, instance: &mut Instance, files: 
             });
             let seed = batch_seed(opts.seed, &plugin, batch_index);
             batch_index += 1;
-            let result = instance.process(BatchInput { backend, frames: metas, input, model: service.as_ref().map(|s| s as &dyn BatchModel<B>), seed });
+            let result = instance.process(BatchInput {
+                backend,
+                frames: metas,
+                input,
+                model: service.as_ref().map(|s| s as &dyn BatchModel<B>),
+                seed,
+            });
             match result {
                 Err(e) => {
                     let msg = e.to_string();
@@ -298,11 +375,21 @@ pub fn run_files<B: PluginBackend>(backend: &B, instance: &mut Instance, files: 
         let mut output = None;
         if st.error.is_none() && st.changed {
             if let (Some(src), Some(img)) = (&st.src, &st.image) {
-                let stem = st.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+                let stem = st
+                    .path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "out".into());
                 let out_path = opts.out_dir.join(unique_name(&stem, &mut used));
                 let dopts = DerivedOptions {
                     pipeline_id: pipeline_id.clone(),
-                    derivation_description: format!("adverse {}: plugin {} {} ({}) {params_text}", env!("CARGO_PKG_VERSION"), handle.name, handle.version, handle.kind),
+                    derivation_description: format!(
+                        "adverse {}: plugin {} {} ({}) {params_text}",
+                        env!("CARGO_PKG_VERSION"),
+                        handle.name,
+                        handle.version,
+                        handle.kind
+                    ),
                 };
                 match write_derived(src, img, &dopts, &out_path) {
                     Ok(info) => output = Some((info.path, info.sha256)),
@@ -359,8 +446,16 @@ pub fn run_files<B: PluginBackend>(backend: &B, instance: &mut Instance, files: 
 pub fn write_report(dir: &Path, report: &RunReport) -> std::io::Result<()> {
     use std::io::Write;
     let lines = |items: Vec<String>| items.join("\n") + "\n";
-    let rows: Vec<String> = report.rows.iter().map(|r| serde_json::to_string(r).unwrap_or_default()).collect();
-    let audit: Vec<String> = report.audit.iter().map(|r| serde_json::to_string(r).unwrap_or_default()).collect();
+    let rows: Vec<String> = report
+        .rows
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap_or_default())
+        .collect();
+    let audit: Vec<String> = report
+        .audit
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap_or_default())
+        .collect();
     std::fs::File::create(dir.join("results.jsonl"))?.write_all(lines(rows).as_bytes())?;
     std::fs::File::create(dir.join("audit.jsonl"))?.write_all(lines(audit).as_bytes())?;
     Ok(())

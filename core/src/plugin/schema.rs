@@ -11,7 +11,15 @@
 
 use serde_json::Value;
 
-const ANNOTATIONS: &[&str] = &["title", "description", "default", "examples", "$schema", "$id", "$comment"];
+const ANNOTATIONS: &[&str] = &[
+    "title",
+    "description",
+    "default",
+    "examples",
+    "$schema",
+    "$id",
+    "$comment",
+];
 const KEYWORDS: &[&str] = &[
     "type",
     "properties",
@@ -29,7 +37,9 @@ const KEYWORDS: &[&str] = &[
     "minItems",
     "maxItems",
 ];
-const TYPES: &[&str] = &["object", "array", "string", "number", "integer", "boolean", "null"];
+const TYPES: &[&str] = &[
+    "object", "array", "string", "number", "integer", "boolean", "null",
+];
 
 /// A violation: where (`eps`, `sizes[2]`, or empty for the whole object) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +65,9 @@ fn check_at(s: &Value, at: &str) -> Result<(), String> {
             continue;
         }
         if !KEYWORDS.contains(&k.as_str()) {
-            return Err(format!("{at}: keyword `{k}` is not supported by the adverse host (see the SDK README)"));
+            return Err(format!(
+                "{at}: keyword `{k}` is not supported by the adverse host (see the SDK README)"
+            ));
         }
         match k.as_str() {
             "type" => {
@@ -70,31 +82,23 @@ fn check_at(s: &Value, at: &str) -> Result<(), String> {
                 }
             }
             "properties" => {
-                let props = v.as_object().ok_or_else(|| format!("{at}/properties must be an object"))?;
+                let props = v
+                    .as_object()
+                    .ok_or_else(|| format!("{at}/properties must be an object"))?;
                 for (name, sub) in props {
                     check_at(sub, &format!("{at}/properties/{name}"))?;
                 }
             }
-            "required" => {
-                if !v.as_array().is_some_and(|a| a.iter().all(Value::is_string)) {
-                    return Err(format!("{at}/required must be an array of names"));
-                }
+            "required" if !v.as_array().is_some_and(|a| a.iter().all(Value::is_string)) => {
+                return Err(format!("{at}/required must be an array of names"));
             }
             "additionalProperties" | "items" => check_at(v, &format!("{at}/{k}"))?,
-            "enum" => {
-                if !v.is_array() {
-                    return Err(format!("{at}/enum must be an array"));
-                }
+            "enum" if !v.is_array() => return Err(format!("{at}/enum must be an array")),
+            "minimum" | "maximum" | "exclusiveMinimum" | "exclusiveMaximum" if !v.is_number() => {
+                return Err(format!("{at}/{k} must be a number"));
             }
-            "minimum" | "maximum" | "exclusiveMinimum" | "exclusiveMaximum" => {
-                if !v.is_number() {
-                    return Err(format!("{at}/{k} must be a number"));
-                }
-            }
-            "minLength" | "maxLength" | "minItems" | "maxItems" => {
-                if !v.is_u64() {
-                    return Err(format!("{at}/{k} must be a non-negative integer"));
-                }
+            "minLength" | "maxLength" | "minItems" | "maxItems" if !v.is_u64() => {
+                return Err(format!("{at}/{k} must be a non-negative integer"));
             }
             _ => {}
         }
@@ -108,7 +112,9 @@ fn type_matches(t: &str, v: &Value) -> bool {
         "array" => v.is_array(),
         "string" => v.is_string(),
         "number" => v.is_number(),
-        "integer" => v.as_f64().is_some_and(|f| f.fract() == 0.0 && f.is_finite()),
+        "integer" => v
+            .as_f64()
+            .is_some_and(|f| f.fract() == 0.0 && f.is_finite()),
         "boolean" => v.is_boolean(),
         "null" => v.is_null(),
         _ => false,
@@ -116,7 +122,11 @@ fn type_matches(t: &str, v: &Value) -> bool {
 }
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 /// Validates `value` against a schema that passed [`check_schema`]; returns every violation.
@@ -128,7 +138,12 @@ pub fn validate(schema: &Value, value: &Value) -> Vec<Violation> {
 }
 
 fn validate_at(s: &Value, v: &Value, path: &str, out: &mut Vec<Violation>) {
-    let mut fail = |reason: String| out.push(Violation { path: path.to_string(), reason });
+    let mut fail = |reason: String| {
+        out.push(Violation {
+            path: path.to_string(),
+            reason,
+        })
+    };
     let obj = match s {
         Value::Bool(true) => return,
         Value::Bool(false) => return fail("is not allowed".into()),
@@ -200,7 +215,10 @@ fn validate_at(s: &Value, v: &Value, path: &str, out: &mut Vec<Violation>) {
         if let Some(req) = obj.get("required").and_then(Value::as_array) {
             for name in req.iter().filter_map(Value::as_str) {
                 if !map.contains_key(name) {
-                    out.push(Violation { path: join(path, name), reason: "is required".into() });
+                    out.push(Violation {
+                        path: join(path, name),
+                        reason: "is required".into(),
+                    });
                 }
             }
         }
@@ -209,8 +227,16 @@ fn validate_at(s: &Value, v: &Value, path: &str, out: &mut Vec<Violation>) {
                 Some(sub) => validate_at(sub, val, &join(path, k), out),
                 None => match obj.get("additionalProperties") {
                     Some(Value::Bool(false)) => {
-                        let known: Vec<&str> = props.map(|p| p.keys().map(String::as_str).collect()).unwrap_or_default();
-                        out.push(Violation { path: join(path, k), reason: format!("is not a parameter of this plugin (known: {})", known.join(", ")) });
+                        let known: Vec<&str> = props
+                            .map(|p| p.keys().map(String::as_str).collect())
+                            .unwrap_or_default();
+                        out.push(Violation {
+                            path: join(path, k),
+                            reason: format!(
+                                "is not a parameter of this plugin (known: {})",
+                                known.join(", ")
+                            ),
+                        });
                     }
                     Some(sub) => validate_at(sub, val, &join(path, k), out),
                     None => {}
@@ -257,11 +283,26 @@ mod tests {
         let v = validate(&schema(), &json!({"eps": -1}));
         assert_eq!(paths(&v), vec!["eps"]);
         assert!(v[0].reason.contains(">= 0"), "{:?}", v);
-        let v = validate(&schema(), &json!({"eps": 1, "steps": 0, "norm": "l1", "sizes": [1, 0, 2, 3], "name": "a", "epz": 2}));
-        assert_eq!(paths(&v), vec!["epz", "name", "norm", "sizes", "sizes[1]", "steps"]);
-        assert!(v[0].reason.contains("not a parameter") && v[0].reason.contains("eps"), "{v:?}");
+        let v = validate(
+            &schema(),
+            &json!({"eps": 1, "steps": 0, "norm": "l1", "sizes": [1, 0, 2, 3], "name": "a", "epz": 2}),
+        );
+        assert_eq!(
+            paths(&v),
+            vec!["epz", "name", "norm", "sizes", "sizes[1]", "steps"]
+        );
+        assert!(
+            v[0].reason.contains("not a parameter") && v[0].reason.contains("eps"),
+            "{v:?}"
+        );
         let v = validate(&schema(), &json!({}));
-        assert_eq!(v, vec![Violation { path: "eps".into(), reason: "is required".into() }]);
+        assert_eq!(
+            v,
+            vec![Violation {
+                path: "eps".into(),
+                reason: "is required".into()
+            }]
+        );
         let v = validate(&schema(), &json!({"eps": "4"}));
         assert!(v[0].reason.contains("type number"), "{v:?}");
         assert_eq!(validate(&json!({"type": "integer"}), &json!(2.5)).len(), 1);
@@ -271,8 +312,16 @@ mod tests {
 
     #[test]
     fn refuses_schemas_outside_the_subset() {
-        assert!(check_schema(&json!({"type": "object", "patternProperties": {}})).unwrap_err().contains("patternProperties"));
-        assert!(check_schema(&json!({"properties": {"a": {"type": "float"}}})).unwrap_err().contains("#/properties/a/type"));
+        assert!(
+            check_schema(&json!({"type": "object", "patternProperties": {}}))
+                .unwrap_err()
+                .contains("patternProperties")
+        );
+        assert!(
+            check_schema(&json!({"properties": {"a": {"type": "float"}}}))
+                .unwrap_err()
+                .contains("#/properties/a/type")
+        );
         assert!(check_schema(&json!({"minimum": "3"})).is_err());
         assert!(check_schema(&json!(3)).is_err());
     }

@@ -6,12 +6,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use adverse_plugin_sdk::abi::{self, AdvAbiVersion, AdvLibrary};
 use adverse_plugin_sdk::serde::Deserialize;
-use adverse_plugin_sdk::{Batch, CpuInput, FrameMeta, Host, PluginInfo, Purifier, Result, Shader, Tensor, cpu, export_plugins};
+use adverse_plugin_sdk::{
+    Batch, CpuInput, FrameMeta, Host, PluginInfo, Purifier, Result, Shader, Tensor, cpu,
+    export_plugins,
+};
 use serde_json::json;
 
 use super::host::{BatchInput, Instance, PluginBackend};
 use super::loader::{Pins, PluginLibrary};
 use super::{PluginError, PluginHandle};
+use crate::runtime::backend::Backend;
 use crate::runtime::cpu::CpuBackend;
 use crate::runtime::gpu::{AdapterPolicy, GpuBackend, GpuOptions};
 
@@ -69,13 +73,18 @@ impl Purifier for Probe {
                 h.sign_step(x, other, 1.0)
             }
             mode => {
-                let wgsl = if mode == "broken_shader" { "fn main( {" } else { WGSL };
-                let cpu_fn = |ins: &[CpuInput<'_>], params: &[f32], out: &mut [f32]| -> Result<()> {
-                    for (o, v) in out.iter_mut().zip(ins[0].data) {
-                        *o = 2.0 * v + params[0];
-                    }
-                    Ok(())
+                let wgsl = if mode == "broken_shader" {
+                    "fn main( {"
+                } else {
+                    WGSL
                 };
+                let cpu_fn =
+                    |ins: &[CpuInput<'_>], params: &[f32], out: &mut [f32]| -> Result<()> {
+                        for (o, v) in out.iter_mut().zip(ins[0].data) {
+                            *o = 2.0 * v + params[0];
+                        }
+                        Ok(())
+                    };
                 let y = h.run_shader(&Shader {
                     wgsl,
                     entry: "main",
@@ -91,7 +100,11 @@ impl Purifier for Probe {
                 for i in 0..batch.len() {
                     batch.audit_number(i, "u2", f64::from(u[2]))?;
                     batch.audit_number(i, "z1", f64::from(z[1]))?;
-                    batch.audit_number(i, "max_clipped", f64::from(clipped.iter().cloned().fold(f32::MIN, f32::max)))?;
+                    batch.audit_number(
+                        i,
+                        "max_clipped",
+                        f64::from(clipped.iter().cloned().fold(f32::MIN, f32::max)),
+                    )?;
                     batch.audit_text(i, "modality", &batch.meta(i)?.modality)?;
                 }
                 Ok(y)
@@ -103,7 +116,8 @@ impl Purifier for Probe {
 export_plugins!(purifier: Probe);
 
 fn probe() -> Arc<PluginHandle> {
-    let mut hs = PluginLibrary::in_process("core-tests", adverse_plugin_library()).expect("probe table loads");
+    let mut hs = PluginLibrary::in_process("core-tests", adverse_plugin_library())
+        .expect("probe table loads");
     assert_eq!(hs.len(), 1);
     Arc::new(hs.remove(0))
 }
@@ -128,17 +142,35 @@ fn frame(rows: u32, cols: u32) -> FrameMeta {
     }
 }
 
-fn run_probe<B: PluginBackend>(b: &B, params: serde_json::Value) -> std::result::Result<(Vec<f32>, Vec<std::collections::BTreeMap<String, serde_json::Value>>), PluginError> {
+fn run_probe<B: PluginBackend>(
+    b: &B,
+    params: serde_json::Value,
+) -> std::result::Result<
+    (
+        Vec<f32>,
+        Vec<std::collections::BTreeMap<String, serde_json::Value>>,
+    ),
+    PluginError,
+> {
     let mut inst = Instance::create(probe(), &params, b)?;
     let data: Vec<f32> = (0..32).map(|i| i as f32 * 5.0).collect();
     let input = b.upload(&data, &[2, 1, 4, 4]);
-    let out = inst.process(BatchInput { backend: b, frames: vec![frame(4, 4), frame(4, 4)], input, model: None, seed: 42 })?;
+    let out = inst.process(BatchInput {
+        backend: b,
+        frames: vec![frame(4, 4), frame(4, 4)],
+        input,
+        model: None,
+        seed: 42,
+    })?;
     let y = out.output.map(|t| b.download(&t)).unwrap_or_default();
     Ok((y, out.audit))
 }
 
 fn lavapipe() -> GpuBackend {
-    GpuBackend::new(GpuOptions { adapter: AdapterPolicy::SoftwareOnly }).expect("the software GPU adapter (lavapipe) must be installed")
+    GpuBackend::new(GpuOptions {
+        adapter: AdapterPolicy::SoftwareOnly,
+    })
+    .expect("the software GPU adapter (lavapipe) must be installed")
 }
 
 #[test]
@@ -155,7 +187,10 @@ fn in_process_plugin_gets_the_same_services_on_cpu_and_gpu() {
     assert_eq!(a_gpu[1]["u2"], json!(u2 as f64));
     let z1_cpu = a_cpu[0]["z1"].as_f64().unwrap();
     let z1_gpu = a_gpu[0]["z1"].as_f64().unwrap();
-    assert!((z1_cpu - z1_gpu).abs() < 1e-4 && (z1_cpu - 2.0 * cpu::counter_normal(cpu::stream_seed(42, 6), 1) as f64).abs() < 1e-4);
+    assert!(
+        (z1_cpu - z1_gpu).abs() < 1e-4
+            && (z1_cpu - 2.0 * cpu::counter_normal(cpu::stream_seed(42, 6), 1) as f64).abs() < 1e-4
+    );
     // clip_to_range used the frames' 8-bit range.
     assert_eq!(a_cpu[0]["max_clipped"], json!(255.0));
     assert_eq!(a_gpu[1]["modality"], json!("CT"));
@@ -166,29 +201,56 @@ fn broken_wgsl_is_an_error_not_a_crash() {
     let err = run_probe(&lavapipe(), json!({"mode": "broken_shader"})).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, PluginError::Process { .. }), "{msg}");
-    assert!(msg.contains("plugin `probe`") && msg.contains("WGSL"), "{msg}");
+    assert!(
+        msg.contains("plugin `probe`") && msg.contains("WGSL"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn service_argument_errors_reach_the_plugin_message() {
-    let msg = run_probe(&CpuBackend::new(Some(1)), json!({"mode": "bad_shapes"})).unwrap_err().to_string();
-    assert!(msg.contains("sign_step") && msg.contains("shapes differ"), "{msg}");
+    let msg = run_probe(&CpuBackend::new(Some(1)), json!({"mode": "bad_shapes"}))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("sign_step") && msg.contains("shapes differ"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn parameters_are_validated_before_create() {
     let before = CREATED.load(Ordering::SeqCst);
-    let err = Instance::create(probe(), &json!({"mode": "shader", "bias": "x"}), &CpuBackend::new(Some(1))).unwrap_err();
-    assert!(matches!(&err, PluginError::InvalidParam { plugin, param, .. } if plugin == "probe" && param == "bias"), "{err}");
-    let err = Instance::create(probe(), &json!({"mode": "fast"}), &CpuBackend::new(Some(1))).unwrap_err();
-    assert!(err.to_string().contains("parameter `mode` must be one of"), "{err}");
-    assert_eq!(CREATED.load(Ordering::SeqCst), before, "create must not run on invalid parameters");
+    let err = Instance::create(
+        probe(),
+        &json!({"mode": "shader", "bias": "x"}),
+        &CpuBackend::new(Some(1)),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, PluginError::InvalidParam { plugin, param, .. } if plugin == "probe" && param == "bias"),
+        "{err}"
+    );
+    let err =
+        Instance::create(probe(), &json!({"mode": "fast"}), &CpuBackend::new(Some(1))).unwrap_err();
+    assert!(
+        err.to_string().contains("parameter `mode` must be one of"),
+        "{err}"
+    );
+    assert_eq!(
+        CREATED.load(Ordering::SeqCst),
+        before,
+        "create must not run on invalid parameters"
+    );
 }
 
 #[test]
 fn a_table_of_another_abi_major_is_refused_naming_both_versions() {
     let other: &'static AdvLibrary = Box::leak(Box::new(AdvLibrary {
-        abi: AdvAbiVersion { major: abi::ADVERSE_ABI_MAJOR + 1, minor: 0 },
+        abi: AdvAbiVersion {
+            major: abi::ADVERSE_ABI_MAJOR + 1,
+            minor: 0,
+        },
         size: std::mem::size_of::<AdvLibrary>() as u32,
         plugin_count: 0,
         plugins: std::ptr::null(),
@@ -197,16 +259,98 @@ fn a_table_of_another_abi_major_is_refused_naming_both_versions() {
     let err = PluginLibrary::in_process("other", other).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, PluginError::AbiMismatch { .. }), "{msg}");
-    assert!(msg.contains(&format!("ABI {}.0", abi::ADVERSE_ABI_MAJOR + 1)) && msg.contains(&format!("ABI {}.{}", abi::ADVERSE_ABI_MAJOR, abi::ADVERSE_ABI_MINOR)), "{msg}");
+    assert!(
+        msg.contains(&format!("ABI {}.0", abi::ADVERSE_ABI_MAJOR + 1))
+            && msg.contains(&format!(
+                "ABI {}.{}",
+                abi::ADVERSE_ABI_MAJOR,
+                abi::ADVERSE_ABI_MINOR
+            )),
+        "{msg}"
+    );
 }
 
 #[test]
 fn pins_are_parsed_and_enforced() {
-    assert!(matches!(Pins::parse(&["probe".into()]), Err(PluginError::BadPin(_))));
-    assert!(matches!(Pins::parse(&["probe=abc".into()]), Err(PluginError::BadPin(_))));
+    assert!(matches!(
+        Pins::parse(&["probe".into()]),
+        Err(PluginError::BadPin(_))
+    ));
+    assert!(matches!(
+        Pins::parse(&["probe=abc".into()]),
+        Err(PluginError::BadPin(_))
+    ));
     let h = probe();
     let pins = Pins::parse(&[format!("probe={}", "AB".repeat(32))]).unwrap();
     let msg = pins.check(&h).unwrap_err().to_string();
-    assert!(msg.contains(&"ab".repeat(32)) && msg.contains("refusing"), "{msg}");
-    assert!(Pins::parse(&[format!("other={}", "ab".repeat(32))]).unwrap().check(&h).is_ok());
+    assert!(
+        msg.contains(&"ab".repeat(32)) && msg.contains("refusing"),
+        "{msg}"
+    );
+    assert!(
+        Pins::parse(&[format!("other={}", "ab".repeat(32))])
+            .unwrap()
+            .check(&h)
+            .is_ok()
+    );
+}
+
+/// A hand-written (C-style) purifier whose process succeeds without setting an output.
+unsafe extern "C" fn silent_create(
+    _h: *const abi::AdvHost,
+    _p: *const std::ffi::c_char,
+    _l: usize,
+    out: *mut *mut std::ffi::c_void,
+) -> abi::AdvStatus {
+    // SAFETY: the host passes a writable out pointer; any non-null value is a valid instance here.
+    unsafe { *out = std::ptr::NonNull::<u8>::dangling().as_ptr().cast() };
+    abi::ADV_OK
+}
+unsafe extern "C" fn silent_process(
+    _i: *mut std::ffi::c_void,
+    _h: *const abi::AdvHost,
+    _b: *const abi::AdvBatch,
+) -> abi::AdvStatus {
+    abi::ADV_OK
+}
+unsafe extern "C" fn silent_destroy(_i: *mut std::ffi::c_void) {}
+
+#[test]
+fn a_purifier_that_sets_no_output_breaks_the_contract() {
+    let descs: &'static [abi::AdvPluginDesc] = Box::leak(Box::new([abi::AdvPluginDesc {
+        size: std::mem::size_of::<abi::AdvPluginDesc>() as u32,
+        kind: abi::ADV_KIND_PURIFIER,
+        name: c"silent".as_ptr(),
+        version: c"0".as_ptr(),
+        description: c"sets no output".as_ptr(),
+        param_schema: c"{}".as_ptr(),
+        create: Some(silent_create),
+        process: Some(silent_process),
+        destroy: Some(silent_destroy),
+    }]));
+    let lib: &'static AdvLibrary = Box::leak(Box::new(AdvLibrary {
+        abi: super::host_abi(),
+        size: std::mem::size_of::<AdvLibrary>() as u32,
+        plugin_count: 1,
+        plugins: descs.as_ptr(),
+        plugin_desc_size: std::mem::size_of::<abi::AdvPluginDesc>() as u32,
+    }));
+    let h = Arc::new(PluginLibrary::in_process("silent", lib).unwrap().remove(0));
+    let b = CpuBackend::new(Some(1));
+    let mut inst = Instance::create(h, &json!({}), &b).unwrap();
+    let input = b.upload(&[1.0], &[1, 1, 1, 1]);
+    let err = inst
+        .process(BatchInput {
+            backend: &b,
+            frames: vec![frame(1, 1)],
+            input,
+            model: None,
+            seed: 0,
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("plugin `silent`: a purifier must set an output"),
+        "{err}"
+    );
 }

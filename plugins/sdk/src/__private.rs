@@ -90,7 +90,10 @@ fn guarded(host: *const AdvHost, f: impl FnOnce(&Host<'_>) -> Result<()>) -> Adv
             abi::ADV_ERR_FAILED
         }
         Err(payload) => {
-            h.set_error(&format!("plugin panicked: {}", panic_message(payload.as_ref())));
+            h.set_error(&format!(
+                "plugin panicked: {}",
+                panic_message(payload.as_ref())
+            ));
             abi::ADV_ERR_PANIC
         }
     }
@@ -111,7 +114,11 @@ pub unsafe extern "C" fn create<A: Adapter>(
     guarded(host, |h| {
         // SAFETY: the host passes (ptr, len) of the parameters text.
         let bytes = unsafe { slice_or_empty(params_json.cast::<u8>(), params_len) };
-        let text = if bytes.is_empty() { b"{}".as_slice() } else { bytes };
+        let text = if bytes.is_empty() {
+            b"{}".as_slice()
+        } else {
+            bytes
+        };
         let params: <A::P as PluginInfo>::Params = serde_json::from_slice(text)?;
         let plugin = A::P::create(params, h)?;
         let boxed: Box<A> = Box::new(A::wrap(plugin));
@@ -123,7 +130,11 @@ pub unsafe extern "C" fn create<A: Adapter>(
 
 /// # Safety
 /// `instance` must come from `create::<A>` and not be destroyed; `batch` must be valid.
-pub unsafe extern "C" fn process<A: Adapter>(instance: *mut c_void, host: *const AdvHost, batch: *const AdvBatch) -> AdvStatus {
+pub unsafe extern "C" fn process<A: Adapter>(
+    instance: *mut c_void,
+    host: *const AdvHost,
+    batch: *const AdvBatch,
+) -> AdvStatus {
     if instance.is_null() || batch.is_null() {
         return abi::ADV_ERR_INVALID;
     }
@@ -207,13 +218,20 @@ impl LibraryHolder {
             strings.extend(d.strings);
         }
         let lib = AdvLibrary {
-            abi: abi::AdvAbiVersion { major: abi::ADVERSE_ABI_MAJOR, minor: abi::ADVERSE_ABI_MINOR },
+            abi: abi::AdvAbiVersion {
+                major: abi::ADVERSE_ABI_MAJOR,
+                minor: abi::ADVERSE_ABI_MINOR,
+            },
             size: std::mem::size_of::<AdvLibrary>() as u32,
             plugin_count: table.len() as u32,
             plugins: table.as_ptr(),
             plugin_desc_size: std::mem::size_of::<AdvPluginDesc>() as u32,
         };
-        LibraryHolder { lib, _descs: table, _strings: strings }
+        LibraryHolder {
+            lib,
+            _descs: table,
+            _strings: strings,
+        }
     }
 
     pub fn library(&self) -> &AdvLibrary {

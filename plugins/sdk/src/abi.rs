@@ -111,8 +111,11 @@ pub type AdvCreateFn = unsafe extern "C" fn(
 
 /// Processes one batch of frames (see [`AdvBatch`]). Attacks and purifiers call
 /// `AdvHost::set_output`; detectors write audit values.
-pub type AdvProcessFn =
-    unsafe extern "C" fn(instance: *mut c_void, host: *const AdvHost, batch: *const AdvBatch) -> AdvStatus;
+pub type AdvProcessFn = unsafe extern "C" fn(
+    instance: *mut c_void,
+    host: *const AdvHost,
+    batch: *const AdvBatch,
+) -> AdvStatus;
 
 /// Frees an instance. Called exactly once per successful create.
 pub type AdvDestroyFn = unsafe extern "C" fn(instance: *mut c_void);
@@ -148,7 +151,13 @@ pub struct AdvPluginDesc {
         ) -> AdvStatus,
     >,
     /// An [`AdvProcessFn`].
-    pub process: Option<unsafe extern "C" fn(instance: *mut c_void, host: *const AdvHost, batch: *const AdvBatch) -> AdvStatus>,
+    pub process: Option<
+        unsafe extern "C" fn(
+            instance: *mut c_void,
+            host: *const AdvHost,
+            batch: *const AdvBatch,
+        ) -> AdvStatus,
+    >,
     /// An [`AdvDestroyFn`].
     pub destroy: Option<unsafe extern "C" fn(instance: *mut c_void)>,
 }
@@ -291,11 +300,16 @@ pub struct AdvHost {
     /// `ADV_BACKEND_CPU` or `ADV_BACKEND_GPU`.
     pub backend_kind: unsafe extern "C" fn(ctx: *mut c_void) -> u32,
     /// Metadata of frame `index` (0..N) of the current batch.
-    pub frame_meta: unsafe extern "C" fn(ctx: *mut c_void, index: u32, out: *mut AdvFrameMeta) -> AdvStatus,
+    pub frame_meta:
+        unsafe extern "C" fn(ctx: *mut c_void, index: u32, out: *mut AdvFrameMeta) -> AdvStatus,
 
     // ---- tensors ------------------------------------------------------------------------------
-    pub tensor_zeros:
-        unsafe extern "C" fn(ctx: *mut c_void, shape: *const u64, ndim: u32, out: *mut AdvTensor) -> AdvStatus,
+    pub tensor_zeros: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        shape: *const u64,
+        ndim: u32,
+        out: *mut AdvTensor,
+    ) -> AdvStatus,
     /// Uploads `len` f32 (must equal the shape's element count).
     pub tensor_upload: unsafe extern "C" fn(
         ctx: *mut c_void,
@@ -306,10 +320,20 @@ pub struct AdvHost {
         out: *mut AdvTensor,
     ) -> AdvStatus,
     /// Downloads into `out` (`len` must equal the element count).
-    pub tensor_download: unsafe extern "C" fn(ctx: *mut c_void, t: AdvTensor, out: *mut f32, len: usize) -> AdvStatus,
+    pub tensor_download: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        t: AdvTensor,
+        out: *mut f32,
+        len: usize,
+    ) -> AdvStatus,
     /// Writes up to `cap` dims to `shape`, the rank to `*ndim`.
-    pub tensor_shape:
-        unsafe extern "C" fn(ctx: *mut c_void, t: AdvTensor, shape: *mut u64, cap: u32, ndim: *mut u32) -> AdvStatus,
+    pub tensor_shape: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        t: AdvTensor,
+        shape: *mut u64,
+        cap: u32,
+        ndim: *mut u32,
+    ) -> AdvStatus,
     pub tensor_free: unsafe extern "C" fn(ctx: *mut c_void, t: AdvTensor) -> AdvStatus,
     /// `a * x + b * y` (same shapes).
     pub axpby: unsafe extern "C" fn(
@@ -323,11 +347,21 @@ pub struct AdvHost {
 
     // ---- runtime primitives (per sample = over all axes but the first) --------------------------
     /// `x + alpha * sign(g)`.
-    pub sign_step:
-        unsafe extern "C" fn(ctx: *mut c_void, x: AdvTensor, g: AdvTensor, alpha: f32, out: *mut AdvTensor) -> AdvStatus,
+    pub sign_step: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        x: AdvTensor,
+        g: AdvTensor,
+        alpha: f32,
+        out: *mut AdvTensor,
+    ) -> AdvStatus,
     /// `x + alpha * g / ||g||_2` per sample.
-    pub l2_step:
-        unsafe extern "C" fn(ctx: *mut c_void, x: AdvTensor, g: AdvTensor, alpha: f32, out: *mut AdvTensor) -> AdvStatus,
+    pub l2_step: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        x: AdvTensor,
+        g: AdvTensor,
+        alpha: f32,
+        out: *mut AdvTensor,
+    ) -> AdvStatus,
     /// Projection of `x` onto the `norm` ball of radius `eps` around `x0` (L2 or L∞).
     pub project: unsafe extern "C" fn(
         ctx: *mut c_void,
@@ -338,16 +372,30 @@ pub struct AdvHost {
         out: *mut AdvTensor,
     ) -> AdvStatus,
     /// Clamp each frame of a batch-shaped tensor to its stored-value range.
-    pub clip_to_range: unsafe extern "C" fn(ctx: *mut c_void, x: AdvTensor, out: *mut AdvTensor) -> AdvStatus,
+    pub clip_to_range:
+        unsafe extern "C" fn(ctx: *mut c_void, x: AdvTensor, out: *mut AdvTensor) -> AdvStatus,
     /// Per-sample norm, written to `out[0..n]` (`n` = the first dim).
-    pub norm_per_sample:
-        unsafe extern "C" fn(ctx: *mut c_void, x: AdvTensor, norm: u32, out: *mut f32, n: usize) -> AdvStatus,
+    pub norm_per_sample: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        x: AdvTensor,
+        norm: u32,
+        out: *mut f32,
+        n: usize,
+    ) -> AdvStatus,
     /// Gaussian blur of each `[H, W]` plane of an `[N, C, H, W]` tensor (reflect border).
-    pub gaussian_filter:
-        unsafe extern "C" fn(ctx: *mut c_void, x: AdvTensor, sigma: f32, out: *mut AdvTensor) -> AdvStatus,
+    pub gaussian_filter: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        x: AdvTensor,
+        sigma: f32,
+        out: *mut AdvTensor,
+    ) -> AdvStatus,
     /// Median over a `(2r+1)^2` window of each `[H, W]` plane (reflect border).
-    pub median_filter:
-        unsafe extern "C" fn(ctx: *mut c_void, x: AdvTensor, radius: u32, out: *mut AdvTensor) -> AdvStatus,
+    pub median_filter: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        x: AdvTensor,
+        radius: u32,
+        out: *mut AdvTensor,
+    ) -> AdvStatus,
     /// Uniform in `[lo, hi)` from the batch seed and `stream` (counter-based, backend-independent).
     pub random_uniform: unsafe extern "C" fn(
         ctx: *mut c_void,
@@ -370,7 +418,8 @@ pub struct AdvHost {
 
     // ---- model ----------------------------------------------------------------------------------
     /// Logits `[N, K]` of the run's model (with its preprocessing) for stored values `x`.
-    pub model_forward: unsafe extern "C" fn(ctx: *mut c_void, x: AdvTensor, out: *mut AdvTensor) -> AdvStatus,
+    pub model_forward:
+        unsafe extern "C" fn(ctx: *mut c_void, x: AdvTensor, out: *mut AdvTensor) -> AdvStatus,
     /// Per-sample objective (`ADV_LOSS_*`) written to `out_losses[0..N]` and its gradient w.r.t.
     /// the stored values `x` in `*out_grad`. `targets` holds N class indices: the true labels, or
     /// the targets when `targeted` is 1.
@@ -387,8 +436,11 @@ pub struct AdvHost {
     ) -> AdvStatus,
 
     // ---- custom kernels ---------------------------------------------------------------------------
-    pub run_shader:
-        unsafe extern "C" fn(ctx: *mut c_void, call: *const AdvShaderCall, out: *mut AdvTensor) -> AdvStatus,
+    pub run_shader: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        call: *const AdvShaderCall,
+        out: *mut AdvTensor,
+    ) -> AdvStatus,
 
     // ---- audit and results --------------------------------------------------------------------------
     /// A named number for frame `frame` of the batch (a score, a norm...).

@@ -167,7 +167,9 @@ mod tests {
 
     #[test]
     fn gaussian_preserves_mean_and_smooths() {
-        let img: Vec<f32> = (0..64).map(|i| if i % 2 == 0 { 100.0 } else { 0.0 }).collect();
+        let img: Vec<f32> = (0..64)
+            .map(|i| if i % 2 == 0 { 100.0 } else { 0.0 })
+            .collect();
         let out = gaussian_filter(&img, &[1, 1, 8, 8], 1.0).unwrap();
         let mean_in: f32 = img.iter().sum::<f32>() / 64.0;
         let mean_out: f32 = out.iter().sum::<f32>() / 64.0;
@@ -175,7 +177,11 @@ mod tests {
         // Away from the border, alternating columns blur to (almost) their mean.
         for y in 0..8 {
             for x in 3..5 {
-                assert!((out[y * 8 + x] - 50.0).abs() < 2.0, "({y},{x}) = {}", out[y * 8 + x]);
+                assert!(
+                    (out[y * 8 + x] - 50.0).abs() < 2.0,
+                    "({y},{x}) = {}",
+                    out[y * 8 + x]
+                );
             }
         }
         let taps = gaussian_taps(1.0);

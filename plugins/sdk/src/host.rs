@@ -74,7 +74,12 @@ pub struct FrameMeta {
 impl FrameMeta {
     /// Converts the C struct (as filled by a host).
     pub fn from_raw(m: &abi::AdvFrameMeta) -> FrameMeta {
-        let bytes: Vec<u8> = m.modality.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        let bytes: Vec<u8> = m
+            .modality
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
         let opt = |v: i64| u32::try_from(v).ok();
         FrameMeta {
             rows: m.rows,
@@ -149,7 +154,10 @@ pub struct Shader<'s> {
 
 impl std::fmt::Debug for Shader<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shader").field("entry", &self.entry).field("out_shape", &self.out_shape).finish_non_exhaustive()
+        f.debug_struct("Shader")
+            .field("entry", &self.entry)
+            .field("out_shape", &self.out_shape)
+            .finish_non_exhaustive()
     }
 }
 
@@ -161,7 +169,9 @@ pub struct Host<'a> {
 
 impl std::fmt::Debug for Host<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Host").field("abi", &self.raw.abi).finish_non_exhaustive()
+        f.debug_struct("Host")
+            .field("abi", &self.raw.abi)
+            .finish_non_exhaustive()
     }
 }
 
@@ -204,11 +214,18 @@ impl<'a> Host<'a> {
         if status == abi::ADV_OK {
             Ok(())
         } else {
-            Err(Error::new(format!("host service {what} failed: {}", self.last_error())))
+            Err(Error::new(format!(
+                "host service {what} failed: {}",
+                self.last_error()
+            )))
         }
     }
 
-    fn tensor_out(&self, what: &str, f: impl FnOnce(*mut AdvTensor) -> AdvStatus) -> Result<Tensor> {
+    fn tensor_out(
+        &self,
+        what: &str,
+        f: impl FnOnce(*mut AdvTensor) -> AdvStatus,
+    ) -> Result<Tensor> {
         let mut out: AdvTensor = 0;
         let st = f(&mut out);
         self.check(st, what)?;
@@ -243,14 +260,23 @@ impl<'a> Host<'a> {
     pub fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
         let s = shape_u64(shape);
         // SAFETY: shape points to `ndim` u64; out is a valid local.
-        self.tensor_out("tensor_zeros", |o| unsafe { (self.raw.tensor_zeros)(self.ctx(), s.as_ptr(), s.len() as u32, o) })
+        self.tensor_out("tensor_zeros", |o| unsafe {
+            (self.raw.tensor_zeros)(self.ctx(), s.as_ptr(), s.len() as u32, o)
+        })
     }
 
     pub fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
         let s = shape_u64(shape);
         // SAFETY: data and shape are live slices passed with their lengths.
         self.tensor_out("tensor_upload", |o| unsafe {
-            (self.raw.tensor_upload)(self.ctx(), data.as_ptr(), data.len(), s.as_ptr(), s.len() as u32, o)
+            (self.raw.tensor_upload)(
+                self.ctx(),
+                data.as_ptr(),
+                data.len(),
+                s.as_ptr(),
+                s.len() as u32,
+                o,
+            )
         })
     }
 
@@ -258,9 +284,20 @@ impl<'a> Host<'a> {
         let mut dims = [0u64; 16];
         let mut nd = 0u32;
         // SAFETY: dims has room for `cap` entries; nd is a valid local.
-        let st = unsafe { (self.raw.tensor_shape)(self.ctx(), t.0, dims.as_mut_ptr(), dims.len() as u32, &mut nd) };
+        let st = unsafe {
+            (self.raw.tensor_shape)(
+                self.ctx(),
+                t.0,
+                dims.as_mut_ptr(),
+                dims.len() as u32,
+                &mut nd,
+            )
+        };
         self.check(st, "tensor_shape")?;
-        Ok(dims[..(nd as usize).min(16)].iter().map(|&d| d as usize).collect())
+        Ok(dims[..(nd as usize).min(16)]
+            .iter()
+            .map(|&d| d as usize)
+            .collect())
     }
 
     pub fn download(&self, t: Tensor) -> Result<Vec<f32>> {
@@ -281,47 +318,62 @@ impl<'a> Host<'a> {
     /// `a * x + b * y`.
     pub fn axpby(&self, a: f32, x: Tensor, b: f32, y: Tensor) -> Result<Tensor> {
         // SAFETY: out is a valid local.
-        self.tensor_out("axpby", |o| unsafe { (self.raw.axpby)(self.ctx(), a, x.0, b, y.0, o) })
+        self.tensor_out("axpby", |o| unsafe {
+            (self.raw.axpby)(self.ctx(), a, x.0, b, y.0, o)
+        })
     }
 
     pub fn sign_step(&self, x: Tensor, g: Tensor, alpha: f32) -> Result<Tensor> {
         // SAFETY: out is a valid local.
-        self.tensor_out("sign_step", |o| unsafe { (self.raw.sign_step)(self.ctx(), x.0, g.0, alpha, o) })
+        self.tensor_out("sign_step", |o| unsafe {
+            (self.raw.sign_step)(self.ctx(), x.0, g.0, alpha, o)
+        })
     }
 
     pub fn l2_step(&self, x: Tensor, g: Tensor, alpha: f32) -> Result<Tensor> {
         // SAFETY: out is a valid local.
-        self.tensor_out("l2_step", |o| unsafe { (self.raw.l2_step)(self.ctx(), x.0, g.0, alpha, o) })
+        self.tensor_out("l2_step", |o| unsafe {
+            (self.raw.l2_step)(self.ctx(), x.0, g.0, alpha, o)
+        })
     }
 
     pub fn project(&self, x: Tensor, x0: Tensor, eps: f32, norm: Norm) -> Result<Tensor> {
         // SAFETY: out is a valid local.
-        self.tensor_out("project", |o| unsafe { (self.raw.project)(self.ctx(), x.0, x0.0, eps, norm.raw(), o) })
+        self.tensor_out("project", |o| unsafe {
+            (self.raw.project)(self.ctx(), x.0, x0.0, eps, norm.raw(), o)
+        })
     }
 
     /// Clamps each frame to its stored-value range.
     pub fn clip_to_range(&self, x: Tensor) -> Result<Tensor> {
         // SAFETY: out is a valid local.
-        self.tensor_out("clip_to_range", |o| unsafe { (self.raw.clip_to_range)(self.ctx(), x.0, o) })
+        self.tensor_out("clip_to_range", |o| unsafe {
+            (self.raw.clip_to_range)(self.ctx(), x.0, o)
+        })
     }
 
     pub fn norm_per_sample(&self, x: Tensor, norm: Norm) -> Result<Vec<f32>> {
         let n = self.shape(x)?.first().copied().unwrap_or(0);
         let mut v = vec![0f32; n];
         // SAFETY: v is writable for n f32.
-        let st = unsafe { (self.raw.norm_per_sample)(self.ctx(), x.0, norm.raw(), v.as_mut_ptr(), n) };
+        let st =
+            unsafe { (self.raw.norm_per_sample)(self.ctx(), x.0, norm.raw(), v.as_mut_ptr(), n) };
         self.check(st, "norm_per_sample")?;
         Ok(v)
     }
 
     pub fn gaussian_filter(&self, x: Tensor, sigma: f32) -> Result<Tensor> {
         // SAFETY: out is a valid local.
-        self.tensor_out("gaussian_filter", |o| unsafe { (self.raw.gaussian_filter)(self.ctx(), x.0, sigma, o) })
+        self.tensor_out("gaussian_filter", |o| unsafe {
+            (self.raw.gaussian_filter)(self.ctx(), x.0, sigma, o)
+        })
     }
 
     pub fn median_filter(&self, x: Tensor, radius: u32) -> Result<Tensor> {
         // SAFETY: out is a valid local.
-        self.tensor_out("median_filter", |o| unsafe { (self.raw.median_filter)(self.ctx(), x.0, radius, o) })
+        self.tensor_out("median_filter", |o| unsafe {
+            (self.raw.median_filter)(self.ctx(), x.0, radius, o)
+        })
     }
 
     pub fn random_uniform(&self, shape: &[usize], lo: f32, hi: f32, stream: u64) -> Result<Tensor> {
@@ -343,12 +395,20 @@ impl<'a> Host<'a> {
     /// Logits `[N, K]` for stored values `x`.
     pub fn model_forward(&self, x: Tensor) -> Result<Tensor> {
         // SAFETY: out is a valid local.
-        self.tensor_out("model_forward", |o| unsafe { (self.raw.model_forward)(self.ctx(), x.0, o) })
+        self.tensor_out("model_forward", |o| unsafe {
+            (self.raw.model_forward)(self.ctx(), x.0, o)
+        })
     }
 
     /// Per-sample objective and its gradient w.r.t. the stored values `x`. `targets`: the true
     /// labels, or the target classes when `targeted`.
-    pub fn model_loss_grad(&self, x: Tensor, loss: LossKind, targeted: bool, targets: &[u32]) -> Result<(Vec<f32>, Tensor)> {
+    pub fn model_loss_grad(
+        &self,
+        x: Tensor,
+        loss: LossKind,
+        targeted: bool,
+        targets: &[u32],
+    ) -> Result<(Vec<f32>, Tensor)> {
         let (kind, kappa) = match loss {
             LossKind::CrossEntropy => (abi::ADV_LOSS_CROSS_ENTROPY, 0.0),
             LossKind::CwMargin { kappa } => (abi::ADV_LOSS_CW_MARGIN, kappa),
@@ -393,14 +453,18 @@ impl<'a> Host<'a> {
             params: shader.params.as_ptr(),
             n_params: shader.params.len() as u32,
             workgroups: shader.workgroups,
-            cpu: cpu_ref.is_some().then_some(cpu_trampoline as abi::AdvCpuKernelFn),
+            cpu: cpu_ref
+                .is_some()
+                .then_some(cpu_trampoline as abi::AdvCpuKernelFn),
             cpu_user: match &cpu_ref {
                 Some(f) => (f as *const CpuKernel<'_>).cast_mut().cast(),
                 None => std::ptr::null_mut(),
             },
         };
         // SAFETY: every pointer in `call` refers to data alive until this call returns.
-        self.tensor_out("run_shader", |o| unsafe { (self.raw.run_shader)(self.ctx(), &call, o) })
+        self.tensor_out("run_shader", |o| unsafe {
+            (self.raw.run_shader)(self.ctx(), &call, o)
+        })
     }
 }
 
@@ -422,10 +486,17 @@ unsafe extern "C" fn cpu_trampoline(
             let raw_inputs = slice_or_empty(inputs, n_inputs as usize);
             let ins: Vec<CpuInput<'_>> = raw_inputs
                 .iter()
-                .map(|s| CpuInput { data: slice_or_empty(s.data, s.len), shape: slice_or_empty(s.shape, s.ndim as usize) })
+                .map(|s| CpuInput {
+                    data: slice_or_empty(s.data, s.len),
+                    shape: slice_or_empty(s.shape, s.ndim as usize),
+                })
                 .collect();
             let params = slice_or_empty(params, n_params as usize);
-            let out: &mut [f32] = if out.is_null() { &mut [] } else { std::slice::from_raw_parts_mut(out, out_len) };
+            let out: &mut [f32] = if out.is_null() {
+                &mut []
+            } else {
+                std::slice::from_raw_parts_mut(out, out_len)
+            };
             f(&ins, params, out)
         }
     }));
@@ -456,7 +527,9 @@ pub struct Batch<'a> {
 
 impl std::fmt::Debug for Batch<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Batch").field("frames", &self.raw.frames).finish_non_exhaustive()
+        f.debug_struct("Batch")
+            .field("frames", &self.raw.frames)
+            .finish_non_exhaustive()
     }
 }
 
@@ -509,23 +582,50 @@ impl<'a> Batch<'a> {
     /// The true labels of the batch, or an error naming the first frame without one.
     pub fn labels(&self) -> Result<Vec<u32>> {
         (0..self.len())
-            .map(|i| self.meta(i)?.label.ok_or_else(|| Error::new(format!("frame {i} has no label (give --label)"))))
+            .map(|i| {
+                self.meta(i)?
+                    .label
+                    .ok_or_else(|| Error::new(format!("frame {i} has no label (give --label)")))
+            })
             .collect()
     }
     pub fn audit_number(&self, frame: usize, key: &str, value: f64) -> Result<()> {
         // SAFETY: (ptr, len) of a live str.
-        let st = unsafe { (self.host.raw.audit_number)(self.host.ctx(), frame as u32, key.as_ptr().cast(), key.len(), value) };
+        let st = unsafe {
+            (self.host.raw.audit_number)(
+                self.host.ctx(),
+                frame as u32,
+                key.as_ptr().cast(),
+                key.len(),
+                value,
+            )
+        };
         self.host.check(st, "audit_number")
     }
     pub fn audit_flag(&self, frame: usize, key: &str, value: bool) -> Result<()> {
         // SAFETY: (ptr, len) of a live str.
-        let st = unsafe { (self.host.raw.audit_flag)(self.host.ctx(), frame as u32, key.as_ptr().cast(), key.len(), value as u32) };
+        let st = unsafe {
+            (self.host.raw.audit_flag)(
+                self.host.ctx(),
+                frame as u32,
+                key.as_ptr().cast(),
+                key.len(),
+                value as u32,
+            )
+        };
         self.host.check(st, "audit_flag")
     }
     pub fn audit_text(&self, frame: usize, key: &str, text: &str) -> Result<()> {
         // SAFETY: (ptr, len) pairs of live strs.
         let st = unsafe {
-            (self.host.raw.audit_text)(self.host.ctx(), frame as u32, key.as_ptr().cast(), key.len(), text.as_ptr().cast(), text.len())
+            (self.host.raw.audit_text)(
+                self.host.ctx(),
+                frame as u32,
+                key.as_ptr().cast(),
+                key.len(),
+                text.as_ptr().cast(),
+                text.len(),
+            )
         };
         self.host.check(st, "audit_text")
     }
@@ -539,15 +639,26 @@ impl<'a> Batch<'a> {
 
 /// Writes `m` into a caller's `AdvFrameMeta`, no more than the `size` it declares (hosts answer
 /// `frame_meta` with this, so an older plugin's smaller struct is never overrun).
-pub fn write_frame_meta(out: *mut abi::AdvFrameMeta, m: &abi::AdvFrameMeta) -> std::result::Result<(), String> {
+///
+/// # Safety
+/// `out` must be null or point to writable memory of at least `(*out).size` bytes whose `size`
+/// field is initialised (what the ABI requires of a `frame_meta` caller).
+pub unsafe fn write_frame_meta(
+    out: *mut abi::AdvFrameMeta,
+    m: &abi::AdvFrameMeta,
+) -> std::result::Result<(), String> {
     if out.is_null() {
         return Err("null output pointer".into());
     }
-    // SAFETY: out is non-null and the caller declares in `size` how many bytes it owns.
+    // SAFETY: out is non-null and, per this function's contract, owns `size` bytes.
     unsafe {
         let size = (*out).size;
         let cap = (size as usize).min(std::mem::size_of::<abi::AdvFrameMeta>());
-        std::ptr::copy_nonoverlapping((m as *const abi::AdvFrameMeta).cast::<u8>(), out.cast::<u8>(), cap);
+        std::ptr::copy_nonoverlapping(
+            (m as *const abi::AdvFrameMeta).cast::<u8>(),
+            out.cast::<u8>(),
+            cap,
+        );
         (*out).size = size;
     }
     Ok(())

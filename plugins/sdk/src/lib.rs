@@ -21,7 +21,10 @@ pub mod testing;
 #[doc(hidden)]
 pub mod __private;
 
-pub use host::{BackendKind, Batch, CpuInput, CpuKernel, FrameMeta, Host, LogLevel, LossKind, Norm, Shader, Tensor, write_frame_meta};
+pub use host::{
+    BackendKind, Batch, CpuInput, CpuKernel, FrameMeta, Host, LogLevel, LossKind, Norm, Shader,
+    Tensor, write_frame_meta,
+};
 pub use serde;
 pub use serde_json;
 
@@ -35,7 +38,9 @@ pub struct Error {
 
 impl Error {
     pub fn new(message: impl Into<String>) -> Self {
-        Error { message: message.into() }
+        Error {
+            message: message.into(),
+        }
     }
     pub fn message(&self) -> &str {
         &self.message

@@ -7,7 +7,7 @@
 //! cross-entropy and the CW margin; everything else follows the adverse host's semantics (the
 //! filters and random streams are the very same code, [`crate::cpu`]).
 //!
-//! ```ignore
+//! ```text
 //! let mut host = TestHost::new(vec![TestHost::frame(8, 8)]);
 //! let out = testing::run(adverse_plugin_library(), "median", &json!({"radius": 1}), &mut host, &img, [1, 1, 8, 8])?;
 //! ```
@@ -44,7 +44,11 @@ impl TestModel {
         for s in 0..n {
             for c in 0..k {
                 let w = &self.weights[c * d..(c + 1) * d];
-                z[s * k + c] = self.bias[c] + w.iter().zip(&x[s * d..(s + 1) * d]).map(|(a, b)| a * b).sum::<f32>();
+                z[s * k + c] = self.bias[c]
+                    + w.iter()
+                        .zip(&x[s * d..(s + 1) * d])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>();
             }
         }
         Some(z)
@@ -92,7 +96,12 @@ pub struct TestHost {
 
 impl TestHost {
     pub fn new(frames: Vec<FrameMeta>) -> Self {
-        TestHost { frames, seed: 0, next: 1, ..Default::default() }
+        TestHost {
+            frames,
+            seed: 0,
+            next: 1,
+            ..Default::default()
+        }
     }
     pub fn with_model(mut self, model: TestModel) -> Self {
         self.model = Some(model);
@@ -131,12 +140,17 @@ impl TestHost {
     }
 
     fn get(&self, t: AdvTensor) -> Result<&(Vec<f32>, Vec<usize>), String> {
-        self.tensors.get(&t).ok_or_else(|| format!("unknown tensor handle {t}"))
+        self.tensors
+            .get(&t)
+            .ok_or_else(|| format!("unknown tensor handle {t}"))
     }
 
     fn table(&mut self) -> AdvHost {
         AdvHost {
-            abi: abi::AdvAbiVersion { major: abi::ADVERSE_ABI_MAJOR, minor: abi::ADVERSE_ABI_MINOR },
+            abi: abi::AdvAbiVersion {
+                major: abi::ADVERSE_ABI_MAJOR,
+                minor: abi::ADVERSE_ABI_MINOR,
+            },
             size: std::mem::size_of::<AdvHost>() as u32,
             ctx: (self as *mut TestHost).cast(),
             set_error,
@@ -199,12 +213,24 @@ pub fn run(
     shape: [usize; 4],
 ) -> Result<Outcome, Failure> {
     let fail = |status, message: String| Failure { status, message };
-    let desc = find(lib, name).ok_or_else(|| fail(abi::ADV_ERR_INVALID, format!("no plugin named {name}")))?;
-    let (Some(create), Some(process), Some(destroy)) = (desc.create, desc.process, desc.destroy) else {
-        return Err(fail(abi::ADV_ERR_INVALID, "descriptor lacks create/process/destroy".into()));
+    let desc = find(lib, name)
+        .ok_or_else(|| fail(abi::ADV_ERR_INVALID, format!("no plugin named {name}")))?;
+    let (Some(create), Some(process), Some(destroy)) = (desc.create, desc.process, desc.destroy)
+    else {
+        return Err(fail(
+            abi::ADV_ERR_INVALID,
+            "descriptor lacks create/process/destroy".into(),
+        ));
     };
     if shape[0] != host.frames.len() || input.len() != shape.iter().product::<usize>() {
-        return Err(fail(abi::ADV_ERR_INVALID, format!("{} frame descriptions and {} values for shape {shape:?}", host.frames.len(), input.len())));
+        return Err(fail(
+            abi::ADV_ERR_INVALID,
+            format!(
+                "{} frame descriptions and {} values for shape {shape:?}",
+                host.frames.len(),
+                input.len()
+            ),
+        ));
     }
     host.audit = vec![BTreeMap::new(); shape[0]];
     host.output = None;
@@ -219,7 +245,12 @@ pub fn run(
     }
     let x = host.put(input.to_vec(), shape.to_vec());
     let table = host.table();
-    let batch = abi::AdvBatch { size: std::mem::size_of::<abi::AdvBatch>() as u32, frames: shape[0] as u32, input: x, seed: host.seed };
+    let batch = abi::AdvBatch {
+        size: std::mem::size_of::<abi::AdvBatch>() as u32,
+        frames: shape[0] as u32,
+        input: x,
+        seed: host.seed,
+    };
     // SAFETY: inst came from create; table and batch are valid for the call.
     let st = unsafe { process(inst, &table, &batch) };
     // SAFETY: inst came from create and is destroyed once.
@@ -228,9 +259,15 @@ pub fn run(
         host.tensors.clear();
         return Err(fail(st, std::mem::take(&mut host.plugin_error)));
     }
-    let output = host.output.and_then(|t| host.tensors.get(&t).map(|(d, _)| d.clone()));
+    let output = host
+        .output
+        .and_then(|t| host.tensors.get(&t).map(|(d, _)| d.clone()));
     host.tensors.clear();
-    Ok(Outcome { output, audit: std::mem::take(&mut host.audit), logs: std::mem::take(&mut host.logs) })
+    Ok(Outcome {
+        output,
+        audit: std::mem::take(&mut host.audit),
+        logs: std::mem::take(&mut host.logs),
+    })
 }
 
 // ---- the services ---------------------------------------------------------------------------
@@ -253,9 +290,9 @@ fn svc(ctx: *mut c_void, f: impl FnOnce(&mut TestHost) -> Result<(), String>) ->
     }
 }
 
-fn text<'x>(p: *const c_char, len: usize) -> String {
+fn text(p: *const c_char, len: usize) -> String {
     // SAFETY: services receive (ptr, len) pairs from the plugin per the ABI.
-    let b: &'x [u8] = unsafe { slice_or_empty(p.cast::<u8>(), len) };
+    let b: &[u8] = unsafe { slice_or_empty(p.cast::<u8>(), len) };
     String::from_utf8_lossy(b).into_owned()
 }
 
@@ -266,7 +303,10 @@ fn shape_arg(shape: *const u64, ndim: u32) -> Result<Vec<usize>, String> {
     // SAFETY: the plugin passes `ndim` dims.
     let s = unsafe { slice_or_empty(shape, ndim as usize) };
     let v: Vec<usize> = s.iter().map(|&d| d as usize).collect();
-    if v.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none_or(|n| n > 1 << 28) {
+    if v.iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .is_none_or(|n| n > 1 << 28)
+    {
         return Err(format!("shape {v:?} too large"));
     }
     Ok(v)
@@ -281,7 +321,11 @@ fn store(out: *mut AdvTensor, id: AdvTensor) -> Result<(), String> {
     Ok(())
 }
 
-fn same_shape(h: &TestHost, a: AdvTensor, b: AdvTensor) -> Result<(Vec<f32>, Vec<f32>, Vec<usize>), String> {
+fn same_shape(
+    h: &TestHost,
+    a: AdvTensor,
+    b: AdvTensor,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<usize>), String> {
     let (x, sx) = h.get(a)?.clone();
     let (y, sy) = h.get(b)?;
     if &sx != sy {
@@ -327,12 +371,23 @@ unsafe extern "C" fn backend_kind(_ctx: *mut c_void) -> u32 {
 
 unsafe extern "C" fn frame_meta(ctx: *mut c_void, index: u32, out: *mut AdvFrameMeta) -> AdvStatus {
     svc(ctx, |h| {
-        let m = h.frames.get(index as usize).ok_or_else(|| format!("frame {index} out of range"))?.to_raw();
-        crate::host::write_frame_meta(out, &m)
+        let m = h
+            .frames
+            .get(index as usize)
+            .ok_or_else(|| format!("frame {index} out of range"))?
+            .to_raw();
+        // SAFETY: `out` comes from the plugin's frame_meta call, which the ABI requires to point to
+        // an AdvFrameMeta with its `size` set.
+        unsafe { crate::host::write_frame_meta(out, &m) }
     })
 }
 
-unsafe extern "C" fn tensor_zeros(ctx: *mut c_void, shape: *const u64, ndim: u32, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn tensor_zeros(
+    ctx: *mut c_void,
+    shape: *const u64,
+    ndim: u32,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc(ctx, |h| {
         let s = shape_arg(shape, ndim)?;
         let id = h.put(vec![0.0; s.iter().product()], s);
@@ -360,11 +415,19 @@ unsafe extern "C" fn tensor_upload(
     })
 }
 
-unsafe extern "C" fn tensor_download(ctx: *mut c_void, t: AdvTensor, out: *mut f32, len: usize) -> AdvStatus {
+unsafe extern "C" fn tensor_download(
+    ctx: *mut c_void,
+    t: AdvTensor,
+    out: *mut f32,
+    len: usize,
+) -> AdvStatus {
     svc(ctx, |h| {
         let (d, _) = h.get(t)?;
         if d.len() != len || out.is_null() {
-            return Err(format!("download of {} values into a buffer of {len}", d.len()));
+            return Err(format!(
+                "download of {} values into a buffer of {len}",
+                d.len()
+            ));
         }
         // SAFETY: out holds `len` floats.
         unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), out, len) };
@@ -372,7 +435,13 @@ unsafe extern "C" fn tensor_download(ctx: *mut c_void, t: AdvTensor, out: *mut f
     })
 }
 
-unsafe extern "C" fn tensor_shape(ctx: *mut c_void, t: AdvTensor, shape: *mut u64, cap: u32, ndim: *mut u32) -> AdvStatus {
+unsafe extern "C" fn tensor_shape(
+    ctx: *mut c_void,
+    t: AdvTensor,
+    shape: *mut u64,
+    cap: u32,
+    ndim: *mut u32,
+) -> AdvStatus {
     svc(ctx, |h| {
         let (_, s) = h.get(t)?;
         if ndim.is_null() || (s.len() > cap as usize) || (shape.is_null() && !s.is_empty()) {
@@ -390,10 +459,22 @@ unsafe extern "C" fn tensor_shape(ctx: *mut c_void, t: AdvTensor, shape: *mut u6
 }
 
 unsafe extern "C" fn tensor_free(ctx: *mut c_void, t: AdvTensor) -> AdvStatus {
-    svc(ctx, |h| h.tensors.remove(&t).map(|_| ()).ok_or_else(|| format!("unknown tensor handle {t}")))
+    svc(ctx, |h| {
+        h.tensors
+            .remove(&t)
+            .map(|_| ())
+            .ok_or_else(|| format!("unknown tensor handle {t}"))
+    })
 }
 
-unsafe extern "C" fn axpby(ctx: *mut c_void, a: f32, x: AdvTensor, b: f32, y: AdvTensor, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn axpby(
+    ctx: *mut c_void,
+    a: f32,
+    x: AdvTensor,
+    b: f32,
+    y: AdvTensor,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc(ctx, |h| {
         let (x, y, s) = same_shape(h, x, y)?;
         let id = h.put(x.iter().zip(&y).map(|(p, q)| a * p + b * q).collect(), s);
@@ -401,16 +482,42 @@ unsafe extern "C" fn axpby(ctx: *mut c_void, a: f32, x: AdvTensor, b: f32, y: Ad
     })
 }
 
-unsafe extern "C" fn sign_step(ctx: *mut c_void, x: AdvTensor, g: AdvTensor, alpha: f32, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn sign_step(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    g: AdvTensor,
+    alpha: f32,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc(ctx, |h| {
         let (x, g, s) = same_shape(h, x, g)?;
-        let sign = |v: f32| if v > 0.0 { 1.0 } else if v < 0.0 { -1.0 } else { 0.0 };
-        let id = h.put(x.iter().zip(&g).map(|(p, q)| p + alpha * sign(*q)).collect(), s);
+        let sign = |v: f32| {
+            if v > 0.0 {
+                1.0
+            } else if v < 0.0 {
+                -1.0
+            } else {
+                0.0
+            }
+        };
+        let id = h.put(
+            x.iter()
+                .zip(&g)
+                .map(|(p, q)| p + alpha * sign(*q))
+                .collect(),
+            s,
+        );
         store(out, id)
     })
 }
 
-unsafe extern "C" fn l2_step(ctx: *mut c_void, x: AdvTensor, g: AdvTensor, alpha: f32, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn l2_step(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    g: AdvTensor,
+    alpha: f32,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc(ctx, |h| {
         let (mut x, g, s) = same_shape(h, x, g)?;
         let d = per_sample(x.len(), &s).max(1);
@@ -427,17 +534,34 @@ unsafe extern "C" fn l2_step(ctx: *mut c_void, x: AdvTensor, g: AdvTensor, alpha
     })
 }
 
-unsafe extern "C" fn project(ctx: *mut c_void, x: AdvTensor, x0: AdvTensor, eps: f32, norm: u32, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn project(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    x0: AdvTensor,
+    eps: f32,
+    norm: u32,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc(ctx, |h| {
         let (mut x, x0, s) = same_shape(h, x, x0)?;
         let d = per_sample(x.len(), &s).max(1);
         match norm {
-            abi::ADV_NORM_LINF => x.iter_mut().zip(&x0).for_each(|(p, q)| *p = p.clamp(q - eps, q + eps)),
+            abi::ADV_NORM_LINF => x
+                .iter_mut()
+                .zip(&x0)
+                .for_each(|(p, q)| *p = p.clamp(q - eps, q + eps)),
             abi::ADV_NORM_L2 => {
                 for (xs, os) in x.chunks_mut(d).zip(x0.chunks(d)) {
-                    let n = xs.iter().zip(os).map(|(p, q)| (p - q) * (p - q)).sum::<f32>().sqrt();
+                    let n = xs
+                        .iter()
+                        .zip(os)
+                        .map(|(p, q)| (p - q) * (p - q))
+                        .sum::<f32>()
+                        .sqrt();
                     if n > eps {
-                        xs.iter_mut().zip(os).for_each(|(p, q)| *p = q + (*p - q) * eps / n);
+                        xs.iter_mut()
+                            .zip(os)
+                            .for_each(|(p, q)| *p = q + (*p - q) * eps / n);
                     }
                 }
             }
@@ -448,11 +572,17 @@ unsafe extern "C" fn project(ctx: *mut c_void, x: AdvTensor, x0: AdvTensor, eps:
     })
 }
 
-unsafe extern "C" fn clip_to_range(ctx: *mut c_void, x: AdvTensor, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn clip_to_range(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc(ctx, |h| {
         let (mut d, s) = h.get(x)?.clone();
         if s.first() != Some(&h.frames.len()) {
-            return Err(format!("clip_to_range needs a batch-shaped tensor, got {s:?}"));
+            return Err(format!(
+                "clip_to_range needs a batch-shaped tensor, got {s:?}"
+            ));
         }
         let per = per_sample(d.len(), &s).max(1);
         for (xs, m) in d.chunks_mut(per).zip(&h.frames) {
@@ -464,7 +594,13 @@ unsafe extern "C" fn clip_to_range(ctx: *mut c_void, x: AdvTensor, out: *mut Adv
     })
 }
 
-unsafe extern "C" fn norm_per_sample(ctx: *mut c_void, x: AdvTensor, norm: u32, out: *mut f32, n: usize) -> AdvStatus {
+unsafe extern "C" fn norm_per_sample(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    norm: u32,
+    out: *mut f32,
+    n: usize,
+) -> AdvStatus {
     svc(ctx, |h| {
         let (d, s) = h.get(x)?;
         if s.first() != Some(&n) || out.is_null() {
@@ -485,50 +621,87 @@ unsafe extern "C" fn norm_per_sample(ctx: *mut c_void, x: AdvTensor, norm: u32, 
     })
 }
 
-unsafe extern "C" fn gaussian_filter(ctx: *mut c_void, x: AdvTensor, sigma: f32, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn gaussian_filter(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    sigma: f32,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc(ctx, |h| {
         let (d, s) = h.get(x)?.clone();
-        let r = cpu::gaussian_filter(&d, &s, sigma).ok_or_else(|| format!("gaussian_filter: bad shape {s:?} or sigma {sigma}"))?;
+        let r = cpu::gaussian_filter(&d, &s, sigma)
+            .ok_or_else(|| format!("gaussian_filter: bad shape {s:?} or sigma {sigma}"))?;
         let id = h.put(r, s);
         store(out, id)
     })
 }
 
-unsafe extern "C" fn median_filter(ctx: *mut c_void, x: AdvTensor, radius: u32, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn median_filter(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    radius: u32,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc(ctx, |h| {
         let (d, s) = h.get(x)?.clone();
-        let r = cpu::median_filter(&d, &s, radius).ok_or_else(|| format!("median_filter: bad shape {s:?} or radius {radius}"))?;
+        let r = cpu::median_filter(&d, &s, radius)
+            .ok_or_else(|| format!("median_filter: bad shape {s:?} or radius {radius}"))?;
         let id = h.put(r, s);
         store(out, id)
     })
 }
 
-unsafe extern "C" fn random_uniform(ctx: *mut c_void, shape: *const u64, ndim: u32, lo: f32, hi: f32, stream: u64, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn random_uniform(
+    ctx: *mut c_void,
+    shape: *const u64,
+    ndim: u32,
+    lo: f32,
+    hi: f32,
+    stream: u64,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc(ctx, |h| {
         let s = shape_arg(shape, ndim)?;
         let seed = cpu::stream_seed(h.seed, stream);
-        let d = (0..s.iter().product::<usize>()).map(|i| lo + (hi - lo) * cpu::counter_uniform(seed, i as u32)).collect();
+        let d = (0..s.iter().product::<usize>())
+            .map(|i| lo + (hi - lo) * cpu::counter_uniform(seed, i as u32))
+            .collect();
         let id = h.put(d, s);
         store(out, id)
     })
 }
 
-unsafe extern "C" fn random_normal(ctx: *mut c_void, shape: *const u64, ndim: u32, std: f32, stream: u64, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn random_normal(
+    ctx: *mut c_void,
+    shape: *const u64,
+    ndim: u32,
+    std: f32,
+    stream: u64,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc(ctx, |h| {
         let s = shape_arg(shape, ndim)?;
         let seed = cpu::stream_seed(h.seed, stream);
-        let d = (0..s.iter().product::<usize>()).map(|i| std * cpu::counter_normal(seed, i as u32)).collect();
+        let d = (0..s.iter().product::<usize>())
+            .map(|i| std * cpu::counter_normal(seed, i as u32))
+            .collect();
         let id = h.put(d, s);
         store(out, id)
     })
 }
 
-unsafe extern "C" fn model_forward(ctx: *mut c_void, x: AdvTensor, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn model_forward(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc(ctx, |h| {
         let m = h.model.clone().ok_or("no model in this test host")?;
         let (d, s) = h.get(x)?;
         let n = s.first().copied().unwrap_or(0);
-        let z = m.logits(d, n).ok_or("input does not match the test model")?;
+        let z = m
+            .logits(d, n)
+            .ok_or("input does not match the test model")?;
         let id = h.put(z, vec![n, m.classes()]);
         store(out, id)
     })
@@ -556,7 +729,9 @@ unsafe extern "C" fn model_loss_grad(
             return Err(format!("{} targets for a batch of {n}", t.len()));
         }
         let k = m.classes();
-        let z = m.logits(&d, n).ok_or("input does not match the test model")?;
+        let z = m
+            .logits(&d, n)
+            .ok_or("input does not match the test model")?;
         let dim = d.len() / n.max(1);
         let mut grad = vec![0f32; d.len()];
         for i in 0..n {
@@ -574,12 +749,23 @@ unsafe extern "C" fn model_loss_grad(
                     let ce = -(e[ti] / sum).ln();
                     let mut g: Vec<f32> = e.iter().map(|v| v / sum).collect();
                     g[ti] -= 1.0;
-                    if targeted != 0 { (-ce, g.iter().map(|v| -v).collect()) } else { (ce, g) }
+                    if targeted != 0 {
+                        (-ce, g.iter().map(|v| -v).collect())
+                    } else {
+                        (ce, g)
+                    }
                 }
                 abi::ADV_LOSS_CW_MARGIN => {
-                    let (j, zj) = zi.iter().enumerate().filter(|(c, _)| *c != ti).fold((0, f32::NEG_INFINITY), |a, (c, &v)| if v > a.1 { (c, v) } else { a });
+                    let (j, zj) = zi.iter().enumerate().filter(|(c, _)| *c != ti).fold(
+                        (0, f32::NEG_INFINITY),
+                        |a, (c, &v)| if v > a.1 { (c, v) } else { a },
+                    );
                     // Untargeted: -max(z_t - z_j, -kappa); targeted: -max(z_j - z_t, -kappa).
-                    let margin = if targeted != 0 { zj - zi[ti] } else { zi[ti] - zj };
+                    let margin = if targeted != 0 {
+                        zj - zi[ti]
+                    } else {
+                        zi[ti] - zj
+                    };
                     let mut g = vec![0f32; k];
                     if margin > -kappa {
                         let sgn = if targeted != 0 { -1.0 } else { 1.0 };
@@ -604,24 +790,52 @@ unsafe extern "C" fn model_loss_grad(
     })
 }
 
-unsafe extern "C" fn run_shader(ctx: *mut c_void, call: *const abi::AdvShaderCall, out: *mut AdvTensor) -> AdvStatus {
+unsafe extern "C" fn run_shader(
+    ctx: *mut c_void,
+    call: *const abi::AdvShaderCall,
+    out: *mut AdvTensor,
+) -> AdvStatus {
     svc(ctx, |h| {
         // SAFETY: the plugin passes a valid call description for the duration of this service.
         let call = unsafe { call.as_ref() }.ok_or("null shader call")?;
-        let cpu_fn = call.cpu.ok_or("the test host runs on the CPU and the shader has no CPU callback")?;
+        let cpu_fn = call
+            .cpu
+            .ok_or("the test host runs on the CPU and the shader has no CPU callback")?;
         // SAFETY: (ptr, len) pairs from the plugin.
-        let (inputs, params) = unsafe { (slice_or_empty(call.inputs, call.n_inputs as usize), slice_or_empty(call.params, call.n_params as usize)) };
+        let (inputs, params) = unsafe {
+            (
+                slice_or_empty(call.inputs, call.n_inputs as usize),
+                slice_or_empty(call.params, call.n_params as usize),
+            )
+        };
         let out_shape = shape_arg(call.out_shape, call.out_ndim)?;
         let mut held = Vec::new();
         for &t in inputs {
             let (d, s) = h.get(t)?;
             held.push((d.clone(), s.iter().map(|&v| v as u64).collect::<Vec<u64>>()));
         }
-        let slices: Vec<abi::AdvCpuSlice> =
-            held.iter().map(|(d, s)| abi::AdvCpuSlice { data: d.as_ptr(), len: d.len(), shape: s.as_ptr(), ndim: s.len() as u32 }).collect();
+        let slices: Vec<abi::AdvCpuSlice> = held
+            .iter()
+            .map(|(d, s)| abi::AdvCpuSlice {
+                data: d.as_ptr(),
+                len: d.len(),
+                shape: s.as_ptr(),
+                ndim: s.len() as u32,
+            })
+            .collect();
         let mut o = vec![0f32; out_shape.iter().product()];
         // SAFETY: every pointer refers to live buffers of the stated lengths.
-        let st = unsafe { cpu_fn(call.cpu_user, slices.as_ptr(), slices.len() as u32, params.as_ptr(), params.len() as u32, o.as_mut_ptr(), o.len()) };
+        let st = unsafe {
+            cpu_fn(
+                call.cpu_user,
+                slices.as_ptr(),
+                slices.len() as u32,
+                params.as_ptr(),
+                params.len() as u32,
+                o.as_mut_ptr(),
+                o.len(),
+            )
+        };
         if st != abi::ADV_OK {
             return Err(format!("the shader's CPU callback failed with status {st}"));
         }
@@ -630,23 +844,52 @@ unsafe extern "C" fn run_shader(ctx: *mut c_void, call: *const abi::AdvShaderCal
     })
 }
 
-fn audit_put(h: &mut TestHost, frame: u32, key: String, v: serde_json::Value) -> Result<(), String> {
-    let row = h.audit.get_mut(frame as usize).ok_or_else(|| format!("frame {frame} out of range"))?;
+fn audit_put(
+    h: &mut TestHost,
+    frame: u32,
+    key: String,
+    v: serde_json::Value,
+) -> Result<(), String> {
+    let row = h
+        .audit
+        .get_mut(frame as usize)
+        .ok_or_else(|| format!("frame {frame} out of range"))?;
     row.insert(key, v);
     Ok(())
 }
 
-unsafe extern "C" fn audit_number(ctx: *mut c_void, frame: u32, key: *const c_char, key_len: usize, value: f64) -> AdvStatus {
+unsafe extern "C" fn audit_number(
+    ctx: *mut c_void,
+    frame: u32,
+    key: *const c_char,
+    key_len: usize,
+    value: f64,
+) -> AdvStatus {
     let k = text(key, key_len);
     svc(ctx, |h| audit_put(h, frame, k, serde_json::json!(value)))
 }
 
-unsafe extern "C" fn audit_flag(ctx: *mut c_void, frame: u32, key: *const c_char, key_len: usize, value: u32) -> AdvStatus {
+unsafe extern "C" fn audit_flag(
+    ctx: *mut c_void,
+    frame: u32,
+    key: *const c_char,
+    key_len: usize,
+    value: u32,
+) -> AdvStatus {
     let k = text(key, key_len);
-    svc(ctx, |h| audit_put(h, frame, k, serde_json::json!(value != 0)))
+    svc(ctx, |h| {
+        audit_put(h, frame, k, serde_json::json!(value != 0))
+    })
 }
 
-unsafe extern "C" fn audit_text(ctx: *mut c_void, frame: u32, key: *const c_char, key_len: usize, t: *const c_char, t_len: usize) -> AdvStatus {
+unsafe extern "C" fn audit_text(
+    ctx: *mut c_void,
+    frame: u32,
+    key: *const c_char,
+    key_len: usize,
+    t: *const c_char,
+    t_len: usize,
+) -> AdvStatus {
     let (k, v) = (text(key, key_len), text(t, t_len));
     svc(ctx, |h| audit_put(h, frame, k, serde_json::json!(v)))
 }
