@@ -79,13 +79,18 @@ fn profile_forward<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize
     let mut times = vec![0.0f64; g.nodes.len()];
     let mut cpu = vec![0.0f64; g.nodes.len()];
     for _ in 0..iters + 1 {
-        let mut vals: Vec<Option<adverse::runtime::backend::Tensor<B>>> = vec![None; g.values.len()];
+        let mut vals: Vec<Option<adverse::runtime::backend::Tensor<B>>> =
+            vec![None; g.values.len()];
         vals[g.inputs[0]] = Some(x.clone());
         for (i, p) in g.params.iter().enumerate() {
             vals[p.value] = Some(model.params()[i].clone());
         }
         for (ni, node) in g.nodes.iter().enumerate() {
-            let ins: Vec<_> = node.inputs.iter().map(|&i| vals[i].as_ref().expect("value")).collect();
+            let ins: Vec<_> = node
+                .inputs
+                .iter()
+                .map(|&i| vals[i].as_ref().expect("value"))
+                .collect();
             let (t, c) = (Instant::now(), cpu_ns());
             let y = adverse::runtime::exec::forward_op(b, &node.op, &ins, shape[0]).expect("op");
             times[ni] += t.elapsed().as_secs_f64();
@@ -94,7 +99,10 @@ fn profile_forward<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize
         }
     }
     let total: f64 = cpu.iter().sum();
-    println!("  {:<24} {:>9} {:>12} {:>7}", "node", "wall", "cpu (all)", "cpu %");
+    println!(
+        "  {:<24} {:>9} {:>12} {:>7}",
+        "node", "wall", "cpu (all)", "cpu %"
+    );
     for ((node, t), c) in g.nodes.iter().zip(&times).zip(&cpu) {
         println!(
             "  {:<24} {:>6.3} ms {:>9.3} ms {:>6.1}%",
@@ -169,7 +177,10 @@ fn main() {
     // `ADVERSE_BENCH_MODELS=demo_cnn` (comma-separated) restricts the run, for profiling.
     let only = std::env::var("ADVERSE_BENCH_MODELS").ok();
     for (name, chw, batch, iters) in cases {
-        if only.as_ref().is_some_and(|o| !o.split(',').any(|m| m == name)) {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.split(',').any(|m| m == name))
+        {
             continue;
         }
         let path = dir.path().join(format!("{name}.onnx"));

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."));
     let npz = root.join("tests/data/pneumoniamnist/pneumoniamnist.npz");
     let out = root.join("pipelines/samples/pneumoniamnist");
     match adverse::train::samples::write_samples(&npz, "test", 64, &["normal", "pneumonia"], &out) {

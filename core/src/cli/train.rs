@@ -126,9 +126,14 @@ fn run_on<B: Backend>(b: &B, cfg: TrainConfig, a: &TrainArgs) -> anyhow::Result<
     })?;
     let seconds = t0.elapsed().as_secs_f64();
     if !tr.finished() {
-        println!("stopped after epoch {} of {} ({seconds:.1}s); continue with --resume CHECKPOINT", tr.state.next_epoch, cfg.epochs);
+        println!(
+            "stopped after epoch {} of {} ({seconds:.1}s); continue with --resume CHECKPOINT",
+            tr.state.next_epoch, cfg.epochs
+        );
         if cfg.checkpoint.is_none() {
-            eprintln!("warning: the config has no `checkpoint:` path, so this run cannot be resumed");
+            eprintln!(
+                "warning: the config has no `checkpoint:` path, so this run cannot be resumed"
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }

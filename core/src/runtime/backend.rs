@@ -308,6 +308,19 @@ pub trait Backend: Send + Sync {
         bias: Option<&Tensor<Self>>,
         p: &Conv2dParams,
     ) -> Tensor<Self>;
+    /// `act(conv2d(x, w, bias))`: the executor's inference-only fusion of a Conv and the
+    /// activation that is its only consumer, so a backend can apply the activation while the
+    /// convolution's output is still in cache. The default runs the two primitives.
+    fn conv2d_act(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        p: &Conv2dParams,
+        act: Unary,
+    ) -> Tensor<Self> {
+        self.unary(act, &self.conv2d(x, w, bias, p))
+    }
     /// Gradient w.r.t. x (this is also ConvTranspose's forward, with `x_shape` its output shape).
     fn conv2d_backward_input(
         &self,

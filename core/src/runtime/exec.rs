@@ -164,14 +164,32 @@ impl<B: Backend> Model<B> {
             vals[p.value] = Some(self.params[i].clone());
         }
         let last_use = if keep_all { Vec::new() } else { last_uses(g) };
+        let fuse = if keep_all {
+            Vec::new()
+        } else {
+            conv_act_fusions(g)
+        };
+        let mut skip_next = false;
         for (ni, node) in g.nodes.iter().enumerate() {
+            if std::mem::take(&mut skip_next) {
+                // Computed together with the Conv before it.
+                continue;
+            }
             let ins: Vec<&Tensor<B>> = node
                 .inputs
                 .iter()
                 .map(|&i| vals[i].as_ref().expect("value computed before use"))
                 .collect();
-            let y = forward_op(b, &node.op, &ins, n).map_err(|e| e.at_node(&node.name))?;
-            vals[node.output] = Some(y);
+            if let Some(&Some(act)) = fuse.get(ni) {
+                let act_node = &g.nodes[ni + 1];
+                let y = forward_conv_act(b, &node.op, &ins, n, act)
+                    .map_err(|e| e.at_node(&node.name))?;
+                vals[act_node.output] = Some(y);
+                skip_next = true;
+            } else {
+                let y = forward_op(b, &node.op, &ins, n).map_err(|e| e.at_node(&node.name))?;
+                vals[node.output] = Some(y);
+            }
             if !keep_all {
                 for &i in &node.inputs {
                     if last_use[i] == ni
@@ -264,6 +282,50 @@ impl<B: Backend> Model<B> {
             self.loss_and_grads(b, &[input], spec, targets, &[], params)?;
         Ok((losses, grads.params, logits))
     }
+}
+
+/// Inference-only fusions: `Some(act)` at a Conv node whose output feeds only the very next
+/// node, an elementwise activation, and is not a graph output (so nothing else ever needs the
+/// pre-activation value). The pair then runs as one [`Backend::conv2d_act`].
+pub(crate) fn conv_act_fusions(g: &Graph) -> Vec<Option<Unary>> {
+    let mut uses = vec![0usize; g.values.len()];
+    for n in &g.nodes {
+        for &i in &n.inputs {
+            uses[i] += 1;
+        }
+    }
+    g.nodes
+        .iter()
+        .enumerate()
+        .map(|(ni, node)| {
+            let next = g.nodes.get(ni + 1)?;
+            match (&node.op, &next.op) {
+                (Op::Conv { .. }, Op::Unary(act))
+                    if next.inputs == [node.output]
+                        && uses[node.output] == 1
+                        && !g.outputs.contains(&node.output) =>
+                {
+                    Some(*act)
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// A Conv node followed by `act`, validated like [`forward_op`] validates the Conv alone (an
+/// elementwise activation keeps the shape).
+fn forward_conv_act<B: Backend>(
+    b: &B,
+    op: &Op,
+    ins: &[&Tensor<B>],
+    n: usize,
+    act: Unary,
+) -> Result<Tensor<B>, ShapeError> {
+    let shapes: Vec<&[usize]> = ins.iter().map(|t| t.shape.as_slice()).collect();
+    shape::infer(op, &shapes, n)?;
+    let (p, _) = shape::conv_geometry(op, &ins[0].shape, &ins[1].shape)?;
+    Ok(b.conv2d_act(ins[0], ins[1], ins.get(2).copied(), &p, act))
 }
 
 fn last_uses(g: &Graph) -> Vec<usize> {

@@ -4,18 +4,18 @@
 
 pub mod autodiff;
 pub mod backend;
+pub mod card;
 pub mod cpu;
 pub mod exec;
+pub mod export;
 pub mod gpu;
 #[cfg(test)]
 mod graph_tests;
 pub mod ir;
 pub mod loss;
 pub mod onnx;
-pub mod reference;
-pub mod shape;
-pub mod card;
-pub mod preprocess;
 pub mod pgd;
-pub mod export;
+pub mod preprocess;
+pub mod reference;
 pub mod select;
+pub mod shape;

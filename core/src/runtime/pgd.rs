@@ -81,7 +81,7 @@ pub fn pgd<B: Backend>(
             hi.len()
         )));
     }
-    if let Some(i) = (0..n).find(|&i| !(lo[i] <= hi[i])) {
+    if let Some(i) = (0..n).find(|&i| lo[i].is_nan() || hi[i].is_nan() || lo[i] > hi[i]) {
         return Err(PgdError::Invalid(format!(
             "sample {i}: range [{}, {}] is empty",
             lo[i], hi[i]

@@ -158,8 +158,16 @@ pub struct AdversarialCfg {
 impl AdversarialCfg {
     /// The settings for `epoch` (0-based) after the warm-up ramp.
     pub fn at_epoch(&self, epoch: usize) -> AdversarialCfg {
-        let f = if self.warmup_epochs == 0 { 1.0 } else { ((epoch + 1) as f32 / self.warmup_epochs as f32).min(1.0) };
-        AdversarialCfg { eps: Num(self.eps.0 * f), step_size: Num(self.step_size.0 * f), ..self.clone() }
+        let f = if self.warmup_epochs == 0 {
+            1.0
+        } else {
+            ((epoch + 1) as f32 / self.warmup_epochs as f32).min(1.0)
+        };
+        AdversarialCfg {
+            eps: Num(self.eps.0 * f),
+            step_size: Num(self.step_size.0 * f),
+            ..self.clone()
+        }
     }
 }
 
@@ -292,12 +300,14 @@ impl TrainConfig {
         if !(c.weight_decay.is_finite() && c.weight_decay >= 0.0) {
             return Err(bad("`weight_decay` must be >= 0".into()));
         }
-        if !(c.input_range[0] < c.input_range[1]) {
+        if c.input_range[0].partial_cmp(&c.input_range[1]) != Some(std::cmp::Ordering::Less) {
             return Err(bad(format!("`input_range` {:?} is empty", c.input_range)));
         }
         if let Some(a) = &c.adversarial {
-            if !(a.eps.0.is_finite() && a.eps.0 > 0.0)
-                || !(a.step_size.0.is_finite() && a.step_size.0 > 0.0)
+            if !a.eps.0.is_finite()
+                || a.eps.0 <= 0.0
+                || !a.step_size.0.is_finite()
+                || a.step_size.0 <= 0.0
                 || a.steps == 0
             {
                 return Err(bad(

@@ -278,11 +278,7 @@ pub fn load_npz(path: &Path, split: &str) -> Result<Dataset, DataError> {
             });
         }
     };
-    let lab_ok = match labs.shape.as_slice() {
-        [_] => true,
-        [_, 1] => true,
-        _ => false,
-    };
+    let lab_ok = matches!(labs.shape.as_slice(), [_] | [_, 1]);
     if labs.int_max.is_none() {
         return Err(DataError::Dtype {
             path: p,

@@ -10,5 +10,5 @@ pub mod config;
 pub mod data;
 pub mod metrics;
 pub mod optim;
-pub mod trainer;
 pub mod samples;
+pub mod trainer;

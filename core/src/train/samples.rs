@@ -50,11 +50,20 @@ fn put_u16(ds: &mut InMemDicomObject, tag: Tag, v: u16) {
 
 /// Write the first `count` images of `split` of the npz at `npz` into `out_dir` as
 /// `pneumoniamnist-<split>-NNNN.dcm` plus `labels.csv`; `classes` names labels in comments.
-pub fn write_samples(npz: &Path, split: &str, count: usize, classes: &[&str], out_dir: &Path) -> Result<Vec<Sample>, SampleError> {
+pub fn write_samples(
+    npz: &Path,
+    split: &str,
+    count: usize,
+    classes: &[&str],
+    out_dir: &Path,
+) -> Result<Vec<Sample>, SampleError> {
     let ds = data::load_npz(npz, split)?.truncate(count);
     let [c, h, w] = ds.chw;
     if c != 1 {
-        return Err(SampleError::Channels { path: npz.display().to_string(), chw: ds.chw });
+        return Err(SampleError::Channels {
+            path: npz.display().to_string(),
+            chw: ds.chw,
+        });
     }
     let io = |p: &Path| {
         let path = p.display().to_string();
@@ -71,10 +80,17 @@ pub fn write_samples(npz: &Path, split: &str, count: usize, classes: &[&str], ou
         let path: PathBuf = out_dir.join(&name);
         let sop = derived_uid("instance", &format!("pneumoniamnist/{split}/{i}"), tag);
         let label = ds.labels[i];
-        let px: Vec<u8> = ds.images[i * h * w..(i + 1) * h * w].iter().map(|&v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect();
+        let px: Vec<u8> = ds.images[i * h * w..(i + 1) * h * w]
+            .iter()
+            .map(|&v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+            .collect();
         let mut o = InMemDicomObject::new_empty();
         put_str(&mut o, tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100");
-        o.put(DataElement::new(tags::IMAGE_TYPE, VR::CS, PrimitiveValue::Strs(["DERIVED".to_string(), "SECONDARY".to_string()].into())));
+        o.put(DataElement::new(
+            tags::IMAGE_TYPE,
+            VR::CS,
+            PrimitiveValue::Strs(["DERIVED".to_string(), "SECONDARY".to_string()].into()),
+        ));
         put_str(&mut o, tags::SOP_CLASS_UID, VR::UI, SC_IMAGE_STORAGE);
         put_str(&mut o, tags::SOP_INSTANCE_UID, VR::UI, &sop);
         put_str(&mut o, tags::STUDY_DATE, VR::DA, "");
@@ -83,9 +99,19 @@ pub fn write_samples(npz: &Path, split: &str, count: usize, classes: &[&str], ou
         put_str(&mut o, tags::MODALITY, VR::CS, "OT");
         put_str(&mut o, tags::CONVERSION_TYPE, VR::CS, "WSD");
         put_str(&mut o, tags::REFERRING_PHYSICIAN_NAME, VR::PN, "");
-        put_str(&mut o, tags::SERIES_DESCRIPTION, VR::LO, &format!("PneumoniaMNIST {split} split (demo)"));
+        put_str(
+            &mut o,
+            tags::SERIES_DESCRIPTION,
+            VR::LO,
+            &format!("PneumoniaMNIST {split} split (demo)"),
+        );
         put_str(&mut o, tags::PATIENT_NAME, VR::PN, "ANONYMOUS^DEMO");
-        put_str(&mut o, tags::PATIENT_ID, VR::LO, &format!("DEMO-{:04}", i + 1));
+        put_str(
+            &mut o,
+            tags::PATIENT_ID,
+            VR::LO,
+            &format!("DEMO-{:04}", i + 1),
+        );
         put_str(&mut o, tags::PATIENT_BIRTH_DATE, VR::DA, "");
         put_str(&mut o, tags::PATIENT_SEX, VR::CS, "");
         put_str(&mut o, tags::PATIENT_IDENTITY_REMOVED, VR::CS, "YES");
@@ -96,17 +122,36 @@ pub fn write_samples(npz: &Path, split: &str, count: usize, classes: &[&str], ou
         put_str(&mut o, tags::INSTANCE_NUMBER, VR::IS, &(i + 1).to_string());
         put_str(&mut o, tags::PATIENT_ORIENTATION, VR::CS, "");
         let cls = classes.get(label as usize).copied().unwrap_or("?");
-        put_str(&mut o, tags::IMAGE_COMMENTS, VR::LT, &format!("PneumoniaMNIST (MedMNIST v2, CC BY 4.0) {split} image {i}, label {label} ({cls})"));
+        put_str(
+            &mut o,
+            tags::IMAGE_COMMENTS,
+            VR::LT,
+            &format!(
+                "PneumoniaMNIST (MedMNIST v2, CC BY 4.0) {split} image {i}, label {label} ({cls})"
+            ),
+        );
         put_u16(&mut o, tags::SAMPLES_PER_PIXEL, 1);
-        put_str(&mut o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2");
+        put_str(
+            &mut o,
+            tags::PHOTOMETRIC_INTERPRETATION,
+            VR::CS,
+            "MONOCHROME2",
+        );
         put_u16(&mut o, tags::ROWS, h as u16);
         put_u16(&mut o, tags::COLUMNS, w as u16);
         put_u16(&mut o, tags::BITS_ALLOCATED, 8);
         put_u16(&mut o, tags::BITS_STORED, 8);
         put_u16(&mut o, tags::HIGH_BIT, 7);
         put_u16(&mut o, tags::PIXEL_REPRESENTATION, 0);
-        o.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(px.into())));
-        let derr = |msg: String| SampleError::Dicom { path: path.display().to_string(), msg };
+        o.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PrimitiveValue::U8(px.into()),
+        ));
+        let derr = |msg: String| SampleError::Dicom {
+            path: path.display().to_string(),
+            msg,
+        };
         let meta = FileMetaTableBuilder::new()
             .transfer_syntax(EXPLICIT_VR_LE)
             .media_storage_sop_class_uid(SC_IMAGE_STORAGE)
@@ -116,10 +161,16 @@ pub fn write_samples(npz: &Path, split: &str, count: usize, classes: &[&str], ou
             .build()
             .map_err(|e| derr(e.to_string()))?;
         let mut bytes = Vec::new();
-        o.with_exact_meta(meta).write_all(&mut bytes).map_err(|e| derr(e.to_string()))?;
+        o.with_exact_meta(meta)
+            .write_all(&mut bytes)
+            .map_err(|e| derr(e.to_string()))?;
         std::fs::write(&path, &bytes).map_err(io(&path))?;
         csv.push_str(&format!("{name},{sop},{label}\n"));
-        out.push(Sample { file: name, sop_instance_uid: sop, label });
+        out.push(Sample {
+            file: name,
+            sop_instance_uid: sop,
+            label,
+        });
     }
     let cp = out_dir.join("labels.csv");
     std::fs::write(&cp, csv).map_err(io(&cp))?;

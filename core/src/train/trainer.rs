@@ -588,7 +588,12 @@ mod tests {
             }
             labels.push(l);
         }
-        Dataset { images, labels, chw: [1, 6, 6], origin: "toy".into() }
+        Dataset {
+            images,
+            labels,
+            chw: [1, 6, 6],
+            origin: "toy".into(),
+        }
     }
 
     fn trainer<'a>(b: &'a CpuBackend, extra: &str) -> Trainer<'a, CpuBackend> {
@@ -599,7 +604,16 @@ mod tests {
 
     fn mean_loss(t: &Trainer<'_, CpuBackend>, b: &CpuBackend, x: &[f32], y: &[u32]) -> f64 {
         let xt = b.upload(x, &[y.len(), 1, 6, 6]);
-        let (l, _, _) = t.model.loss_and_param_grads(b, &xt, LossSpec::CrossEntropy { targeted: false }, &LossTargets::Classes(y), &[]).unwrap();
+        let (l, _, _) = t
+            .model
+            .loss_and_param_grads(
+                b,
+                &xt,
+                LossSpec::CrossEntropy { targeted: false },
+                &LossTargets::Classes(y),
+                &[],
+            )
+            .unwrap();
         l.iter().map(|&v| v as f64).sum::<f64>() / y.len() as f64
     }
 
@@ -612,16 +626,33 @@ mod tests {
         let (x, y) = ds.gather(&idx);
         let all: Vec<usize> = (0..t.state.params.len()).collect();
         let xt = b.upload(&x, &[8, 1, 6, 6]);
-        let (_, g, _) = t.model.loss_and_param_grads(&b, &xt, LossSpec::CrossEntropy { targeted: false }, &LossTargets::Classes(&y), &all).unwrap();
+        let (_, g, _) = t
+            .model
+            .loss_and_param_grads(
+                &b,
+                &xt,
+                LossSpec::CrossEntropy { targeted: false },
+                &LossTargets::Classes(&y),
+                &all,
+            )
+            .unwrap();
         // First-order prediction of the mean loss change for w -= lr * g_mean: -lr * |g_mean|^2.
-        let gsq: f64 = g.iter().flat_map(|t| b.download(t)).map(|v| (v as f64 / 8.0).powi(2)).sum();
+        let gsq: f64 = g
+            .iter()
+            .flat_map(|t| b.download(t))
+            .map(|v| (v as f64 / 8.0).powi(2))
+            .sum();
         let lr = 0.01f32;
         let before = mean_loss(&t, &b, &x, &y);
         t.step(&x, &y, lr, 0).unwrap();
         let after = mean_loss(&t, &b, &x, &y);
         let predicted = -(lr as f64) * gsq;
         assert!(after < before, "{before} -> {after}");
-        assert!(((after - before) - predicted).abs() < 0.1 * predicted.abs(), "change {} vs predicted {predicted}", after - before);
+        assert!(
+            ((after - before) - predicted).abs() < 0.1 * predicted.abs(),
+            "change {} vs predicted {predicted}",
+            after - before
+        );
     }
 
     #[test]
@@ -630,7 +661,9 @@ mod tests {
         let ds = toy();
         let mut full = trainer(&b, "");
         full.run(&ds, Some(&ds), false, None, |_| {}).unwrap();
-        let acc = evaluate(&b, &full.final_model().unwrap(), &ds, 5).unwrap().accuracy;
+        let acc = evaluate(&b, &full.final_model().unwrap(), &ds, 5)
+            .unwrap()
+            .accuracy;
         assert_eq!(acc, 1.0);
         assert_eq!(full.state.history.len(), 6);
         assert!(full.state.history[5].train_loss < full.state.history[0].train_loss);
@@ -650,14 +683,27 @@ mod tests {
     #[test]
     fn trades_with_zero_beta_is_plain_cross_entropy() {
         let b = CpuBackend::new(Some(1));
-        let t = trainer(&b, "adversarial: {method: trades, eps: 0.1, steps: 2, step_size: 0.05, beta: 0}\n");
+        let t = trainer(
+            &b,
+            "adversarial: {method: trades, eps: 0.1, steps: 2, step_size: 0.05, beta: 0}\n",
+        );
         let ds = toy();
         let (x, y) = ds.gather(&[0, 1, 2, 3, 4]);
         let xt = b.upload(&x, &[5, 1, 6, 6]);
         let all: Vec<usize> = (0..t.state.params.len()).collect();
         let a = t.cfg.adversarial.clone().unwrap();
-        let (l, g, _) = adversarial::trades_grads(&b, &t.model, &xt, &y, &a, [0.0, 1.0], 1).unwrap();
-        let (l2, g2, _) = t.model.loss_and_param_grads(&b, &xt, LossSpec::CrossEntropy { targeted: false }, &LossTargets::Classes(&y), &all).unwrap();
+        let (l, g, _) =
+            adversarial::trades_grads(&b, &t.model, &xt, &y, &a, [0.0, 1.0], 1).unwrap();
+        let (l2, g2, _) = t
+            .model
+            .loss_and_param_grads(
+                &b,
+                &xt,
+                LossSpec::CrossEntropy { targeted: false },
+                &LossTargets::Classes(&y),
+                &all,
+            )
+            .unwrap();
         for (u, v) in l.iter().zip(&l2) {
             assert!((u - v).abs() < 1e-5, "{u} vs {v}");
         }
@@ -668,7 +714,8 @@ mod tests {
         }
         // With beta > 0 the KL term adds gradient.
         let a6 = AdversarialCfgExt::with_beta(&a, 6.0);
-        let (l6, _, _) = adversarial::trades_grads(&b, &t.model, &xt, &y, &a6, [0.0, 1.0], 1).unwrap();
+        let (l6, _, _) =
+            adversarial::trades_grads(&b, &t.model, &xt, &y, &a6, [0.0, 1.0], 1).unwrap();
         assert!(l6.iter().zip(&l).all(|(p, q)| p >= q) && l6.iter().zip(&l).any(|(p, q)| p > q));
     }
 
@@ -677,7 +724,10 @@ mod tests {
     }
     impl AdversarialCfgExt for crate::train::config::AdversarialCfg {
         fn with_beta(&self, beta: f32) -> Self {
-            Self { beta, ..self.clone() }
+            Self {
+                beta,
+                ..self.clone()
+            }
         }
     }
 
@@ -685,11 +735,17 @@ mod tests {
     fn augmentation_is_seeded_and_keeps_values() {
         let mut a: Vec<f32> = (0..2 * 16).map(|v| v as f32).collect();
         let mut b2 = a.clone();
-        let cfg = crate::train::config::AugmentCfg { shift: 1, hflip: true };
+        let cfg = crate::train::config::AugmentCfg {
+            shift: 1,
+            hflip: true,
+        };
         augment(&mut a, [1, 4, 4], &cfg, 9);
         augment(&mut b2, [1, 4, 4], &cfg, 9);
         assert_eq!(a, b2);
         // Values are only moved/replicated within each image.
-        assert!(a[..16].iter().all(|v| (0.0..16.0).contains(v)) && a[16..].iter().all(|v| (16.0..32.0).contains(v)));
+        assert!(
+            a[..16].iter().all(|v| (0.0..16.0).contains(v))
+                && a[16..].iter().all(|v| (16.0..32.0).contains(v))
+        );
     }
 }

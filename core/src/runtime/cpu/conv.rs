@@ -10,7 +10,8 @@ use rayon::prelude::*;
 
 use super::CpuBackend;
 use super::gemm::{MatRef, gemm_f32};
-use crate::runtime::backend::Conv2dParams;
+use super::ops::unary_f32;
+use crate::runtime::backend::{Conv2dParams, Unary};
 use crate::runtime::reference::conv2d_out_hw;
 
 /// Everything derived from the shapes that the three kernels share.
@@ -156,12 +157,101 @@ fn col2im(gm: &Geom, col: &[f32], dxg: &mut [f32]) {
                     let dst = &mut plane[iy * gm.w..(iy + 1) * gm.w];
                     let src = &row[oy * gm.ow..(oy + 1) * gm.ow];
                     let ix0 = ((ox0 * sw) as isize + gm.col_off(kx)) as usize;
-                    for ox in ox0..ox1 {
-                        dst[ix0 + (ox - ox0) * sw] += src[ox];
+                    if sw == 1 {
+                        let d = &mut dst[ix0..ix0 + (ox1 - ox0)];
+                        for (d, &v) in d.iter_mut().zip(&src[ox0..ox1]) {
+                            *d += v;
+                        }
+                    } else {
+                        for ox in ox0..ox1 {
+                            dst[ix0 + (ox - ox0) * sw] += src[ox];
+                        }
                     }
                 }
             }
         }
+    }
+}
+
+/// Reductions up to this length (`cg * kh * kw`) use [`small_k_gemm`] instead of the GEMM crate.
+const DIRECT_MAX_K: usize = 16;
+
+/// `y (m x pw) = w (m x k) * col (k x pw)` for a short reduction (`k <= DIRECT_MAX_K`), such as
+/// a single-channel 3x3 first layer, where GEMM's packing costs more than the arithmetic. Eight
+/// output pixels at a time: their `k` input vectors are loaded once and reused for every output
+/// channel; each output is `sum_t w[t] * col[t]` accumulated in `t` order from 0.
+fn small_k_gemm(m: usize, k: usize, pw: usize, w: &[f32], col: &[f32], y: &mut [f32]) {
+    assert!(k <= DIRECT_MAX_K && w.len() >= m * k && col.len() >= k * pw && y.len() >= m * pw);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above), the only requirement of
+        // a `target_feature` function; the body is safe code.
+        unsafe { small_k_gemm_avx2(m, k, pw, w, col, y) };
+        return;
+    }
+    small_k_gemm_body::<false>(m, k, pw, w, col, y);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn small_k_gemm_avx2(m: usize, k: usize, pw: usize, w: &[f32], col: &[f32], y: &mut [f32]) {
+    small_k_gemm_body::<true>(m, k, pw, w, col, y);
+}
+
+/// The kernel, compiled once per instruction set (`FMA`: fused multiply-add, which also selects
+/// the AVX2 build).
+#[inline(always)]
+fn small_k_gemm_body<const FMA: bool>(
+    m: usize,
+    k: usize,
+    pw: usize,
+    w: &[f32],
+    col: &[f32],
+    y: &mut [f32],
+) {
+    const L: usize = 8;
+    let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { c + a * b };
+    let full = pw / L * L;
+    let mut xs = [[0.0f32; L]; DIRECT_MAX_K];
+    for p0 in (0..full).step_by(L) {
+        for (t, xv) in xs.iter_mut().enumerate().take(k) {
+            xv.copy_from_slice(&col[t * pw + p0..t * pw + p0 + L]);
+        }
+        for mi in 0..m {
+            let wr = &w[mi * k..(mi + 1) * k];
+            let mut acc = [0.0f32; L];
+            for (&wv, xv) in wr.iter().zip(&xs) {
+                for l in 0..L {
+                    acc[l] = madd(wv, xv[l], acc[l]);
+                }
+            }
+            y[mi * pw + p0..mi * pw + p0 + L].copy_from_slice(&acc);
+        }
+    }
+    for p in full..pw {
+        for mi in 0..m {
+            let wr = &w[mi * k..(mi + 1) * k];
+            let mut acc = 0.0f32;
+            for (t, &wv) in wr.iter().enumerate() {
+                acc = madd(wv, col[t * pw + p], acc);
+            }
+            y[mi * pw + p] = acc;
+        }
+    }
+}
+
+/// Bias then activation over one (sample, group) output block (`mg` planes of `pw`), while it
+/// is still in cache.
+fn epilogue(yb: &mut [f32], pw: usize, bias: Option<&[f32]>, act: Option<Unary>) {
+    if let Some(b) = bias {
+        for (plane, &bv) in yb.chunks_mut(pw).zip(b) {
+            plane.iter_mut().for_each(|v| *v += bv);
+        }
+    }
+    match act {
+        None => {}
+        Some(Unary::Relu) => yb.iter_mut().for_each(|v| *v = unary_f32(Unary::Relu, *v)),
+        Some(op) => yb.iter_mut().for_each(|v| *v = unary_f32(op, *v)),
     }
 }
 
@@ -209,6 +299,7 @@ impl CpuBackend {
         ws: [usize; 4],
         bias: Option<&[f32]>,
         p: &Conv2dParams,
+        act: Option<Unary>,
     ) -> (Vec<f32>, [usize; 4]) {
         let gm = Geom::new(xs, ws, p);
         let ys = [gm.n, gm.m, gm.oh, gm.ow];
@@ -247,19 +338,18 @@ impl CpuBackend {
                 };
                 if gm.is_pointwise() {
                     run(xg, yb);
+                } else if k <= DIRECT_MAX_K {
+                    with_scratch(k * pw, |col| {
+                        im2col(&gm, xg, col);
+                        small_k_gemm(gm.mg, k, pw, wg, col, yb);
+                    });
                 } else {
                     with_scratch(k * pw, |col| {
                         im2col(&gm, xg, col);
                         run(col, yb);
                     });
                 }
-                // Bias while the block is still in cache.
-                if let Some(b) = bias {
-                    let bg = &b[gi * gm.mg..(gi + 1) * gm.mg];
-                    for (plane, &bv) in yb.chunks_mut(pw).zip(bg) {
-                        plane.iter_mut().for_each(|v| *v += bv);
-                    }
-                }
+                epilogue(yb, pw, bias.map(|b| &b[gi * gm.mg..(gi + 1) * gm.mg]), act);
             };
             if let Some(b) = bias {
                 assert_eq!(b.len(), gm.m, "conv2d bias length");
@@ -269,10 +359,9 @@ impl CpuBackend {
         }
         if let Some(b) = bias {
             assert_eq!(b.len(), gm.m, "conv2d bias length");
-            for (i, plane) in y.chunks_mut(pw).enumerate() {
-                let bv = b[i % gm.m];
-                plane.iter_mut().for_each(|v| *v += bv);
-            }
+        }
+        for (i, plane) in y.chunks_mut(pw).enumerate() {
+            epilogue(plane, pw, bias.map(|b| &b[i % gm.m..i % gm.m + 1]), act);
         }
         (y, ys)
     }
@@ -384,6 +473,22 @@ impl CpuBackend {
             return dx;
         }
         let (par_tasks, par) = self.conv_plan(gm.n * gm.g, gm.flops());
+        // Few output channels per group: the reduction of dcol = W^T dY is short, so the
+        // small-k kernel takes it, with W^T materialised once (k x mg per group).
+        let small = gm.mg <= DIRECT_MAX_K && !gm.is_pointwise();
+        let wt_all: Vec<f32> = if small {
+            let mut t = vec![0.0f32; gm.g * k * gm.mg];
+            for gi in 0..gm.g {
+                for mo in 0..gm.mg {
+                    for r in 0..k {
+                        t[(gi * k + r) * gm.mg + mo] = w[(gi * gm.mg + mo) * k + r];
+                    }
+                }
+            }
+            t
+        } else {
+            Vec::new()
+        };
         let task = |t: usize, dxb: &mut [f32]| {
             let (ni, gi) = (t / gm.g, t % gm.g);
             let wg = &w[gi * gm.mg * k..(gi + 1) * gm.mg * k];
@@ -391,7 +496,13 @@ impl CpuBackend {
             // dcol (k x pw) = W_g^T (k x mg) * dY_g (mg x pw)
             let wt = MatRef::new(wg, 1, k);
             let dyv = MatRef::new(dyg, pw, 1);
-            if gm.is_pointwise() {
+            if small {
+                let wtg = &wt_all[gi * k * gm.mg..(gi + 1) * k * gm.mg];
+                with_scratch(k * pw, |col| {
+                    small_k_gemm(k, gm.mg, pw, wtg, dyg, col);
+                    col2im(&gm, col, dxb);
+                });
+            } else if gm.is_pointwise() {
                 gemm_f32(k, pw, gm.mg, dxb, pw, false, wt, dyv, par);
             } else {
                 with_scratch(k * pw, |col| {

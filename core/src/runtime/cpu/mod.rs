@@ -19,8 +19,8 @@ mod tests;
 
 use std::sync::Arc;
 
-pub use pool::CpuBuf;
 use pool::BufPool;
+pub use pool::CpuBuf;
 
 use crate::runtime::backend::{
     Backend, Binary, Conv2dParams, Loss, LossTargets, Norm, PadMode, Pool2dParams, ReduceOp,
@@ -225,6 +225,27 @@ impl Backend for CpuBackend {
             dims4(&w.shape, "conv2d w"),
             bias.map(|b| &b.buf[..]),
             p,
+            None,
+        );
+        self.wrap(data, &shape)
+    }
+
+    fn conv2d_act(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        p: &Conv2dParams,
+        act: Unary,
+    ) -> Tensor<Self> {
+        let (data, shape) = self.conv2d_impl(
+            &x.buf,
+            dims4(&x.shape, "conv2d x"),
+            &w.buf,
+            dims4(&w.shape, "conv2d w"),
+            bias.map(|b| &b.buf[..]),
+            p,
+            Some(act),
         );
         self.wrap(data, &shape)
     }

@@ -120,15 +120,21 @@ impl CpuBackend {
     }
 
     /// `dy * unary'(x, y)`, specialised like [`CpuBackend::unary_map`].
-    pub(super) fn unary_backward_map(&self, op: Unary, x: &[f32], y: &[f32], dy: &[f32]) -> Vec<f32> {
+    pub(super) fn unary_backward_map(
+        &self,
+        op: Unary,
+        x: &[f32],
+        y: &[f32],
+        dy: &[f32],
+    ) -> Vec<f32> {
         match op {
             Unary::Relu => self.map2(x, dy, |xv, d| {
                 d * unary_derivative_f32(Unary::Relu, xv, 0.0)
             }),
-            Unary::Affine { a, b } => {
-                self.map1(dy, move |d| d * unary_derivative_f32(Unary::Affine { a, b }, 0.0, 0.0))
-            }
-            Unary::Neg => self.map1(dy, |d| d * -1.0),
+            Unary::Affine { a, b } => self.map1(dy, move |d| {
+                d * unary_derivative_f32(Unary::Affine { a, b }, 0.0, 0.0)
+            }),
+            Unary::Neg => self.map1(dy, |d| -d),
             op => self.map3(x, y, dy, move |xv, yv, d| {
                 d * unary_derivative_f32(op, xv, yv)
             }),
@@ -291,7 +297,8 @@ impl CpuBackend {
             // loops; anything else strided.
             match (la, lb) {
                 (1, 1) => {
-                    for ((o, &x), &y) in dst.iter_mut().zip(&a[ba..ba + last]).zip(&b[bb..bb + last])
+                    for ((o, &x), &y) in
+                        dst.iter_mut().zip(&a[ba..ba + last]).zip(&b[bb..bb + last])
                     {
                         *o = f(x, y);
                     }
@@ -591,7 +598,9 @@ impl CpuBackend {
             return (out, out_shape);
         }
         let flops = batches * m * n * k;
-        let (par_tasks, par) = if !self.parallel(flops) {
+        // A lone GEMM below a few hundred thousand multiply-adds (a classifier head) is over
+        // before gemm's thread hand-off would pay for itself.
+        let (par_tasks, par) = if !self.parallel(flops) || (batches == 1 && flops < 1 << 19) {
             (false, Parallelism::None)
         } else if batches >= self.threads {
             (true, Parallelism::None)
@@ -668,9 +677,28 @@ impl CpuBackend {
         let win = PoolWindows::new(h, w, p);
         let mut dx = self.out_zeroed(n * c * h * w);
         let work = n * c * oh * ow * p.kernel[0] * p.kernel[1];
+        let pairs = p.kind == PoolKind::Max && win.all_full(p) && win.is_2x2_stride_2(p);
         self.blocks(&mut dx, h * w, work, |pl, dst| {
             let plane = &x[pl * h * w..(pl + 1) * h * w];
             let dyp = &dy[pl * oh * ow..(pl + 1) * oh * ow];
+            if pairs {
+                // Disjoint 2x2 windows: pick the first strict maximum of each (same order as
+                // `argmax`) and route its gradient there.
+                for (oy, drow) in dyp.chunks_exact(ow).enumerate() {
+                    let (r0, r1) = (2 * oy * w, (2 * oy + 1) * w);
+                    for (ox, &d) in drow.iter().enumerate() {
+                        let taps = [r0 + 2 * ox, r0 + 2 * ox + 1, r1 + 2 * ox, r1 + 2 * ox + 1];
+                        let mut best = taps[0];
+                        for &i in &taps[1..] {
+                            if plane[i] > plane[best] {
+                                best = i;
+                            }
+                        }
+                        dst[best] += d;
+                    }
+                }
+                return;
+            }
             for oy in 0..oh {
                 for ox in 0..ow {
                     let d = dyp[oy * ow + ox];
@@ -880,12 +908,39 @@ impl PoolWindows {
             && self.cols.iter().all(|c| c.count == p.kernel[1])
     }
 
+    /// Every window is the 2x2 block at (2 * oy, 2 * ox) (given [`PoolWindows::all_full`]).
+    fn kernel_2x2_stride_2(&self, kernel: [usize; 2]) -> bool {
+        kernel == [2, 2]
+            && self.rows.iter().enumerate().all(|(o, r)| r.first == 2 * o)
+            && self.cols.iter().enumerate().all(|(o, c)| c.first == 2 * o)
+    }
+
+    fn is_2x2_stride_2(&self, p: &Pool2dParams) -> bool {
+        self.kernel_2x2_stride_2(p.kernel)
+    }
+
     /// Max pooling of one plane when every window is full: tap by tap over whole output rows
     /// (branch-free selects the compiler can keep in registers) instead of window by window.
     /// Same result as [`PoolWindows::argmax`]: each output sees its taps in row-major order and
     /// keeps the first strictly greater value.
     fn max_full(&self, plane: &[f32], kernel: [usize; 2], dst: &mut [f32]) {
         let ow = self.cols.len();
+        // The ubiquitous 2x2 / stride 2 case: fixed-size pairs, no index arithmetic.
+        if self.kernel_2x2_stride_2(kernel) {
+            let sel = |o: f32, v: f32| if v > o { v } else { o };
+            for (oy, out) in dst.chunks_exact_mut(ow).enumerate() {
+                let r0 = &plane[2 * oy * self.w..][..2 * ow];
+                let r1 = &plane[(2 * oy + 1) * self.w..][..2 * ow];
+                for ((o, a), b) in out
+                    .iter_mut()
+                    .zip(r0.chunks_exact(2))
+                    .zip(r1.chunks_exact(2))
+                {
+                    *o = sel(sel(sel(a[0], a[1]), b[0]), b[1]);
+                }
+            }
+            return;
+        }
         for (oy, r) in self.rows.iter().enumerate() {
             let out = &mut dst[oy * ow..(oy + 1) * ow];
             for ty in 0..kernel[0] {

@@ -701,3 +701,170 @@ fn results_are_bit_identical_across_runs() {
         }
     }
 }
+
+/// The speed paths (small-reduction conv kernel forward and backward, fused conv + activation,
+/// full-window and 2x2 max pooling with ties, contiguous broadcast rows) against the reference.
+#[test]
+fn fast_paths_match_reference() {
+    let convs: Vec<([usize; 4], [usize; 4], Conv2dParams)> = vec![
+        // the demo CNN's first layer (K = 9), large enough for the parallel path
+        ([3, 1, 28, 28], [16, 1, 3, 3], conv(1, [1; 4], 1, 1)),
+        // K = 9 with dilation and asymmetric pads; K = 8 with groups and stride (mg = 2)
+        ([2, 1, 9, 9], [3, 1, 3, 3], conv(1, [2, 0, 1, 2], 2, 1)),
+        ([2, 4, 8, 8], [4, 2, 2, 2], conv(2, [1, 1, 0, 0], 1, 2)),
+        // output width not a multiple of the kernel's 8-pixel blocks (K = 16)
+        ([1, 4, 5, 7], [3, 4, 2, 2], Conv2dParams::default()),
+        // GEMM path (K = 144) with the fused epilogue, and depthwise
+        ([2, 16, 14, 14], [32, 16, 3, 3], conv(1, [1; 4], 1, 1)),
+        ([2, 6, 7, 7], [6, 1, 3, 3], conv(1, [1; 4], 1, 6)),
+    ];
+    let acts = [Unary::Relu, Unary::LeakyRelu { alpha: 0.1 }, Unary::Tanh];
+    for b in backends() {
+        for (ci, (xs, ws, p)) in convs.iter().enumerate() {
+            let x = RefTensor::random(xs, 40 + ci as u64);
+            let w = RefTensor::random(ws, 50 + ci as u64);
+            let bias = RefTensor::random(&[ws[0]], 60 + ci as u64);
+            let (xt, wt, bt) = (up(&b, &x), up(&b, &w), up(&b, &bias));
+            let y = r::conv2d(&x, &w, Some(&bias), p);
+            check(&b, &b.conv2d(&xt, &wt, Some(&bt), p), &y, FWD, "fast conv");
+            for act in acts {
+                let got = b.conv2d_act(&xt, &wt, Some(&bt), p, act);
+                let what = format!("conv2d_act {act:?} case {ci}");
+                // Tanh squashes the scale the f32 conv error is relative to: BWD tolerance.
+                check(&b, &got, &r::unary(act, &y), BWD, &what);
+                // Fused = unfused, bit for bit (same kernels, same order).
+                let sep = b.unary(act, &b.conv2d(&xt, &wt, Some(&bt), p));
+                assert_eq!(b.download(&got), b.download(&sep), "{what} vs unfused");
+            }
+            let dy = RefTensor::random(&y.shape, 70 + ci as u64);
+            let got = b.conv2d_backward_input(&up(&b, &dy), &wt, p, *xs);
+            let want = r::conv2d_backward_input(&dy, &w, p, *xs);
+            check(&b, &got, &want, BWD, &format!("fast conv dx {ci}"));
+        }
+
+        // Max pooling with many ties (values on a coarse grid) and NaNs: the first strict
+        // maximum in row-major order wins, forward and backward. 7x9 input: the last row and
+        // column belong to no 2x2 window.
+        let xs = [2, 3, 7, 9];
+        let mut x = RefTensor::random(&xs, 80);
+        for v in &mut x.data {
+            *v = (*v * 2.0).round() / 2.0;
+        }
+        x.data[0] = f64::NAN;
+        x.data[12] = f64::NAN;
+        for (kernel, stride, out) in [([2, 2], [2, 2], [3, 4]), ([3, 2], [1, 2], [5, 4])] {
+            let p = pool(PoolKind::Max, kernel, stride, [0; 4], [1, 1], out);
+            let xt = up(&b, &x);
+            let got = b.download(&b.pool2d(&xt, &p));
+            let want = r::pool2d(&x, &p);
+            for (i, (&g, &w)) in got.iter().zip(&want.data).enumerate() {
+                assert!(
+                    (g.is_nan() && w.is_nan()) || g as f64 == w,
+                    "max pool {kernel:?} [{}] at {i}: {g} vs {w}",
+                    b.describe()
+                );
+            }
+            let dy = RefTensor::random(&want.shape, 81);
+            let got = b.pool2d_backward(&up(&b, &dy), &xt, &p);
+            let want = r::pool2d_backward(&dy, &x, &p);
+            check(
+                &b,
+                &got,
+                &want,
+                BWD,
+                &format!("max pool backward {kernel:?}"),
+            );
+        }
+
+        // Row broadcasts: [N, K] op [K] and [K] op [N, K], above the parallel threshold.
+        let a = RefTensor::random(&[300, 260], 90);
+        let v = RefTensor::random(&[260], 91);
+        for op in [Binary::Add, Binary::Sub, Binary::Div] {
+            let (at, vt) = (up(&b, &a), up(&b, &v));
+            check(
+                &b,
+                &b.binary(op, &at, &vt),
+                &r::binary(op, &a, &v),
+                FWD,
+                "row bcast",
+            );
+            check(
+                &b,
+                &b.binary(op, &vt, &at),
+                &r::binary(op, &v, &a),
+                FWD,
+                "row bcast r",
+            );
+        }
+    }
+}
+
+/// Recycled buffers: outputs taken "dirty" are fully overwritten and accumulating kernels get
+/// zeroed storage, whatever the buffers held before.
+#[test]
+fn recycled_buffers_do_not_leak_stale_values() {
+    let b = CpuBackend::new(Some(2));
+    let p = pool(PoolKind::Max, [2, 2], [2, 2], [0; 4], [1, 1], [8, 8]);
+    let x = RefTensor::random(&[4, 8, 16, 16], 1);
+    let dy = RefTensor::random(&[4, 8, 8, 8], 2);
+    let want = r::pool2d_backward(&dy, &x, &p);
+    for round in 0..3 {
+        // Fill the free list with buffers of garbage of the sizes the ops below will ask for.
+        let junk: Vec<_> = (0..4)
+            .map(|_| b.fill(&[4 * 8 * 16 * 16], 1e30))
+            .chain((0..4).map(|_| b.fill(&[4 * 8 * 8 * 8], -7.0)))
+            .collect();
+        drop(junk);
+        let got = b.pool2d_backward(&up(&b, &dy), &up(&b, &x), &p);
+        check(
+            &b,
+            &got,
+            &want,
+            BWD,
+            &format!("pool backward round {round}"),
+        );
+        let got = b.unary(Unary::Relu, &up(&b, &x));
+        check(
+            &b,
+            &got,
+            &r::unary(Unary::Relu, &x),
+            FWD,
+            "relu on recycled",
+        );
+    }
+}
+
+/// The executor's inference-only Conv + activation fusion: it fires on the test models that
+/// have the pattern, and the fused forward equals the unfused (taped) run bit for bit.
+#[test]
+fn fused_inference_equals_taped_forward() {
+    use crate::runtime::exec::{Model, conv_act_fusions};
+    let (_, models) = crate::runtime::graph_tests::models();
+    let mut fused_any = false;
+    for b in backends() {
+        for m in models {
+            let graph = crate::runtime::onnx::load(&m.path).expect("import");
+            fused_any |= conv_act_fusions(&graph).iter().any(Option::is_some);
+            let model = Model::new(&b, graph);
+            let mut shape = m.input_shape.clone();
+            shape[0] = 3;
+            let n: usize = shape.iter().product();
+            let x = b.upload(
+                &crate::runtime::graph_tests::input_data(n, 5, -1.0, 1.0),
+                &shape,
+            );
+            let fast = model.forward(&b, &x).expect("forward");
+            let tape = model.run(&b, &[&x], true).expect("taped run");
+            for (o, f) in model.graph.outputs.iter().zip(&fast) {
+                assert_eq!(
+                    b.download(f),
+                    b.download(tape.get(*o)),
+                    "{} [{}]",
+                    m.name,
+                    b.describe()
+                );
+            }
+        }
+    }
+    assert!(fused_any, "no test model has a fusable Conv -> activation");
+}
