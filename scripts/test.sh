@@ -35,5 +35,7 @@ export ADVERSE_PYTHON="$root/.venv/bin/python"
 # --- Rust checks and tests ---
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo build --workspace --bins
+# --all-targets: the same feature resolution as `cargo test` (dev-dependencies on), so the test
+# run below reuses these artifacts instead of rebuilding half the dependency tree.
+cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast
