@@ -1,0 +1,386 @@
+//! Pipeline files: what to read, which model, which stages, where to write.
+//!
+//! A pipeline is YAML (`serde_yaml`) so it can live in version control next to the model and be
+//! reviewed like code. Unknown keys are errors (a typo must not silently turn a stage off).
+//! Relative paths resolve against the pipeline file's directory, never the working directory,
+//! so a pipeline runs the same from anywhere.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::runtime::select::BackendChoice;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Yaml { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The pipeline as written (paths unresolved).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    pub name: String,
+    pub input: InputSpec,
+    #[serde(default)]
+    pub model: Option<ModelSpec>,
+    #[serde(default)]
+    pub labels: Option<LabelsSpec>,
+    #[serde(default)]
+    pub stages: Vec<StageSpec>,
+    pub output: OutputSpec,
+    #[serde(default)]
+    pub plugins: PluginsSpec,
+    #[serde(default)]
+    pub run: RunSpec,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    pub path: PathBuf,
+    #[serde(default = "yes")]
+    pub recursive: bool,
+    /// Glob patterns on the path relative to `path`; a file must match one (default: all).
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub onnx: PathBuf,
+    /// Default: `<model>.card.yaml` beside the ONNX file.
+    #[serde(default)]
+    pub card: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LabelsSpec {
+    /// CSV with a header: `label` plus `SOPInstanceUID` and/or `file` (relative to the CSV).
+    #[serde(default)]
+    pub csv: Option<PathBuf>,
+    /// One class for every input (e.g. an archive of known-positive cases).
+    #[serde(default)]
+    pub all: Option<u32>,
+    /// Target class for targeted attacks, for every input.
+    #[serde(default)]
+    pub target: Option<u32>,
+}
+
+/// One stage: exactly one of `attack`, `purifier`, `detector`, `stage` names the plugin.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    #[serde(default)]
+    pub attack: Option<String>,
+    #[serde(default)]
+    pub purifier: Option<String>,
+    #[serde(default)]
+    pub detector: Option<String>,
+    #[serde(default)]
+    pub stage: Option<String>,
+    #[serde(default = "empty_object")]
+    pub params: Value,
+    /// Label for result columns (default: the plugin name; must be unique in the pipeline).
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum StageRole {
+    Attack,
+    Purifier,
+    Detector,
+    Other,
+}
+
+impl StageRole {
+    pub fn key(self) -> &'static str {
+        match self {
+            StageRole::Attack => "attack",
+            StageRole::Purifier => "purifier",
+            StageRole::Detector => "detector",
+            StageRole::Other => "stage",
+        }
+    }
+}
+
+impl StageSpec {
+    /// The role and plugin name, or why the stage is not well formed.
+    pub fn role(&self) -> Result<(StageRole, &str), String> {
+        let named: Vec<(StageRole, &str)> = [
+            (StageRole::Attack, &self.attack),
+            (StageRole::Purifier, &self.purifier),
+            (StageRole::Detector, &self.detector),
+            (StageRole::Other, &self.stage),
+        ]
+        .into_iter()
+        .filter_map(|(r, n)| n.as_deref().map(|n| (r, n)))
+        .collect();
+        match named.as_slice() {
+            [one] => Ok(*one),
+            [] => Err("a stage needs one of `attack`, `purifier`, `detector`, `stage`".into()),
+            _ => Err(
+                "a stage names more than one of `attack`, `purifier`, `detector`, `stage`".into(),
+            ),
+        }
+    }
+
+    pub fn label(&self) -> String {
+        self.id
+            .clone()
+            .unwrap_or_else(|| self.role().map(|(_, n)| n.to_string()).unwrap_or_default())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    pub dir: PathBuf,
+    /// Write derived DICOM for instances a stage changed.
+    #[serde(default = "yes")]
+    pub dicom: bool,
+    /// PNG previews (original | result | amplified difference) per changed frame.
+    #[serde(default)]
+    pub previews: bool,
+    /// Audit log path (default: `<dir>/audit.jsonl`).
+    #[serde(default)]
+    pub audit: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsSpec {
+    #[serde(default)]
+    pub dirs: Vec<PathBuf>,
+    /// name -> "sha256:HEX" (or bare HEX).
+    #[serde(default)]
+    pub pins: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    #[serde(default)]
+    pub backend: Option<String>,
+    #[serde(default)]
+    pub jobs: Option<usize>,
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+/// A loaded pipeline: the spec, its text's hash and every path resolved.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub file: PathBuf,
+    pub spec: PipelineSpec,
+    /// SHA-256 of the pipeline file's bytes (audit identity).
+    pub sha256: String,
+    pub input: PathBuf,
+    pub model: Option<PathBuf>,
+    pub card: Option<PathBuf>,
+    pub labels_csv: Option<PathBuf>,
+    pub output: PathBuf,
+    pub audit: PathBuf,
+    pub plugin_dirs: Vec<PathBuf>,
+    pub pins: Vec<String>,
+    pub backend: Option<BackendChoice>,
+}
+
+/// `base.join(p)` unless `p` is absolute, then lexically normalised (no symlink resolution:
+/// the path need not exist yet).
+pub fn resolve(base: &Path, p: &Path) -> PathBuf {
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    };
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+impl Pipeline {
+    pub fn load(path: &Path) -> Result<Pipeline, ConfigError> {
+        let text = std::fs::read(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and resolves; semantic checks against plugins and files are `validate`'s job.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Pipeline, ConfigError> {
+        let spec: PipelineSpec = serde_yaml::from_slice(bytes).map_err(|e| ConfigError::Yaml {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = std::fs::canonicalize(&base).unwrap_or(base);
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, s) in spec.stages.iter().enumerate() {
+            s.role().map_err(|m| invalid(format!("stages[{i}]: {m}")))?;
+            if !s.params.is_object() {
+                return Err(invalid(format!("stages[{i}].params: must be a mapping")));
+            }
+            if !seen.insert(s.label()) {
+                return Err(invalid(format!(
+                    "stages[{i}]: stage `{}` appears twice; give one an `id`",
+                    s.label()
+                )));
+            }
+        }
+        let backend = match &spec.run.backend {
+            None => None,
+            Some(b) => Some(
+                b.parse::<BackendChoice>()
+                    .map_err(|e| invalid(format!("run.backend: {e}")))?,
+            ),
+        };
+        let model = spec.model.as_ref().map(|m| resolve(&base, &m.onnx));
+        let card = spec.model.as_ref().map(|m| match &m.card {
+            Some(c) => resolve(&base, c),
+            None => crate::runtime::card::card_path(&resolve(&base, &m.onnx)),
+        });
+        let output = resolve(&base, &spec.output.dir);
+        let audit = spec
+            .output
+            .audit
+            .as_ref()
+            .map(|a| resolve(&base, a))
+            .unwrap_or_else(|| output.join("audit.jsonl"));
+        let pins = spec
+            .plugins
+            .pins
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.strip_prefix("sha256:").unwrap_or(v)))
+            .collect();
+        Ok(Pipeline {
+            file: path.to_path_buf(),
+            sha256: hex::encode(Sha256::digest(bytes)),
+            input: resolve(&base, &spec.input.path),
+            model,
+            card,
+            labels_csv: spec
+                .labels
+                .as_ref()
+                .and_then(|l| l.csv.as_ref())
+                .map(|c| resolve(&base, c)),
+            output,
+            audit,
+            plugin_dirs: spec
+                .plugins
+                .dirs
+                .iter()
+                .map(|d| resolve(&base, d))
+                .collect(),
+            pins,
+            backend,
+            spec,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+name: pgd-audit
+input: { path: ../samples, recursive: true, include: ["*.dcm"] }
+model: { onnx: models/pneumonia-cnn.onnx }
+labels: { csv: ../samples/labels.csv }
+stages:
+  - attack: pgd
+    params: { eps: 4, steps: 10 }
+  - detector: squeeze
+    params: { threshold: 0.2 }
+output: { dir: out/pgd-audit, previews: true }
+plugins: { dirs: [../target/release], pins: { pgd: "sha256:00" } }
+"#;
+
+    #[test]
+    fn parses_and_resolves_against_the_file() {
+        let p = Pipeline::parse(Path::new("/repo/pipelines/x.yaml"), EXAMPLE.as_bytes()).unwrap();
+        assert_eq!(p.input, PathBuf::from("/repo/samples"));
+        assert_eq!(
+            p.model.as_deref(),
+            Some(Path::new("/repo/pipelines/models/pneumonia-cnn.onnx"))
+        );
+        assert_eq!(
+            p.card.as_deref(),
+            Some(Path::new("/repo/pipelines/models/pneumonia-cnn.card.yaml"))
+        );
+        assert_eq!(p.output, PathBuf::from("/repo/pipelines/out/pgd-audit"));
+        assert_eq!(
+            p.audit,
+            PathBuf::from("/repo/pipelines/out/pgd-audit/audit.jsonl")
+        );
+        assert_eq!(p.plugin_dirs, vec![PathBuf::from("/repo/target/release")]);
+        assert_eq!(p.pins, vec!["pgd=00".to_string()]);
+        assert_eq!(p.spec.stages.len(), 2);
+        assert_eq!(p.spec.stages[0].role().unwrap(), (StageRole::Attack, "pgd"));
+        assert!(p.spec.output.dicom && p.spec.output.previews);
+        assert_eq!(p.sha256.len(), 64);
+    }
+
+    #[test]
+    fn refuses_unknown_keys_bad_stages_and_duplicates() {
+        let typo = EXAMPLE.replace("previews", "preview");
+        let e = Pipeline::parse(Path::new("/x.yaml"), typo.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("unknown field `preview`"), "{e}");
+        let two = "name: a\ninput: {path: .}\noutput: {dir: o}\nstages: [{attack: a, purifier: b}]";
+        let e = Pipeline::parse(Path::new("/x.yaml"), two.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("more than one"), "{e}");
+        let dup =
+            "name: a\ninput: {path: .}\noutput: {dir: o}\nstages: [{purifier: m}, {purifier: m}]";
+        let e = Pipeline::parse(Path::new("/x.yaml"), dup.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("appears twice"), "{e}");
+        let ok = "name: a\ninput: {path: .}\noutput: {dir: o}\nstages: [{purifier: m}, {purifier: m, id: m2}]";
+        assert!(Pipeline::parse(Path::new("/x.yaml"), ok.as_bytes()).is_ok());
+    }
+}

@@ -1,0 +1,4 @@
+//! Pipelines: YAML definitions (`config`), their validation, and the streaming engine behind
+//! `adverse run`.
+
+pub mod config;
