@@ -129,7 +129,7 @@ pub fn frame_meta(
 }
 
 /// Interleaved `[H, W, C]` -> planar `[C, H, W]`.
-fn to_planar(v: &[f32], c: usize) -> Vec<f32> {
+pub(crate) fn to_planar(v: &[f32], c: usize) -> Vec<f32> {
     if c == 1 {
         return v.to_vec();
     }
@@ -143,7 +143,7 @@ fn to_planar(v: &[f32], c: usize) -> Vec<f32> {
     out
 }
 
-fn to_interleaved(v: &[f32], c: usize) -> Vec<f32> {
+pub(crate) fn to_interleaved(v: &[f32], c: usize) -> Vec<f32> {
     if c == 1 {
         return v.to_vec();
     }
@@ -159,7 +159,7 @@ fn to_interleaved(v: &[f32], c: usize) -> Vec<f32> {
 
 /// The model service for one batch: the card's preprocessing + the model, with the batch's
 /// per-frame constants; or the reason it cannot run on these frames.
-enum ModelService<'p, B: Backend> {
+pub(crate) enum ModelService<'p, B: Backend> {
     Ready {
         pipe: &'p Pipeline<B>,
         consts: FrameConsts<B>,
@@ -194,6 +194,67 @@ impl<B: Backend> BatchModel<B> for ModelService<'_, B> {
                 Ok((l, g))
             }
             ModelService::Broken(m) => Err(m.clone()),
+        }
+    }
+}
+
+/// Preprocessing + model pipelines per frame size, built on first use: the model service of
+/// every batch, for the runner and the pipeline engine.
+pub(crate) struct ModelCache<'m, B: Backend> {
+    model: &'m RunModel,
+    pipes: HashMap<[usize; 2], Result<Pipeline<B>, String>>,
+}
+
+impl<'m, B: Backend> ModelCache<'m, B> {
+    pub(crate) fn new(model: &'m RunModel) -> Self {
+        ModelCache {
+            model,
+            pipes: HashMap::new(),
+        }
+    }
+
+    /// The service for a batch of `[n, c, h, w]` stored values `data` with frame descriptions
+    /// `metas`; a broken service (wrong channel count, a size the model cannot take) carries
+    /// its reason, reported when a plugin calls it.
+    pub(crate) fn service(
+        &mut self,
+        backend: &B,
+        [c, h, w]: [usize; 3],
+        data: &[f32],
+        metas: &[FrameMeta],
+    ) -> ModelService<'_, B> {
+        if c != 1 {
+            return ModelService::Broken(format!(
+                "the model's preprocessing takes 1-sample frames, these have {c}"
+            ));
+        }
+        let m = self.model;
+        let entry = self.pipes.entry([h, w]).or_insert_with(|| {
+            Pipeline::new(
+                backend,
+                m.card.preprocess.clone(),
+                &m.graph,
+                [h, w],
+                m.logits_output,
+            )
+            .map_err(|e| e.to_string())
+        });
+        match entry {
+            Err(e) => ModelService::Broken(e.clone()),
+            Ok(pipe) => {
+                let params: Vec<FrameParams> = metas
+                    .iter()
+                    .map(|f| FrameParams {
+                        slope: f.rescale_slope,
+                        intercept: f.rescale_intercept,
+                        window: f.window,
+                    })
+                    .collect();
+                match pipe.frame_consts(backend, data, &params) {
+                    Ok(consts) => ModelService::Ready { pipe, consts },
+                    Err(e) => ModelService::Broken(e.to_string()),
+                }
+            }
         }
     }
 }
@@ -270,7 +331,7 @@ pub fn run_files<B: PluginBackend>(
         }
     }
 
-    let mut pipelines: HashMap<[usize; 2], Result<Pipeline<B>, String>> = HashMap::new();
+    let mut cache = opts.model.as_ref().map(ModelCache::new);
     let mut batch_index = 0u64;
     for ((spp, rows, cols), frames) in groups {
         let (c, h, w) = (spp as usize, rows as usize, cols as usize);
@@ -297,40 +358,9 @@ pub fn run_files<B: PluginBackend>(
                 metas.push(frame_meta(&img.meta, k as u32, opts.label, opts.target));
             }
             let input = backend.upload(&data, &[n, c, h, w]);
-            let service: Option<ModelService<'_, B>> = opts.model.as_ref().map(|m| {
-                if c != 1 {
-                    return ModelService::Broken(format!(
-                        "the model's preprocessing takes 1-sample frames, these have {c}"
-                    ));
-                }
-                let entry = pipelines.entry([h, w]).or_insert_with(|| {
-                    Pipeline::new(
-                        backend,
-                        m.card.preprocess.clone(),
-                        &m.graph,
-                        [h, w],
-                        m.logits_output,
-                    )
-                    .map_err(|e| e.to_string())
-                });
-                match entry {
-                    Err(e) => ModelService::Broken(e.clone()),
-                    Ok(pipe) => {
-                        let params: Vec<FrameParams> = metas
-                            .iter()
-                            .map(|f| FrameParams {
-                                slope: f.rescale_slope,
-                                intercept: f.rescale_intercept,
-                                window: f.window,
-                            })
-                            .collect();
-                        match pipe.frame_consts(backend, &data, &params) {
-                            Ok(consts) => ModelService::Ready { pipe, consts },
-                            Err(e) => ModelService::Broken(e.to_string()),
-                        }
-                    }
-                }
-            });
+            let service: Option<ModelService<'_, B>> = cache
+                .as_mut()
+                .map(|m| m.service(backend, [c, h, w], &data, &metas));
             let seed = batch_seed(opts.seed, &plugin, batch_index);
             batch_index += 1;
             let result = instance.process(BatchInput {
