@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod audit;
 pub mod inspect;
 pub mod model;
 pub mod plugins;
@@ -70,6 +71,8 @@ pub enum Command {
     Plugin(plugins::PluginArgs),
     /// Train a classifier from a YAML config, evaluate it and export ONNX + model card.
     Train(train::TrainArgs),
+    /// Check a tamper-evident audit log.
+    Audit(audit::AuditArgs),
 }
 
 /// Parse arguments and run. Usage errors exit with [`exit::USAGE`].
@@ -93,5 +96,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Plugins(a) => plugins::run(a),
         Command::Plugin(a) => plugins::run_new(a),
         Command::Train(a) => train::run(a),
+        Command::Audit(a) => audit::run(a),
     }
 }
