@@ -91,7 +91,7 @@ pub(super) fn check_line(content: &[u8]) -> Result<Checked, (BreakKind, String)>
         Err(e) => return Err((BreakKind::InvalidJson, json_reason(&e))),
     };
     let n = content.len();
-    let hash_ok = n >= SUFFIX_LEN + 1
+    let hash_ok = n > SUFFIX_LEN
         && content[n - SUFFIX_LEN..].starts_with(HASH_PREFIX)
         && content[n - 66..n - 2]
             .iter()

@@ -1,7 +1,7 @@
 //! The writer: one open log, one writer thread, plus a flusher thread that bounds how long an
 //! appended record can stay unsynced when no further record comes to trigger the group commit.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -14,9 +14,9 @@ use super::format::{encode, now_rfc3339_millis};
 use super::scan::scan;
 use super::{AuditError, GroupCommit, RECOVERED_KIND, Record};
 
-/// An open audit log. Single writer: `open` takes an exclusive advisory lock on the file (held
-/// until drop, released by the OS if the process dies), so two runs cannot interleave records.
-/// Dropping it syncs what is pending.
+/// An open audit log. Single writer: `open` takes an exclusive advisory lock on the file
+/// (unix; held until drop, released by the OS if the process dies), so two runs cannot
+/// interleave records. Dropping it syncs what is pending.
 pub struct AuditLog {
     path: PathBuf,
     file: File,
@@ -82,14 +82,10 @@ impl AuditLog {
             ),
             Err(e) => return Err(io("create", e)),
         };
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(AuditError::Locked {
-                    path: path.to_path_buf(),
-                });
-            }
-            Err(TryLockError::Error(e)) => return Err(io("lock", e)),
+        if !try_lock_exclusive(&file).map_err(|e| io("lock", e))? {
+            return Err(AuditError::Locked {
+                path: path.to_path_buf(),
+            });
         }
         if created {
             sync_parent_dir(path);
@@ -318,6 +314,25 @@ fn flush_loop(shared: &Shared, file: &File, delay: std::time::Duration) {
             return;
         }
     }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: `Ok(false)` when another open file holds it. Advisory, and
+/// released by the kernel when the holder dies, so a killed run never blocks the rerun.
+/// (`File::try_lock` does the same but needs Rust 1.89; the workspace's MSRV is 1.87.)
+#[cfg(unix)]
+fn try_lock_exclusive(file: &File) -> std::io::Result<bool> {
+    use rustix::fs::{FlockOperation, flock};
+    match flock(file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// No advisory lock off unix: single writer by contract only.
+#[cfg(not(unix))]
+fn try_lock_exclusive(_file: &File) -> std::io::Result<bool> {
+    Ok(true)
 }
 
 /// A new file's directory entry must reach the disk too, or a crash can lose the whole log.

@@ -196,8 +196,8 @@ fn every_single_byte_edit_is_detected_at_its_line() {
             }
             let mut edited = orig.clone();
             edited[p] = new;
-            std::fs::write(&path, &edited).unwrap();
-            let r = verify(&path).unwrap();
+            // `verify` is `scan` over the file; scanning the bytes in memory keeps this fast.
+            let r = super::scan::scan(&edited[..], |_| {}).unwrap().report;
             let b = r
                 .broken
                 .unwrap_or_else(|| panic!("byte {p} -> {new:#x} not detected"));
@@ -586,7 +586,7 @@ fn the_log_can_move_to_a_writer_thread() {
 }
 
 /// SIGKILL at arbitrary points while appending large records (so some kills land inside a
-/// write), three times over the same log: each restart opens (recovering a torn tail if there
+/// write), five times over the same log: each restart opens (recovering a torn tail if there
 /// is one) and continues, and the final log verifies. The test re-runs its own binary as the
 /// writer; the environment variable selects that role.
 #[cfg(unix)]
@@ -606,7 +606,7 @@ fn sigkill_mid_append_leaves_a_log_that_opens_and_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
     let mut floor = 0;
-    for round in 0..3 {
+    for round in 0..5 {
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
             .env(ROLE, &path)
@@ -630,10 +630,13 @@ fn sigkill_mid_append_leaves_a_log_that_opens_and_verifies() {
         floor = std::fs::metadata(&path).unwrap().len() as usize;
     }
     let (log, records) = AuditLog::open(&path, GroupCommit::default()).unwrap();
-    assert!(records.len() >= 60, "{}", records.len());
+    assert!(records.len() >= 100, "{}", records.len());
     for (i, r) in records.iter().enumerate() {
         assert_eq!(r.seq, i as u64);
     }
+    // Informational: how many kills landed inside a write (varies run to run).
+    let torn = records.iter().filter(|r| r.kind == RECOVERED_KIND).count();
+    eprintln!("{} records, {torn} torn tails recovered", records.len());
     drop(log);
     let r = verify(&path).unwrap();
     assert!(r.is_ok(), "{r:?}");

@@ -19,9 +19,11 @@ pub struct AuditArgs {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum AuditCommand {
-    /// Verify an audit log's hash chain. Exit 0: intact; 1: broken (first broken record
-    /// printed); 2: unreadable. Records cut off the end leave a shorter chain that verifies:
-    /// compare the printed head with one kept elsewhere.
+    /// Verify an audit log's hash chain.
+    ///
+    /// Exit 0: intact (`OK: N records, head HASH`); 1: broken (the first broken record, its
+    /// line and why); 2: unreadable file or bad usage. Whole records cut off the end leave a
+    /// shorter chain that still verifies: compare the printed head with one kept elsewhere.
     Verify {
         /// The audit log (`audit.jsonl`).
         file: PathBuf,
