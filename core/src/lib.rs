@@ -3,6 +3,7 @@
 //! The library behind the `adverse` binary. DICOM in ([`dicom`]), a tensor runtime with gradients
 //! on a CPU or WGSL GPU backend ([`runtime`]), derived DICOM out.
 
+pub mod audit;
 pub mod cli;
 pub mod dicom;
 pub mod pipeline;

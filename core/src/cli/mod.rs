@@ -5,9 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod audit;
 pub mod inspect;
 pub mod model;
 pub mod plugins;
+pub mod run;
 pub mod train;
 
 /// Exit codes shared by every subcommand.
@@ -62,6 +64,8 @@ fn init_logging(verbose: u8) {
 pub enum Command {
     /// Describe DICOM files (syntax, geometry, bits, rescale, window) and check they decode.
     Inspect(inspect::InspectArgs),
+    /// Run a pipeline (YAML) over a DICOM file or folder: stages, derived DICOM, results, audit.
+    Run(run::RunArgs),
     /// Inspect and run ONNX models.
     Model(model::ModelArgs),
     /// List, inspect and run plugins.
@@ -70,6 +74,8 @@ pub enum Command {
     Plugin(plugins::PluginArgs),
     /// Train a classifier from a YAML config, evaluate it and export ONNX + model card.
     Train(train::TrainArgs),
+    /// Check a tamper-evident audit log.
+    Audit(audit::AuditArgs),
 }
 
 /// Parse arguments and run. Usage errors exit with [`exit::USAGE`].
@@ -89,9 +95,11 @@ pub fn run() -> anyhow::Result<ExitCode> {
     init_logging(cli.verbose);
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
+        Command::Run(a) => run::run(a),
         Command::Model(a) => model::run(a),
         Command::Plugins(a) => plugins::run(a),
         Command::Plugin(a) => plugins::run_new(a),
         Command::Train(a) => train::run(a),
+        Command::Audit(a) => audit::run(a),
     }
 }
