@@ -113,3 +113,43 @@ where
     );
     String::from_utf8(out.stdout).expect("oracle output is UTF-8")
 }
+
+/// A fresh directory holding copies of the built plugin libraries `libs` (library names such as
+/// `adverse_plugins_basic`) of `packages`, built first in this test binary's profile. A copy per
+/// test keeps other libraries of `target/` (test fixtures) off the search path.
+pub fn plugin_dir(packages: &[&str], libs: &[&str]) -> tempfile::TempDir {
+    let exe = std::env::current_exe().expect("current_exe");
+    let pdir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf();
+    let profile = pdir
+        .file_name()
+        .and_then(|s| s.to_str())
+        .unwrap_or("debug")
+        .to_string();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(repo_root()).arg("build");
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    if profile == "release" {
+        cmd.arg("--release");
+    } else if profile != "debug" {
+        cmd.args(["--profile", &profile]);
+    }
+    let st = cmd.status().expect("run cargo build for plugin libraries");
+    assert!(st.success(), "cargo build of {packages:?} failed");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for l in libs {
+        let f = format!(
+            "{}{l}{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        );
+        std::fs::copy(pdir.join(&f), dir.path().join(&f))
+            .unwrap_or_else(|e| panic!("copy {f}: {e}"));
+    }
+    dir
+}

@@ -146,6 +146,8 @@ fn print_table(s: &Summary) {
         println!("  failed       {f}: {e}");
     }
     if s.interrupted {
-        println!("  interrupted: re-run the same command to finish (finished instances are skipped)");
+        println!(
+            "  interrupted: re-run the same command to finish (finished instances are skipped)"
+        );
     }
 }

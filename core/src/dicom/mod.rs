@@ -20,4 +20,4 @@ pub use decode::decode_image;
 pub use error::{DicomError, ErrorKind};
 pub use image::{DecodedImage, ImageMeta, PixelKind, PixelSlice, PixelStore};
 pub use read::{DecodeLimits, DicomFile};
-pub use write::{DerivedInfo, DerivedOptions, derived_uid, write_derived};
+pub use write::{DerivedInfo, DerivedOptions, derived_uid, write_derived, write_derived_sync};

@@ -159,6 +159,9 @@ pub struct OutputSpec {
     /// PNG previews (original | result | amplified difference) per changed frame.
     #[serde(default)]
     pub previews: bool,
+    /// fsync every written file and its folder (durable against power loss, slower).
+    #[serde(default = "yes")]
+    pub fsync: bool,
     /// Audit log path (default: `<dir>/audit.jsonl`).
     #[serde(default)]
     pub audit: Option<PathBuf>,

@@ -38,11 +38,11 @@ use super::metrics::{FrameMetrics, frame_metrics};
 use super::preview::write_preview;
 use super::results::{Totals, compact};
 use crate::audit::{AuditLog, GroupCommit, Record};
-use crate::dicom::{DecodeLimits, DecodedImage, DerivedOptions, DicomFile, write_derived};
+use crate::dicom::{DecodeLimits, DecodedImage, DerivedOptions, DicomFile, write_derived_sync};
 use crate::plugin::host::{BatchInput, BatchModel, Instance, PluginBackend};
 use crate::plugin::loader::Pins;
 use crate::plugin::runner::{
-    ModelCache, RunModel, batch_seed, frame_meta, to_interleaved, to_planar,
+    ModelCache, ModelService, RunModel, batch_seed, frame_meta, to_interleaved, to_planar,
 };
 use crate::plugin::{Kind, PluginHandle, Registry, SearchPath};
 use crate::runtime::card::ModelCard;
@@ -98,6 +98,10 @@ pub struct Summary {
     pub frames_per_second: f64,
     pub peak_rss_bytes: Option<u64>,
     pub interrupted: bool,
+    /// Hash of the audit log's last record: keep it elsewhere to detect a log rewritten or cut
+    /// short as a whole (`adverse audit verify` prints the head it finds).
+    pub audit_head: String,
+    pub audit_records: u64,
     pub totals: Totals,
     /// Failed inputs of this run with their reasons (at most 100 listed).
     pub failures: Vec<(String, String)>,
@@ -151,6 +155,7 @@ struct FrameResult {
     stages: Vec<StageFrame>,
     written: Option<(u32, f32)>,
     metrics: Option<FrameMetrics>,
+    model_note: Option<String>,
 }
 
 /// An instance on its way through compute, write and re-verification.
@@ -201,7 +206,9 @@ fn prepare(p: &Pipeline, o: &RunOptions) -> Result<Setup, EngineError> {
             let bytes = std::fs::read(m).map_err(io_err(m))?;
             let graph = crate::runtime::onnx::load(m).map_err(|e| setup(e.to_string()))?;
             let card = ModelCard::load(c).map_err(|e| setup(e.to_string()))?;
-            let logits_output = card.logits_index(&graph).map_err(|e| setup(e.to_string()))?;
+            let logits_output = card
+                .logits_index(&graph)
+                .map_err(|e| setup(e.to_string()))?;
             (
                 Some(RunModel {
                     graph,
@@ -444,9 +451,11 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
         finished(&records)
     };
     drop(records);
-    let backend =
-        select::select(select::resolve_choice(o.backend.or(p.backend)).map_err(|e| EngineError::Setup(e.to_string()))?)
-            .map_err(|e| EngineError::Setup(e.to_string()))?;
+    let backend = select::select(
+        select::resolve_choice(o.backend.or(p.backend))
+            .map_err(|e| EngineError::Setup(e.to_string()))?,
+    )
+    .map_err(|e| EngineError::Setup(e.to_string()))?;
     let backend_name = backend.describe();
     let mut start = Map::new();
     start.insert("run".into(), setup.run_info.clone());
@@ -510,6 +519,8 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
         frames_per_second: 0.0,
         peak_rss_bytes: None,
         interrupted: false,
+        audit_head: String::new(),
+        audit_records: 0,
         totals: Totals::default(),
         failures: Vec::new(),
     };
@@ -519,8 +530,7 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
         // Discovery.
         {
             let tx_out = tx_out.clone();
-            let (input, output, skip_audit) =
-                (&setup.input, &setup.output, audit_path.clone());
+            let (input, output, skip_audit) = (&setup.input, &setup.output, audit_path.clone());
             let (include, exclude, found, stop) = (&include, &exclude, &found, &stop);
             let progress = progress.clone();
             let guard = &guard;
@@ -581,15 +591,17 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
         drop(tx_dec);
         // Write workers.
         for _ in 0..setup.jobs {
-            let (rx_write, tx_verify, tx_out) = (rx_write.clone(), tx_verify.clone(), tx_out.clone());
+            let (rx_write, tx_verify, tx_out) =
+                (rx_write.clone(), tx_verify.clone(), tx_out.clone());
             let setup = &setup;
             let previews = p.spec.output.previews;
             let dicom = p.spec.output.dicom;
+            let fsync = p.spec.output.fsync;
             let guard = &guard;
             s.spawn(move || {
                 guard("write", &mut || {
                     for w in rx_write.iter() {
-                        match write_one(w, setup, dicom, previews) {
+                        match write_one(w, setup, dicom, previews, fsync) {
                             Ok(w) if w.reread.is_some() && setup.model.is_some() => {
                                 let _ = tx_verify.send(w);
                             }
@@ -612,7 +624,8 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
             let audit = &mut audit;
             let results = &mut results;
             let run_info = &setup.run_info;
-            let (backend_name, progress, audit_error) = (&backend_name, progress.clone(), &mut audit_error);
+            let (backend_name, progress, audit_error) =
+                (&backend_name, progress.clone(), &mut audit_error);
             let setup = &setup;
             let guard = &guard;
             let tx_out_local = tx_out.clone();
@@ -620,11 +633,15 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
             s.spawn(move || {
                 guard("results", &mut || {
                     for o in rx_out.iter() {
-                        if let Err(e) = record(o, setup, run_info, backend_name, audit, results, tx_done) {
+                        if let Err(e) =
+                            record(o, setup, run_info, backend_name, audit, results, tx_done)
+                        {
                             audit_error.get_or_insert(e);
                         }
                         if let Some(pb) = &progress {
-                            pb.set_position((tx_done.processed + tx_done.failed + tx_done.skipped) as u64);
+                            pb.set_position(
+                                (tx_done.processed + tx_done.failed + tx_done.skipped) as u64,
+                            );
                             pb.set_message(format!("{} failed", tx_done.failed));
                         }
                     }
@@ -663,6 +680,7 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
     end.insert("interrupted".into(), json!(interrupted));
     audit.append("run_end", end)?;
     audit.sync()?;
+    (summary.audit_records, summary.audit_head) = audit.head();
     if let Some(name) = panicked.lock().ok().and_then(|g| *g) {
         return Err(EngineError::Panic(name));
     }
@@ -712,7 +730,8 @@ fn decode_one(
                 None,
             ));
         }
-        Ok(_) => std::fs::read(path).map_err(|e| fail("read", format!("{}: {e}", path.display()), None))?,
+        Ok(_) => std::fs::read(path)
+            .map_err(|e| fail("read", format!("{}: {e}", path.display()), None))?,
         Err(e) => return Err(fail("read", format!("{}: {e}", path.display()), None)),
     };
     let sha = sha256_hex(&bytes);
@@ -751,10 +770,12 @@ fn top1(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
     (0..n)
         .map(|i| {
             let row = &logits[i * k..(i + 1) * k];
-            let (arg, max) = row
-                .iter()
-                .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |a, (j, &v)| if v > a.1 { (j, v) } else { a });
+            let (arg, max) =
+                row.iter()
+                    .enumerate()
+                    .fold((0usize, f32::NEG_INFINITY), |a, (j, &v)| {
+                        if v > a.1 { (j, v) } else { a }
+                    });
             let z: f32 = row.iter().map(|v| (v - max).exp()).sum();
             (arg as u32, 1.0 / z)
         })
@@ -820,7 +841,16 @@ fn compute_loop<B: PluginBackend>(
                     let group = pending.remove(&key).unwrap_or_default();
                     pending_frames.remove(&key);
                     if let Some(tx) = &tx_write {
-                        run_group(b, setup, &mut cache, &mut instances, &mut batch_index, group, tx, tx_out);
+                        run_group(
+                            b,
+                            setup,
+                            &mut cache,
+                            &mut instances,
+                            &mut batch_index,
+                            group,
+                            tx,
+                            tx_out,
+                        );
                     }
                     continue;
                 }
@@ -834,7 +864,16 @@ fn compute_loop<B: PluginBackend>(
         pending_frames.clear();
         for (_, group) in groups {
             if let Some(tx) = &tx_write {
-                run_group(b, setup, &mut cache, &mut instances, &mut batch_index, group, tx, tx_out);
+                run_group(
+                    b,
+                    setup,
+                    &mut cache,
+                    &mut instances,
+                    &mut batch_index,
+                    group,
+                    tx,
+                    tx_out,
+                );
             }
         }
         if !input_open {
@@ -857,16 +896,28 @@ fn predict<B: PluginBackend>(
     chw: [usize; 3],
     data: &[f32],
     metas: &[adverse_plugin_sdk::FrameMeta],
-) -> Result<Option<Vec<(u32, f32)>>, String> {
+) -> Result<Option<Vec<(u32, f32)>>, Unfit> {
     let Some(cache) = cache.as_mut() else {
         return Ok(None);
     };
     let n = metas.len();
     let [c, h, w] = chw;
     let svc = cache.service(b, chw, data, metas);
+    if let ModelService::Broken(reason) = &svc {
+        return Err(Unfit::Frames(reason.clone()));
+    }
     let x = b.upload(data, &[n, c, h, w]);
-    let logits = svc.forward(b, &x)?;
+    let logits = svc.forward(b, &x).map_err(Unfit::Failed)?;
     Ok(Some(top1(&b.download(&logits), n)))
+}
+
+/// Why there is no prediction.
+enum Unfit {
+    /// The model cannot take these frames (channels, size): a fact about the input, reported
+    /// in the row; stages that need the model fail on their own.
+    Frames(String),
+    /// The forward pass failed.
+    Failed(String),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -920,13 +971,19 @@ fn run_group<B: PluginBackend>(
         for &(i, k) in chunk {
             let wk = works[i].as_ref().expect("present");
             data.extend(to_planar(&wk.d.orig.frame_f32(k).unwrap_or_default(), c));
-            metas.push(frame_meta(&wk.d.orig.meta, k as u32, wk.d.label, setup.labels.target));
+            metas.push(frame_meta(
+                &wk.d.orig.meta,
+                k as u32,
+                wk.d.label,
+                setup.labels.target,
+            ));
         }
-        let fail_chunk = |errors: &mut Vec<Option<(&'static str, String)>>, stage: &'static str, msg: String| {
-            for &(i, _) in chunk {
-                errors[i].get_or_insert((stage, msg.clone()));
-            }
-        };
+        let fail_chunk =
+            |errors: &mut Vec<Option<(&'static str, String)>>, stage: &'static str, msg: String| {
+                for &(i, _) in chunk {
+                    errors[i].get_or_insert((stage, msg.clone()));
+                }
+            };
         match predict(b, cache, [c, h, w], &data, &metas) {
             Ok(Some(p)) => {
                 for (j, &(i, k)) in chunk.iter().enumerate() {
@@ -934,7 +991,12 @@ fn run_group<B: PluginBackend>(
                 }
             }
             Ok(None) => {}
-            Err(e) => {
+            Err(Unfit::Frames(why)) => {
+                for &(i, k) in chunk {
+                    works[i].as_mut().expect("present").frames[k].model_note = Some(why.clone());
+                }
+            }
+            Err(Unfit::Failed(e)) => {
                 fail_chunk(&mut errors, "model", format!("model: {e}"));
                 continue;
             }
@@ -949,7 +1011,9 @@ fn run_group<B: PluginBackend>(
                 }
             };
             let input = b.upload(&cur, &[n, c, h, w]);
-            let svc = cache.as_mut().map(|m| m.service(b, [c, h, w], &cur, &metas));
+            let svc = cache
+                .as_mut()
+                .map(|m| m.service(b, [c, h, w], &cur, &metas));
             let seed = batch_seed(setup.seed, &st.label, *batch_index);
             let res = inst.process(BatchInput {
                 backend: b,
@@ -973,8 +1037,13 @@ fn run_group<B: PluginBackend>(
             let preds = if changed {
                 match predict(b, cache, [c, h, w], &cur, &metas) {
                     Ok(p) => p,
-                    Err(e) => {
-                        fail_chunk(&mut errors, "model", format!("model after `{}`: {e}", st.label));
+                    Err(Unfit::Frames(_)) => None,
+                    Err(Unfit::Failed(e)) => {
+                        fail_chunk(
+                            &mut errors,
+                            "model",
+                            format!("model after `{}`: {e}", st.label),
+                        );
                         break;
                     }
                 }
@@ -1031,6 +1100,7 @@ fn write_one(
     setup: &Setup,
     dicom: bool,
     previews: bool,
+    fsync: bool,
 ) -> Result<Box<Work>, Outcome> {
     let t = Instant::now();
     let fail = |w: &Work, stage, error: String| Outcome::Failed {
@@ -1067,14 +1137,21 @@ fn write_one(
                     .join("; ")
             ),
         };
-        let info = match write_derived(&w.d.src, &w.image, &opts, &out) {
+        let info = match write_derived_sync(&w.d.src, &w.image, &opts, &out, fsync) {
             Ok(i) => i,
             Err(e) => return Err(fail(&w, "write", e.to_string())),
         };
         // Success must hold for the file as written: read it back through the normal path.
-        let reread = DicomFile::open(&out, &DecodeLimits::default()).and_then(|f| f.decode(&DecodeLimits::default()));
+        let reread = DicomFile::open(&out, &DecodeLimits::default())
+            .and_then(|f| f.decode(&DecodeLimits::default()));
         match reread {
-            Err(e) => return Err(fail(&w, "verify", format!("the written file does not read back: {e}"))),
+            Err(e) => {
+                return Err(fail(
+                    &w,
+                    "verify",
+                    format!("the written file does not read back: {e}"),
+                ));
+            }
             Ok(r) => {
                 if r.pixels.len() != w.image.pixels.len()
                     || (0..r.pixels.len()).any(|i| r.pixels.get_f64(i) != w.image.pixels.get_f64(i))
@@ -1082,7 +1159,10 @@ fn write_one(
                     return Err(fail(
                         &w,
                         "verify",
-                        format!("{}: the written pixels differ from the result", out.display()),
+                        format!(
+                            "{}: the written pixels differ from the result",
+                            out.display()
+                        ),
                     ));
                 }
                 w.reread = Some(r);
@@ -1119,7 +1199,11 @@ fn verify_one<B: PluginBackend>(
 ) -> Box<Work> {
     let Some(r) = w.reread.take() else { return w };
     let m = &r.meta;
-    let (c, h, wd) = (m.samples_per_pixel as usize, m.rows as usize, m.cols as usize);
+    let (c, h, wd) = (
+        m.samples_per_pixel as usize,
+        m.rows as usize,
+        m.cols as usize,
+    );
     for k0 in (0..r.frame_count()).step_by(64) {
         let k1 = (k0 + 64).min(r.frame_count());
         let mut data = Vec::new();
@@ -1134,8 +1218,8 @@ fn verify_one<B: PluginBackend>(
                     w.frames[k].written = Some(p[j]);
                 }
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!("{}: re-verification: {e}", w.d.rel),
+            Ok(None) | Err(Unfit::Frames(_)) => {}
+            Err(Unfit::Failed(e)) => tracing::warn!("{}: re-verification: {e}", w.d.rel),
         }
     }
     w
@@ -1209,14 +1293,17 @@ fn record(
                 let success = (has_attack && reference.is_some() && after.is_some())
                     .then(|| after.map(|a| a.0) != reference);
                 let flagged = fr.stages.iter().any(|s| {
-                    s.values
-                        .iter()
-                        .any(|(k, v)| (k == "flag" || k == "flagged" || k == "adversarial") && v == &json!(true))
+                    s.values.iter().any(|(k, v)| {
+                        (k == "flag" || k == "flagged" || k == "adversarial") && v == &json!(true)
+                    })
                 });
                 let mt = fr.metrics;
                 let mut stages = Map::new();
                 for (st, sf) in setup.stages.iter().zip(&fr.stages) {
-                    stages.insert(st.label.clone(), serde_json::to_value(sf).unwrap_or_default());
+                    stages.insert(
+                        st.label.clone(),
+                        serde_json::to_value(sf).unwrap_or_default(),
+                    );
                 }
                 let row = json!({
                     "input": w.d.rel, "frame": k, "status": "ok",
@@ -1234,6 +1321,7 @@ fn record(
                     "psnr_db": mt.and_then(|m| m.psnr_db).map(round4), "ssim": mt.map(|m| round4(m.ssim)),
                     "decode_ms": round4(w.d.decode_ms), "compute_ms": round4(w.compute_ms), "write_ms": round4(w.write_ms),
                     "stages": stages,
+                    "model_note": fr.model_note,
                 });
                 lines.push_str(&row.to_string());
                 lines.push('\n');
@@ -1247,11 +1335,20 @@ fn record(
             }
             body.insert("input".into(), json!(w.d.rel));
             body.insert("input_sha256".into(), json!(w.d.input_sha));
-            body.insert("sop_instance_uid".into(), json!(w.d.orig.meta.sop_instance_uid));
+            body.insert(
+                "sop_instance_uid".into(),
+                json!(w.d.orig.meta.sop_instance_uid),
+            );
             body.insert("outcome".into(), json!("ok"));
             body.insert("output".into(), json!(w.output.as_ref().map(|o| &o.0)));
-            body.insert("output_sha256".into(), json!(w.output.as_ref().map(|o| &o.1)));
-            body.insert("output_sop_instance_uid".into(), json!(w.output.as_ref().map(|o| &o.2)));
+            body.insert(
+                "output_sha256".into(),
+                json!(w.output.as_ref().map(|o| &o.1)),
+            );
+            body.insert(
+                "output_sop_instance_uid".into(),
+                json!(w.output.as_ref().map(|o| &o.2)),
+            );
             body.insert("frames".into(), Value::Array(frames_audit));
             let _ = w.d.path;
         }
@@ -1281,8 +1378,10 @@ mod tests {
             seq: 0,
             kind: kind.into(),
             time: String::new(),
-            body: serde_json::from_value(json!({"input": input, "input_sha256": "ab", "outcome": outcome, "output": input}))
-                .unwrap(),
+            body: serde_json::from_value(
+                json!({"input": input, "input_sha256": "ab", "outcome": outcome, "output": input}),
+            )
+            .unwrap(),
             hash: String::new(),
         };
         let m = finished(&[

@@ -27,7 +27,11 @@ pub struct Labels {
 }
 
 impl Labels {
-    pub fn new(csv: Option<&Path>, all: Option<u32>, target: Option<u32>) -> Result<Self, LabelsError> {
+    pub fn new(
+        csv: Option<&Path>,
+        all: Option<u32>,
+        target: Option<u32>,
+    ) -> Result<Self, LabelsError> {
         let mut l = Labels {
             all,
             target,
@@ -49,11 +53,7 @@ impl Labels {
             .from_path(path)
             .map_err(|e| csv_err(e.to_string()))?;
         let headers = rd.headers().map_err(|e| csv_err(e.to_string()))?.clone();
-        let col = |name: &str| {
-            headers
-                .iter()
-                .position(|h| h.eq_ignore_ascii_case(name))
-        };
+        let col = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
         let label = col("label").ok_or_else(|| {
             csv_err(format!(
                 "no `label` column (columns: {})",
@@ -117,7 +117,10 @@ mod tests {
         let csv = dir.path().join("labels.csv");
         std::fs::write(&csv, "file,SOPInstanceUID,label\na.dcm,1.2.3,1\nb.dcm,,0\n").unwrap();
         let l = Labels::new(Some(&csv), Some(7), None).unwrap();
-        assert_eq!(l.lookup(Path::new("/elsewhere/z.dcm"), Some("1.2.3")), Some(1));
+        assert_eq!(
+            l.lookup(Path::new("/elsewhere/z.dcm"), Some("1.2.3")),
+            Some(1)
+        );
         assert_eq!(l.lookup(&dir.path().join("b.dcm"), None), Some(0));
         assert_eq!(l.lookup(&dir.path().join("./b.dcm"), Some("9.9")), Some(0));
         assert_eq!(l.lookup(Path::new("/nope.dcm"), None), Some(7));
@@ -129,7 +132,10 @@ mod tests {
         let csv = dir.path().join("l.csv");
         std::fs::write(&csv, "file,class\na,1\n").unwrap();
         let e = Labels::new(Some(&csv), None, None).unwrap_err().to_string();
-        assert!(e.contains("no `label` column") && e.contains("l.csv"), "{e}");
+        assert!(
+            e.contains("no `label` column") && e.contains("l.csv"),
+            "{e}"
+        );
         std::fs::write(&csv, "file,label\na,1\nb,x\n").unwrap();
         let e = Labels::new(Some(&csv), None, None).unwrap_err().to_string();
         assert!(e.contains(":3:") && e.contains("`x`"), "{e}");

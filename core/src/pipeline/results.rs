@@ -28,6 +28,7 @@ pub const FIXED_COLUMNS: &[&str] = &[
     "label",
     "pred_before",
     "conf_before",
+    "pred_final",
     "pred_written",
     "conf_written",
     "attack_success",
@@ -41,6 +42,7 @@ pub const FIXED_COLUMNS: &[&str] = &[
     "decode_ms",
     "compute_ms",
     "write_ms",
+    "model_note",
 ];
 
 fn row_key(row: &Map<String, Value>) -> Option<[u8; 16]> {
@@ -157,8 +159,14 @@ pub fn compact(jsonl: &Path, csv_path: &Path) -> std::io::Result<Totals> {
         .suffix(".tmp")
         .tempfile_in(dir)?;
     let mut totals = Totals::default();
-    let (mut linf, mut l2, mut psnr, mut ssim) = (Mean::default(), Mean::default(), Mean::default(), Mean::default());
-    let (mut correct_before, mut correct_after, mut labelled_after, mut success) = (0usize, 0usize, 0usize, 0usize);
+    let (mut linf, mut l2, mut psnr, mut ssim) = (
+        Mean::default(),
+        Mean::default(),
+        Mean::default(),
+        Mean::default(),
+    );
+    let (mut correct_before, mut correct_after, mut labelled_after, mut success) =
+        (0usize, 0usize, 0usize, 0usize);
     let mut instances: BTreeMap<String, (bool, bool)> = BTreeMap::new();
     {
         let mut w = csv::Writer::from_writer(BufWriter::new(tmp.as_file_mut()));
@@ -178,7 +186,11 @@ pub fn compact(jsonl: &Path, csv_path: &Path) -> std::io::Result<Totals> {
             let mut rec: Vec<String> = FIXED_COLUMNS.iter().map(|c| cell(m.get(*c))).collect();
             for col in &stage_cols {
                 let (stage, key) = col.split_once('.').unwrap_or((col, ""));
-                rec.push(cell(m.get("stages").and_then(|s| s.get(stage)).and_then(|s| s.get(key))));
+                rec.push(cell(
+                    m.get("stages")
+                        .and_then(|s| s.get(stage))
+                        .and_then(|s| s.get(key)),
+                ));
             }
             if let Err(e) = w.write_record(&rec) {
                 err.get_or_insert(e);
@@ -281,7 +293,10 @@ mod tests {
         assert_eq!(t.mean_linf_stored, Some(3.0));
         let csv = std::fs::read_to_string(&c).unwrap();
         let header = csv.lines().next().unwrap();
-        assert!(header.starts_with("input,frame,status") && header.ends_with(",pgd.l2"), "{header}");
+        assert!(
+            header.starts_with("input,frame,status") && header.ends_with(",pgd.l2"),
+            "{header}"
+        );
         assert_eq!(csv.lines().count(), 3);
         assert!(csv.contains("b.dcm,0,ok"), "{csv}");
         // Idempotent.

@@ -7,4 +7,5 @@ mod dicom_roundtrip;
 mod inspect;
 mod model;
 mod plugins;
+mod run;
 mod train;
