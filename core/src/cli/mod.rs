@@ -9,6 +9,7 @@ pub mod inspect;
 pub mod model;
 pub mod plugins;
 pub mod train;
+pub mod validate;
 
 /// Exit codes shared by every subcommand.
 pub mod exit {
@@ -70,6 +71,8 @@ pub enum Command {
     Plugin(plugins::PluginArgs),
     /// Train a classifier from a YAML config, evaluate it and export ONNX + model card.
     Train(train::TrainArgs),
+    /// Check a pipeline file and report every problem at once (exit 2 if any).
+    Validate(validate::ValidateArgs),
 }
 
 /// Parse arguments and run. Usage errors exit with [`exit::USAGE`].
@@ -93,5 +96,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Plugins(a) => plugins::run(a),
         Command::Plugin(a) => plugins::run_new(a),
         Command::Train(a) => train::run(a),
+        Command::Validate(a) => validate::run(a),
     }
 }

@@ -2,3 +2,4 @@
 //! `adverse run`.
 
 pub mod config;
+pub mod validate;
