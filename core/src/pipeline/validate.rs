@@ -119,6 +119,21 @@ pub fn validate_bytes_with(path: &Path, bytes: &[u8], in_process: Vec<PluginHand
                 Some(l) => (Some(l.line()), Some(l.column())),
                 None => (None, None),
             };
+            let dup = std::str::from_utf8(bytes)
+                .ok()
+                .filter(|_| e.to_string().contains("duplicate entry with key"))
+                .and_then(|t| Locator::from_text(t).duplicates.into_iter().next());
+            if let Some((key, (line, column))) = dup {
+                let name = key.rsplit('.').next().unwrap_or(&key).to_string();
+                v.problems.push(Problem {
+                    line: Some(line),
+                    column: Some(column),
+                    key,
+                    message: format!("`{name}` is written twice in the same mapping"),
+                    choices: Vec::new(),
+                });
+                return v.finish(path, None);
+            }
             v.problems.push(Problem {
                 line,
                 column,
@@ -162,6 +177,9 @@ pub fn validate_bytes_with(path: &Path, bytes: &[u8], in_process: Vec<PluginHand
 #[derive(Debug, Default)]
 pub struct Locator {
     marks: HashMap<String, (usize, usize)>,
+    /// Keys written twice in one mapping, at their second occurrence (`serde_yaml` refuses
+    /// them but places the error at the mapping, not at the repeated key).
+    duplicates: Vec<(String, (usize, usize))>,
 }
 
 impl Locator {
@@ -173,7 +191,10 @@ impl Locator {
         if parser.load(&mut rx, false).is_err() {
             return Locator::default();
         }
-        Locator { marks: rx.marks }
+        Locator {
+            marks: rx.marks,
+            duplicates: rx.duplicates,
+        }
     }
 
     /// Line and column of `key`, or of its nearest enclosing key when it is not in the file
@@ -230,6 +251,7 @@ enum Frame {
 struct Receiver {
     stack: Vec<Frame>,
     marks: HashMap<String, (usize, usize)>,
+    duplicates: Vec<(String, (usize, usize))>,
     documents: usize,
 }
 
@@ -257,7 +279,15 @@ impl Receiver {
                     };
                     *want = Some(full.clone());
                     if let Some(k) = full {
-                        self.marks.entry(k).or_insert((m.line(), m.col() + 1));
+                        let at = (m.line(), m.col() + 1);
+                        match self.marks.entry(k) {
+                            std::collections::hash_map::Entry::Occupied(e) => {
+                                self.duplicates.push((e.key().clone(), at))
+                            }
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                e.insert(at);
+                            }
+                        }
                     }
                     // The key node itself (scalar or complex) has no path of its own.
                     return None;
@@ -1091,7 +1121,11 @@ impl Validator {
                     .collect();
                 self.push(
                     key,
-                    format!("`{name}` is a {right} plugin, not a {role}: write `{right}: {name}`"),
+                    format!(
+                        "`{name}` is {} plugin, not {}: write `{right}: {name}`",
+                        a(right),
+                        a(role)
+                    ),
                     same_kind,
                 );
             }
@@ -1149,6 +1183,16 @@ impl Validator {
             );
         }
     }
+}
+
+/// `attack` -> `an attack`, `purifier` -> `a purifier`.
+fn a(word: &str) -> String {
+    let article = if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {word}")
 }
 
 fn kind_key(k: Kind) -> &'static str {
@@ -1370,6 +1414,18 @@ mod tests {
         assert!(r.pipeline.is_none());
         let r = ws.check("a: 1\n  b: 2\n");
         assert_eq!(r.problems[0].line, Some(2), "{:?}", r.problems);
+    }
+
+    #[test]
+    fn duplicate_keys_point_at_the_second_occurrence() {
+        let ws = Ws::new();
+        let r = ws.check(
+            "name: t\ninput: {path: in}\noutput:\n  dir: out\n  dicom: true\n  dir: again\n",
+        );
+        assert_eq!(r.problems.len(), 1, "{:#?}", r.problems);
+        let p = &r.problems[0];
+        assert_eq!((p.key.as_str(), at(p)), ("output.dir", (6, 3)));
+        assert_eq!(p.message, "`dir` is written twice in the same mapping");
     }
 
     #[test]
@@ -1605,7 +1661,7 @@ mod tests {
         let p = one(&r, "stages[0].purifier");
         assert_eq!(
             p.message,
-            "`push` is a attack plugin, not a purifier: write `attack: push`"
+            "`push` is an attack plugin, not a purifier: write `attack: push`"
         );
         assert_eq!(p.choices, ["blur"]);
         let p = one(&r, "stages[1].detector");

@@ -7,3 +7,4 @@ mod inspect;
 mod model;
 mod plugins;
 mod train;
+mod validate;
