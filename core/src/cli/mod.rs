@@ -11,6 +11,7 @@ pub mod model;
 pub mod plugins;
 pub mod run;
 pub mod train;
+pub mod validate;
 
 /// Exit codes shared by every subcommand.
 pub mod exit {
@@ -76,6 +77,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Check a tamper-evident audit log.
     Audit(audit::AuditArgs),
+    /// Check a pipeline file and report every problem at once (exit 2 if any).
+    Validate(validate::ValidateArgs),
 }
 
 /// Parse arguments and run. Usage errors exit with [`exit::USAGE`].
@@ -101,5 +104,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Plugin(a) => plugins::run_new(a),
         Command::Train(a) => train::run(a),
         Command::Audit(a) => audit::run(a),
+        Command::Validate(a) => validate::run(a),
     }
 }

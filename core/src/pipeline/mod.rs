@@ -7,3 +7,4 @@ pub mod labels;
 pub mod metrics;
 pub mod preview;
 pub mod results;
+pub mod validate;

@@ -9,3 +9,4 @@ mod model;
 mod plugins;
 mod run;
 mod train;
+mod validate;
