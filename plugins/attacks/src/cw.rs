@@ -36,8 +36,9 @@ pub struct CwParams {
 /// the objective stalls (checked every `steps`/10); `search_steps` (9) rounds of binary search
 /// on c from `c_init` (1e-3; ×10 while no success is known). Keeps per frame the smallest-L2
 /// adversarial point found (success counted with the κ margin). `eps` + `unit`: optional L∞
-/// cap on the written perturbation. Distances are in stored units, so a 12-bit frame needs a
-/// larger c than an 8-bit one: the binary search finds it.
+/// cap on the written perturbation. The distance term is measured in units of the frame's
+/// stored range (`‖δ / (hi − lo)‖₂²`), so c keeps the scale it has in the paper whatever the
+/// bit depth; the reported `l2` is in stored units.
 #[derive(Debug)]
 pub struct CwL2 {
     kappa: f32,
@@ -129,7 +130,8 @@ impl Attack for CwL2 {
                     let margin = -l[i];
                     let (xs, os) = (s.sample(&x, i), s.sample(&s.x0, i));
                     let l2 = l2_dist(xs, os);
-                    total += f64::from(l2).powi(2) + c[i] * f64::from(margin.max(-kappa));
+                    let inv2 = 1.0 / (span[i] * span[i]);
+                    total += f64::from(l2).powi(2) * inv2 + c[i] * f64::from(margin.max(-kappa));
                     if margin < 0.0 && margin <= -kappa {
                         found[i] = true;
                         if l2 < best_l2[i] {
@@ -140,8 +142,8 @@ impl Attack for CwL2 {
                     let on = margin > -kappa;
                     let t = (it + 1) as i32;
                     for j in i * d..(i + 1) * d {
-                        // d/dx of ‖x − x0‖² + c·max(margin, −κ); d margin/dx = −g.
-                        let gx = 2.0 * f64::from(x[j] - s.x0[j])
+                        // d/dx of ‖(x − x0)/span‖² + c·max(margin, −κ); d margin/dx = −g.
+                        let gx = 2.0 * f64::from(x[j] - s.x0[j]) * inv2
                             - if on { c[i] * f64::from(g[j]) } else { 0.0 };
                         let th = w[j].tanh();
                         let gw = gx * span[i] / 2.0 * (1.0 - th * th);
