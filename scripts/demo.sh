@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cmake >/dev/null 2>&1 || { [ "$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null; }
 cargo build --release -p adverse --bin adverse
-cargo build --release -p adverse-plugins-basic   # the built-in plugins (median, gaussian, fgsm)
+cargo build --release -p adverse-plugins-basic -p adverse-plugins-attacks   # built-in purifiers (median, gaussian) and attacks (fgsm, pgd, ...)
 bin=./target/release/adverse
 echo "== inspect: every sample decodes (syntax, geometry, bits, rescale, window)"
 "$bin" inspect --include '*.dcm' pipelines/samples

@@ -4,7 +4,7 @@
 //! service, without building or loading a library.
 //!
 //! The model service uses a linear classifier ([`TestModel`]) with exact gradients for
-//! cross-entropy and the CW margin; everything else follows the adverse host's semantics (the
+//! cross-entropy, the CW margin and DLR; everything else follows the adverse host's semantics (the
 //! filters and random streams are the very same code, [`crate::cpu`]).
 //!
 //! ```text
@@ -212,6 +212,20 @@ pub fn run(
     input: &[f32],
     shape: [usize; 4],
 ) -> Result<Outcome, Failure> {
+    let mut out = run_batches(lib, name, params, host, &[(input, shape)])?;
+    Ok(out.pop().unwrap_or_default())
+}
+
+/// Like [`run`], with several batches through one plugin instance (state a plugin keeps across
+/// batches, e.g. a universal perturbation, is exercised). Every batch uses the frame
+/// descriptions in `host`; the first failing batch ends the run.
+pub fn run_batches(
+    lib: &AdvLibrary,
+    name: &str,
+    params: &serde_json::Value,
+    host: &mut TestHost,
+    batches: &[(&[f32], [usize; 4])],
+) -> Result<Vec<Outcome>, Failure> {
     let fail = |status, message: String| Failure { status, message };
     let desc = find(lib, name)
         .ok_or_else(|| fail(abi::ADV_ERR_INVALID, format!("no plugin named {name}")))?;
@@ -222,18 +236,18 @@ pub fn run(
             "descriptor lacks create/process/destroy".into(),
         ));
     };
-    if shape[0] != host.frames.len() || input.len() != shape.iter().product::<usize>() {
-        return Err(fail(
-            abi::ADV_ERR_INVALID,
-            format!(
-                "{} frame descriptions and {} values for shape {shape:?}",
-                host.frames.len(),
-                input.len()
-            ),
-        ));
+    for (input, shape) in batches {
+        if shape[0] != host.frames.len() || input.len() != shape.iter().product::<usize>() {
+            return Err(fail(
+                abi::ADV_ERR_INVALID,
+                format!(
+                    "{} frame descriptions and {} values for shape {shape:?}",
+                    host.frames.len(),
+                    input.len()
+                ),
+            ));
+        }
     }
-    host.audit = vec![BTreeMap::new(); shape[0]];
-    host.output = None;
     host.logs.clear();
     let json = params.to_string();
     let table = host.table();
@@ -243,31 +257,39 @@ pub fn run(
     if st != abi::ADV_OK {
         return Err(fail(st, std::mem::take(&mut host.plugin_error)));
     }
-    let x = host.put(input.to_vec(), shape.to_vec());
-    let table = host.table();
-    let batch = abi::AdvBatch {
-        size: std::mem::size_of::<abi::AdvBatch>() as u32,
-        frames: shape[0] as u32,
-        input: x,
-        seed: host.seed,
-    };
-    // SAFETY: inst came from create; table and batch are valid for the call.
-    let st = unsafe { process(inst, &table, &batch) };
+    let mut outcomes = Vec::new();
+    for (input, shape) in batches {
+        host.audit = vec![BTreeMap::new(); shape[0]];
+        host.output = None;
+        let x = host.put(input.to_vec(), shape.to_vec());
+        let table = host.table();
+        let batch = abi::AdvBatch {
+            size: std::mem::size_of::<abi::AdvBatch>() as u32,
+            frames: shape[0] as u32,
+            input: x,
+            seed: host.seed,
+        };
+        // SAFETY: inst came from create; table and batch are valid for the call.
+        let st = unsafe { process(inst, &table, &batch) };
+        if st != abi::ADV_OK {
+            // SAFETY: inst came from create and is destroyed once.
+            unsafe { destroy(inst) };
+            host.tensors.clear();
+            return Err(fail(st, std::mem::take(&mut host.plugin_error)));
+        }
+        let output = host
+            .output
+            .and_then(|t| host.tensors.get(&t).map(|(d, _)| d.clone()));
+        host.tensors.clear();
+        outcomes.push(Outcome {
+            output,
+            audit: std::mem::take(&mut host.audit),
+            logs: std::mem::take(&mut host.logs),
+        });
+    }
     // SAFETY: inst came from create and is destroyed once.
     unsafe { destroy(inst) };
-    if st != abi::ADV_OK {
-        host.tensors.clear();
-        return Err(fail(st, std::mem::take(&mut host.plugin_error)));
-    }
-    let output = host
-        .output
-        .and_then(|t| host.tensors.get(&t).map(|(d, _)| d.clone()));
-    host.tensors.clear();
-    Ok(Outcome {
-        output,
-        audit: std::mem::take(&mut host.audit),
-        logs: std::mem::take(&mut host.logs),
-    })
+    Ok(outcomes)
 }
 
 // ---- the services ---------------------------------------------------------------------------
@@ -773,6 +795,30 @@ unsafe extern "C" fn model_loss_grad(
                         g[j] = sgn;
                     }
                     (-margin.max(-kappa), g)
+                }
+                abi::ADV_LOSS_DLR => {
+                    // -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3), as the adverse host ascends it.
+                    if targeted != 0 {
+                        return Err("DLR is untargeted only".into());
+                    }
+                    if k < 3 {
+                        return Err("DLR needs at least 3 classes".into());
+                    }
+                    let (j, zj) = zi.iter().enumerate().filter(|(c, _)| *c != ti).fold(
+                        (0, f32::NEG_INFINITY),
+                        |a, (c, &v)| if v > a.1 { (c, v) } else { a },
+                    );
+                    let mut order: Vec<usize> = (0..k).collect();
+                    order.sort_by(|&a, &b| zi[b].total_cmp(&zi[a]).then(a.cmp(&b)));
+                    let (p1, p3) = (order[0], order[2]);
+                    let num = zi[ti] - zj;
+                    let den = zi[p1] - zi[p3] + 1e-12;
+                    let mut g = vec![0f32; k];
+                    g[ti] -= 1.0 / den;
+                    g[j] += 1.0 / den;
+                    g[p1] += num / (den * den);
+                    g[p3] -= num / (den * den);
+                    (-num / den, g)
                 }
                 o => return Err(format!("loss {o} is not supported by the test host")),
             };

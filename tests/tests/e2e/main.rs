@@ -1,5 +1,6 @@
 //! End-to-end tests, one binary with a module per area (ripgrep style).
 
+mod attacks;
 mod audit;
 mod dicom_corpus;
 mod dicom_malformed;

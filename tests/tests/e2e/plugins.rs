@@ -11,9 +11,11 @@ use adverse_tests::{adverse_bin, pydicom_data, python, repo_root};
 use serde_json::Value;
 
 /// The libraries the tests load, each alone in its own directory.
-struct Libs {
+pub(crate) struct Libs {
     _dir: tempfile::TempDir,
     rust: PathBuf,
+    /// The built-in attack catalogue (`plugins/attacks`).
+    pub(crate) attacks: PathBuf,
     fixtures: PathBuf,
     c: PathBuf,
     c_bad_abi: PathBuf,
@@ -76,7 +78,7 @@ fn build_c_plugin(out: &Path, defines: &[(&str, &str)]) {
 }
 
 /// Builds every plugin library once per test process.
-fn libs() -> &'static Libs {
+pub(crate) fn libs() -> &'static Libs {
     static L: OnceLock<Libs> = OnceLock::new();
     L.get_or_init(|| {
         let pdir = profile_dir();
@@ -90,6 +92,8 @@ fn libs() -> &'static Libs {
             "build",
             "-p",
             "adverse-plugins-basic",
+            "-p",
+            "adverse-plugins-attacks",
             "-p",
             "adverse-plugin-test-fixtures",
         ]);
@@ -111,6 +115,9 @@ fn libs() -> &'static Libs {
         let rust = place("rust", &lib_file("adverse_plugins_basic"));
         std::fs::copy(pdir.join(lib_file("adverse_plugins_basic")), &rust)
             .expect("copy the basic plugin library");
+        let attacks = place("attacks", &lib_file("adverse_plugins_attacks"));
+        std::fs::copy(pdir.join(lib_file("adverse_plugins_attacks")), &attacks)
+            .expect("copy the attack plugin library");
         let fixtures = place("fixtures", &lib_file("adverse_plugin_test_fixtures"));
         std::fs::copy(
             pdir.join(lib_file("adverse_plugin_test_fixtures")),
@@ -123,6 +130,7 @@ fn libs() -> &'static Libs {
         build_c_plugin(&c_bad_abi, &[("WC_ABI_MAJOR", "99")]);
         Libs {
             rust,
+            attacks,
             fixtures,
             c,
             c_bad_abi,
@@ -131,11 +139,11 @@ fn libs() -> &'static Libs {
     })
 }
 
-fn dir_of(p: &Path) -> &str {
+pub(crate) fn dir_of(p: &Path) -> &str {
     p.parent().and_then(Path::to_str).expect("utf-8 temp path")
 }
 
-fn adverse(args: &[&str]) -> Output {
+pub(crate) fn adverse(args: &[&str]) -> Output {
     Command::new(adverse_bin())
         .args(args)
         .env("ADVERSE_BACKEND", "cpu")
@@ -149,11 +157,11 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn rows(o: &Output) -> Vec<Value> {
+pub(crate) fn rows(o: &Output) -> Vec<Value> {
     stdout(o)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("row is not JSON ({e}): {l}")))
@@ -164,7 +172,7 @@ fn dcm(name: &str) -> String {
     pydicom_data().join(name).display().to_string()
 }
 
-fn py(code: &str, args: &[&str]) -> String {
+pub(crate) fn py(code: &str, args: &[&str]) -> String {
     let o = Command::new(python())
         .arg("-c")
         .arg(code)
@@ -196,6 +204,8 @@ fn rust_and_c_plugins_are_listed_loaded_and_run_on_real_frames() {
         "--plugin-dir",
         dir_of(&l.rust),
         "--plugin-dir",
+        dir_of(&l.attacks),
+        "--plugin-dir",
         dir_of(&l.c),
     ]);
     assert!(list.status.success(), "{}", stderr(&list));
@@ -203,6 +213,7 @@ fn rust_and_c_plugins_are_listed_loaded_and_run_on_real_frames() {
     // The same libraries through ADVERSE_PLUGIN_PATH (missing entries are skipped).
     let path = std::env::join_paths([
         Path::new(dir_of(&l.rust)),
+        Path::new(dir_of(&l.attacks)),
         Path::new("/nonexistent-adverse"),
         Path::new(dir_of(&l.c)),
     ])
@@ -659,7 +670,7 @@ fn an_attack_plugin_uses_the_model_services() {
         "--out",
         out.to_str().unwrap(),
         "--plugin-dir",
-        dir_of(&l.rust),
+        dir_of(&l.attacks),
         &src,
     ]);
     assert!(run.status.success(), "{}", stderr(&run));
@@ -693,7 +704,7 @@ fn an_attack_plugin_uses_the_model_services() {
             "frame {k}: loss {loss} vs onnxruntime {ce}"
         );
         assert_eq!(
-            v["adv_class"].as_f64().unwrap(),
+            v["pred_after"].as_f64().unwrap(),
             c["adv"][k].as_f64().unwrap(),
             "frame {k}: predicted class after the attack"
         );
@@ -703,7 +714,7 @@ fn an_attack_plugin_uses_the_model_services() {
             "frame {k}"
         );
         assert_eq!(
-            v["linf_change"].as_f64().unwrap(),
+            v["linf"].as_f64().unwrap(),
             c["linf"][k].as_f64().unwrap(),
             "frame {k}"
         );
