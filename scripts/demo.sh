@@ -11,9 +11,12 @@ echo "== inspect: every sample decodes (syntax, geometry, bits, rescale, window)
 "$bin" inspect --include '*.dcm' pipelines/samples
 echo "== the bundled model on the PneumoniaMNIST samples (labels: pipelines/samples/pneumoniamnist/labels.csv)"
 "$bin" model run pipelines/models/pneumonia-cnn.onnx pipelines/samples/pneumoniamnist/*.dcm
-echo "== the fgsm plugin (eps = 4 stored units) on 6 pneumonia samples; derived DICOM + results in out/demo"
-"$bin" plugins run fgsm --plugin-dir target/release --params '{"eps": 4}' --label 1 \
-  --model pipelines/models/pneumonia-cnn.onnx --out out/demo \
-  pipelines/samples/pneumoniamnist/pneumoniamnist-test-000{0..5}.dcm
-echo "== the fgsm outputs, re-read: the model on the derived files"
-"$bin" model run pipelines/models/pneumonia-cnn.onnx out/demo/*.dcm
+echo "== check the demo pipelines (every problem is reported with file:line:column)"
+"$bin" validate pipelines/demo-pgd.yaml
+"$bin" validate pipelines/demo-median.yaml
+echo "== PGD-10 (eps = 4 stored units) on the 64 samples: derived DICOM, results, previews, audit log in out/demo-pgd"
+"$bin" run pipelines/demo-pgd.yaml
+echo "== the audit log's hash chain"
+"$bin" audit verify out/demo-pgd/audit.jsonl
+echo "== a purifier pipeline over every bundled sample (8/16-bit, RGB, multi-frame, compressed)"
+"$bin" run pipelines/demo-median.yaml

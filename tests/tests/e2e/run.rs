@@ -23,7 +23,10 @@ fn model() -> PathBuf {
 }
 
 fn basic_plugins() -> tempfile::TempDir {
-    plugin_dir(&["adverse-plugins-basic"], &["adverse_plugins_basic"])
+    plugin_dir(
+        &["adverse-plugins-basic", "adverse-plugins-attacks"],
+        &["adverse_plugins_basic", "adverse_plugins_attacks"],
+    )
 }
 
 /// A pipeline file in `dir` running `stages` (YAML list items) on `input` into `out`.
