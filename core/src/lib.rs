@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod dicom;
+pub mod pipeline;
 pub mod plugin;
 pub mod runtime;
 pub mod train;
