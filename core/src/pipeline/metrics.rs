@@ -194,7 +194,9 @@ fn reflect(i: isize, n: usize) -> usize {
 /// Mean SSIM of channel `c`. Streams over rows: each row is filtered horizontally into the five
 /// local moments (x, y, x^2, y^2, xy) and kept in a ring of the last 11 rows, from which the
 /// vertical pass yields one output row at a time, so memory stays at 11 rows whatever the frame
-/// size.
+/// size. The moments are kept as separate planes and the symmetric taps are paired
+/// (`w[k] (a[k] + a[10-k])`) so the inner loops are plain slice arithmetic the compiler
+/// vectorises: the pipeline computes this for every frame it writes.
 fn ssim_channel(
     orig: &[f32],
     new: &[f32],
@@ -204,6 +206,7 @@ fn ssim_channel(
     c: usize,
     range: f64,
 ) -> f64 {
+    const MOMENTS: usize = 5;
     let w = gaussian_taps();
     let c1 = (K1 * range) * (K1 * range);
     let c2 = (K2 * range) * (K2 * range);
@@ -220,49 +223,70 @@ fn ssim_channel(
     let col_src: Vec<usize> = (0..padded_cols)
         .map(|j| reflect(j as isize - pad as isize, cols))
         .collect();
-    // Input lines of the 5 moments, then the ring of horizontally filtered rows.
-    let mut line = vec![[0f64; 5]; padded_cols];
-    let mut ring = vec![vec![[0f64; 5]; out_cols]; WIN];
-    let mut acc = vec![[0f64; 5]; out_cols];
+    // One padded input line per moment; the ring holds WIN filtered rows per moment.
+    let mut lines = vec![vec![0f64; padded_cols]; MOMENTS];
+    let mut ring = vec![vec![vec![0f64; out_cols]; WIN]; MOMENTS];
+    let mut acc = vec![vec![0f64; out_cols]; MOMENTS];
     let mut total = 0f64;
 
     for i in 0..rows + 2 * pad {
         let r = reflect(i as isize - pad as isize, rows);
         let base = r * cols;
-        for (l, &j) in line.iter_mut().zip(&col_src) {
-            let x = orig[(base + j) * spp + c] as f64;
-            let y = new[(base + j) * spp + c] as f64;
-            *l = [x, y, x * x, y * y, x * y];
+        {
+            let [lx, ly, lxx, lyy, lxy] = &mut lines[..] else {
+                unreachable!("MOMENTS lines")
+            };
+            for (j, &src) in col_src.iter().enumerate() {
+                let x = orig[(base + src) * spp + c] as f64;
+                let y = new[(base + src) * spp + c] as f64;
+                lx[j] = x;
+                ly[j] = y;
+                lxx[j] = x * x;
+                lyy[j] = y * y;
+                lxy[j] = x * y;
+            }
         }
-        let slot = &mut ring[i % WIN];
-        for (o, s) in slot.iter_mut().enumerate() {
-            let mut m = [0f64; 5];
-            for (k, &wk) in w.iter().enumerate() {
-                let l = &line[o + k];
-                for q in 0..5 {
-                    m[q] += wk * l[q];
+        let slot = i % WIN;
+        for (line, rows_q) in lines.iter().zip(ring.iter_mut()) {
+            let dst = &mut rows_q[slot];
+            for (d, &m) in dst.iter_mut().zip(&line[RADIUS..]) {
+                *d = w[RADIUS] * m;
+            }
+            for k in 0..RADIUS {
+                let wk = w[k];
+                let a = &line[k..k + out_cols];
+                let b = &line[WIN - 1 - k..WIN - 1 - k + out_cols];
+                for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
+                    *d += wk * (a + b);
                 }
             }
-            *s = m;
         }
         if i + 1 < WIN {
             continue;
         }
-        // Rows i-10 ..= i are in the ring; their vertical combination is output row i-10.
-        acc.iter_mut().for_each(|a| *a = [0.0; 5]);
-        for (k, &wk) in w.iter().enumerate() {
-            let src = &ring[(i + 1 + k) % WIN];
-            for (a, s) in acc.iter_mut().zip(src) {
-                for q in 0..5 {
-                    a[q] += wk * s[q];
+        // Rows i-10 ..= i are in the ring (row i-10+k in slot (i+1+k) % WIN); their vertical
+        // combination is output row i-10.
+        let at = |k: usize| (i + 1 + k) % WIN;
+        for (a, rows_q) in acc.iter_mut().zip(&ring) {
+            for (d, &m) in a.iter_mut().zip(&rows_q[at(RADIUS)]) {
+                *d = w[RADIUS] * m;
+            }
+            for k in 0..RADIUS {
+                let wk = w[k];
+                let (p, q) = (&rows_q[at(k)], &rows_q[at(WIN - 1 - k)]);
+                for ((d, &p), &q) in a.iter_mut().zip(p).zip(q) {
+                    *d += wk * (p + q);
                 }
             }
         }
-        for a in &acc {
-            let [mx, my, mxx, myy, mxy] = *a;
-            let vx = mxx - mx * mx;
-            let vy = myy - my * my;
-            let cov = mxy - mx * my;
+        let [mx, my, mxx, myy, mxy] = &acc[..] else {
+            unreachable!("MOMENTS accumulators")
+        };
+        for j in 0..out_cols {
+            let (mx, my) = (mx[j], my[j]);
+            let vx = mxx[j] - mx * mx;
+            let vy = myy[j] - my * my;
+            let cov = mxy[j] - mx * my;
             total += ((2.0 * mx * my + c1) * (2.0 * cov + c2))
                 / ((mx * mx + my * my + c1) * (vx + vy + c2));
         }
@@ -386,6 +410,9 @@ mod tests {
         let e = try_frame_metrics(&[0.0; 16], &[0.0; 15], &m).unwrap_err();
         assert!(matches!(e, MetricsError::Shape { new: 15, .. }), "{e}");
         assert!(frame_metrics(&[0.0; 16], &[0.0; 15], &m).ssim.is_nan());
+        // A single sample is still a frame (reflected window): finite metrics.
+        let r = try_frame_metrics(&[1.0], &[3.0], &meta(1, 1, 1, "CT")).unwrap();
+        assert!(r.ssim.is_finite() && r.ssim < 1.0, "{r:?}");
         let m0 = meta(0, 4, 1, "CT");
         assert!(matches!(
             try_frame_metrics(&[], &[], &m0),
@@ -501,6 +528,7 @@ mod tests {
         for (name, rows, cols, spp, hi) in [
             ("random 64x48", 64u32, 48u32, 1u16, 4095.0f32),
             ("random 7x30", 7, 30, 1, 255.0),
+            ("random 1x40", 1, 40, 1, 1000.0),
             ("random rgb 23x19", 23, 19, 3, 255.0),
         ] {
             let n = (rows * cols) as usize * spp as usize;
