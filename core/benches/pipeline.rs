@@ -2,7 +2,9 @@
 //! files through decode -> median-filter purifier -> derived DICOM write, `adverse run --jobs 2`
 //! against a pydicom + numpy + scipy script doing the same work (scripts/oracle/pipeline_bench.py,
 //! a single process), in the same run, for a large and a small archive so that the peak RSS of
-//! the two sizes can be compared (bounded memory means roughly equal).
+//! the two sizes can be compared (bounded memory means roughly equal). Before its outputs are
+//! deleted, a few derived files of both sides are decoded and must hold identical pixels, so the
+//! two sides provably did the same work.
 //!
 //! `cargo bench -p adverse --bench pipeline`; `ADVERSE_BENCH_FILES=200` (or a comma list such as
 //! `2000,200`) for a quick check instead of the default 10000,1000. Archives are generated once
@@ -17,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use adverse::dicom::derived_uid;
+use adverse::dicom::{DecodeLimits, DicomFile, derived_uid};
 use dicom_core::value::PrimitiveValue;
 use dicom_core::{DataElement, Tag, VR};
 use dicom_dictionary_std::tags;
@@ -286,9 +288,14 @@ fn measure(mut cmd: Command, log_prefix: &Path) -> (Measured, String) {
     let mut status: libc::c_int = 0;
     // SAFETY: all-zero bytes are a valid `rusage` (plain integers and timevals).
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our own child, not yet reaped (`child` is never waited on through std);
-    // `status` and `ru` are valid, exclusive out-pointers for the duration of the call.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let r = loop {
+        // SAFETY: `pid` is our own child, not yet reaped (`child` is never waited on through
+        // std); `status` and `ru` are valid, exclusive out-pointers for the call's duration.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r != -1 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            break r;
+        }
+    };
     let secs = t0.elapsed().as_secs_f64();
     assert_eq!(r, pid, "wait4 failed: {}", std::io::Error::last_os_error());
     drop(child);
@@ -304,7 +311,12 @@ fn measure(mut cmd: Command, log_prefix: &Path) -> (Measured, String) {
             .into_iter()
             .rev()
             .collect();
-        panic!("{cmd:?} failed (wait status {status}):\n{stdout}\n{tail}");
+        let how = if libc::WIFEXITED(status) {
+            format!("exit code {}", libc::WEXITSTATUS(status))
+        } else {
+            format!("wait status {status}")
+        };
+        panic!("{cmd:?} failed ({how}):\n{stdout}\n{tail}");
     }
     (
         Measured {
@@ -364,7 +376,6 @@ fn run_adverse(n: usize, input: &Path, work: &Path) -> Measured {
     let (m, _) = measure(cmd, &work.join(format!("adverse-n{n}")));
     let got = count_dcm(&out);
     assert_eq!(got, n, "adverse wrote {got} DICOM files for {n} inputs");
-    std::fs::remove_dir_all(&out).expect("remove bench output");
     m
 }
 
@@ -383,8 +394,43 @@ fn run_python(n: usize, input: &Path, work: &Path) -> (Measured, f64) {
     assert_eq!(v["files"].as_u64(), Some(n as u64), "python files: {v}");
     let got = count_dcm(&out);
     assert_eq!(got, n, "python wrote {got} DICOM files for {n} inputs");
-    std::fs::remove_dir_all(&out).expect("remove bench output");
     (m, v["seconds"].as_f64().unwrap_or(f64::NAN))
+}
+
+/// Both sides must have done the same work: for a few files, the derived instances of both hold
+/// identical pixels, which differ from the input's (the median changed them), under a new SOP
+/// Instance UID.
+fn check_same_work(n: usize, input: &Path, work: &Path) {
+    let limits = DecodeLimits::default();
+    let open = |p: &Path| {
+        DicomFile::open(p, &limits)
+            .and_then(|f| f.decode(&limits))
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    };
+    for i in [0, n / 2, n - 1] {
+        let rel = file_path(Path::new(""), i);
+        let src = open(&input.join(&rel));
+        let a = open(&work.join(format!("adverse-n{n}")).join(&rel));
+        let p = open(&work.join(format!("python-n{n}")).join(&rel));
+        assert_eq!(
+            a.pixels,
+            p.pixels,
+            "{}: adverse and python outputs differ",
+            rel.display()
+        );
+        assert_ne!(
+            a.pixels,
+            src.pixels,
+            "{}: median changed nothing",
+            rel.display()
+        );
+        assert_ne!(
+            a.meta.sop_instance_uid,
+            src.meta.sop_instance_uid,
+            "{}: adverse kept the SOP Instance UID",
+            rel.display()
+        );
+    }
 }
 
 fn main() {
@@ -403,11 +449,21 @@ fn main() {
     let mut rows = Vec::new();
     for &n in &sizes {
         let input = archive(n);
-        rows.push(Row {
+        let row = Row {
             n,
             adverse: do_adverse.then(|| run_adverse(n, &input, &work)),
             python: do_python.then(|| run_python(n, &input, &work)),
-        });
+        };
+        if do_adverse && do_python {
+            check_same_work(n, &input, &work);
+        }
+        for side in ["adverse", "python"] {
+            let out = work.join(format!("{side}-n{n}"));
+            if out.exists() {
+                std::fs::remove_dir_all(&out).expect("remove bench output");
+            }
+        }
+        rows.push(row);
     }
 
     let mib = |m: &Measured| m.peak_rss_kib as f64 / 1024.0;
