@@ -191,8 +191,9 @@ fn reflect(i: isize, n: usize) -> usize {
     (if m >= n { 2 * n - 1 - m } else { m }) as usize
 }
 
-/// Mean SSIM of channel `c`. Streams over rows: each row is filtered horizontally into the five
-/// local moments (x, y, x^2, y^2, xy) and kept in a ring of the last 11 rows, from which the
+/// Mean SSIM of channel `c`. Streams over rows: each row is filtered horizontally into the four
+/// local moments it needs (x, y, x^2 + y^2, xy: only the sum of the two variances enters the
+/// formula) and kept in a ring of the last 11 rows, from which the
 /// vertical pass yields one output row at a time, so memory stays at 11 rows whatever the frame
 /// size. The moments are kept as separate planes and the symmetric taps are paired
 /// (`w[k] (a[k] + a[10-k])`) so the inner loops are plain slice arithmetic the compiler
@@ -206,7 +207,7 @@ fn ssim_channel(
     c: usize,
     range: f64,
 ) -> f64 {
-    const MOMENTS: usize = 5;
+    const MOMENTS: usize = 4;
     let w = gaussian_taps();
     let c1 = (K1 * range) * (K1 * range);
     let c2 = (K2 * range) * (K2 * range);
@@ -233,7 +234,7 @@ fn ssim_channel(
         let r = reflect(i as isize - pad as isize, rows);
         let base = r * cols;
         {
-            let [lx, ly, lxx, lyy, lxy] = &mut lines[..] else {
+            let [lx, ly, lsq, lxy] = &mut lines[..] else {
                 unreachable!("MOMENTS lines")
             };
             for (j, &src) in col_src.iter().enumerate() {
@@ -241,8 +242,7 @@ fn ssim_channel(
                 let y = new[(base + src) * spp + c] as f64;
                 lx[j] = x;
                 ly[j] = y;
-                lxx[j] = x * x;
-                lyy[j] = y * y;
+                lsq[j] = x * x + y * y;
                 lxy[j] = x * y;
             }
         }
@@ -279,16 +279,16 @@ fn ssim_channel(
                 }
             }
         }
-        let [mx, my, mxx, myy, mxy] = &acc[..] else {
+        let [mx, my, msq, mxy] = &acc[..] else {
             unreachable!("MOMENTS accumulators")
         };
         for j in 0..out_cols {
             let (mx, my) = (mx[j], my[j]);
-            let vx = mxx[j] - mx * mx;
-            let vy = myy[j] - my * my;
+            // sigma_x^2 + sigma_y^2 = E[x^2 + y^2] - mu_x^2 - mu_y^2.
+            let means_sq = mx * mx + my * my;
+            let var_sum = msq[j] - means_sq;
             let cov = mxy[j] - mx * my;
-            total += ((2.0 * mx * my + c1) * (2.0 * cov + c2))
-                / ((mx * mx + my * my + c1) * (vx + vy + c2));
+            total += ((2.0 * mx * my + c1) * (2.0 * cov + c2)) / ((means_sq + c1) * (var_sum + c2));
         }
     }
     total / (out_rows * out_cols) as f64
