@@ -458,7 +458,8 @@ mod tests {
         meta: ImageMeta,
     }
 
-    /// Runs the oracle on every case at once (one interpreter start) and compares.
+    /// Runs the oracle on every case at once (one interpreter start) and compares. SSIM must
+    /// agree within 1e-9 (the brief asks 1e-6; both sum in f64 and agree to ~1e-14).
     fn check_against_oracle(cases: &[Case]) {
         let dir = tempfile::tempdir().unwrap();
         let mut args = vec![];
@@ -494,7 +495,7 @@ mod tests {
             let f = |k: &str| want[k].as_f64();
             let ssim = f("ssim").unwrap();
             assert!(
-                (got.ssim - ssim).abs() < 1e-6,
+                (got.ssim - ssim).abs() < 1e-9,
                 "{}: ssim {} vs oracle {ssim}",
                 c.name,
                 got.ssim
