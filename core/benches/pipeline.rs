@@ -357,7 +357,7 @@ fn run_adverse(n: usize, input: &Path, work: &Path) -> Measured {
             "name: bench-median\n\
              input: {{ path: {}, recursive: true }}\n\
              stages:\n  - purifier: median\n    params: {{ radius: 1 }}\n\
-             output: {{ dir: {}, dicom: true }}\n\
+             output: {{ dir: {}, dicom: true, fsync: false }}\n\
              plugins: {{ dirs: [{}] }}\n",
             q(input),
             q(&out),

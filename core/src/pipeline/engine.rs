@@ -329,8 +329,8 @@ fn discover(
         .into_iter()
         .filter_entry(|e| {
             let name = e.file_name().to_string_lossy();
-            !(e.depth() > 0 && e.file_type().is_dir() && name.starts_with('.'))
-                && !skip.iter().any(|s| e.path() == s)
+            let hidden_dir = e.depth() > 0 && e.file_type().is_dir() && name.starts_with('.');
+            !hidden_dir && !skip.iter().any(|s| e.path() == s)
         });
     for entry in walk {
         if stop.load(Ordering::Relaxed) {
@@ -489,7 +489,7 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
     let limits = DecodeLimits::default();
     let panicked: std::sync::Mutex<Option<&'static str>> = std::sync::Mutex::new(None);
     let guard = |name: &'static str, f: &mut dyn FnMut()| {
-        if catch_unwind(AssertUnwindSafe(|| f())).is_err() {
+        if catch_unwind(AssertUnwindSafe(&mut *f)).is_err() {
             stop.store(true, Ordering::SeqCst);
             if let Ok(mut g) = panicked.lock() {
                 g.get_or_insert(name);

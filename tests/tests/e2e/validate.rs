@@ -8,41 +8,15 @@ use std::sync::OnceLock;
 use adverse_tests::{adverse_bin, repo_root};
 use serde_json::Value;
 
-/// A folder holding only the built `plugins/basic` library (median, gaussian, fgsm), built once
-/// per test process with the profile of this test binary.
+/// A folder holding only the built-in plugin libraries (basic: median, gaussian; attacks: fgsm,
+/// pgd, ...), built once per test process with the profile of this test binary.
 fn basic_plugin_dir() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in target/<profile>/deps")
-            .to_path_buf();
-        let profile = profile_dir
-            .file_name()
-            .and_then(|s| s.to_str())
-            .unwrap_or("debug")
-            .to_string();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(repo_root())
-            .args(["build", "-p", "adverse-plugins-basic"]);
-        if profile == "release" {
-            cmd.arg("--release");
-        } else if profile != "debug" {
-            cmd.args(["--profile", &profile]);
-        }
-        let st = cmd.status().expect("run cargo build for plugins/basic");
-        assert!(st.success(), "cargo build -p adverse-plugins-basic failed");
-        let lib = format!(
-            "{}adverse_plugins_basic{}",
-            std::env::consts::DLL_PREFIX,
-            std::env::consts::DLL_SUFFIX
-        );
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::copy(profile_dir.join(&lib), dir.path().join(&lib))
-            .expect("copy the basic plugin library");
-        dir
+        adverse_tests::plugin_dir(
+            &["adverse-plugins-basic", "adverse-plugins-attacks"],
+            &["adverse_plugins_basic", "adverse_plugins_attacks"],
+        )
     })
     .path()
 }
@@ -116,7 +90,9 @@ fn three_distinct_mistakes_are_all_reported_with_their_lines() {
         "{err}"
     );
     assert!(
-        lines[2].ends_with("(valid: fgsm, gaussian, median)"),
+        ["fgsm, ", "gaussian, ", "median, ", "pgd, "]
+            .iter()
+            .all(|n| lines[2].contains(n)),
         "{err}"
     );
     assert_eq!(lines[3], "3 problems");
@@ -142,10 +118,10 @@ fn three_distinct_mistakes_are_all_reported_with_their_lines() {
             (9, "stages[1].purifier")
         ]
     );
-    assert_eq!(
-        v["problems"][2]["choices"],
-        serde_json::json!(["fgsm", "gaussian", "median"])
-    );
+    let choices = v["problems"][2]["choices"].as_array().expect("choices");
+    for n in ["fgsm", "gaussian", "median", "pgd"] {
+        assert!(choices.contains(&serde_json::json!(n)), "{choices:?}");
+    }
 }
 
 #[test]
