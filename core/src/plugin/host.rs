@@ -716,16 +716,37 @@ unsafe extern "C" fn norm_per_sample<B: PluginBackend>(
     })
 }
 
+/// Runs a per-plane CPU filter on every `[H, W]` plane of an `[N, C, H, W]` tensor in parallel
+/// (the compute stage is one thread; a batch has many planes). `None` when `f` refuses a plane
+/// or the shape is not 4-D.
+fn per_plane(
+    data: &[f32],
+    shape: &[usize],
+    f: impl Fn(&[f32], &[usize]) -> Option<Vec<f32>> + Sync,
+) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    let [n, c, h, w] = *shape else { return None };
+    let plane = h.checked_mul(w)?;
+    if plane == 0 || data.len() != n.checked_mul(c)?.checked_mul(plane)? {
+        return None;
+    }
+    let parts: Option<Vec<Vec<f32>>> = data
+        .par_chunks(plane)
+        .map(|p| f(p, &[1, 1, h, w]))
+        .collect();
+    Some(parts?.concat())
+}
+
 fn filter<B: PluginBackend>(
     st: &mut State<'_, B>,
     x: AdvTensor,
     out: *mut AdvTensor,
-    f: impl FnOnce(&[f32], &[usize]) -> Option<Vec<f32>>,
+    f: impl Fn(&[f32], &[usize]) -> Option<Vec<f32>> + Sync,
     what: &str,
 ) -> Result<(), String> {
     let x = st.get(x)?;
     let d = st.backend.download(&x);
-    let r = f(&d, &x.shape).ok_or_else(|| {
+    let r = per_plane(&d, &x.shape, f).ok_or_else(|| {
         format!(
             "{what}: needs an [N, C, H, W] tensor and a valid size, got {:?}",
             x.shape
