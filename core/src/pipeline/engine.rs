@@ -384,7 +384,9 @@ fn globs(patterns: &[String]) -> Result<globset::GlobSet, EngineError> {
 }
 
 /// Instances a previous run finished: input (relative path) -> (input SHA-256, outputs).
-fn finished(records: &[Record]) -> HashMap<String, (String, Vec<String>)> {
+/// Only records of the same processing identity count: re-running with other stages,
+/// parameters or model into the same folder redoes every instance.
+fn finished(records: &[Record], pipeline_id: &str) -> HashMap<String, (String, Vec<String>)> {
     let mut m = HashMap::new();
     for r in records {
         if r.kind != "instance" {
@@ -392,6 +394,9 @@ fn finished(records: &[Record]) -> HashMap<String, (String, Vec<String>)> {
         }
         let b = &r.body;
         let get = |k: &str| b.get(k).and_then(Value::as_str).map(str::to_string);
+        if get("pipeline_id").as_deref() != Some(pipeline_id) {
+            continue;
+        }
         let (Some(input), Some(sha)) = (get("input"), get("input_sha256")) else {
             continue;
         };
@@ -448,7 +453,7 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
     let done_before = if o.force {
         HashMap::new()
     } else {
-        finished(&records)
+        finished(&records, &setup.pipeline_id)
     };
     drop(records);
     let backend = select::select(
@@ -1245,6 +1250,7 @@ fn record(
 ) -> Result<(), EngineError> {
     let mut body = Map::new();
     body.insert("run".into(), run_info.clone());
+    body.insert("pipeline_id".into(), json!(setup.pipeline_id));
     body.insert("backend".into(), json!(backend));
     let mut lines = String::new();
     match o {
@@ -1379,17 +1385,22 @@ mod tests {
             kind: kind.into(),
             time: String::new(),
             body: serde_json::from_value(
-                json!({"input": input, "input_sha256": "ab", "outcome": outcome, "output": input}),
+                json!({"input": input, "input_sha256": "ab", "outcome": outcome, "output": input,
+                       "pipeline_id": if input == "d" { "other" } else { "p1" }}),
             )
             .unwrap(),
             hash: String::new(),
         };
-        let m = finished(&[
-            rec("instance", "a", "ok"),
-            rec("instance", "b", "ok"),
-            rec("instance", "b", "failed"),
-            rec("run_end", "c", "ok"),
-        ]);
+        let m = finished(
+            &[
+                rec("instance", "a", "ok"),
+                rec("instance", "b", "ok"),
+                rec("instance", "b", "failed"),
+                rec("run_end", "c", "ok"),
+                rec("instance", "d", "ok"),
+            ],
+            "p1",
+        );
         assert_eq!(m.len(), 1);
         assert_eq!(m["a"], ("ab".to_string(), vec!["a".to_string()]));
     }

@@ -486,6 +486,22 @@ fn attack_rows_report_the_prediction_of_the_file_as_written() {
         summary["totals"]["attack_success_rate"].as_f64().unwrap(),
         successes as f64 / 12.0
     );
+    // Other parameters into the same folder: nothing counts as done.
+    let p = pipeline(
+        tmp.path(),
+        &input,
+        &out,
+        plugins.path(),
+        "  - attack: fgsm\n    params: { eps: 2 }",
+        "",
+    );
+    let o = adverse(&["run", p.to_str().unwrap(), "-q", "--json"]);
+    let s: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (s["processed"].as_u64(), s["skipped"].as_u64()),
+        (Some(12), Some(0)),
+        "{s}"
+    );
 }
 
 #[test]
