@@ -131,7 +131,6 @@ struct Setup {
 
 struct Decoded {
     rel: String,
-    path: PathBuf,
     input_sha: String,
     src: DicomFile,
     orig: DecodedImage,
@@ -633,8 +632,6 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
                 (&backend_name, progress.clone(), &mut audit_error);
             let setup = &setup;
             let guard = &guard;
-            let tx_out_local = tx_out.clone();
-            drop(tx_out_local);
             s.spawn(move || {
                 guard("results", &mut || {
                     for o in rx_out.iter() {
@@ -758,7 +755,6 @@ fn decode_one(
                 .lookup(path, orig.meta.sop_instance_uid.as_deref());
             Ok(Decoded {
                 rel,
-                path: path.to_path_buf(),
                 input_sha: sha,
                 src,
                 orig,
@@ -1116,12 +1112,6 @@ fn write_one(
         error,
     };
     let n = w.frames.len();
-    for k in 0..n {
-        let (Some(a), Some(b)) = (w.d.orig.frame_f32(k), w.image.frame_f32(k)) else {
-            continue;
-        };
-        w.frames[k].metrics = Some(frame_metrics(&a, &b, &w.d.orig.meta));
-    }
     if w.changed && dicom {
         let out = setup.output.join(&w.d.rel);
         if let Some(parent) = out.parent() {
@@ -1174,21 +1164,24 @@ fn write_one(
             }
         }
         w.output = Some((w.d.rel.clone(), info.sha256, info.sop_instance_uid));
+    }
+    // One pass over the frames: metrics for every frame, previews for written ones.
+    let previews = previews && w.output.is_some();
+    for k in 0..n {
+        let (Some(a), Some(b)) = (w.d.orig.frame_f32(k), w.image.frame_f32(k)) else {
+            continue;
+        };
+        w.frames[k].metrics = Some(frame_metrics(&a, &b, &w.d.orig.meta));
         if previews {
-            for k in 0..n {
-                let (Some(a), Some(b)) = (w.d.orig.frame_f32(k), w.image.frame_f32(k)) else {
-                    continue;
-                };
-                let pp = setup
-                    .output
-                    .join("previews")
-                    .join(format!("{}.f{k}.png", w.d.rel));
-                if let Some(parent) = pp.parent() {
-                    let _ = std::fs::create_dir_all(parent);
-                }
-                if let Err(e) = write_preview(&pp, &a, &b, &w.d.orig.meta, None) {
-                    tracing::warn!("{}: preview: {e}", w.d.rel);
-                }
+            let pp = setup
+                .output
+                .join("previews")
+                .join(format!("{}.f{k}.png", w.d.rel));
+            if let Some(parent) = pp.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            if let Err(e) = write_preview(&pp, &a, &b, &w.d.orig.meta, None) {
+                tracing::warn!("{}: preview: {e}", w.d.rel);
             }
         }
     }
@@ -1356,7 +1349,6 @@ fn record(
                 json!(w.output.as_ref().map(|o| &o.2)),
             );
             body.insert("frames".into(), Value::Array(frames_audit));
-            let _ = w.d.path;
         }
     }
     let rp = setup.output.join("results.jsonl");
