@@ -6,7 +6,8 @@
 //! - minimal-perturbation: `cw-l2` ([`cw`]), `deepfool` (L2 / L∞, [`deepfool`]);
 //! - `apgd-ce`, `apgd-dlr` ([`apgd`]);
 //! - universal: `uap-fit`, `uap-apply` ([`uap`]);
-//! - black box: `square` ([`square`]).
+//! - black box: `square` ([`square`]);
+//! - baseline: `noise`, random ±ε of the same budget ([`noise`]).
 //!
 //! Every attack works on stored values, takes ε in stored units, HU (CT) or a fraction of the
 //! window, untargeted (true label, else the model's own prediction) or targeted
@@ -26,6 +27,7 @@ pub mod common;
 pub mod cw;
 pub mod deepfool;
 pub mod gradient;
+pub mod noise;
 pub mod square;
 pub mod uap;
 
@@ -35,6 +37,7 @@ pub use apgd::{ApgdCe, ApgdDlr};
 pub use cw::CwL2;
 pub use deepfool::DeepFool;
 pub use gradient::{Bim, DiFgsm, Fgsm, MiFgsm, Pgd, TiFgsm};
+pub use noise::Noise;
 pub use square::Square;
 pub use uap::{UapApply, UapFit};
 
@@ -52,6 +55,7 @@ export_plugins!(
     attack: UapFit,
     attack: UapApply,
     attack: Square,
+    attack: Noise,
 );
 
 #[cfg(test)]

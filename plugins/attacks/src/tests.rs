@@ -676,9 +676,9 @@ fn schemas_are_closed_and_their_defaults_create() {
     let lib = adverse_plugin_library();
     let names = [
         "fgsm", "bim", "pgd", "mifgsm", "tifgsm", "difgsm", "cw-l2", "deepfool", "apgd-ce",
-        "apgd-dlr", "uap-fit", "square",
+        "apgd-dlr", "uap-fit", "square", "noise",
     ];
-    assert_eq!(lib.plugin_count, 13);
+    assert_eq!(lib.plugin_count, 14);
     let dir = tempfile::tempdir().unwrap();
     for name in names {
         let desc = testing::find(lib, name).unwrap_or_else(|| panic!("{name} missing"));
@@ -734,4 +734,72 @@ fn apgd_checkpoints_follow_croce_and_hein() {
         vec![22, 19, 16, 13, 10, 7, 6, 6]
     );
     assert_eq!(crate::apgd::checkpoint_intervals(1), vec![1]);
+}
+
+#[test]
+fn noise_moves_every_pixel_by_exactly_eps_and_keeps_a_fooling_draw() {
+    // A model that no ±3 perturbation of these frames can flip (huge margin): every pixel moves
+    // by exactly ±eps (none is near the range ends), signs are mixed, and the seed fixes them.
+    let w: Vec<f32> = vec![0.001; 16];
+    let m = binary(&w, -100.0);
+    let x: Vec<f32> = noise(16, 4)
+        .iter()
+        .map(|v| (2000.0 + 100.0 * v).round())
+        .collect();
+    let a = ok(
+        "noise",
+        json!({"eps": 3}),
+        vec![frame(4, 4, Some(0))],
+        &m,
+        &x,
+    );
+    let y = a.output.clone().unwrap();
+    let d: Vec<f32> = y.iter().zip(&x).map(|(p, q)| p - q).collect();
+    assert!(d.iter().all(|v| v.abs() == 3.0), "{d:?}");
+    assert!(d.iter().any(|&v| v > 0.0) && d.iter().any(|&v| v < 0.0));
+    assert!(!flag(&a, 0, "success"));
+    assert_eq!(num(&a, 0, "linf"), 3.0);
+    let again = ok(
+        "noise",
+        json!({"eps": 3}),
+        vec![frame(4, 4, Some(0))],
+        &m,
+        &x,
+    );
+    assert_eq!(again.output, a.output);
+    let other = run(
+        "noise",
+        json!({"eps": 3}),
+        vec![frame(4, 4, Some(0))],
+        &m,
+        &x,
+        2,
+    )
+    .unwrap();
+    assert_ne!(other.output, a.output, "another seed draws other signs");
+    // Near the boundary (w·x + b ≈ 0): with enough draws one flips it, and that draw is kept.
+    let b = -(w.iter().zip(&x).map(|(p, q)| p * q).sum::<f32>()) - 0.0005;
+    let m = binary(&w, b);
+    let f = ok(
+        "noise",
+        json!({"eps": 3, "draws": 50}),
+        vec![frame(4, 4, Some(0))],
+        &m,
+        &x,
+    );
+    assert!(flag(&f, 0, "success"));
+    assert!(num(&f, 0, "draws") >= 1.0 && num(&f, 0, "draws") <= 50.0);
+    let z = logits(&m, f.output.as_ref().unwrap());
+    assert!(z[1] > z[0], "the kept draw fools the model: {z:?}");
+    assert!(
+        run(
+            "noise",
+            json!({"eps": -1}),
+            vec![frame(4, 4, Some(0))],
+            &m,
+            &x,
+            1
+        )
+        .is_err()
+    );
 }
