@@ -6,12 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-# --- system packages: cmake (JPEG-LS codec build), lavapipe (the Vulkan adapter GPU tests use) ---
+# --- system packages: cmake (JPEG-LS codec build), lavapipe (the Vulkan adapter GPU tests use),
+# chromium (the report test) ---
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || need+=(mesa-vulkan-drivers)
 ldconfig -p 2>/dev/null | grep 'libvulkan.so.1' >/dev/null || need+=(libvulkan1)  # no -q: with pipefail an early-exiting grep fails the pipe
+# headless Chromium: the HTML report test opens the page in a real browser
+[ -x /usr/bin/chromium ] || [ -n "${ADVERSE_CHROMIUM:-}" ] || need+=(chromium)
 if ((${#need[@]})); then
   if [ "$(id -u)" = 0 ]; then
     echo "test.sh: installing ${need[*]}"

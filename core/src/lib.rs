@@ -6,7 +6,9 @@
 pub mod audit;
 pub mod cli;
 pub mod dicom;
+pub mod evaluate;
 pub mod pipeline;
 pub mod plugin;
+pub mod report;
 pub mod runtime;
 pub mod train;

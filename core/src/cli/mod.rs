@@ -6,9 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod audit;
+pub mod evaluate;
 pub mod inspect;
 pub mod model;
 pub mod plugins;
+pub mod report;
 pub mod run;
 pub mod train;
 pub mod validate;
@@ -79,6 +81,10 @@ pub enum Command {
     Audit(audit::AuditArgs),
     /// Check a pipeline file and report every problem at once (exit 2 if any).
     Validate(validate::ValidateArgs),
+    /// Run a robustness evaluation: attacks x budgets x defenses, with sanity checks.
+    Evaluate(evaluate::EvaluateArgs),
+    /// Write the self-contained HTML report of an evaluation folder.
+    Report(report::ReportArgs),
 }
 
 /// Parse arguments and run. Usage errors exit with [`exit::USAGE`].
@@ -105,5 +111,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Train(a) => train::run(a),
         Command::Audit(a) => audit::run(a),
         Command::Validate(a) => validate::run(a),
+        Command::Evaluate(a) => evaluate::run(a),
+        Command::Report(a) => report::run(a),
     }
 }

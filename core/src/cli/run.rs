@@ -43,7 +43,7 @@ pub struct RunArgs {
 
 /// Ctrl-C / SIGTERM set the stop flag: discovery stops, work in flight is finished and recorded,
 /// and the run exits with [`exit::INTERRUPTED`].
-fn stop_flag() -> Arc<AtomicBool> {
+pub(crate) fn stop_flag() -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     if let Err(e) = ctrlc::set_handler(move || {

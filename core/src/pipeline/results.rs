@@ -58,7 +58,7 @@ fn row_key(row: &Map<String, Value>) -> Option<[u8; 16]> {
     Some(k)
 }
 
-fn read_rows(path: &Path, mut f: impl FnMut(usize, Map<String, Value>)) -> std::io::Result<()> {
+pub fn read_rows(path: &Path, mut f: impl FnMut(usize, Map<String, Value>)) -> std::io::Result<()> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),

@@ -5,6 +5,7 @@ mod audit;
 mod dicom_corpus;
 mod dicom_malformed;
 mod dicom_roundtrip;
+mod evaluate;
 mod inspect;
 mod model;
 mod plugins;

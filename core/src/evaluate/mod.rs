@@ -1,0 +1,589 @@
+//! `adverse evaluate`: a robustness evaluation as a grid of pipeline runs.
+//!
+//! Every cell (defense × attack × ε, plus each defense's clean run) is an ordinary pipeline run
+//! through the streaming engine, so each number is measured on files as written (integer
+//! pixels, re-read from disk), each cell leaves a pipeline file, derived DICOM, results and an
+//! audit log that can be inspected or re-run alone, and a re-run of the evaluation resumes the
+//! cells that finished. The grid is then reduced to tables and to the sanity checks of Carlini
+//! et al. 2019 ([`analysis`]), written as `evaluation.json` (the report's input) and
+//! `evaluation.md`.
+
+pub mod analysis;
+pub mod spec;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::pipeline::config::{
+    LabelsSpec, ModelSpec, OutputSpec, Pipeline, PipelineSpec, StageSpec,
+};
+use crate::pipeline::engine::{self, EngineError, RunOptions};
+use crate::pipeline::results;
+use crate::runtime::select::BackendChoice;
+use analysis::{Cell, CellStats, Check, FrameOutcome, Verdict, WorstCase};
+use spec::{AttackEntry, DefenseEntry, EvalSpec, Evaluation, Role};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{cell}: {source}")]
+    Engine {
+        cell: String,
+        #[source]
+        source: EngineError,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
+    move |source| EvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EvalOptions {
+    pub backend: Option<BackendChoice>,
+    pub jobs: Option<usize>,
+    /// Redo cells a previous evaluation into the same folder finished.
+    pub force: bool,
+    /// Progress lines on stderr.
+    pub verbose: bool,
+}
+
+/// Everything an evaluation measured (`evaluation.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub name: String,
+    pub tool: String,
+    pub evaluation_file: String,
+    pub spec: EvalSpec,
+    pub model_card: Option<Value>,
+    pub backend: String,
+    pub clean: Vec<CellStats>,
+    pub cells: Vec<CellStats>,
+    pub large_eps: Vec<CellStats>,
+    pub worst_case: Vec<WorstCase>,
+    pub checks: Vec<Check>,
+    /// Per-run folders (relative to the output folder), for the report's example images.
+    pub runs: Vec<RunInfo>,
+    pub interrupted: bool,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    pub defense: String,
+    pub attack: String,
+    pub eps: Option<f64>,
+    pub dir: String,
+    pub failed: usize,
+}
+
+impl Report {
+    pub fn checks_failed(&self) -> usize {
+        self.checks
+            .iter()
+            .filter(|c| c.verdict == Verdict::Fail)
+            .count()
+    }
+}
+
+/// One planned run.
+struct Plan {
+    defense: DefenseEntry,
+    attack: Option<AttackEntry>,
+    eps: Option<f64>,
+    large: bool,
+    dir: String,
+}
+
+fn eps_dir(e: f64) -> String {
+    format!("eps-{e}").replace('.', "_")
+}
+
+fn plans(s: &EvalSpec) -> Vec<Plan> {
+    let mut out = Vec::new();
+    let max_eps = s
+        .attacks
+        .iter()
+        .flat_map(|a| a.eps.clone().unwrap_or_else(|| s.eps.clone()))
+        .fold(0f64, f64::max);
+    let large_eps = s.sanity.large_eps.unwrap_or(16.0 * max_eps);
+    for d in &s.defenses {
+        out.push(Plan {
+            defense: d.clone(),
+            attack: None,
+            eps: None,
+            large: false,
+            dir: format!("{}/clean", d.name),
+        });
+        for a in &s.attacks {
+            let dir = |e: Option<f64>| {
+                format!(
+                    "{}/{}/{}",
+                    d.name,
+                    a.label(),
+                    e.map_or("minimal".into(), eps_dir)
+                )
+            };
+            if a.role() == Role::Minimal {
+                out.push(Plan {
+                    defense: d.clone(),
+                    attack: Some(a.clone()),
+                    eps: None,
+                    large: false,
+                    dir: dir(None),
+                });
+                continue;
+            }
+            for &e in a.eps.as_ref().unwrap_or(&s.eps) {
+                out.push(Plan {
+                    defense: d.clone(),
+                    attack: Some(a.clone()),
+                    eps: Some(e),
+                    large: false,
+                    dir: dir(Some(e)),
+                });
+            }
+        }
+        // The 100% check: the first iterative attack at a large budget, undefended model only.
+        if d.name == "none"
+            && d.purifier.is_none()
+            && d.model.is_none()
+            && large_eps > 0.0
+            && let Some(a) = s.attacks.iter().find(|a| a.role() == Role::Iterative)
+        {
+            out.push(Plan {
+                defense: d.clone(),
+                attack: Some(a.clone()),
+                eps: Some(large_eps),
+                large: true,
+                dir: format!("{}/{}/large-{}", d.name, a.label(), eps_dir(large_eps)),
+            });
+        }
+    }
+    out
+}
+
+/// The pipeline one cell runs. Transfer attacks run twice: crafted on the surrogate here, then
+/// the written files are classified by the evaluated model in a second, stage-less run.
+fn pipeline_spec(
+    s: &EvalSpec,
+    plan: &Plan,
+    out: &Path,
+    crafting: bool,
+    judging: bool,
+) -> PipelineSpec {
+    // Transfer attacks craft on the surrogate; every other run (and a transfer's judging run)
+    // uses the defense's model.
+    let model = match plan.attack.as_ref().and_then(|a| a.surrogate.clone()) {
+        Some(m) if crafting => m,
+        _ => plan
+            .defense
+            .model
+            .clone()
+            .unwrap_or_else(|| s.model.clone()),
+    };
+    let mut stages = Vec::new();
+    if let Some(a) = &plan.attack {
+        let mut params = a.params.clone();
+        if let (Some(e), Value::Object(m)) = (plan.eps, &mut params) {
+            m.insert("eps".into(), json!(e));
+            m.insert("unit".into(), json!(s.unit));
+        }
+        stages.push(StageSpec {
+            attack: Some(a.attack.clone()),
+            purifier: None,
+            detector: None,
+            stage: None,
+            params,
+            id: None,
+        });
+    }
+    // A transfer attack's purifier runs in the judging run, on the crafted files.
+    if let Some(p) = &plan.defense.purifier
+        && !crafting
+    {
+        stages.push(StageSpec {
+            attack: None,
+            purifier: Some(p.clone()),
+            detector: None,
+            stage: None,
+            params: plan.defense.params.clone(),
+            id: None,
+        });
+    }
+    let mut input = s.input.clone();
+    if judging {
+        // The crafted folder also holds the crafting run's results, log and previews.
+        input
+            .exclude
+            .extend(["*.jsonl", "*.csv", "*.json", "*.png", "*.yaml"].map(String::from));
+    }
+    PipelineSpec {
+        name: format!("{}:{}", s.name, plan.dir),
+        input,
+        model: Some(ModelSpec {
+            onnx: model.onnx,
+            card: model.card,
+        }),
+        labels: s.labels.clone().or(Some(LabelsSpec {
+            csv: None,
+            all: None,
+            target: None,
+        })),
+        stages,
+        output: OutputSpec {
+            dir: out.to_path_buf(),
+            dicom: true,
+            previews: s.output.previews && plan.attack.is_some() && !plan.large,
+            fsync: false,
+            audit: None,
+        },
+        plugins: s.plugins.clone(),
+        run: s.run.clone(),
+    }
+}
+
+/// Reads a finished run's rows (the last row per input and frame) as outcomes.
+fn outcomes(dir: &Path, stage: Option<&str>) -> Result<Vec<FrameOutcome>, EvalError> {
+    let path = dir.join("results.jsonl");
+    let mut rows: BTreeMap<(String, u32), FrameOutcome> = BTreeMap::new();
+    results::read_rows(&path, |_, m| {
+        let s = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
+        let u = |k: &str| m.get(k).and_then(Value::as_u64).map(|v| v as u32);
+        let (Some(input), Some(frame)) = (s("input"), u("frame")) else {
+            return;
+        };
+        let ok = s("status").as_deref() == Some("ok");
+        let st = stage.and_then(|st| m.get("stages").and_then(|v| v.get(st)));
+        let num = |k: &str| st.and_then(|v| v.get(k)).and_then(Value::as_f64);
+        let pred = if ok {
+            u("pred_written").or(u("pred_final")).or(u("pred_before"))
+        } else {
+            None
+        };
+        rows.insert(
+            (input.clone(), frame),
+            FrameOutcome {
+                input,
+                frame,
+                label: u("label"),
+                pred,
+                linf: num("linf").or_else(|| m.get("linf_stored").and_then(Value::as_f64)),
+                l2: num("l2").or_else(|| m.get("l2_stored").and_then(Value::as_f64)),
+            },
+        );
+    })
+    .map_err(io_err(&path))?;
+    Ok(rows.into_values().collect())
+}
+
+fn run_cell(
+    spec: &PipelineSpec,
+    dir: &Path,
+    o: &EvalOptions,
+    stop: &Arc<AtomicBool>,
+    input: Option<PathBuf>,
+) -> Result<(usize, f64, String), EvalError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let file = dir.join("pipeline.yaml");
+    let text = serde_yaml::to_string(spec).map_err(|e| EvalError::Setup(e.to_string()))?;
+    std::fs::write(&file, text).map_err(io_err(&file))?;
+    let p = Pipeline::load(&file).map_err(|e| EvalError::Setup(e.to_string()))?;
+    let opts = RunOptions {
+        input,
+        output: None,
+        backend: o.backend,
+        jobs: o.jobs,
+        force: o.force,
+        progress: false,
+    };
+    let s = engine::run(&p, &opts, stop.clone()).map_err(|source| EvalError::Engine {
+        cell: dir.display().to_string(),
+        source,
+    })?;
+    Ok((s.failed, s.seconds, s.backend))
+}
+
+/// Runs every cell and reduces them. Per-file failures are counted in the cells (and in their
+/// results); an error here means a cell could not run at all (a missing plugin, a bad model).
+pub fn run(e: &Evaluation, o: &EvalOptions, stop: Arc<AtomicBool>) -> Result<Report, EvalError> {
+    let started = std::time::Instant::now();
+    let s = &e.spec;
+    std::fs::create_dir_all(&e.output).map_err(io_err(&e.output))?;
+    let plans = plans(s);
+    let mut cells: Vec<(Cell, bool)> = Vec::new();
+    let mut backend = String::new();
+    let total = plans.len();
+    for (i, plan) in plans.into_iter().enumerate() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let dir = e.output.join(&plan.dir);
+        let label = plan
+            .attack
+            .as_ref()
+            .map_or("clean".to_string(), |a| a.label());
+        if o.verbose {
+            eprintln!(
+                "[{}/{total}] {} / {label}{}",
+                i + 1,
+                plan.defense.name,
+                plan.eps.map_or(String::new(), |e| format!(" eps {e}"))
+            );
+        }
+        let transfer = plan.attack.as_ref().is_some_and(|a| a.surrogate.is_some());
+        let (failed, seconds, be, frames) = if transfer {
+            // Craft on the surrogate, then classify the written files with the target model
+            // (and its defense).
+            let craft = dir.join("crafted");
+            let ps = pipeline_spec(s, &plan, &craft, true, false);
+            let (f1, t1, _) = run_cell(&ps, &craft, o, &stop, None)?;
+            let crafted = outcomes(&craft, plan.attack.as_ref().map(|a| a.attack.as_str()))?;
+            let mut target = plan_without_attack(&plan);
+            target.dir = plan.dir.clone();
+            let ts = pipeline_spec(s, &target, &dir, false, true);
+            let (f2, t2, be) = run_cell(&ts, &dir, o, &stop, Some(craft.clone()))?;
+            let mut judged = outcomes(&dir, None)?;
+            // Crafted files keep their input's relative name but not its SOP Instance UID:
+            // labels and distances come from the crafting run's rows.
+            let by_name: BTreeMap<(String, u32), &FrameOutcome> = crafted
+                .iter()
+                .map(|f| ((f.input.clone(), f.frame), f))
+                .collect();
+            for f in &mut judged {
+                let c = by_name.get(&(f.input.clone(), f.frame));
+                f.label = c.and_then(|c| c.label);
+                f.linf = c.and_then(|c| c.linf);
+                f.l2 = c.and_then(|c| c.l2);
+            }
+            (f1 + f2, t1 + t2, be, judged)
+        } else {
+            let ps = pipeline_spec(s, &plan, &dir, false, false);
+            let (f, t, be) = run_cell(&ps, &dir, o, &stop, None)?;
+            let frames = outcomes(&dir, plan.attack.as_ref().map(|a| a.attack.as_str()))?;
+            (f, t, be, frames)
+        };
+        backend = be;
+        cells.push((
+            Cell {
+                defense: plan.defense.name.clone(),
+                attack: label,
+                plugin: plan
+                    .attack
+                    .as_ref()
+                    .map_or(String::new(), |a| a.attack.clone()),
+                role: plan.attack.as_ref().map(AttackEntry::role),
+                eps: plan.eps,
+                frames,
+                failed,
+                seconds,
+                dir: plan.dir.clone(),
+            },
+            plan.large,
+        ));
+    }
+    let clean_of: BTreeMap<String, Cell> = cells
+        .iter()
+        .filter(|(c, _)| c.role.is_none())
+        .map(|(c, _)| (c.defense.clone(), c.clone()))
+        .collect();
+    let mut clean = Vec::new();
+    let mut table = Vec::new();
+    let mut large = Vec::new();
+    for (c, is_large) in &cells {
+        let st = analysis::stats(c, clean_of.get(&c.defense));
+        if c.role.is_none() {
+            clean.push(st);
+        } else if *is_large {
+            large.push(st);
+        } else {
+            table.push(st);
+        }
+    }
+    let grid: Vec<Cell> = cells
+        .iter()
+        .filter(|(c, l)| !l && c.role.is_some())
+        .map(|(c, _)| c.clone())
+        .collect();
+    let worst = analysis::worst_case(&grid);
+    let checks = analysis::sanity(&table, &large, &s.sanity);
+    let card = crate::runtime::card::card_path(&s.model.onnx);
+    let model_card = std::fs::read(s.model.card.as_ref().unwrap_or(&card))
+        .ok()
+        .and_then(|b| serde_yaml::from_slice::<Value>(&b).ok());
+    let report = Report {
+        name: s.name.clone(),
+        tool: concat!("adverse ", env!("CARGO_PKG_VERSION")).to_string(),
+        evaluation_file: e.file.display().to_string(),
+        spec: s.clone(),
+        model_card,
+        backend,
+        clean,
+        cells: table,
+        large_eps: large,
+        worst_case: worst,
+        checks,
+        runs: cells
+            .iter()
+            .map(|(c, _)| RunInfo {
+                defense: c.defense.clone(),
+                attack: c.attack.clone(),
+                eps: c.eps,
+                dir: c.dir.clone(),
+                failed: c.failed,
+            })
+            .collect(),
+        interrupted: stop.load(Ordering::SeqCst),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    let json_path = e.output.join("evaluation.json");
+    let text = serde_json::to_vec_pretty(&report).map_err(|e| EvalError::Setup(e.to_string()))?;
+    std::fs::write(&json_path, text).map_err(io_err(&json_path))?;
+    let md_path = e.output.join("evaluation.md");
+    std::fs::write(&md_path, markdown(&report)).map_err(io_err(&md_path))?;
+    Ok(report)
+}
+
+fn plan_without_attack(p: &Plan) -> Plan {
+    Plan {
+        defense: p.defense.clone(),
+        attack: None,
+        eps: p.eps,
+        large: p.large,
+        dir: p.dir.clone(),
+    }
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{:.1}%", v * 100.0))
+}
+
+fn num(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.2}"))
+}
+
+fn fmt_eps(e: f64) -> String {
+    if e.fract() == 0.0 {
+        format!("{e:.0}")
+    } else {
+        format!("{e}")
+    }
+}
+
+/// Markdown tables: accuracy under attack per defense and budget, success and distances, the
+/// worst case, and the sanity verdicts. The README's robustness table is this file.
+pub fn markdown(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let unit = &r.spec.unit;
+    let _ = writeln!(s, "## Robustness evaluation `{}` ({})\n", r.name, r.backend);
+    let mut eps: Vec<f64> = r.cells.iter().filter_map(|c| c.eps).collect();
+    eps.sort_by(f64::total_cmp);
+    eps.dedup();
+    let _ = writeln!(
+        s,
+        "Accuracy after write-back and re-read (ε in {unit} units; clean = no attack):\n"
+    );
+    let _ = write!(s, "| defense | attack | clean |");
+    for e in &eps {
+        let _ = write!(s, " ε={} |", fmt_eps(*e));
+    }
+    let _ = write!(s, "\n|---|---|---|");
+    for _ in &eps {
+        let _ = write!(s, "---|");
+    }
+    s.push('\n');
+    let defenses: Vec<&str> = r.clean.iter().map(|c| c.defense.as_str()).collect();
+    for d in &defenses {
+        let clean = r
+            .clean
+            .iter()
+            .find(|c| c.defense == *d)
+            .and_then(|c| c.accuracy);
+        let mut attacks: Vec<&str> = Vec::new();
+        for c in r
+            .cells
+            .iter()
+            .filter(|c| c.defense == *d && c.eps.is_some())
+        {
+            if !attacks.contains(&c.attack.as_str()) {
+                attacks.push(&c.attack);
+            }
+        }
+        for a in attacks {
+            let _ = write!(s, "| {d} | {a} | {} |", pct(clean));
+            for e in &eps {
+                let v = r
+                    .cells
+                    .iter()
+                    .find(|c| c.defense == *d && c.attack == a && c.eps == Some(*e))
+                    .and_then(|c| c.accuracy);
+                let _ = write!(s, " {} |", pct(v));
+            }
+            s.push('\n');
+        }
+        let _ = write!(s, "| {d} | **worst case** | {} |", pct(clean));
+        for e in &eps {
+            let v = r
+                .worst_case
+                .iter()
+                .find(|w| w.defense == *d && w.eps == *e)
+                .and_then(|w| w.accuracy);
+            let _ = write!(s, " **{}** |", pct(v));
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(
+        s,
+        "\nSuccess rate (fooled / correctly classified before the attack) and mean distances of \
+         the successful perturbations (stored units):\n"
+    );
+    let _ = writeln!(
+        s,
+        "| defense | attack | role | ε | success | mean L∞ | mean L2 | seconds |\n|---|---|---|---|---|---|---|---|"
+    );
+    for c in r.cells.iter().chain(&r.large_eps) {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} ({}/{}) | {} | {} | {:.1} |",
+            c.defense,
+            c.attack,
+            c.role.map_or("-", |r| r.key()),
+            c.eps.map_or("min-norm".into(), fmt_eps),
+            pct(c.success_rate),
+            c.fooled,
+            c.clean_correct,
+            num(c.mean_linf),
+            num(c.mean_l2),
+            c.seconds
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nSanity checks (Carlini et al. 2019):\n\n| defense | check | verdict | detail |\n|---|---|---|---|"
+    );
+    for c in &r.checks {
+        let v = match c.verdict {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "**FAIL**",
+            Verdict::NotApplicable => "n/a",
+        };
+        let _ = writeln!(s, "| {} | {} | {v} | {} |", c.defense, c.check, c.detail);
+    }
+    s
+}

@@ -1,0 +1,285 @@
+//! `adverse evaluate` and `adverse report` end to end: a small robustness evaluation of the
+//! bundled model on bundled samples (real DICOM in and out, built plugins), its numbers checked
+//! against onnxruntime on the written files, its sanity checks, and the HTML report opened in
+//! headless Chromium.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use adverse_tests::{adverse_bin, plugin_dir, repo_root, run_oracle};
+use serde_json::Value;
+
+fn adverse(args: &[&str]) -> Output {
+    Command::new(adverse_bin())
+        .args(args)
+        .env("ADVERSE_BACKEND", "cpu")
+        .output()
+        .expect("run adverse")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn evaluation(dir: &Path, plugins: &Path, body: &str) -> PathBuf {
+    let root = repo_root().join("pipelines");
+    let p = dir.join("eval.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "name: e2e-eval\n\
+             input: {{ path: {s}, include: [\"pneumoniamnist-test-000*.dcm\", \"pneumoniamnist-test-001[01].dcm\"] }}\n\
+             model: {{ onnx: {m} }}\n\
+             labels: {{ csv: {s}/labels.csv }}\n\
+             output: {{ dir: {o} }}\n\
+             plugins: {{ dirs: [{pl}] }}\n\
+             run: {{ seed: 3 }}\n{body}",
+            s = root.join("samples/pneumoniamnist").display(),
+            m = root.join("models/pneumonia-cnn.onnx").display(),
+            o = dir.join("out").display(),
+            pl = plugins.display(),
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn chromium() -> PathBuf {
+    let p = std::env::var_os("ADVERSE_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(
+        p.exists(),
+        "headless Chromium not found at {} (scripts/test.sh installs the `chromium` package; or set ADVERSE_CHROMIUM)",
+        p.display()
+    );
+    p
+}
+
+/// The DOM after the page's scripts ran, from headless Chromium.
+fn rendered_dom(html: &Path) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(format!("file://{}", html.display()))
+        .output()
+        .expect("start chromium");
+    assert!(out.status.success(), "chromium: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
+    let plugins = plugin_dir(
+        &["adverse-plugins-basic", "adverse-plugins-attacks"],
+        &["adverse_plugins_basic", "adverse_plugins_attacks"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = evaluation(
+        dir.path(),
+        plugins.path(),
+        "eps: [2, 8]\n\
+         attacks:\n\
+         \x20 - { attack: fgsm }\n\
+         \x20 - { attack: pgd, params: { steps: 10 } }\n\
+         \x20 - { attack: square, params: { queries: 100 } }\n\
+         \x20 - { attack: noise }\n\
+         defenses:\n\
+         \x20 - { name: none }\n\
+         \x20 - { name: median-3x3, purifier: median, params: { radius: 1 } }\n\
+         sanity: { large_eps: 64 }\n",
+    );
+    let run = adverse(&["evaluate", "-q", file.to_str().unwrap()]);
+    let out = dir.path().join("out");
+    let ev: Value =
+        serde_json::from_slice(&std::fs::read(out.join("evaluation.json")).unwrap()).unwrap();
+    // Every planned run happened: 2 defenses x (clean + 4 attacks x 2 budgets) + the large-eps
+    // run, 12 images each, none failed.
+    let runs = ev["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2 * (1 + 4 * 2) + 1, "{}", text(&run));
+    assert!(runs.iter().all(|r| r["failed"] == 0), "{runs:?}");
+    let cells = ev["cells"].as_array().unwrap();
+    assert!(cells.iter().all(|c| c["images"] == 12), "{cells:?}");
+    let cell = |d: &str, a: &str, e: f64| {
+        cells
+            .iter()
+            .find(|c| c["defense"] == d && c["attack"] == a && c["eps"].as_f64() == Some(e))
+            .unwrap_or_else(|| panic!("no cell {d}/{a}/{e}"))
+            .clone()
+    };
+    let acc = |c: &Value| c["accuracy"].as_f64().unwrap();
+    let clean = ev["clean"][0]["accuracy"].as_f64().unwrap();
+    // A real attack is stronger than noise and than a weaker budget.
+    assert!(acc(&cell("none", "pgd", 8.0)) < clean, "{ev}");
+    assert!(acc(&cell("none", "pgd", 8.0)) <= acc(&cell("none", "pgd", 2.0)));
+    assert!(acc(&cell("none", "pgd", 8.0)) < acc(&cell("none", "noise", 8.0)));
+
+    // Independent check of one cell: pydicom reads each written file, onnxruntime classifies
+    // it; accuracy against the labels equals the evaluation's, and no pixel moved more than 8.
+    let samples = repo_root().join("pipelines/samples/pneumoniamnist");
+    let labels: std::collections::BTreeMap<String, i64> =
+        std::fs::read_to_string(samples.join("labels.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                Some((f.first()?.to_string(), f.get(2)?.parse().ok()?))
+            })
+            .collect();
+    let cell_dir = out.join("none/pgd/eps-8");
+    let mut pairs = Vec::new();
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(&cell_dir).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.ends_with(".dcm") {
+            pairs.push(format!(
+                "{}={}",
+                samples.join(&n).display(),
+                e.path().display()
+            ));
+            names.push(n);
+        }
+    }
+    assert_eq!(pairs.len(), 12, "every attacked file was written");
+    let model = repo_root().join("pipelines/models/pneumonia-cnn.onnx");
+    let mut args = vec!["--model".to_string(), model.display().to_string()];
+    args.extend(pairs);
+    let oracle = run_oracle("run_outputs.py", &args);
+    let recs: Vec<Value> = oracle
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut right = 0;
+    for (r, n) in recs.iter().zip(&names) {
+        assert!(r["max_abs_diff"].as_i64().unwrap() <= 8, "{r}");
+        if r["ort_pred"].as_i64() == labels.get(n).copied() {
+            right += 1;
+        }
+    }
+    assert_eq!(
+        right as f64 / 12.0,
+        acc(&cell("none", "pgd", 8.0)),
+        "onnxruntime on the written files disagrees with the evaluation"
+    );
+
+    // The sanity checks ran and the exit status follows their verdicts.
+    let checks = ev["checks"].as_array().unwrap();
+    let names: Vec<&str> = checks
+        .iter()
+        .filter(|c| c["defense"] == "none")
+        .map(|c| c["check"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "iterative beats single-step",
+            "success non-decreasing in eps",
+            "unbounded attack reaches 100%",
+            "black-box below white-box",
+            "random noise far below white-box"
+        ]
+    );
+    let failed = checks.iter().filter(|c| c["verdict"] == "fail").count();
+    assert_eq!(
+        run.status.code(),
+        Some(i32::from(failed > 0)),
+        "{}",
+        text(&run)
+    );
+    let undefended: Vec<&Value> = checks.iter().filter(|c| c["defense"] == "none").collect();
+    assert!(
+        undefended.iter().all(|c| c["verdict"] == "pass"),
+        "the undefended demo model must pass every check: {undefended:?}"
+    );
+    let md = std::fs::read_to_string(out.join("evaluation.md")).unwrap();
+    assert!(
+        md.contains("| none | pgd |") && md.contains("worst case"),
+        "{md}"
+    );
+
+    // The report: written by evaluate, self-contained, and every section renders without a
+    // script error in a real browser.
+    let html_path = out.join("report.html");
+    let html = std::fs::read_to_string(&html_path).unwrap();
+    for bad in [
+        "src=\"http",
+        "href=\"http",
+        "src=\"//",
+        "@import",
+        "url(http",
+    ] {
+        assert!(!html.contains(bad), "external asset `{bad}` in the report");
+    }
+    let dom = rendered_dom(&html_path);
+    let start = dom.find("id=\"selfcheck\"").expect("selfcheck element");
+    let body = &dom[start..];
+    let json_start = body.find('>').unwrap() + 1;
+    let json_end = body.find("</pre>").unwrap();
+    let check: Value = serde_json::from_str(&body[json_start..json_end])
+        .unwrap_or_else(|e| panic!("selfcheck `{}`: {e}", &body[json_start..json_end]));
+    assert_eq!(check["errors"], serde_json::json!([]), "script errors");
+    let sections: Vec<&str> = check["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(sections, adverse::report::SECTIONS);
+    // One accuracy chart per defense plus the worst-case comparison.
+    assert_eq!(check["figures"], 3, "{check}");
+    assert!(check["images"].as_u64().unwrap() >= 4, "{check}");
+    assert_eq!(check["broken_images"], 0, "{check}");
+    assert!(dom.contains("pneumonia-cnn"), "the model card is shown");
+
+    // `adverse report` alone rewrites it; a folder without an evaluation is a clear error.
+    std::fs::remove_file(&html_path).unwrap();
+    let r = adverse(&["report", out.to_str().unwrap()]);
+    assert!(r.status.success() && html_path.exists(), "{}", text(&r));
+    let r = adverse(&["report", dir.path().to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(text(&r).contains("evaluation.json"), "{}", text(&r));
+}
+
+#[test]
+fn a_bad_evaluation_file_is_refused_with_its_name_and_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = evaluation(
+        dir.path(),
+        dir.path(),
+        "eps: [2]\nattacks:\n  - { attack: pgd, params: { eps: 3 } }\n",
+    );
+    let r = adverse(&["evaluate", "-q", file.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
+    let t = text(&r);
+    assert!(
+        t.contains("eval.yaml") && t.contains("from the grid"),
+        "{t}"
+    );
+    // An unknown plugin fails the first run with the engine's message, naming the file.
+    let file = evaluation(
+        dir.path(),
+        dir.path(),
+        "eps: [2]\nattacks:\n  - { attack: no-such-attack }\n",
+    );
+    let r = adverse(&["evaluate", "-q", file.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
+    assert!(text(&r).contains("no-such-attack"), "{}", text(&r));
+}
