@@ -27,6 +27,9 @@ use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
+mod common;
+use common::{bin_dir, ensure_plugins, python, repo_root, target_dir};
+
 const ROWS: usize = 256;
 const COLS: usize = 256;
 /// Files per sub-folder, so the walk is recursive like an archive's.
@@ -35,41 +38,6 @@ const PER_DIR: usize = 1000;
 const DATA_VERSION: &str = "pipeline-bench v1 256x256 u16/12 MONOCHROME2 CT";
 const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
 const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("core/ has a parent")
-        .to_path_buf()
-}
-
-/// `target/<profile>` of this build (`target/release` under `cargo bench`): the `adverse`
-/// binary's folder, where the plugin library is built too.
-fn bin_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_adverse"))
-        .parent()
-        .expect("the adverse binary has a folder")
-        .to_path_buf()
-}
-
-fn target_dir() -> PathBuf {
-    bin_dir()
-        .parent()
-        .expect("target/<profile> has a parent")
-        .to_path_buf()
-}
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("ADVERSE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
-    assert!(
-        p.exists(),
-        "no Python oracle at {} (set ADVERSE_PYTHON or create the venv: scripts/test.sh)",
-        p.display()
-    );
-    p
-}
 
 fn sizes() -> Vec<usize> {
     match std::env::var("ADVERSE_BENCH_FILES") {
@@ -235,38 +203,6 @@ fn archive(n: usize) -> PathBuf {
         t0.elapsed().as_secs_f64()
     );
     dir
-}
-
-/// The basic plugins' library beside the binary, built with the same profile if it is missing
-/// (`cargo build --release -p adverse-plugins-basic` under `cargo bench`).
-fn ensure_plugins() {
-    let dir = bin_dir();
-    let lib = dir.join(format!(
-        "{}adverse_plugins_basic{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    ));
-    if lib.exists() {
-        return;
-    }
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(repo_root())
-        .args(["build", "-p", "adverse-plugins-basic"]);
-    match dir.file_name().and_then(|s| s.to_str()) {
-        Some("release") => {
-            cmd.arg("--release");
-        }
-        Some("debug") | None => {}
-        Some(profile) => {
-            cmd.args(["--profile", profile]);
-        }
-    }
-    let status = cmd.status().expect("run cargo build");
-    assert!(
-        status.success() && lib.exists(),
-        "{cmd:?} did not produce {}",
-        lib.display()
-    );
 }
 
 struct Measured {
@@ -438,7 +374,7 @@ fn main() {
     let sizes = sizes();
     let (do_adverse, do_python) = sides();
     if do_adverse {
-        ensure_plugins();
+        ensure_plugins("adverse-plugins-basic", "adverse_plugins_basic");
     }
     if do_python {
         python();

@@ -16,18 +16,8 @@ use adverse::runtime::gpu::{AdapterPolicy, GpuBackend, GpuOptions};
 use adverse::runtime::loss::LossSpec;
 use adverse::runtime::onnx;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("ADVERSE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".venv/bin/python"))
-}
+mod common;
+use common::{ort_ips, python, repo_root};
 
 struct Row {
     model: String,
@@ -127,36 +117,11 @@ fn cpu_ns() -> u64 {
         .sum()
 }
 
-fn ort_ips(path: &Path, batch: usize, iters: usize, threads: usize) -> f64 {
-    let script = repo().join("scripts/oracle/ort_run.py");
-    let out = Command::new(python())
-        .arg(script)
-        .args([
-            "--bench",
-            path.to_str().unwrap_or_default(),
-            "--batch",
-            &batch.to_string(),
-            "--iters",
-            &iters.to_string(),
-            "--threads",
-            &threads.to_string(),
-        ])
-        .output()
-        .expect("run onnxruntime (python venv)");
-    assert!(
-        out.status.success(),
-        "ort_run.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    v["images_per_s"].as_f64().unwrap_or(0.0)
-}
-
 fn main() {
     let quick = std::env::var_os("ADVERSE_BENCH_QUICK").is_some();
     let dir = tempfile::tempdir().expect("tempdir");
     let st = Command::new(python())
-        .arg(repo().join("scripts/oracle/make_models.py"))
+        .arg(repo_root().join("scripts/oracle/make_models.py"))
         .arg("--bench")
         .arg(dir.path())
         .status()

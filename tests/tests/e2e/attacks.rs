@@ -121,3 +121,66 @@ fn a_binary_model_refuses_apgd_dlr_naming_the_class_count() {
         "{msg}"
     );
 }
+
+/// ε = 10 HU on a real 16-bit CT (signed, rescale -1024) through a model whose preprocessing
+/// is rescale -> soft-tissue window -> area resize: the derived file is valid DICOM for pydicom,
+/// no pixel moved more than 10 HU, and the prediction of the file as written and re-read
+/// differs from the original's.
+#[test]
+fn ct_attacked_at_10_hu_stays_within_10_hu_and_its_re_read_prediction_changes() {
+    let l = libs();
+    let root = repo_root();
+    let dir = tempfile::tempdir().unwrap();
+    let src = root.join("pipelines/samples/corpus/693_UNCI.dcm");
+    let out = dir.path().join("out");
+    let pipeline = dir.path().join("ct.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name: ct-hu\ninput: {{ path: {} }}\n\
+             model: {{ onnx: {}, card: {} }}\n\
+             stages:\n  - attack: pgd\n    params: {{ eps: 10, unit: hu, steps: 20 }}\n\
+             output: {{ dir: {} }}\nplugins: {{ dirs: [{}] }}\nrun: {{ seed: 5 }}\n",
+            src.display(),
+            root.join("pipelines/models/pneumonia-cnn.onnx").display(),
+            root.join("tests/data/ct/pneumonia-cnn-ct.card.yaml")
+                .display(),
+            out.display(),
+            dir_of(&l.attacks),
+        ),
+    )
+    .unwrap();
+    let run = adverse(&["run", "-q", "--json", pipeline.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let rows: Vec<Value> = std::fs::read_to_string(out.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!(row["status"], "ok", "{row}");
+    assert_eq!(
+        row["stages"]["pgd"]["eps_stored"], 10.0,
+        "slope 1: 10 HU = 10 stored"
+    );
+    assert!(row["linf_hu"].as_f64().unwrap() <= 10.0, "{row}");
+    assert_ne!(
+        row["pred_written"], row["pred_before"],
+        "the re-read prediction must change: {row}"
+    );
+    // pydicom reads the derived file; the HU difference is computed from its own rescale.
+    let written = out.join(row["output"].as_str().unwrap());
+    let got = py(
+        "import sys, numpy as np, pydicom\n\
+         a, b = pydicom.dcmread(sys.argv[1]), pydicom.dcmread(sys.argv[2])\n\
+         hu = lambda d: d.pixel_array.astype(np.float64) * float(d.RescaleSlope) + float(d.RescaleIntercept)\n\
+         print(np.abs(hu(a) - hu(b)).max(), b.pixel_array.dtype, b.Modality, (hu(a) != hu(b)).sum())",
+        &[src.to_str().unwrap(), written.to_str().unwrap()],
+    );
+    let f: Vec<&str> = got.split_whitespace().collect();
+    let max_hu: f64 = f[0].parse().unwrap();
+    assert!(max_hu <= 10.0 && max_hu > 0.0, "max |dHU| {max_hu}: {got}");
+    assert_eq!(&f[1..3], ["int16", "CT"], "{got}");
+    assert!(f[3].parse::<usize>().unwrap() > 0);
+}

@@ -6,16 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use adverse_tests::{adverse_bin, plugin_dir, repo_root, run_oracle};
-use serde_json::Value;
+use adverse_tests::{plugin_dir, repo_root, run_oracle};
 
-fn adverse(args: &[&str]) -> Output {
-    Command::new(adverse_bin())
-        .args(args)
-        .env("ADVERSE_BACKEND", "cpu")
-        .output()
-        .expect("run adverse")
-}
+use crate::plugins::adverse;
+use serde_json::Value;
 
 fn text(o: &Output) -> String {
     format!(

@@ -1,0 +1,97 @@
+//! Helpers the bench binaries share: where the repository, the built binary and plugins, and
+//! the Python oracle are.
+
+#![allow(dead_code)] // each bench uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("core/ has a parent")
+        .to_path_buf()
+}
+
+/// `target/<profile>` of this build (`target/release` under `cargo bench`): the `adverse`
+/// binary's folder, where the plugin libraries are built too.
+pub fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_adverse"))
+        .parent()
+        .expect("the adverse binary has a folder")
+        .to_path_buf()
+}
+
+pub fn target_dir() -> PathBuf {
+    bin_dir()
+        .parent()
+        .expect("target/<profile> has a parent")
+        .to_path_buf()
+}
+
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("ADVERSE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
+    assert!(
+        p.exists(),
+        "no Python oracle at {} (set ADVERSE_PYTHON or create the venv: scripts/test.sh)",
+        p.display()
+    );
+    p
+}
+
+/// Builds plugin package `package` (library `lib`) beside the binary with the same profile
+/// (`cargo build --release -p PACKAGE` under `cargo bench`), so the bench measures the plugin
+/// code of this tree, never a stale library.
+pub fn ensure_plugins(package: &str, lib: &str) {
+    let dir = bin_dir();
+    let path = dir.join(format!(
+        "{}{lib}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(repo_root()).args(["build", "-p", package]);
+    match dir.file_name().and_then(|s| s.to_str()) {
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some("debug") | None => {}
+        Some(profile) => {
+            cmd.args(["--profile", profile]);
+        }
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(
+        status.success() && path.exists(),
+        "{cmd:?} did not produce {}",
+        path.display()
+    );
+}
+
+/// onnxruntime's CPU forward pass alone (scripts/oracle/ort_run.py --bench): images/s over
+/// `iters` batches of `batch` random inputs with `threads` intra-op threads.
+pub fn ort_ips(path: &Path, batch: usize, iters: usize, threads: usize) -> f64 {
+    let out = Command::new(python())
+        .arg(repo_root().join("scripts/oracle/ort_run.py"))
+        .arg("--bench")
+        .arg(path)
+        .args([
+            "--batch",
+            &batch.to_string(),
+            "--iters",
+            &iters.to_string(),
+            "--threads",
+            &threads.to_string(),
+        ])
+        .output()
+        .expect("run onnxruntime (python venv)");
+    assert!(
+        out.status.success(),
+        "ort_run.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ort_run.py JSON");
+    v["images_per_s"].as_f64().expect("images_per_s")
+}

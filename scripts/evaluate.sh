@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's robustness table: builds adverse and the built-in plugins (release), then runs
+# pipelines/eval-demo.yaml (every attack at every budget on the 64 bundled samples, against no
+# defense, a median purifier and the adversarially trained model) into out/eval-demo: tables in
+# evaluation.md, everything in evaluation.json, the HTML report in report.html.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v cmake >/dev/null 2>&1 || { [ "$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null; }
+cargo build --release -p adverse --bin adverse
+cargo build --release -p adverse-plugins-basic -p adverse-plugins-attacks
+./target/release/adverse evaluate pipelines/eval-demo.yaml "$@"
