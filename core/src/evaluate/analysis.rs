@@ -20,6 +20,9 @@ pub struct FrameOutcome {
     /// Distances of the attack stage's perturbation (stored units), when it ran.
     pub linf: Option<f64>,
     pub l2: Option<f64>,
+    /// Every stage's audited values (`{stage: {key: value}}`), for detectors and certification.
+    #[serde(skip)]
+    pub stages: serde_json::Value,
 }
 
 /// One run: one defense, one attack (or the clean run), one budget.
@@ -353,6 +356,91 @@ pub fn sanity(stats: &[CellStats], large: &[CellStats], sp: &SanitySpec) -> Vec<
     out
 }
 
+/// A detector's ROC over scores (higher = more suspicious): points (FPR, TPR) from the
+/// strictest threshold to the loosest, the area under it (the Mann-Whitney statistic, ties
+/// counted half) and the TPR at the loosest threshold whose FPR stays at or below `fpr`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Roc {
+    pub points: Vec<(f64, f64)>,
+    pub auc: Option<f64>,
+    pub tpr_at_fpr: Option<f64>,
+}
+
+pub fn roc(negatives: &[f64], positives: &[f64], fpr: f64) -> Roc {
+    let (n, p) = (negatives.len(), positives.len());
+    if n == 0 || p == 0 {
+        return Roc {
+            points: Vec::new(),
+            auc: None,
+            tpr_at_fpr: None,
+        };
+    }
+    let mut all: Vec<(f64, bool)> = negatives
+        .iter()
+        .map(|v| (*v, false))
+        .chain(positives.iter().map(|v| (*v, true)))
+        .filter(|(v, _)| !v.is_nan())
+        .collect();
+    all.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut points = vec![(0.0, 0.0)];
+    let (mut tp, mut fp) = (0usize, 0usize);
+    let mut best: f64 = 0.0;
+    let mut i = 0;
+    while i < all.len() {
+        // One threshold per distinct score: ties move together.
+        let v = all[i].0;
+        while i < all.len() && all[i].0 == v {
+            if all[i].1 {
+                tp += 1;
+            } else {
+                fp += 1;
+            }
+            i += 1;
+        }
+        let (x, y) = (fp as f64 / n as f64, tp as f64 / p as f64);
+        points.push((x, y));
+        if x <= fpr + 1e-12 {
+            best = best.max(y);
+        }
+    }
+    let mut wins = 0.0;
+    for &pv in positives {
+        for &nv in negatives {
+            wins += if pv > nv {
+                1.0
+            } else if pv == nv {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    Roc {
+        points,
+        auc: Some(wins / (n * p) as f64),
+        tpr_at_fpr: Some(best),
+    }
+}
+
+/// Certified accuracy at radius `r`: the fraction of labelled images whose smoothed class is the
+/// label with a certified radius of at least `r` (abstentions count as wrong).
+pub fn certified_accuracy(
+    frames: &[(Option<u32>, Option<u32>, Option<f64>)],
+    r: f64,
+) -> Option<f64> {
+    let labelled: Vec<_> = frames.iter().filter(|f| f.0.is_some()).collect();
+    if labelled.is_empty() {
+        return None;
+    }
+    let ok = labelled
+        .iter()
+        .filter(|(label, class, radius)| {
+            class.is_some() && class == label && radius.is_some_and(|x| x >= r)
+        })
+        .count();
+    Some(ok as f64 / labelled.len() as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,6 +453,7 @@ mod tests {
             pred: Some(pred),
             linf: Some(4.0),
             l2: Some(10.0 * f64::from(pred)),
+            stages: serde_json::Value::Null,
         }
     }
 
@@ -471,5 +560,45 @@ mod tests {
         assert_eq!(v["iterative beats single-step"], Verdict::Pass);
         assert_eq!(v["unbounded attack reaches 100%"], Verdict::NotApplicable);
         assert_eq!(v["black-box below white-box"], Verdict::NotApplicable);
+    }
+
+    #[test]
+    fn roc_and_auc_follow_the_definitions() {
+        // Perfect separation: AUC 1, TPR 1 at 0% FPR.
+        let r = roc(&[0.1, 0.2, 0.3], &[0.5, 0.9], 0.05);
+        assert_eq!(r.auc, Some(1.0));
+        assert_eq!(r.tpr_at_fpr, Some(1.0));
+        assert_eq!(r.points.first(), Some(&(0.0, 0.0)));
+        assert_eq!(r.points.last(), Some(&(1.0, 1.0)));
+        // Identical scores: a coin (ties count half), nothing detected at 5% FPR.
+        let r = roc(&[1.0; 4], &[1.0; 4], 0.05);
+        assert_eq!(r.auc, Some(0.5));
+        assert_eq!(r.tpr_at_fpr, Some(0.0));
+        assert_eq!(r.points, [(0.0, 0.0), (1.0, 1.0)]);
+        // Hand-counted: positives {0.4, 0.8}, negatives {0.2, 0.6}: 3 of 4 pairs ordered right.
+        let r = roc(&[0.2, 0.6], &[0.4, 0.8], 0.05);
+        assert_eq!(r.auc, Some(0.75));
+        assert_eq!(r.tpr_at_fpr, Some(0.5));
+        assert_eq!(
+            r.points,
+            [(0.0, 0.0), (0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (1.0, 1.0)]
+        );
+        assert_eq!(roc(&[], &[1.0], 0.05).auc, None);
+    }
+
+    #[test]
+    fn certified_accuracy_needs_the_right_class_and_the_radius() {
+        let f = [
+            (Some(1), Some(1), Some(0.6)),
+            (Some(1), Some(1), Some(0.3)),
+            (Some(1), Some(0), Some(2.0)), // certified, but wrong
+            (Some(0), None, None),         // abstained
+            (None, Some(1), Some(9.0)),    // unlabelled: not counted
+        ];
+        assert_eq!(certified_accuracy(&f, 0.0), Some(0.5));
+        assert_eq!(certified_accuracy(&f, 0.25), Some(0.5));
+        assert_eq!(certified_accuracy(&f, 0.5), Some(0.25));
+        assert_eq!(certified_accuracy(&f, 1.0), Some(0.0));
+        assert_eq!(certified_accuracy(&[], 0.5), None);
     }
 }

@@ -24,7 +24,7 @@ use crate::pipeline::config::{
 };
 use crate::pipeline::engine::{self, EngineError, RunOptions};
 use crate::pipeline::results;
-use crate::runtime::select::BackendChoice;
+use crate::runtime::select::{self, BackendChoice};
 use analysis::{Cell, CellStats, Check, FrameOutcome, Verdict, WorstCase};
 use spec::{AttackEntry, DefenseEntry, EvalSpec, Evaluation, Role};
 
@@ -77,6 +77,10 @@ pub struct Report {
     pub large_eps: Vec<CellStats>,
     pub worst_case: Vec<WorstCase>,
     pub checks: Vec<Check>,
+    /// Per detector and attack budget: ROC, AUC and TPR at 5% FPR.
+    pub detection: Vec<Detection>,
+    /// Per certification entry: certified accuracy against the radius.
+    pub certification: Vec<Certification>,
     /// Per-run folders (relative to the output folder), for the report's example images.
     pub runs: Vec<RunInfo>,
     pub interrupted: bool,
@@ -85,6 +89,8 @@ pub struct Report {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RunInfo {
+    /// grid, large, detect or certify.
+    pub purpose: &'static str,
     pub defense: String,
     pub attack: String,
     pub eps: Option<f64>,
@@ -101,12 +107,27 @@ impl Report {
     }
 }
 
+/// Why a run is in the plan.
+#[derive(Debug, Clone, PartialEq)]
+enum Purpose {
+    /// A cell of the accuracy table (or a defense's clean run).
+    Grid,
+    /// The iterative attack at the large budget, for the 100% check.
+    Large,
+    /// Detector scores (clean run or one attack): the detector at `.0`.
+    Detect(usize),
+    /// Randomized-smoothing certification `.0` on the clean images.
+    Certify(usize),
+}
+
 /// One planned run.
 struct Plan {
     defense: DefenseEntry,
     attack: Option<AttackEntry>,
     eps: Option<f64>,
-    large: bool,
+    purpose: Purpose,
+    /// Stages after the attack and the defense's purifier (a detector, the smoothing plugin).
+    extra: Vec<StageSpec>,
     dir: String,
 }
 
@@ -127,7 +148,8 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
             defense: d.clone(),
             attack: None,
             eps: None,
-            large: false,
+            purpose: Purpose::Grid,
+            extra: Vec::new(),
             dir: format!("{}/clean", d.name),
         });
         for a in &s.attacks {
@@ -144,7 +166,8 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
                     defense: d.clone(),
                     attack: Some(a.clone()),
                     eps: None,
-                    large: false,
+                    purpose: Purpose::Grid,
+                    extra: Vec::new(),
                     dir: dir(None),
                 });
                 continue;
@@ -154,7 +177,8 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
                     defense: d.clone(),
                     attack: Some(a.clone()),
                     eps: Some(e),
-                    large: false,
+                    purpose: Purpose::Grid,
+                    extra: Vec::new(),
                     dir: dir(Some(e)),
                 });
             }
@@ -170,10 +194,74 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
                 defense: d.clone(),
                 attack: Some(a.clone()),
                 eps: Some(large_eps),
-                large: true,
+                purpose: Purpose::Large,
+                extra: Vec::new(),
                 dir: format!("{}/{}/large-{}", d.name, a.label(), eps_dir(large_eps)),
             });
         }
+    }
+    // Detectors and certification on the undefended model (the first defense entry's model is
+    // the file's `model`).
+    let none = DefenseEntry {
+        name: "none".into(),
+        purifier: None,
+        params: Value::Object(Default::default()),
+        model: None,
+    };
+    for (k, d) in s.detectors.iter().enumerate() {
+        let stage = StageSpec {
+            attack: None,
+            purifier: None,
+            detector: Some(d.detector.clone()),
+            stage: None,
+            params: d.params.clone(),
+            id: d.id.clone(),
+        };
+        let base = format!("detect/{}", d.label());
+        out.push(Plan {
+            defense: none.clone(),
+            attack: None,
+            eps: None,
+            purpose: Purpose::Detect(k),
+            extra: vec![stage.clone()],
+            dir: format!("{base}/clean"),
+        });
+        for a in &s.attacks {
+            let chosen = match &d.against {
+                Some(list) => list.contains(&a.label()),
+                None => a.role() == Role::Iterative,
+            };
+            if !chosen || a.surrogate.is_some() || a.role() == Role::Minimal {
+                continue;
+            }
+            for &e in a.eps.as_ref().unwrap_or(&s.eps) {
+                out.push(Plan {
+                    defense: none.clone(),
+                    attack: Some(a.clone()),
+                    eps: Some(e),
+                    purpose: Purpose::Detect(k),
+                    extra: vec![stage.clone()],
+                    dir: format!("{base}/{}/{}", a.label(), eps_dir(e)),
+                });
+            }
+        }
+    }
+    for (k, c) in s.certify.iter().enumerate() {
+        out.push(Plan {
+            defense: none.clone(),
+            attack: None,
+            eps: None,
+            purpose: Purpose::Certify(k),
+            extra: vec![StageSpec {
+                attack: None,
+                purifier: None,
+                detector: None,
+                stage: Some(c.plugin.clone()),
+                params: c.params.clone(),
+                id: c.id.clone(),
+            }],
+            dir: format!("certify/{}", c.label()),
+        });
     }
     out
 }
@@ -226,6 +314,7 @@ fn pipeline_spec(
             id: None,
         });
     }
+    stages.extend(plan.extra.iter().cloned());
     let mut input = s.input.clone();
     if judging {
         // The crafted folder also holds the crafting run's results, log and previews.
@@ -249,7 +338,7 @@ fn pipeline_spec(
         output: OutputSpec {
             dir: out.to_path_buf(),
             dicom: true,
-            previews: s.output.previews && plan.attack.is_some() && !plan.large,
+            previews: s.output.previews && plan.attack.is_some() && plan.purpose == Purpose::Grid,
             fsync: false,
             audit: None,
         },
@@ -285,6 +374,7 @@ fn outcomes(dir: &Path, stage: Option<&str>) -> Result<Vec<FrameOutcome>, EvalEr
                 pred,
                 linf: num("linf").or_else(|| m.get("linf_stored").and_then(Value::as_f64)),
                 l2: num("l2").or_else(|| m.get("l2_stored").and_then(Value::as_f64)),
+                stages: m.get("stages").cloned().unwrap_or(Value::Null),
             },
         );
     })
@@ -326,7 +416,27 @@ pub fn run(e: &Evaluation, o: &EvalOptions, stop: Arc<AtomicBool>) -> Result<Rep
     let s = &e.spec;
     std::fs::create_dir_all(&e.output).map_err(io_err(&e.output))?;
     let plans = plans(s);
-    let mut cells: Vec<(Cell, bool)> = Vec::new();
+    // Resolve `auto` once: every cell then runs on the same backend without probing the GPU
+    // adapters again (and repeating the driver's messages) for each of dozens of runs.
+    let mut o = o.clone();
+    let spec_backend = match &s.run.backend {
+        Some(b) => Some(
+            b.parse::<BackendChoice>()
+                .map_err(|e| EvalError::Setup(format!("run.backend: {e}")))?,
+        ),
+        None => None,
+    };
+    let choice = select::resolve_choice(o.backend.or(spec_backend))
+        .map_err(|e| EvalError::Setup(e.to_string()))?;
+    o.backend = Some(match choice {
+        BackendChoice::Auto => match select::select(BackendChoice::Auto) {
+            Ok(select::AnyBackend::Gpu(_)) => BackendChoice::Gpu,
+            _ => BackendChoice::Cpu,
+        },
+        c => c,
+    });
+    let o = &o;
+    let mut cells: Vec<(Cell, Purpose)> = Vec::new();
     let mut backend = String::new();
     let total = plans.len();
     for (i, plan) in plans.into_iter().enumerate() {
@@ -394,32 +504,33 @@ pub fn run(e: &Evaluation, o: &EvalOptions, stop: Arc<AtomicBool>) -> Result<Rep
                 seconds,
                 dir: plan.dir.clone(),
             },
-            plan.large,
+            plan.purpose.clone(),
         ));
     }
     let clean_of: BTreeMap<String, Cell> = cells
         .iter()
-        .filter(|(c, _)| c.role.is_none())
+        .filter(|(c, p)| c.role.is_none() && *p == Purpose::Grid)
         .map(|(c, _)| (c.defense.clone(), c.clone()))
         .collect();
     let mut clean = Vec::new();
     let mut table = Vec::new();
     let mut large = Vec::new();
-    for (c, is_large) in &cells {
+    for (c, purpose) in &cells {
         let st = analysis::stats(c, clean_of.get(&c.defense));
-        if c.role.is_none() {
-            clean.push(st);
-        } else if *is_large {
-            large.push(st);
-        } else {
-            table.push(st);
+        match purpose {
+            Purpose::Grid if c.role.is_none() => clean.push(st),
+            Purpose::Grid => table.push(st),
+            Purpose::Large => large.push(st),
+            Purpose::Detect(_) | Purpose::Certify(_) => {}
         }
     }
     let grid: Vec<Cell> = cells
         .iter()
-        .filter(|(c, l)| !l && c.role.is_some())
+        .filter(|(c, p)| *p == Purpose::Grid && c.role.is_some())
         .map(|(c, _)| c.clone())
         .collect();
+    let detection = detection(s, &cells);
+    let certification = certification(s, &cells);
     let worst = analysis::worst_case(&grid);
     let checks = analysis::sanity(&table, &large, &s.sanity);
     let card = crate::runtime::card::card_path(&s.model.onnx);
@@ -438,9 +549,17 @@ pub fn run(e: &Evaluation, o: &EvalOptions, stop: Arc<AtomicBool>) -> Result<Rep
         large_eps: large,
         worst_case: worst,
         checks,
+        detection,
+        certification,
         runs: cells
             .iter()
-            .map(|(c, _)| RunInfo {
+            .map(|(c, p)| RunInfo {
+                purpose: match p {
+                    Purpose::Grid => "grid",
+                    Purpose::Large => "large",
+                    Purpose::Detect(_) => "detect",
+                    Purpose::Certify(_) => "certify",
+                },
                 defense: c.defense.clone(),
                 attack: c.attack.clone(),
                 eps: c.eps,
@@ -459,12 +578,141 @@ pub fn run(e: &Evaluation, o: &EvalOptions, stop: Arc<AtomicBool>) -> Result<Rep
     Ok(report)
 }
 
+#[derive(Debug, Clone, Serialize)]
+pub struct Detection {
+    pub detector: String,
+    pub attack: String,
+    pub eps: Option<f64>,
+    /// Whether the attack also targeted the detector (not yet supported: always false).
+    pub adaptive: bool,
+    pub auc: Option<f64>,
+    pub tpr_at_5_fpr: Option<f64>,
+    /// Successful adversarial images scored (positives) and correctly classified clean ones
+    /// (negatives).
+    pub positives: usize,
+    pub negatives: usize,
+    pub roc: Vec<(f64, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Certification {
+    pub id: String,
+    pub plugin: String,
+    pub sigma: Option<f64>,
+    pub images: usize,
+    pub abstained: usize,
+    /// (radius, certified accuracy) from 0 to past the largest certified radius.
+    pub curve: Vec<(f64, f64)>,
+    /// At the file's `radii`.
+    pub at: Vec<(f64, f64)>,
+}
+
+fn stage_num(f: &FrameOutcome, stage: &str, key: &str) -> Option<f64> {
+    f.stages.get(stage)?.get(key)?.as_f64()
+}
+
+fn detection(s: &EvalSpec, cells: &[(Cell, Purpose)]) -> Vec<Detection> {
+    let mut out = Vec::new();
+    for (k, d) in s.detectors.iter().enumerate() {
+        let label = d.label();
+        let mine: Vec<&Cell> = cells
+            .iter()
+            .filter(|(_, p)| *p == Purpose::Detect(k))
+            .map(|(c, _)| c)
+            .collect();
+        let Some(clean) = mine.iter().find(|c| c.role.is_none()) else {
+            continue;
+        };
+        let right: std::collections::BTreeSet<(String, u32)> = clean
+            .frames
+            .iter()
+            .filter(|f| f.label.is_some() && f.label == f.pred)
+            .map(|f| (f.input.clone(), f.frame))
+            .collect();
+        let negatives: Vec<f64> = clean
+            .frames
+            .iter()
+            .filter(|f| right.contains(&(f.input.clone(), f.frame)))
+            .filter_map(|f| stage_num(f, &label, &d.score))
+            .collect();
+        for c in mine.iter().filter(|c| c.role.is_some()) {
+            let positives: Vec<f64> = c
+                .frames
+                .iter()
+                .filter(|f| {
+                    right.contains(&(f.input.clone(), f.frame))
+                        && f.label.is_some()
+                        && f.pred != f.label
+                })
+                .filter_map(|f| stage_num(f, &label, &d.score))
+                .collect();
+            let r = analysis::roc(&negatives, &positives, 0.05);
+            out.push(Detection {
+                detector: label.clone(),
+                attack: c.attack.clone(),
+                eps: c.eps,
+                adaptive: false,
+                auc: r.auc,
+                tpr_at_5_fpr: r.tpr_at_fpr,
+                positives: positives.len(),
+                negatives: negatives.len(),
+                roc: r.points,
+            });
+        }
+    }
+    out
+}
+
+fn certification(s: &EvalSpec, cells: &[(Cell, Purpose)]) -> Vec<Certification> {
+    let mut out = Vec::new();
+    for (k, c) in s.certify.iter().enumerate() {
+        let Some((cell, _)) = cells.iter().find(|(_, p)| *p == Purpose::Certify(k)) else {
+            continue;
+        };
+        let label = c.id.clone().unwrap_or_else(|| c.plugin.clone());
+        let frames: Vec<(Option<u32>, Option<u32>, Option<f64>)> = cell
+            .frames
+            .iter()
+            .map(|f| {
+                let class = stage_num(f, &label, &c.class)
+                    .filter(|v| *v >= 0.0)
+                    .map(|v| v as u32);
+                let radius = stage_num(f, &label, &c.radius).filter(|r| *r >= 0.0);
+                (f.label, class, radius.filter(|_| class.is_some()))
+            })
+            .collect();
+        let max_r = frames
+            .iter()
+            .filter_map(|f| f.2)
+            .fold(c.radii.iter().copied().fold(0.0, f64::max), f64::max);
+        let curve = (0..=100)
+            .map(|i| max_r * 1.1 * f64::from(i) / 100.0)
+            .filter_map(|r| Some((r, analysis::certified_accuracy(&frames, r)?)))
+            .collect();
+        out.push(Certification {
+            id: c.label(),
+            plugin: c.plugin.clone(),
+            sigma: c.params.get("sigma").and_then(Value::as_f64),
+            images: frames.iter().filter(|f| f.0.is_some()).count(),
+            abstained: frames.iter().filter(|f| f.1.is_none()).count(),
+            curve,
+            at: c
+                .radii
+                .iter()
+                .filter_map(|&r| Some((r, analysis::certified_accuracy(&frames, r)?)))
+                .collect(),
+        });
+    }
+    out
+}
+
 fn plan_without_attack(p: &Plan) -> Plan {
     Plan {
         defense: p.defense.clone(),
         attack: None,
         eps: p.eps,
-        large: p.large,
+        purpose: p.purpose.clone(),
+        extra: p.extra.clone(),
         dir: p.dir.clone(),
     }
 }
@@ -572,6 +820,52 @@ pub fn markdown(r: &Report) -> String {
             num(c.mean_l2),
             c.seconds
         );
+    }
+    if !r.detection.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nDetectors (negatives: correctly classified clean images; positives: successful \
+             adversarial ones; non-adaptive):\n\n| detector | attack | ε | AUC | TPR at 5% FPR | positives | negatives |\n|---|---|---|---|---|---|---|"
+        );
+        for d in &r.detection {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                d.detector,
+                d.attack,
+                d.eps.map_or("-".into(), fmt_eps),
+                num(d.auc),
+                pct(d.tpr_at_5_fpr),
+                d.positives,
+                d.negatives
+            );
+        }
+    }
+    if !r.certification.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nCertified accuracy (randomized smoothing; radius in model-input units):\n"
+        );
+        for c in &r.certification {
+            let _ = write!(
+                s,
+                "| {} (σ = {}) | images | abstained |",
+                c.id,
+                num(c.sigma)
+            );
+            for (radius, _) in &c.at {
+                let _ = write!(s, " r = {radius} |");
+            }
+            let _ = write!(s, "\n|---|---|---|");
+            for _ in &c.at {
+                let _ = write!(s, "---|");
+            }
+            let _ = write!(s, "\n| | {} | {} |", c.images, c.abstained);
+            for (_, a) in &c.at {
+                let _ = write!(s, " {} |", pct(Some(*a)));
+            }
+            s.push('\n');
+        }
     }
     let _ = writeln!(
         s,

@@ -116,6 +116,63 @@ pub struct DefenseEntry {
     pub model: Option<ModelSpec>,
 }
 
+/// A detector evaluated against the attacks: its score on clean images (negatives) and on
+/// successful adversarial ones (positives) gives a ROC curve.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DetectorEntry {
+    pub detector: String,
+    #[serde(default = "empty_object")]
+    pub params: Value,
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The audited number that grows with suspicion.
+    #[serde(default = "score")]
+    pub score: String,
+    /// Attack labels to detect (default: every iterative attack).
+    #[serde(default)]
+    pub against: Option<Vec<String>>,
+}
+
+impl DetectorEntry {
+    pub fn label(&self) -> String {
+        self.id.clone().unwrap_or_else(|| self.detector.clone())
+    }
+}
+
+/// Randomized-smoothing certification (Cohen et al. 2019) on the clean images: a plugin that
+/// audits, per frame, the smoothed class and the certified L2 radius (abstentions: no class or a
+/// negative radius).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CertifyEntry {
+    #[serde(default = "smoothing")]
+    pub plugin: String,
+    #[serde(default = "empty_object")]
+    pub params: Value,
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Audit keys of the smoothed class and of the radius in model-input units.
+    #[serde(default = "class_key")]
+    pub class: String,
+    #[serde(default = "radius_key")]
+    pub radius: String,
+    /// Radii at which certified accuracy is tabulated.
+    #[serde(default = "radii")]
+    pub radii: Vec<f64>,
+}
+
+impl CertifyEntry {
+    pub fn label(&self) -> String {
+        self.id
+            .clone()
+            .unwrap_or_else(|| match self.params.get("sigma").and_then(Value::as_f64) {
+                Some(s) => format!("{}-sigma-{s}", self.plugin),
+                None => self.plugin.clone(),
+            })
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SanitySpec {
@@ -173,6 +230,10 @@ pub struct EvalSpec {
     #[serde(default = "no_defense")]
     pub defenses: Vec<DefenseEntry>,
     #[serde(default)]
+    pub detectors: Vec<DetectorEntry>,
+    #[serde(default)]
+    pub certify: Vec<CertifyEntry>,
+    #[serde(default)]
     pub sanity: SanitySpec,
     pub output: EvalOutput,
     #[serde(default)]
@@ -195,6 +256,21 @@ fn half() -> f64 {
 }
 fn almost_all() -> f64 {
     0.99
+}
+fn score() -> String {
+    "score".into()
+}
+fn smoothing() -> String {
+    "smoothing".into()
+}
+fn class_key() -> String {
+    "class".into()
+}
+fn radius_key() -> String {
+    "radius".into()
+}
+fn radii() -> Vec<f64> {
+    vec![0.25, 0.5, 1.0]
 }
 fn stored() -> String {
     "stored".into()
@@ -328,6 +404,34 @@ fn check(s: &EvalSpec) -> Result<(), String> {
     }
     if s.defenses.is_empty() {
         return Err("defenses: list at least one (`- name: none` for the model alone)".into());
+    }
+    let mut det = std::collections::BTreeSet::new();
+    for (i, d) in s.detectors.iter().enumerate() {
+        if !det.insert(d.label()) {
+            return Err(format!(
+                "detectors[{i}]: `{}` appears twice; give one an `id`",
+                d.label()
+            ));
+        }
+        for a in d.against.iter().flatten() {
+            if !labels.contains(a) {
+                return Err(format!(
+                    "detectors[{i}].against: no attack `{a}` in `attacks`"
+                ));
+            }
+        }
+    }
+    let mut cert = std::collections::BTreeSet::new();
+    for (i, c) in s.certify.iter().enumerate() {
+        if !cert.insert(c.label()) {
+            return Err(format!(
+                "certify[{i}]: `{}` appears twice; give one an `id`",
+                c.label()
+            ));
+        }
+        if c.radii.iter().any(|r| !(r.is_finite() && *r >= 0.0)) {
+            return Err(format!("certify[{i}].radii: radii are finite and >= 0"));
+        }
     }
     let sp = &s.sanity;
     if !(0.0..=1.0).contains(&sp.noise_fraction) || !(0.0..=1.0).contains(&sp.large_eps_success) {

@@ -476,7 +476,10 @@ fn examples(h: &mut String, ev: &Value, dir: &Path) {
     let mut shown = 0;
     if let Some(attack) = attack {
         for run in arr(ev, "runs") {
-            if s(run, "attack") != attack || f(run, "eps") != Some(max_eps) {
+            if s(run, "purpose") != "grid"
+                || s(run, "attack") != attack
+                || f(run, "eps") != Some(max_eps)
+            {
                 continue;
             }
             let pdir = dir.join(s(run, "dir")).join("previews");
