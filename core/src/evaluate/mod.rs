@@ -207,6 +207,7 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
         purifier: None,
         params: Value::Object(Default::default()),
         model: None,
+        adaptive: true,
     };
     for (k, d) in s.detectors.iter().enumerate() {
         let stage = StageSpec {
@@ -216,6 +217,7 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
             stage: None,
             params: d.params.clone(),
             id: d.id.clone(),
+            adaptive: false,
         };
         let base = format!("detect/{}", d.label());
         out.push(Plan {
@@ -259,6 +261,7 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
                 stage: Some(c.plugin.clone()),
                 params: c.params.clone(),
                 id: c.id.clone(),
+                adaptive: false,
             }],
             dir: format!("certify/{}", c.label()),
         });
@@ -299,6 +302,7 @@ fn pipeline_spec(
             stage: None,
             params,
             id: None,
+            adaptive: false,
         });
     }
     // A transfer attack's purifier runs in the judging run, on the crafted files.
@@ -312,6 +316,7 @@ fn pipeline_spec(
             stage: None,
             params: plan.defense.params.clone(),
             id: None,
+            adaptive: plan.defense.adaptive,
         });
     }
     stages.extend(plan.extra.iter().cloned());

@@ -114,6 +114,11 @@ pub struct DefenseEntry {
     /// Evaluate this model instead of the file's `model` (e.g. an adversarially trained one).
     #[serde(default)]
     pub model: Option<ModelSpec>,
+    /// Attack through the purifier (BPDA: the purifier runs in the attack's forward pass, the
+    /// identity in its backward pass). Default true: a purifier evaluated only against attacks
+    /// that ignore it is not evaluated.
+    #[serde(default = "yes")]
+    pub adaptive: bool,
 }
 
 /// A detector evaluated against the attacks: its score on clean images (negatives) and on
@@ -281,6 +286,7 @@ fn no_defense() -> Vec<DefenseEntry> {
         purifier: None,
         params: empty_object(),
         model: None,
+        adaptive: true,
     }]
 }
 

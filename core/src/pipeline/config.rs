@@ -100,6 +100,15 @@ pub struct StageSpec {
     /// Label for result columns (default: the plugin name; must be unique in the pipeline).
     #[serde(default)]
     pub id: Option<String>,
+    /// Purifiers only: attack stages before this one see the model through this purifier, run
+    /// for real in their forward pass and taken as the identity in their backward pass (BPDA,
+    /// Athalye et al. 2018), so the attack adapts to the defense.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub adaptive: bool,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -269,6 +278,11 @@ impl Pipeline {
             s.role().map_err(|m| invalid(format!("stages[{i}]: {m}")))?;
             if !s.params.is_object() {
                 return Err(invalid(format!("stages[{i}].params: must be a mapping")));
+            }
+            if s.adaptive && s.purifier.is_none() {
+                return Err(invalid(format!(
+                    "stages[{i}].adaptive: only a `purifier` stage can be adaptive (attacks before it see it)"
+                )));
             }
             if !seen.insert(s.label()) {
                 return Err(invalid(format!(

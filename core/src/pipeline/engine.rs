@@ -39,6 +39,7 @@ use super::preview::write_preview;
 use super::results::{Totals, compact};
 use crate::audit::{AuditLog, GroupCommit, Record};
 use crate::dicom::{DecodeLimits, DecodedImage, DerivedOptions, DicomFile, write_derived_sync};
+use crate::plugin::bpda::Bpda;
 use crate::plugin::host::{BatchInput, BatchModel, Instance, PluginBackend};
 use crate::plugin::loader::Pins;
 use crate::plugin::runner::{
@@ -113,6 +114,8 @@ struct Stage {
     role: StageRole,
     handle: Arc<PluginHandle>,
     params: Value,
+    /// A purifier that earlier attack stages see (BPDA).
+    adaptive: bool,
 }
 
 /// Everything fixed before the first file is read.
@@ -249,6 +252,7 @@ fn prepare(p: &Pipeline, o: &RunOptions) -> Result<Setup, EngineError> {
             role,
             handle,
             params: s.params.clone(),
+            adaptive: s.adaptive,
         });
     }
     if stages
@@ -271,7 +275,11 @@ fn prepare(p: &Pipeline, o: &RunOptions) -> Result<Setup, EngineError> {
     // the same UIDs on every run, whatever else changes in the pipeline file.
     let identity = json!({
         "name": p.spec.name,
-        "stages": stages.iter().map(|s| json!([s.handle.name, s.handle.version, s.params])).collect::<Vec<_>>(),
+        "stages": stages.iter().map(|s| if s.adaptive {
+            json!([s.handle.name, s.handle.version, s.params, "adaptive"])
+        } else {
+            json!([s.handle.name, s.handle.version, s.params])
+        }).collect::<Vec<_>>(),
         "model": model_sha,
     });
     let pipeline_id = sha256_hex(identity.to_string().as_bytes());
@@ -1004,7 +1012,8 @@ fn run_group<B: PluginBackend>(
         }
         let mut cur = data;
         for (si, st) in setup.stages.iter().enumerate() {
-            let inst = match &mut instances[si] {
+            let (head, tail) = instances.split_at_mut(si + 1);
+            let inst = match &mut head[si] {
                 Ok(inst) => inst,
                 Err(e) => {
                     fail_chunk(&mut errors, "stage", format!("stage `{}`: {e}", st.label));
@@ -1016,13 +1025,37 @@ fn run_group<B: PluginBackend>(
                 .as_mut()
                 .map(|m| m.service(b, [c, h, w], &cur, &metas));
             let seed = batch_seed(setup.seed, &st.label, *batch_index);
+            // An attack before adaptive purifiers attacks the model through them (BPDA).
+            let fronts: Vec<&mut Instance> = if st.role == StageRole::Attack {
+                tail.iter_mut()
+                    .zip(&setup.stages[si + 1..])
+                    .filter(|(_, s)| s.role == StageRole::Purifier && s.adaptive)
+                    .filter_map(|(i, _)| i.as_mut().ok())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let bpda = match (&svc, fronts.is_empty()) {
+                (Some(inner), false) => Some(Bpda {
+                    inner: inner as &dyn BatchModel<B>,
+                    purifiers: std::cell::RefCell::new(fronts),
+                    frames: metas.clone(),
+                    seed: batch_seed(setup.seed, "bpda", *batch_index),
+                }),
+                _ => None,
+            };
+            let model: Option<&dyn BatchModel<B>> = match &bpda {
+                Some(m) => Some(m),
+                None => svc.as_ref().map(|s| s as &dyn BatchModel<B>),
+            };
             let res = inst.process(BatchInput {
                 backend: b,
                 frames: metas.clone(),
                 input,
-                model: svc.as_ref().map(|s| s as &dyn BatchModel<B>),
+                model,
                 seed,
             });
+            drop(bpda);
             drop(svc);
             let out = match res {
                 Err(e) => {

@@ -408,6 +408,7 @@ const STAGE: &[Field] = &[
     f("stage", false, true, Ty::Str),
     f("params", false, false, Ty::Params),
     f("id", false, true, Ty::Str),
+    f("adaptive", false, false, Ty::Bool),
 ];
 const OUTPUT: &[Field] = &[
     f("dir", true, false, Ty::Str),

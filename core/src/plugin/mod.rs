@@ -3,6 +3,7 @@
 //! and a minimal runner (decode files, one `process` call per batch of frames, derived DICOM and
 //! one result row per frame) that the pipeline engine reuses.
 
+pub mod bpda;
 pub mod host;
 pub mod loader;
 pub mod runner;

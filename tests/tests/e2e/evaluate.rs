@@ -277,3 +277,82 @@ fn a_bad_evaluation_file_is_refused_with_its_name_and_problem() {
     assert_eq!(r.status.code(), Some(2), "{}", text(&r));
     assert!(text(&r).contains("no-such-attack"), "{}", text(&r));
 }
+
+/// BPDA: with `adaptive: true` on the purifier, the attack before it checks its success through
+/// the real purifier, so its own verdict (`pred_after`) is the prediction of the purified file
+/// as written and re-read, frame by frame; the non-adaptive attack's verdict is about the
+/// unpurified image and misses what the median undoes. Adaptive success is at least as high.
+#[test]
+fn an_adaptive_purifier_is_attacked_through_bpda() {
+    let plugins = plugin_dir(
+        &["adverse-plugins-basic", "adverse-plugins-attacks"],
+        &["adverse_plugins_basic", "adverse_plugins_attacks"],
+    );
+    let root = repo_root().join("pipelines");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |adaptive: bool| -> Vec<Value> {
+        let out = dir.path().join(format!("out-{adaptive}"));
+        let p = dir.path().join(format!("p-{adaptive}.yaml"));
+        std::fs::write(
+            &p,
+            format!(
+                "name: bpda\ninput: {{ path: {s}, include: [\"pneumoniamnist-test-000*.dcm\"] }}\n\
+                 model: {{ onnx: {m} }}\nlabels: {{ csv: {s}/labels.csv }}\n\
+                 stages:\n  - attack: pgd\n    params: {{ eps: 8, steps: 10 }}\n\
+                 \x20 - purifier: median\n    params: {{ radius: 1 }}\n    adaptive: {adaptive}\n\
+                 output: {{ dir: {o} }}\nplugins: {{ dirs: [{pl}] }}\nrun: {{ seed: 2 }}\n",
+                s = root.join("samples/pneumoniamnist").display(),
+                m = root.join("models/pneumonia-cnn.onnx").display(),
+                o = out.display(),
+                pl = plugins.path().display(),
+            ),
+        )
+        .unwrap();
+        let r = adverse(&["run", "-q", p.to_str().unwrap()]);
+        assert!(r.status.success(), "{}", text(&r));
+        std::fs::read_to_string(out.join("results.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let fooled = |rows: &[Value]| {
+        rows.iter()
+            .filter(|r| r["pred_written"] != r["label"])
+            .count()
+    };
+    let adaptive = run(true);
+    let naive = run(false);
+    assert_eq!(adaptive.len(), 10);
+    for r in &adaptive {
+        assert_eq!(
+            r["stages"]["pgd"]["pred_after"].as_f64(),
+            r["pred_written"].as_f64(),
+            "the adaptive attack's verdict is the purified file's prediction: {r}"
+        );
+    }
+    let disagree = naive
+        .iter()
+        .filter(|r| r["stages"]["pgd"]["pred_after"].as_f64() != r["pred_written"].as_f64())
+        .count();
+    assert!(
+        disagree > 0,
+        "the median undoes some naive attacks: {naive:?}"
+    );
+    assert!(
+        fooled(&adaptive) >= fooled(&naive),
+        "adaptive {} < naive {}",
+        fooled(&adaptive),
+        fooled(&naive)
+    );
+    // `adaptive` belongs to purifiers only.
+    let p = dir.path().join("bad.yaml");
+    std::fs::write(
+        &p,
+        "name: bad\ninput: { path: . }\nstages:\n  - attack: pgd\n    params: { eps: 1 }\n    adaptive: true\noutput: { dir: out }\n",
+    )
+    .unwrap();
+    let r = adverse(&["run", "-q", p.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
+    assert!(text(&r).contains("only a `purifier` stage"), "{}", text(&r));
+}
