@@ -8,6 +8,7 @@ mod dicom_roundtrip;
 mod inspect;
 mod model;
 mod plugins;
+mod purifiers;
 mod run;
 mod train;
 mod validate;
