@@ -10,7 +10,6 @@ use std::sync::{Arc, OnceLock};
 
 use adverse::plugin::PluginLibrary;
 use adverse::plugin::host::{BatchInput, Instance, PluginBackend};
-use adverse::runtime::backend::Backend;
 use adverse::runtime::cpu::CpuBackend;
 use adverse::runtime::gpu::{AdapterPolicy, GpuBackend, GpuOptions};
 use adverse_plugin_sdk::FrameMeta;
@@ -251,13 +250,14 @@ fn oracle(args: &[&str]) -> String {
 // ---------------------------------------------------------------------------------------------
 // bit-depth
 
-/// Direct reference: levels `a + k·step` of the reference interval, rounded and clamped.
+/// Direct reference: levels `a + k·step` of the reference interval, rounded and clamped (ties
+/// round up, the kernels' documented rule).
 fn bit_depth_ref(x: &[f32], bits: u32, span: (f64, f64), range: (f64, f64)) -> Vec<f32> {
     let step = (span.1 - span.0) / f64::from((1u32 << bits) - 1);
     x.iter()
         .map(|&v| {
-            let k = ((f64::from(v) - span.0) / step).round();
-            (span.0 + k * step).round().clamp(range.0, range.1) as f32
+            let k = ((f64::from(v) - span.0) / step + 0.5).floor();
+            (span.0 + k * step + 0.5).floor().clamp(range.0, range.1) as f32
         })
         .collect()
 }
@@ -799,13 +799,17 @@ fn bad_parameters_fail_create_with_a_clear_message() {
         ("bit-depth", json!({"bits": 0}), "bits must be in 1..=16"),
         ("bit-depth", json!({"bits": 17}), "bits must be in 1..=16"),
         ("jpeg", json!({"quality": 0}), "quality must be in 1..=100"),
-        ("jpeg", json!({"quality": "high"}), "quality"),
+        ("jpeg", json!({"quality": "high"}), "invalid parameters"),
         (
             "tv",
             json!({"weight": -1.0}),
             "weight must be a positive number",
         ),
-        ("tv", json!({"weight": 0.1, "units": "hu"}), "units"),
+        (
+            "tv",
+            json!({"weight": 0.1, "units": "hu"}),
+            "expected `relative` or `stored`",
+        ),
         (
             "tv",
             json!({"weight": 0.1, "iterations": 0}),
