@@ -113,10 +113,14 @@ fn each_purifier_writes_derived_dicoms_that_pydicom_reads() {
             );
             assert_ne!(c["sop_instance_uid"], row["sop_instance_uid"], "{name} {n}");
             assert_eq!(c["image_type"][0], "DERIVED", "{name} {n}");
-            assert!(
-                c["max_abs_diff"].as_i64().unwrap() > 0,
-                "{name} changed nothing in {n}: {c}"
-            );
+            // SC_rgb.dcm is flat colour bars: no block's mean normalised gradient reaches LGS's
+            // threshold, so LGS rightly leaves it as it is.
+            if !(name == "lgs" && *n == "SC_rgb.dcm") {
+                assert!(
+                    c["max_abs_diff"].as_i64().unwrap() > 0,
+                    "{name} changed nothing in {n}: {c}"
+                );
+            }
         }
         if name == "bit-depth" {
             // 3 bits over 0..255: only the 8 levels round(k * 255 / 7) remain.
