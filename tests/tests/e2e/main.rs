@@ -9,6 +9,7 @@ mod evaluate;
 mod inspect;
 mod model;
 mod plugins;
+mod purifiers;
 mod run;
 mod train;
 mod validate;
