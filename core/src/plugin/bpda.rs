@@ -27,12 +27,17 @@ pub struct Bpda<'a, B: PluginBackend> {
 impl<B: PluginBackend> Bpda<'_, B> {
     fn purify(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>, String> {
         let mut cur = b.upload(&b.download(x), &x.shape);
+        // A model call may carry several copies of the batch (rows r uses frame r mod N).
+        let rows = x.shape.first().copied().unwrap_or(0);
+        let frames: Vec<FrameMeta> = (0..rows)
+            .filter_map(|r| self.frames.get(r % self.frames.len().max(1)).cloned())
+            .collect();
         for inst in self.purifiers.borrow_mut().iter_mut() {
             let name = inst.handle().name.clone();
             let out = inst
                 .process(BatchInput {
                     backend: b,
-                    frames: self.frames.clone(),
+                    frames: frames.clone(),
                     input: b.upload(&b.download(&cur), &cur.shape),
                     model: None,
                     seed: self.seed,
@@ -62,5 +67,9 @@ impl<B: PluginBackend> BatchModel<B> for Bpda<'_, B> {
     ) -> Result<(Vec<f32>, Tensor<B>), String> {
         let y = self.purify(b, x)?;
         self.inner.loss_grad(b, &y, spec, targets)
+    }
+
+    fn input_scale(&self, b: &B) -> Result<Vec<f64>, String> {
+        self.inner.input_scale(b)
     }
 }

@@ -85,6 +85,10 @@ pub trait BatchModel<B: Backend> {
         spec: LossSpec,
         targets: &[u32],
     ) -> Result<(Vec<f32>, Tensor<B>), String>;
+    /// Per frame: model-input units per stored unit (ABI 1.1 `model_input_scale`).
+    fn input_scale(&self, _b: &B) -> Result<Vec<f64>, String> {
+        Err("this model service does not report its input scale".into())
+    }
 }
 
 /// Everything a `process` call may see.
@@ -183,6 +187,7 @@ impl<'a, B: PluginBackend> State<'a, B> {
             audit_flag: audit_flag::<B>,
             audit_text: audit_text::<B>,
             set_output: set_output::<B>,
+            model_input_scale: model_input_scale::<B>,
         }
     }
 }
@@ -1042,6 +1047,32 @@ unsafe extern "C" fn set_output<B: PluginBackend>(ctx: *mut c_void, t: AdvTensor
     svc::<B>(ctx, |st| {
         st.get(t)?;
         st.output = Some(t);
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn model_input_scale<B: PluginBackend>(
+    ctx: *mut c_void,
+    out: *mut f64,
+    n: usize,
+) -> AdvStatus {
+    svc::<B>(ctx, |st| {
+        let m = model_of(st)?;
+        if out.is_null() || n != st.frames.len() {
+            return Err(format!(
+                "a buffer of {n} scales for the batch's {} frames",
+                st.frames.len()
+            ));
+        }
+        let v = m.input_scale(st.backend)?;
+        if v.len() != n {
+            return Err(format!(
+                "the model service gave {} scales for {n} frames",
+                v.len()
+            ));
+        }
+        // SAFETY: out holds n f64 (non-null and length checked above).
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out, n) };
         Ok(())
     })
 }

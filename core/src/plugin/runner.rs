@@ -18,7 +18,7 @@ use crate::runtime::backend::{Backend, LossTargets, Tensor};
 use crate::runtime::card::ModelCard;
 use crate::runtime::ir::Graph;
 use crate::runtime::loss::LossSpec;
-use crate::runtime::preprocess::{FrameConsts, FrameParams, Pipeline};
+use crate::runtime::preprocess::{FrameConsts, FrameParams, Pipeline, WindowSpec};
 
 /// A model with its card, as given to a run.
 #[derive(Debug)]
@@ -167,11 +167,42 @@ pub(crate) enum ModelService<'p, B: Backend> {
     Broken(String),
 }
 
+/// The batch constants repeated for `rows` rows when that is a whole multiple (> 1) of the
+/// batch's frames (row `r` takes frame `r mod N`'s constants); `None` when no tiling is needed.
+fn tiled_consts<B: Backend>(
+    b: &B,
+    consts: &FrameConsts<B>,
+    rows: usize,
+) -> Result<Option<FrameConsts<B>>, String> {
+    let n = consts.a.shape.first().copied().unwrap_or(0);
+    if rows == n {
+        return Ok(None);
+    }
+    if n == 0 || !rows.is_multiple_of(n) {
+        return Err(format!(
+            "the model service takes the batch's {n} frames or a whole multiple of them, got {rows} rows"
+        ));
+    }
+    let tile = |t: &Tensor<B>| {
+        let v = b.download(t);
+        let rep: Vec<f32> = v.iter().copied().cycle().take(rows).collect();
+        b.upload(&rep, &[rows, 1, 1, 1])
+    };
+    Ok(Some(FrameConsts {
+        a: tile(&consts.a),
+        b: tile(&consts.b),
+    }))
+}
+
 impl<B: Backend> BatchModel<B> for ModelService<'_, B> {
     fn forward(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>, String> {
         match self {
             ModelService::Ready { pipe, consts } => {
-                let outs = pipe.forward(b, x, consts).map_err(|e| e.to_string())?;
+                let rows = x.shape.first().copied().unwrap_or(0);
+                let tiled = tiled_consts(b, consts, rows)?;
+                let outs = pipe
+                    .forward(b, x, tiled.as_ref().unwrap_or(consts))
+                    .map_err(|e| e.to_string())?;
                 outs.into_iter()
                     .nth(pipe.model.logits_output)
                     .ok_or_else(|| "the model has no logits output".to_string())
@@ -192,6 +223,35 @@ impl<B: Backend> BatchModel<B> for ModelService<'_, B> {
                     .loss_and_stored_grad(b, x, consts, spec, &LossTargets::Classes(targets))
                     .map_err(|e| e.to_string())?;
                 Ok((l, g))
+            }
+            ModelService::Broken(m) => Err(m.clone()),
+        }
+    }
+    fn input_scale(&self, b: &B) -> Result<Vec<f64>, String> {
+        match self {
+            ModelService::Ready { pipe, consts } => {
+                let spec = &pipe.spec;
+                // `a` is the per-frame affine before the window clip; the card's scale follows
+                // the clip when windowing (it is already folded into `a` otherwise), then the
+                // normalisation divides by std (one value when the channels are replicated).
+                let after_clip = match spec.window {
+                    WindowSpec::Fixed { .. } | WindowSpec::FromDicom => f64::from(spec.scale),
+                    WindowSpec::MinMax | WindowSpec::None => 1.0,
+                };
+                let std = match spec.std.first() {
+                    None => 1.0,
+                    Some(&s0) if spec.std.iter().all(|&s| s == s0) => f64::from(s0),
+                    Some(_) => {
+                        return Err(format!(
+                            "the card normalises channels with different std {:?}: no single input scale",
+                            spec.std
+                        ));
+                    }
+                };
+                Ok(b.download(&consts.a)
+                    .iter()
+                    .map(|&a| f64::from(a) * after_clip / std)
+                    .collect())
             }
             ModelService::Broken(m) => Err(m.clone()),
         }
@@ -256,6 +316,67 @@ impl<'m, B: Backend> ModelCache<'m, B> {
                 }
             }
         }
+    }
+}
+
+/// Runs batches of frames held in memory through plugin instances with a model's services:
+/// for evaluations and tests that craft, score and compare frames without writing DICOM
+/// (the same model service as [`run_files`] and the pipeline engine).
+pub struct MemoryRunner<'m, B: Backend> {
+    cache: Option<ModelCache<'m, B>>,
+}
+
+impl<B: Backend> std::fmt::Debug for MemoryRunner<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryRunner")
+            .field("model", &self.cache.is_some())
+            .finish()
+    }
+}
+
+impl<'m, B: PluginBackend> MemoryRunner<'m, B> {
+    pub fn new(model: Option<&'m RunModel>) -> Self {
+        MemoryRunner {
+            cache: model.map(ModelCache::new),
+        }
+    }
+
+    /// One `process` call on `[n, c, h, w]` stored values `data` with one description per
+    /// frame: the stored values the plugin set (if any) and its audit values per frame.
+    pub fn process(
+        &mut self,
+        backend: &B,
+        instance: &mut Instance,
+        data: &[f32],
+        shape: [usize; 4],
+        frames: Vec<FrameMeta>,
+        seed: u64,
+    ) -> Result<(Option<Vec<f32>>, Vec<BTreeMap<String, Value>>), super::PluginError> {
+        let [n, c, h, w] = shape;
+        let contract = |message: String| super::PluginError::Contract {
+            plugin: instance.handle().name.clone(),
+            message,
+        };
+        if frames.len() != n || data.len() != n * c * h * w {
+            return Err(contract(format!(
+                "{} frame descriptions and {} values for shape {shape:?}",
+                frames.len(),
+                data.len()
+            )));
+        }
+        let service = self
+            .cache
+            .as_mut()
+            .map(|m| m.service(backend, [c, h, w], data, &frames));
+        let input = backend.upload(data, &shape);
+        let out = instance.process(BatchInput {
+            backend,
+            frames,
+            input,
+            model: service.as_ref().map(|s| s as &dyn BatchModel<B>),
+            seed,
+        })?;
+        Ok((out.output.map(|t| backend.download(&t)), out.audit))
     }
 }
 

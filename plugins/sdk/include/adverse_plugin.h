@@ -11,7 +11,7 @@
 #define ADVERSE_ABI_MAJOR 1
 
 // Minor ABI version: bumped whenever a field or service is appended.
-#define ADVERSE_ABI_MINOR 0
+#define ADVERSE_ABI_MINOR 1
 
 // Plugin kinds ([`AdvPluginDesc::kind`]).
 #define ADV_KIND_ATTACK 1
@@ -216,7 +216,10 @@ typedef struct {
                              float std,
                              uint64_t stream,
                              AdvTensor *out);
-  // Logits `[N, K]` of the run's model (with its preprocessing) for stored values `x`.
+  // Logits `[N, K]` of the run's model (with its preprocessing) for stored values `x`. Since
+  // ABI 1.1, `x` may also hold `m * N` rows (any whole multiple of the batch's frame count):
+  // row `r` is preprocessed as frame `r mod N`, so a plugin can evaluate many variants of every
+  // frame (noise samples) in one call.
   AdvStatus (*model_forward)(void *ctx, AdvTensor x, AdvTensor *out);
   // Per-sample objective (`ADV_LOSS_*`) written to `out_losses[0..N]` and its gradient w.r.t.
   // the stored values `x` in `*out_grad`. `targets` holds N class indices: the true labels, or
@@ -252,6 +255,11 @@ typedef struct {
                           uintptr_t text_len);
   // The batch's result: new stored values, the input's shape.
   AdvStatus (*set_output)(void *ctx, AdvTensor t);
+  // Per frame of the batch: model-input units per stored unit (the derivative of one model
+  // input pixel w.r.t. one stored value inside the window, before any resize), written to
+  // `out[0..n]` with `n` = the batch's frame count. Lets a plugin state a scale given in the
+  // model's input units (a smoothing sigma, a certified radius) in stored units.
+  AdvStatus (*model_input_scale)(void *ctx, double *out, uintptr_t n);
 } AdvHost;
 
 // One batch of frames handed to `process`. Fields are only ever appended.

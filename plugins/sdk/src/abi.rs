@@ -21,7 +21,7 @@ use std::ffi::{c_char, c_void};
 /// Major ABI version: a change here means old plugins cannot run on this host.
 pub const ADVERSE_ABI_MAJOR: u32 = 1;
 /// Minor ABI version: bumped whenever a field or service is appended.
-pub const ADVERSE_ABI_MINOR: u32 = 0;
+pub const ADVERSE_ABI_MINOR: u32 = 1;
 
 /// Status codes returned by every plugin entry point and host service.
 pub type AdvStatus = i32;
@@ -417,7 +417,10 @@ pub struct AdvHost {
     ) -> AdvStatus,
 
     // ---- model ----------------------------------------------------------------------------------
-    /// Logits `[N, K]` of the run's model (with its preprocessing) for stored values `x`.
+    /// Logits `[N, K]` of the run's model (with its preprocessing) for stored values `x`. Since
+    /// ABI 1.1, `x` may also hold `m * N` rows (any whole multiple of the batch's frame count):
+    /// row `r` is preprocessed as frame `r mod N`, so a plugin can evaluate many variants of every
+    /// frame (noise samples) in one call.
     pub model_forward:
         unsafe extern "C" fn(ctx: *mut c_void, x: AdvTensor, out: *mut AdvTensor) -> AdvStatus,
     /// Per-sample objective (`ADV_LOSS_*`) written to `out_losses[0..N]` and its gradient w.r.t.
@@ -470,4 +473,12 @@ pub struct AdvHost {
     ) -> AdvStatus,
     /// The batch's result: new stored values, the input's shape.
     pub set_output: unsafe extern "C" fn(ctx: *mut c_void, t: AdvTensor) -> AdvStatus,
+
+    // ---- appended in ABI 1.1 ----------------------------------------------------------------------
+    /// Per frame of the batch: model-input units per stored unit (the derivative of one model
+    /// input pixel w.r.t. one stored value inside the window, before any resize), written to
+    /// `out[0..n]` with `n` = the batch's frame count. Lets a plugin state a scale given in the
+    /// model's input units (a smoothing sigma, a certified radius) in stored units.
+    pub model_input_scale:
+        unsafe extern "C" fn(ctx: *mut c_void, out: *mut f64, n: usize) -> AdvStatus,
 }

@@ -468,6 +468,12 @@ impl<'a> Host<'a> {
     }
 }
 
+/// Whether a host table of `raw.size` bytes holds the function-pointer field at `offset`
+/// (fields appended in a later minor version are absent from an older host's table).
+fn has_field(raw: &AdvHost, offset: usize) -> bool {
+    raw.size as usize >= offset + std::mem::size_of::<usize>()
+}
+
 /// Calls the Rust closure behind `user` (a `*const CpuKernel`), catching panics.
 unsafe extern "C" fn cpu_trampoline(
     user: *mut c_void,
@@ -628,6 +634,21 @@ impl<'a> Batch<'a> {
             )
         };
         self.host.check(st, "audit_text")
+    }
+    /// Per frame: model-input units per stored unit (ABI 1.1; see
+    /// [`abi::AdvHost::model_input_scale`]). An error on a host whose table predates the service.
+    pub fn model_input_scale(&self) -> Result<Vec<f64>> {
+        let raw = self.host.raw;
+        if !has_field(raw, std::mem::offset_of!(AdvHost, model_input_scale)) {
+            return Err(Error::new(
+                "the host predates ABI 1.1 and has no model_input_scale service",
+            ));
+        }
+        let mut v = vec![0f64; self.len()];
+        // SAFETY: the field exists in the host's table (size checked); v holds n f64.
+        let st = unsafe { (raw.model_input_scale)(self.host.ctx(), v.as_mut_ptr(), v.len()) };
+        self.host.check(st, "model_input_scale")?;
+        Ok(v)
     }
     /// Sets the batch's resulting stored values.
     pub fn set_output(&self, t: Tensor) -> Result<()> {

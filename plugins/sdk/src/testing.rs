@@ -84,6 +84,8 @@ impl std::fmt::Display for Failure {
 pub struct TestHost {
     frames: Vec<FrameMeta>,
     model: Option<TestModel>,
+    /// Model-input units per stored unit: the model sees `input_scale * x` (1 unless set).
+    input_scale: Option<f64>,
     seed: u64,
     tensors: HashMap<AdvTensor, (Vec<f32>, Vec<usize>)>,
     next: AdvTensor,
@@ -106,6 +108,15 @@ impl TestHost {
     pub fn with_model(mut self, model: TestModel) -> Self {
         self.model = Some(model);
         self
+    }
+    /// Makes the model see `scale * x` for stored values `x` (a preprocessing scale such as
+    /// 1/255), reported by the `model_input_scale` service for every frame.
+    pub fn with_input_scale(mut self, scale: f64) -> Self {
+        self.input_scale = Some(scale);
+        self
+    }
+    fn scale(&self) -> f64 {
+        self.input_scale.unwrap_or(1.0)
     }
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
@@ -180,6 +191,7 @@ impl TestHost {
             audit_flag,
             audit_text,
             set_output,
+            model_input_scale,
         }
     }
 }
@@ -719,10 +731,12 @@ unsafe extern "C" fn model_forward(
 ) -> AdvStatus {
     svc(ctx, |h| {
         let m = h.model.clone().ok_or("no model in this test host")?;
+        let sc = h.scale() as f32;
         let (d, s) = h.get(x)?;
         let n = s.first().copied().unwrap_or(0);
+        let d: Vec<f32> = d.iter().map(|v| v * sc).collect();
         let z = m
-            .logits(d, n)
+            .logits(&d, n)
             .ok_or("input does not match the test model")?;
         let id = h.put(z, vec![n, m.classes()]);
         store(out, id)
@@ -743,7 +757,9 @@ unsafe extern "C" fn model_loss_grad(
 ) -> AdvStatus {
     svc(ctx, |h| {
         let m = h.model.clone().ok_or("no model in this test host")?;
+        let sc = h.scale() as f32;
         let (d, s) = h.get(x)?.clone();
+        let d: Vec<f32> = d.iter().map(|v| v * sc).collect();
         let n = s.first().copied().unwrap_or(0);
         // SAFETY: the plugin passes n_targets labels.
         let t = unsafe { slice_or_empty(targets, n_targets) };
@@ -831,6 +847,8 @@ unsafe extern "C" fn model_loss_grad(
                 }
             }
         }
+        // The chain rule through the input scale.
+        grad.iter_mut().for_each(|g| *g *= sc);
         let id = h.put(grad, s);
         store(out_grad, id)
     })
@@ -944,6 +962,26 @@ unsafe extern "C" fn set_output(ctx: *mut c_void, t: AdvTensor) -> AdvStatus {
     svc(ctx, |h| {
         h.get(t)?;
         h.output = Some(t);
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn model_input_scale(ctx: *mut c_void, out: *mut f64, n: usize) -> AdvStatus {
+    svc(ctx, |h| {
+        if h.model.is_none() {
+            return Err("no model in this test host".into());
+        }
+        if out.is_null() || n != h.frames.len() {
+            return Err(format!(
+                "a buffer of {n} scales for {} frames",
+                h.frames.len()
+            ));
+        }
+        let sc = h.scale();
+        for i in 0..n {
+            // SAFETY: out holds n f64 (checked non-null above).
+            unsafe { *out.add(i) = sc };
+        }
         Ok(())
     })
 }

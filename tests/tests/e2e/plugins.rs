@@ -508,7 +508,7 @@ fn a_pinned_hash_mismatch_is_refused() {
     assert!(info.status.success(), "{}", stderr(&info));
     let text = stdout(&info);
     assert!(
-        text.contains("kind: purifier") && text.contains("abi: 1.0") && text.contains("\"radius\""),
+        text.contains("kind: purifier") && text.contains("abi: 1.1") && text.contains("\"radius\""),
         "{text}"
     );
     let actual = sha256_line(&text);
