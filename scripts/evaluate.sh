@@ -7,5 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cmake >/dev/null 2>&1 || { [ "$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null; }
 cargo build --release -p adverse --bin adverse
-cargo build --release -p adverse-plugins-basic -p adverse-plugins-attacks
+cargo build --release -p adverse-plugins-basic -p adverse-plugins-attacks -p adverse-plugins-detectors -p adverse-plugins-purifiers
 ./target/release/adverse evaluate pipelines/eval-demo.yaml "$@"

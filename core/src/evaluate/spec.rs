@@ -272,7 +272,7 @@ fn class_key() -> String {
     "class".into()
 }
 fn radius_key() -> String {
-    "radius".into()
+    "radius_input".into()
 }
 fn radii() -> Vec<f64> {
     vec![0.25, 0.5, 1.0]

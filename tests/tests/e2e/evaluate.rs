@@ -82,8 +82,16 @@ fn rendered_dom(html: &Path) -> String {
 #[test]
 fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
     let plugins = plugin_dir(
-        &["adverse-plugins-basic", "adverse-plugins-attacks"],
-        &["adverse_plugins_basic", "adverse_plugins_attacks"],
+        &[
+            "adverse-plugins-basic",
+            "adverse-plugins-attacks",
+            "adverse-plugins-detectors",
+        ],
+        &[
+            "adverse_plugins_basic",
+            "adverse_plugins_attacks",
+            "adverse_plugins_detectors",
+        ],
     );
     let dir = tempfile::tempdir().unwrap();
     let file = evaluation(
@@ -98,6 +106,10 @@ fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
          defenses:\n\
          \x20 - { name: none }\n\
          \x20 - { name: median-3x3, purifier: median, params: { radius: 1 } }\n\
+         detectors:\n\
+         \x20 - { detector: feature-squeezing, params: { bit_depth: null, median: [2] }, against: [pgd] }\n\
+         certify:\n\
+         \x20 - { plugin: smoothing, params: { sigma: 0.25, n0: 20, n: 100, alpha: 0.01 } }\n\
          sanity: { large_eps: 64 }\n",
     );
     let run = adverse(&["evaluate", "-q", file.to_str().unwrap()]);
@@ -105,9 +117,10 @@ fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
     let ev: Value =
         serde_json::from_slice(&std::fs::read(out.join("evaluation.json")).unwrap()).unwrap();
     // Every planned run happened: 2 defenses x (clean + 4 attacks x 2 budgets) + the large-eps
-    // run, 12 images each, none failed.
+    // run + the detector's clean and 2 PGD runs + the certification, 12 images each, none
+    // failed.
     let runs = ev["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 2 * (1 + 4 * 2) + 1, "{}", text(&run));
+    assert_eq!(runs.len(), 2 * (1 + 4 * 2) + 1 + 3 + 1, "{}", text(&run));
     assert!(runs.iter().all(|r| r["failed"] == 0), "{runs:?}");
     let cells = ev["cells"].as_array().unwrap();
     assert!(cells.iter().all(|c| c["images"] == 12), "{cells:?}");
@@ -174,6 +187,29 @@ fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
         "onnxruntime on the written files disagrees with the evaluation"
     );
 
+    // Detection: one ROC per PGD budget, scored on the clean images the model gets right and
+    // on the successful adversarial ones; at eps 8 PGD fools most images, and its perturbation
+    // is what the median squeezer removes, so the detector ranks them above clean ones.
+    let det = ev["detection"].as_array().unwrap();
+    assert_eq!(det.len(), 2, "{det:?}");
+    let d8 = det.iter().find(|d| d["eps"] == 8.0).unwrap();
+    assert!(d8["positives"].as_u64().unwrap() > 0 && d8["negatives"].as_u64().unwrap() > 0);
+    assert!(d8["auc"].as_f64().unwrap() > 0.5, "{d8}");
+    let roc = d8["roc"].as_array().unwrap();
+    assert_eq!(roc.first().unwrap(), &serde_json::json!([0.0, 0.0]));
+    assert_eq!(roc.last().unwrap(), &serde_json::json!([1.0, 1.0]));
+    // Certification: certified accuracy at the three radii, non-increasing in the radius.
+    let cert = &ev["certification"][0];
+    assert_eq!(cert["images"], 12, "{cert}");
+    let at: Vec<f64> = cert["at"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_f64().unwrap())
+        .collect();
+    assert_eq!(at.len(), 3);
+    assert!(at.windows(2).all(|w| w[1] <= w[0]), "{at:?}");
+
     // The sanity checks ran and the exit status follows their verdicts.
     let checks = ev["checks"].as_array().unwrap();
     let names: Vec<&str> = checks
@@ -237,8 +273,9 @@ fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
         .map(|s| s.as_str().unwrap())
         .collect();
     assert_eq!(sections, adverse::report::SECTIONS);
-    // One accuracy chart per defense plus the worst-case comparison.
-    assert_eq!(check["figures"], 3, "{check}");
+    // One accuracy chart per defense, the worst-case comparison, the detector's ROC curves and
+    // the certified-accuracy curve.
+    assert_eq!(check["figures"], 5, "{check}");
     assert!(check["images"].as_u64().unwrap() >= 4, "{check}");
     assert_eq!(check["broken_images"], 0, "{check}");
     assert!(dom.contains("pneumonia-cnn"), "the model card is shown");
