@@ -10,3 +10,4 @@ pub mod pipeline;
 pub mod plugin;
 pub mod runtime;
 pub mod train;
+pub mod watch;

@@ -12,6 +12,7 @@ pub mod plugins;
 pub mod run;
 pub mod train;
 pub mod validate;
+pub mod watch;
 
 /// Exit codes shared by every subcommand.
 pub mod exit {
@@ -79,6 +80,8 @@ pub enum Command {
     Audit(audit::AuditArgs),
     /// Check a pipeline file and report every problem at once (exit 2 if any).
     Validate(validate::ValidateArgs),
+    /// Watch a folder: screen or purify every DICOM file dropped into it (exactly once).
+    Watch(watch::WatchArgs),
 }
 
 /// Parse arguments and run. Usage errors exit with [`exit::USAGE`].
@@ -105,5 +108,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Train(a) => train::run(a),
         Command::Audit(a) => audit::run(a),
         Command::Validate(a) => validate::run(a),
+        Command::Watch(a) => watch::run(a),
     }
 }

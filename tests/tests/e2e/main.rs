@@ -11,3 +11,4 @@ mod plugins;
 mod run;
 mod train;
 mod validate;
+mod watch;
