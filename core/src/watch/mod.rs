@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam::channel;
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::pipeline::config::{DoneAction, FlaggedMode, FlaggedSpec, Pipeline};
