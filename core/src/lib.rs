@@ -12,3 +12,4 @@ pub mod plugin;
 pub mod report;
 pub mod runtime;
 pub mod train;
+pub mod watch;

@@ -14,6 +14,7 @@ pub mod report;
 pub mod run;
 pub mod train;
 pub mod validate;
+pub mod watch;
 
 /// Exit codes shared by every subcommand.
 pub mod exit {
@@ -85,6 +86,8 @@ pub enum Command {
     Evaluate(evaluate::EvaluateArgs),
     /// Write the self-contained HTML report of an evaluation folder.
     Report(report::ReportArgs),
+    /// Watch a folder: screen or purify every DICOM file dropped into it (exactly once).
+    Watch(watch::WatchArgs),
 }
 
 /// Parse arguments and run. Usage errors exit with [`exit::USAGE`].
@@ -113,5 +116,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Validate(a) => validate::run(a),
         Command::Evaluate(a) => evaluate::run(a),
         Command::Report(a) => report::run(a),
+        Command::Watch(a) => watch::run(a),
     }
 }

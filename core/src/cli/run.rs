@@ -69,6 +69,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         jobs: a.jobs,
         force: a.force,
         progress: !a.quiet,
+        ..RunOptions::default()
     };
     let summary = match engine::run(&pipeline, &opts, stop_flag()) {
         Ok(s) => s,

@@ -45,6 +45,82 @@ pub struct PipelineSpec {
     pub plugins: PluginsSpec,
     #[serde(default)]
     pub run: RunSpec,
+    /// Settings of `adverse watch` (ignored by `adverse run`).
+    #[serde(default)]
+    pub watch: Option<WatchSpec>,
+}
+
+/// What happens to an input once its outcome is durable in the audit log.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DoneAction {
+    /// Into `done_dir` (default `<watch>/.adverse/done/`), under its relative path.
+    #[default]
+    Move,
+    Delete,
+    /// Back where it was; this instance ignores it until it changes.
+    Keep,
+}
+
+/// Whether a flagged image goes to the flagged folder as well as, or instead of, the output.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FlaggedMode {
+    #[default]
+    Also,
+    Instead,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FlaggedSpec {
+    pub dir: PathBuf,
+    #[serde(default)]
+    pub mode: FlaggedMode,
+}
+
+/// The `watch:` section. Every field has a default, so `watch: {}` is valid.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WatchSpec {
+    /// Folder to watch (default: `input.path`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Watch subfolders too (default: `input.recursive`).
+    #[serde(default)]
+    pub recursive: Option<bool>,
+    /// How long size and mtime must stay unchanged before a file is taken (default 500 ms).
+    #[serde(default)]
+    pub settle_ms: Option<u64>,
+    /// Poll the folder every this many ms instead of native events (network shares).
+    #[serde(default)]
+    pub poll_ms: Option<u64>,
+    /// Full rescan period in seconds, for events the OS dropped (default 60; 0: never).
+    #[serde(default)]
+    pub rescan_s: Option<u64>,
+    /// How long a stable file that does not parse as complete DICOM is retried before it is
+    /// processed anyway (and so quarantined with the parse error). Default 30 000 ms.
+    #[serde(default)]
+    pub incomplete_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub done: DoneAction,
+    #[serde(default)]
+    pub done_dir: Option<PathBuf>,
+    /// Default `<watch>/.adverse/quarantine`.
+    #[serde(default)]
+    pub quarantine: Option<PathBuf>,
+    /// A claim whose owner's heartbeat is older than this is taken over (default 60 s).
+    #[serde(default)]
+    pub lease_s: Option<u64>,
+    /// Route images a detector flagged.
+    #[serde(default)]
+    pub flagged: Option<FlaggedSpec>,
+    /// Status line period on stderr in seconds (default 30; 0: none).
+    #[serde(default)]
+    pub status_every_s: Option<u64>,
+    /// Status JSON file, rewritten atomically with every status line and at stop.
+    #[serde(default)]
+    pub status_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -223,6 +299,8 @@ pub struct Pipeline {
     pub plugin_dirs: Vec<PathBuf>,
     pub pins: Vec<String>,
     pub backend: Option<BackendChoice>,
+    /// The `watch:` section with its paths resolved (None when absent).
+    pub watch: Option<WatchSpec>,
 }
 
 /// `base.join(p)` unless `p` is absolute, then lexically normalised (no symlink resolution:
@@ -316,7 +394,29 @@ impl Pipeline {
             .iter()
             .map(|(k, v)| format!("{k}={}", v.strip_prefix("sha256:").unwrap_or(v)))
             .collect();
+        let watch = spec.watch.clone().map(|mut w| {
+            w.path = w.path.map(|p| resolve(&base, &p));
+            w.done_dir = w.done_dir.map(|p| resolve(&base, &p));
+            w.quarantine = w.quarantine.map(|p| resolve(&base, &p));
+            w.status_file = w.status_file.map(|p| resolve(&base, &p));
+            if let Some(f) = &mut w.flagged {
+                f.dir = resolve(&base, &f.dir);
+            }
+            w
+        });
+        if let Some(w) = &watch {
+            if w.settle_ms == Some(0) {
+                return Err(invalid("watch.settle_ms: must be at least 1".into()));
+            }
+            if w.poll_ms == Some(0) {
+                return Err(invalid("watch.poll_ms: must be at least 1".into()));
+            }
+            if w.lease_s == Some(0) {
+                return Err(invalid("watch.lease_s: must be at least 1".into()));
+            }
+        }
         Ok(Pipeline {
+            watch,
             file: path.to_path_buf(),
             sha256: hex::encode(Sha256::digest(bytes)),
             input: resolve(&base, &spec.input.path),
@@ -399,5 +499,27 @@ plugins: { dirs: [../target/release], pins: { pgd: "sha256:00" } }
         assert!(e.to_string().contains("appears twice"), "{e}");
         let ok = "name: a\ninput: {path: .}\noutput: {dir: o}\nstages: [{purifier: m}, {purifier: m, id: m2}]";
         assert!(Pipeline::parse(Path::new("/x.yaml"), ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn watch_section_resolves_paths_and_refuses_zero_periods() {
+        let y = "name: a\ninput: {path: in}\noutput: {dir: o}\nwatch: {path: drop, settle_ms: 200, done: delete, quarantine: q, flagged: {dir: f, mode: instead}}";
+        let p = Pipeline::parse(Path::new("/r/p.yaml"), y.as_bytes()).unwrap();
+        let w = p.watch.unwrap();
+        assert_eq!(w.path.as_deref(), Some(Path::new("/r/drop")));
+        assert_eq!(w.quarantine.as_deref(), Some(Path::new("/r/q")));
+        assert_eq!(w.done, DoneAction::Delete);
+        let f = w.flagged.unwrap();
+        assert_eq!(
+            (f.dir.as_path(), f.mode),
+            (Path::new("/r/f"), FlaggedMode::Instead)
+        );
+        for bad in ["settle_ms: 0", "poll_ms: 0", "lease_s: 0"] {
+            let y = format!("name: a\ninput: {{path: in}}\noutput: {{dir: o}}\nwatch: {{{bad}}}");
+            let e = Pipeline::parse(Path::new("/r/p.yaml"), y.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains("at least 1"), "{e}");
+        }
+        let typo = "name: a\ninput: {path: in}\noutput: {dir: o}\nwatch: {done: archive}";
+        assert!(Pipeline::parse(Path::new("/r/p.yaml"), typo.as_bytes()).is_err());
     }
 }

@@ -72,6 +72,41 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
     }
 }
 
+/// One input handed to the engine by an outside [`RunOptions::source`] (watch mode): the file to
+/// read and the name it is recorded and written under (relative to the output folder).
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub path: PathBuf,
+    pub rel: String,
+}
+
+/// How one input ended, sent on [`RunOptions::completions`] only once its audit record is
+/// synced to disk: the caller may then delete or move the input without losing the evidence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub rel: String,
+    pub outcome: Completed,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Completed {
+    /// Processed; `output` is the written derived file (relative to the output folder), if the
+    /// stages changed the image. `flagged`: a detector flagged at least one frame; `scores`
+    /// holds the detectors' per-frame values.
+    Ok {
+        output: Option<String>,
+        flagged: bool,
+        scores: Value,
+    },
+    /// Done by an earlier run with the same processing identity (nothing new was written).
+    Skipped,
+    Failed {
+        stage: String,
+        plugin: Option<String>,
+        error: String,
+    },
+}
+
 /// Command-line overrides of the pipeline file.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -83,7 +118,21 @@ pub struct RunOptions {
     pub force: bool,
     /// Draw a progress bar on stderr (when it is a terminal).
     pub progress: bool,
+    /// Take inputs from this channel instead of walking the input folder; the run ends when
+    /// every sender is dropped and the work in flight is finished.
+    pub source: Option<Receiver<Job>>,
+    /// Where each input's [`Completion`] goes, after its audit record is durable.
+    pub completions: Option<Sender<Completion>>,
+    /// Instance name of a watcher: its audit log is `<output>/audit/<name>.jsonl` and its
+    /// results `<output>/results/<name>.{jsonl,csv,summary.json}`, so several watchers can
+    /// share one output folder (the audit log is locked by its writer). Temporary files are
+    /// then removed at start only when older than [`STALE_TEMP_AGE`]: a younger one may be a
+    /// neighbour's write in progress.
+    pub instance: Option<String>,
 }
+
+/// Age after which a temporary output file is certainly abandoned (no write takes that long).
+pub const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What a run did (this run's work; `totals` cover the whole output folder after compaction).
 #[derive(Debug, Clone, Serialize)]
@@ -173,12 +222,15 @@ struct Work {
 }
 
 enum Outcome {
-    Skipped,
+    /// Done before (same input bytes, same processing identity, outputs present).
+    Skipped(String),
     Failed {
         rel: String,
         input_sha: Option<String>,
         sop_in: Option<String>,
         stage: &'static str,
+        /// The stage label when a plugin failed.
+        plugin: Option<String>,
         error: String,
     },
     Done(Box<Work>),
@@ -354,6 +406,7 @@ fn discover(
                     input_sha: None,
                     sop_in: None,
                     stage: "discover",
+                    plugin: None,
                     error: e.to_string(),
                 });
             }
@@ -419,11 +472,20 @@ fn finished(records: &[Record], pipeline_id: &str) -> HashMap<String, (String, V
 
 /// Removes temporary files a killed run left in the output folder (never complete outputs:
 /// those are renamed into place atomically).
-fn remove_stale_temps(dir: &Path) {
+fn remove_stale_temps(dir: &Path, min_age: Option<std::time::Duration>) {
     for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
         let n = e.file_name().to_string_lossy();
         if e.file_type().is_file() && n.starts_with(".adverse-") && n.ends_with(".tmp") {
-            let _ = std::fs::remove_file(e.path());
+            let old_enough = min_age.is_none_or(|age| {
+                e.metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|el| el >= age)
+            });
+            if old_enough {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
 }
@@ -447,11 +509,29 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
     let started = Instant::now();
     let setup = prepare(p, o)?;
     std::fs::create_dir_all(&setup.output).map_err(io_err(&setup.output))?;
-    remove_stale_temps(&setup.output);
-    let audit_path = if o.output.is_some() && p.spec.output.audit.is_none() {
+    remove_stale_temps(&setup.output, o.instance.as_ref().map(|_| STALE_TEMP_AGE));
+    let audit_path = if let Some(id) = &o.instance {
+        setup.output.join("audit").join(format!("{id}.jsonl"))
+    } else if o.output.is_some() && p.spec.output.audit.is_none() {
         setup.output.join("audit.jsonl")
     } else {
         p.audit.clone()
+    };
+    let (results_path, csv_path, summary_path) = match &o.instance {
+        Some(id) => {
+            let dir = setup.output.join("results");
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            (
+                dir.join(format!("{id}.jsonl")),
+                dir.join(format!("{id}.csv")),
+                dir.join(format!("{id}.summary.json")),
+            )
+        }
+        None => (
+            setup.output.join("results.jsonl"),
+            setup.output.join("results.csv"),
+            setup.output.join("summary.json"),
+        ),
     };
     if let Some(parent) = audit_path.parent() {
         std::fs::create_dir_all(parent).map_err(io_err(parent))?;
@@ -480,7 +560,6 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
 
     let include = globs(&p.spec.input.include)?;
     let exclude = globs(&p.spec.input.exclude)?;
-    let results_path = setup.output.join("results.jsonl");
     let mut results = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -492,7 +571,7 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
     }
 
     let cap = setup.jobs * 2;
-    let (tx_path, rx_path) = channel::bounded::<PathBuf>(1024);
+    let (tx_path, rx_path) = channel::bounded::<Job>(1024);
     let (tx_dec, rx_dec) = channel::bounded::<Decoded>(cap.max(setup.batch_size));
     let (tx_write, rx_write) = channel::bounded::<Box<Work>>(cap);
     let (tx_verify, rx_verify) = channel::unbounded::<Box<Work>>();
@@ -546,8 +625,18 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
             let (include, exclude, found, stop) = (&include, &exclude, &found, &stop);
             let progress = progress.clone();
             let guard = &guard;
+            let source = o.source.clone();
             s.spawn(move || {
                 guard("discovery", &mut || {
+                    if let Some(source) = &source {
+                        for job in source.iter() {
+                            found.fetch_add(1, Ordering::Relaxed);
+                            if tx_path.send(job).is_err() {
+                                break;
+                            }
+                        }
+                        return;
+                    }
                     let (tx2, rx2) = channel::bounded::<PathBuf>(64);
                     std::thread::scope(|s2| {
                         s2.spawn(|| {
@@ -568,7 +657,8 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
                             if let Some(pb) = &progress {
                                 pb.inc_length(1);
                             }
-                            if tx_path.send(path).is_err() {
+                            let rel = rel_string(input, &path);
+                            if tx_path.send(Job { path, rel }).is_err() {
                                 break;
                             }
                         }
@@ -583,11 +673,11 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
             let guard = &guard;
             s.spawn(move || {
                 guard("decode", &mut || {
-                    for path in rx_path.iter() {
+                    for job in rx_path.iter() {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
-                        let out = decode_one(&path, setup, limits, done_before);
+                        let out = decode_one(&job.path, &job.rel, setup, limits, done_before);
                         let sent = match out {
                             Ok(d) => tx_dec.send(d).is_ok(),
                             Err(o) => tx_out.send(o).is_ok(),
@@ -640,13 +730,45 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
                 (&backend_name, progress.clone(), &mut audit_error);
             let setup = &setup;
             let guard = &guard;
+            let completions = o.completions.clone();
+            let results_path = &results_path;
             s.spawn(move || {
                 guard("results", &mut || {
+                    // Completions wait for the audit sync; one sync covers every record that
+                    // arrived together (at most 64), so a burst costs one fsync, not one each.
+                    let mut pending: Vec<Completion> = Vec::new();
                     for o in rx_out.iter() {
-                        if let Err(e) =
-                            record(o, setup, run_info, backend_name, audit, results, tx_done)
-                        {
-                            audit_error.get_or_insert(e);
+                        match record(
+                            o,
+                            setup,
+                            run_info,
+                            backend_name,
+                            audit,
+                            results,
+                            results_path,
+                            tx_done,
+                        ) {
+                            Ok(c) => pending.extend(c),
+                            Err(e) => {
+                                audit_error.get_or_insert(e);
+                            }
+                        }
+                        if let Some(tx) = &completions {
+                            if !pending.is_empty() && (rx_out.is_empty() || pending.len() >= 64) {
+                                match audit.sync() {
+                                    Ok(()) => {
+                                        for c in pending.drain(..) {
+                                            let _ = tx.send(c);
+                                        }
+                                    }
+                                    Err(e) => {
+                                        // Not durable: the inputs stay claimed and are redone
+                                        // by the next start (which skips what did reach disk).
+                                        pending.clear();
+                                        audit_error.get_or_insert(e.into());
+                                    }
+                                }
+                            }
                         }
                         if let Some(pb) = &progress {
                             pb.set_position(
@@ -698,7 +820,6 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
         return Err(e);
     }
     drop(results);
-    let csv_path = setup.output.join("results.csv");
     summary.totals = compact(&results_path, &csv_path).map_err(io_err(&results_path))?;
     let secs = started.elapsed().as_secs_f64();
     summary.seconds = secs;
@@ -706,25 +827,25 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
     summary.frames_per_second = summary.frames as f64 / secs.max(1e-9);
     summary.peak_rss_bytes = peak_rss_bytes();
     summary.interrupted = interrupted;
-    let sp = setup.output.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
-    std::fs::write(&sp, text + "\n").map_err(io_err(&sp))?;
+    std::fs::write(&summary_path, text + "\n").map_err(io_err(&summary_path))?;
     Ok(summary)
 }
 
 fn decode_one(
     path: &Path,
+    rel: &str,
     setup: &Setup,
     limits: &DecodeLimits,
     done_before: &HashMap<String, (String, Vec<String>)>,
 ) -> Result<Decoded, Outcome> {
     let t = Instant::now();
-    let rel = rel_string(&setup.input, path);
     let fail = |stage, error: String, sha: Option<String>| Outcome::Failed {
-        rel: rel.clone(),
+        rel: rel.to_string(),
         input_sha: sha,
         sop_in: None,
         stage,
+        plugin: None,
         error,
     };
     let bytes = match std::fs::metadata(path) {
@@ -745,9 +866,9 @@ fn decode_one(
         Err(e) => return Err(fail("read", format!("{}: {e}", path.display()), None)),
     };
     let sha = sha256_hex(&bytes);
-    if let Some((prev_sha, outs)) = done_before.get(&rel) {
+    if let Some((prev_sha, outs)) = done_before.get(rel) {
         if *prev_sha == sha && outs.iter().all(|o| setup.output.join(o).is_file()) {
-            return Err(Outcome::Skipped);
+            return Err(Outcome::Skipped(rel.to_string()));
         }
     }
     let parsed = DicomFile::from_bytes(path, &bytes).and_then(|f| {
@@ -762,7 +883,7 @@ fn decode_one(
                 .labels
                 .lookup(path, orig.meta.sop_instance_uid.as_deref());
             Ok(Decoded {
-                rel,
+                rel: rel.to_string(),
                 input_sha: sha,
                 src,
                 orig,
@@ -957,7 +1078,7 @@ fn run_group<B: PluginBackend>(
             }))
         })
         .collect();
-    let mut errors: Vec<Option<(&'static str, String)>> = vec![None; works.len()];
+    let mut errors: Vec<Option<(&'static str, String, Option<String>)>> = vec![None; works.len()];
     let frames: Vec<(usize, usize)> = works
         .iter()
         .enumerate()
@@ -987,12 +1108,14 @@ fn run_group<B: PluginBackend>(
                 setup.labels.target,
             ));
         }
-        let fail_chunk =
-            |errors: &mut Vec<Option<(&'static str, String)>>, stage: &'static str, msg: String| {
-                for &(i, _) in chunk {
-                    errors[i].get_or_insert((stage, msg.clone()));
-                }
-            };
+        let fail_chunk = |errors: &mut Vec<Option<(&'static str, String, Option<String>)>>,
+                          stage: &'static str,
+                          plugin: Option<&str>,
+                          msg: String| {
+            for &(i, _) in chunk {
+                errors[i].get_or_insert((stage, msg.clone(), plugin.map(str::to_string)));
+            }
+        };
         match predict(b, cache, [c, h, w], &data, &metas) {
             Ok(Some(p)) => {
                 for (j, &(i, k)) in chunk.iter().enumerate() {
@@ -1006,7 +1129,7 @@ fn run_group<B: PluginBackend>(
                 }
             }
             Err(Unfit::Failed(e)) => {
-                fail_chunk(&mut errors, "model", format!("model: {e}"));
+                fail_chunk(&mut errors, "model", None, format!("model: {e}"));
                 continue;
             }
         }
@@ -1016,7 +1139,12 @@ fn run_group<B: PluginBackend>(
             let inst = match &mut head[si] {
                 Ok(inst) => inst,
                 Err(e) => {
-                    fail_chunk(&mut errors, "stage", format!("stage `{}`: {e}", st.label));
+                    fail_chunk(
+                        &mut errors,
+                        "stage",
+                        Some(&st.label),
+                        format!("stage `{}`: {e}", st.label),
+                    );
                     break;
                 }
             };
@@ -1059,7 +1187,12 @@ fn run_group<B: PluginBackend>(
             drop(svc);
             let out = match res {
                 Err(e) => {
-                    fail_chunk(&mut errors, "stage", format!("stage `{}`: {e}", st.label));
+                    fail_chunk(
+                        &mut errors,
+                        "stage",
+                        Some(&st.label),
+                        format!("stage `{}`: {e}", st.label),
+                    );
                     break;
                 }
                 Ok(out) => out,
@@ -1076,6 +1209,7 @@ fn run_group<B: PluginBackend>(
                         fail_chunk(
                             &mut errors,
                             "model",
+                            Some(&st.label),
                             format!("model after `{}`: {e}", st.label),
                         );
                         break;
@@ -1115,12 +1249,13 @@ fn run_group<B: PluginBackend>(
     for (i, slot) in works.iter_mut().enumerate() {
         let Some(mut w) = slot.take() else { continue };
         w.compute_ms = ms;
-        if let Some((stage, error)) = errors[i].take() {
+        if let Some((stage, error, plugin)) = errors[i].take() {
             let _ = tx_out.send(Outcome::Failed {
                 rel: w.d.rel.clone(),
                 input_sha: Some(w.d.input_sha.clone()),
                 sop_in: w.d.orig.meta.sop_instance_uid.clone(),
                 stage,
+                plugin,
                 error,
             });
         } else if tx_write.send(w).is_err() {
@@ -1142,6 +1277,7 @@ fn write_one(
         input_sha: Some(w.d.input_sha.clone()),
         sop_in: w.d.orig.meta.sop_instance_uid.clone(),
         stage,
+        plugin: None,
         error,
     };
     let n = w.frames.len();
@@ -1264,7 +1400,8 @@ fn round4(v: f64) -> Value {
     }
 }
 
-/// Appends the rows and then the audit record of one outcome.
+/// Appends the rows and then the audit record of one outcome; returns its completion (for a
+/// caller that wants one) on success.
 fn record(
     o: Outcome,
     setup: &Setup,
@@ -1272,23 +1409,29 @@ fn record(
     backend: &str,
     audit: &mut AuditLog,
     results: &mut std::fs::File,
+    results_path: &Path,
     summary: &mut Summary,
-) -> Result<(), EngineError> {
+) -> Result<Option<Completion>, EngineError> {
     let mut body = Map::new();
     body.insert("run".into(), run_info.clone());
     body.insert("pipeline_id".into(), json!(setup.pipeline_id));
     body.insert("backend".into(), json!(backend));
     let mut lines = String::new();
+    let completion;
     match o {
-        Outcome::Skipped => {
+        Outcome::Skipped(rel) => {
             summary.skipped += 1;
-            return Ok(());
+            return Ok(Some(Completion {
+                rel,
+                outcome: Completed::Skipped,
+            }));
         }
         Outcome::Failed {
             rel,
             input_sha,
             sop_in,
             stage,
+            plugin,
             error,
         } => {
             summary.failed += 1;
@@ -1307,7 +1450,18 @@ fn record(
             body.insert("sop_instance_uid".into(), json!(sop_in));
             body.insert("outcome".into(), json!("failed"));
             body.insert("failed_stage".into(), json!(stage));
+            if let Some(pl) = &plugin {
+                body.insert("failed_plugin".into(), json!(pl));
+            }
             body.insert("error".into(), json!(error));
+            completion = Some(Completion {
+                rel,
+                outcome: Completed::Failed {
+                    stage: stage.to_string(),
+                    plugin,
+                    error,
+                },
+            });
         }
         Outcome::Done(w) => {
             summary.processed += 1;
@@ -1381,13 +1535,38 @@ fn record(
                 "output_sop_instance_uid".into(),
                 json!(w.output.as_ref().map(|o| &o.2)),
             );
+            let any_flag = frames_audit
+                .iter()
+                .any(|f| f.get("flagged") == Some(&json!(true)));
+            let scores: Vec<Value> = w
+                .frames
+                .iter()
+                .map(|fr| {
+                    let mut m = Map::new();
+                    for (st, sf) in setup.stages.iter().zip(&fr.stages) {
+                        if st.role == StageRole::Detector {
+                            m.insert(st.label.clone(), json!(sf.values));
+                        }
+                    }
+                    Value::Object(m)
+                })
+                .collect();
             body.insert("frames".into(), Value::Array(frames_audit));
+            completion = Some(Completion {
+                rel: w.d.rel.clone(),
+                outcome: Completed::Ok {
+                    output: w.output.as_ref().map(|o| o.0.clone()),
+                    flagged: any_flag,
+                    scores: Value::Array(scores),
+                },
+            });
         }
     }
-    let rp = setup.output.join("results.jsonl");
-    results.write_all(lines.as_bytes()).map_err(io_err(&rp))?;
+    results
+        .write_all(lines.as_bytes())
+        .map_err(io_err(results_path))?;
     audit.append("instance", body)?;
-    Ok(())
+    Ok(completion)
 }
 
 #[cfg(test)]

@@ -426,6 +426,25 @@ const RUN: &[Field] = &[
     f("batch_size", false, true, Ty::Count),
     f("seed", false, true, Ty::Uint(u64::MAX)),
 ];
+const FLAGGED: &[Field] = &[
+    f("dir", true, false, Ty::Str),
+    f("mode", false, false, Ty::Str),
+];
+const WATCH: &[Field] = &[
+    f("path", false, true, Ty::Str),
+    f("recursive", false, true, Ty::Bool),
+    f("settle_ms", false, true, Ty::Count),
+    f("poll_ms", false, true, Ty::Count),
+    f("rescan_s", false, true, Ty::Uint(u64::MAX)),
+    f("incomplete_timeout_ms", false, true, Ty::Uint(u64::MAX)),
+    f("done", false, false, Ty::Str),
+    f("done_dir", false, true, Ty::Str),
+    f("quarantine", false, true, Ty::Str),
+    f("lease_s", false, true, Ty::Count),
+    f("flagged", false, true, Ty::Obj(FLAGGED)),
+    f("status_every_s", false, true, Ty::Uint(u64::MAX)),
+    f("status_file", false, true, Ty::Str),
+];
 const TOP: &[Field] = &[
     f("name", true, false, Ty::Str),
     f("input", true, false, Ty::Obj(INPUT)),
@@ -435,6 +454,7 @@ const TOP: &[Field] = &[
     f("output", true, false, Ty::Obj(OUTPUT)),
     f("plugins", false, true, Ty::Obj(PLUGINS)),
     f("run", false, true, Ty::Obj(RUN)),
+    f("watch", false, true, Ty::Obj(WATCH)),
 ];
 
 fn backends() -> Vec<String> {

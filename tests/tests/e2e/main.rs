@@ -13,3 +13,4 @@ mod purifiers;
 mod run;
 mod train;
 mod validate;
+mod watch;
