@@ -349,6 +349,7 @@ fn pipeline_spec(
         },
         plugins: s.plugins.clone(),
         run: s.run.clone(),
+        watch: None,
     }
 }
 
@@ -406,6 +407,7 @@ fn run_cell(
         jobs: o.jobs,
         force: o.force,
         progress: false,
+        ..RunOptions::default()
     };
     let s = engine::run(&p, &opts, stop.clone()).map_err(|source| EvalError::Engine {
         cell: dir.display().to_string(),
