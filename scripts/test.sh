@@ -27,7 +27,7 @@ if ((${#need[@]})); then
 fi
 
 # --- Python oracles (pydicom, onnxruntime, onnx): test-only, in a venv ---
-if ! .venv/bin/python -c 'import pydicom, numpy, onnx, onnxruntime, scipy' >/dev/null 2>&1; then
+if ! .venv/bin/python -c 'import pydicom, numpy, onnx, onnxruntime, scipy, skimage, PIL' >/dev/null 2>&1; then
   echo "test.sh: creating the oracle venv (.venv)"
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip
