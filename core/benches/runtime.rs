@@ -5,7 +5,7 @@
 //! `cargo bench -p adverse --bench runtime` (env `ADVERSE_BENCH_QUICK=1` for fewer iterations,
 //! `ADVERSE_BENCH_MODELS=demo_cnn` for one model).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 

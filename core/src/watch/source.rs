@@ -53,6 +53,9 @@ fn handler(tx: Sender<Hint>) -> impl FnMut(notify::Result<notify::Event>) + Send
             Ok(ev) if ev.need_rescan() => vec![Hint::Rescan(
                 "the OS event queue overflowed (events were dropped); rescanning the folder".into(),
             )],
+            // Reads and opens are no news, and our own scans open every folder: passing them
+            // on would make each scan trigger the next (and two watchers feed each other).
+            Ok(ev) if is_read_only(&ev.kind) => Vec::new(),
             Ok(ev) => ev.paths.into_iter().map(Hint::Path).collect(),
             Err(e) => vec![Hint::Rescan(describe(&e))],
         };
@@ -60,6 +63,12 @@ fn handler(tx: Sender<Hint>) -> impl FnMut(notify::Result<notify::Event>) + Send
             let _ = tx.send(h);
         }
     }
+}
+
+/// Access events other than "closed after writing" (opens, reads, closes of readers).
+fn is_read_only(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    matches!(kind, EventKind::Access(a) if *a != AccessKind::Close(AccessMode::Write))
 }
 
 fn describe(e: &notify::Error) -> String {
@@ -154,5 +163,31 @@ mod tests {
             std::fs::write(&f, b"abc").unwrap();
             assert!(wait_for(&ev.rx, &f), "{mode}: no event for {}", f.display());
         }
+    }
+
+    #[test]
+    fn reading_the_folder_is_not_an_event() {
+        // Scans open every folder and the readiness check reads files: if those were events,
+        // each scan would trigger the next (a storm that starved the engine of CPU).
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/a.dcm"), b"abc").unwrap();
+        let ev = start(Mode::Native, &root, true).unwrap();
+        for _ in 0..20 {
+            for e in walkdir::WalkDir::new(&root).into_iter().flatten() {
+                if e.file_type().is_file() {
+                    let _ = std::fs::read(e.path()).unwrap();
+                }
+            }
+        }
+        let got: Vec<Hint> = {
+            std::thread::sleep(Duration::from_millis(300));
+            ev.rx.try_iter().collect()
+        };
+        assert!(got.is_empty(), "reads produced events: {got:?}");
+        // A real change still does.
+        std::fs::write(root.join("sub/b.dcm"), b"x").unwrap();
+        assert!(wait_for(&ev.rx, &root.join("sub/b.dcm")));
     }
 }
