@@ -832,6 +832,8 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
     Ok(summary)
 }
 
+// The error is the file's failed outcome, built once per failure and moved on as is.
+#[allow(clippy::result_large_err)]
 fn decode_one(
     path: &Path,
     rel: &str,
@@ -1264,6 +1266,8 @@ fn run_group<B: PluginBackend>(
     }
 }
 
+// The error is the file's failed outcome, built once per failure and moved on as is.
+#[allow(clippy::result_large_err)]
 fn write_one(
     mut w: Box<Work>,
     setup: &Setup,
@@ -1417,6 +1421,7 @@ fn record(
     body.insert("pipeline_id".into(), json!(setup.pipeline_id));
     body.insert("backend".into(), json!(backend));
     let mut lines = String::new();
+    #[allow(clippy::needless_late_init)] // set in every arm but the early returns
     let completion;
     match o {
         Outcome::Skipped(rel) => {
