@@ -358,6 +358,11 @@ fn two_watchers(mode: Mode) {
     let e = env();
     let a = e.start(mode, "a", &[]);
     let b = e.start(mode, "b", &[]);
+    // Only once `a` runs (its first status line) can a namesake be refused; started earlier,
+    // the namesake would win the lock and `a` would be the one refused.
+    e.wait("a running", 60, &["a"], |e| {
+        e.log("a").contains("adverse watch [a]")
+    });
     // A third process with a running instance's name is refused.
     let dup = Command::new(adverse_bin())
         .arg("watch")
