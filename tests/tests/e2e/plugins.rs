@@ -364,7 +364,7 @@ fn a_library_of_another_abi_major_is_refused_with_both_versions() {
     let e = stderr(&o);
     assert!(
         e.contains("plugin ABI mismatch")
-            && e.contains("built for ABI 99.0")
+            && e.contains("built for ABI 99.")
             && e.contains("this host speaks ABI 1.1"),
         "{e}"
     );
