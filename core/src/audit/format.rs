@@ -14,7 +14,7 @@ const HASH_PREFIX: &[u8] = b",\"hash\":\"";
 const SUFFIX_LEN: usize = HASH_PREFIX.len() + 64 + 2;
 
 /// Now as RFC 3339 UTC with milliseconds. Fixed width so records line up and sort as text.
-pub(super) fn now_rfc3339_millis() -> String {
+pub(crate) fn now_rfc3339_millis() -> String {
     let t = time::OffsetDateTime::now_utc();
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",

@@ -48,6 +48,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 mod format;
+/// The timestamp format of audit records, shared by watch mode's reason and status files.
+pub(crate) use format::now_rfc3339_millis;
 mod log;
 mod scan;
 #[cfg(test)]

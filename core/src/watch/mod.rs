@@ -27,7 +27,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use crossbeam::channel;
 use serde::Serialize;
@@ -141,20 +141,6 @@ pub struct Status {
 pub struct WatchSummary {
     pub status: Status,
     pub engine: Summary,
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
 }
 
 fn host_name() -> String {
@@ -504,7 +490,7 @@ pub fn run(
                 st.last_error = Some(format!("{rel}: {error}"));
                 let reason = json!({
                     "input": rel, "error": error, "stage": stage, "plugin": plugin,
-                    "time": rfc3339(SystemTime::now()), "instance": s.id,
+                    "time": crate::audit::now_rfc3339_millis(), "instance": s.id,
                 });
                 if let Err(e) = claims.quarantine(&rel, &reason) {
                     tracing::warn!("{rel}: cannot quarantine: {e}");
@@ -675,7 +661,7 @@ fn dispose(
 /// The status line on stderr and, when configured, the status file.
 fn report(st: &Status, file: Option<&Path>, line: bool) {
     let mut st = st.clone();
-    st.time = rfc3339(SystemTime::now());
+    st.time = crate::audit::now_rfc3339_millis();
     if line {
         eprintln!(
             "adverse watch [{}]: {} processed, {} skipped, {} failed, {} in flight, {} waiting, \
