@@ -135,7 +135,7 @@ pub fn worst_case(cells: &[Cell]) -> Vec<WorstCase> {
     let mut groups: BTreeMap<(String, u64), Vec<&Cell>> = BTreeMap::new();
     for c in cells {
         if let (Some(e), Some(r)) = (c.eps, c.role)
-            && r != Role::Minimal
+            && !matches!(r, Role::Minimal | Role::IterativeL2)
         {
             groups
                 .entry((c.defense.clone(), e.to_bits()))
@@ -194,7 +194,63 @@ fn pct(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{:.1}%", v * 100.0))
 }
 
-/// The five checks, per defense. `large` holds the iterative attack's run at the large budget
+/// A minimum-norm attack (C&W, DeepFool) against an iterative attack with an L2 budget, at
+/// equal success: the budgeted attack's smallest ε of the grid whose success reaches the minimal
+/// one's. A minimum-norm attack that needs a larger mean L2 than a fixed budget for the same
+/// success is under-optimised (too few steps, a bad constant search), so its distances would
+/// overstate robustness.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NormComparison {
+    pub defense: String,
+    pub minimal: String,
+    pub minimal_success: Option<f64>,
+    pub minimal_mean_l2: Option<f64>,
+    pub budgeted: String,
+    /// `None` when no budget of the grid reaches the minimal attack's success.
+    pub eps: Option<f64>,
+    pub budgeted_success: Option<f64>,
+    pub budgeted_mean_l2: Option<f64>,
+    /// The budgeted attack's largest ε, for the message when no budget is enough.
+    pub largest_eps: f64,
+}
+
+/// Every (minimal, L2-budgeted) pair of attacks run on the same defense; success is compared
+/// with `tolerance_images` of slack, like the sanity checks.
+pub fn norm_comparisons(stats: &[CellStats], sp: &SanitySpec) -> Vec<NormComparison> {
+    let mut out = Vec::new();
+    for m in stats.iter().filter(|s| s.role == Some(Role::Minimal)) {
+        let mut budgeted: BTreeMap<&str, Vec<&CellStats>> = BTreeMap::new();
+        for b in stats
+            .iter()
+            .filter(|b| b.defense == m.defense && b.role == Some(Role::IterativeL2))
+        {
+            budgeted.entry(b.attack.as_str()).or_default().push(b);
+        }
+        for (name, mut cells) in budgeted {
+            cells.sort_by(|x, y| x.eps.unwrap_or(0.0).total_cmp(&y.eps.unwrap_or(0.0)));
+            let n = m.clean_correct.max(1);
+            let tol = sp.tolerance_images as f64 / n as f64;
+            let target = m.success_rate.unwrap_or(0.0) - tol;
+            let hit = cells
+                .iter()
+                .find(|c| c.success_rate.is_some_and(|r| r + 1e-9 >= target));
+            out.push(NormComparison {
+                defense: m.defense.clone(),
+                minimal: m.attack.clone(),
+                minimal_success: m.success_rate,
+                minimal_mean_l2: m.mean_l2,
+                budgeted: name.to_string(),
+                eps: hit.and_then(|c| c.eps),
+                budgeted_success: hit.and_then(|c| c.success_rate),
+                budgeted_mean_l2: hit.and_then(|c| c.mean_l2),
+                largest_eps: cells.last().and_then(|c| c.eps).unwrap_or(0.0),
+            });
+        }
+    }
+    out
+}
+
+/// The six checks, per defense. `large` holds the iterative attack's run at the large budget
 /// (undefended model only: a defense may legitimately hold there).
 pub fn sanity(stats: &[CellStats], large: &[CellStats], sp: &SanitySpec) -> Vec<Check> {
     let mut out = Vec::new();
@@ -352,6 +408,53 @@ pub fn sanity(stats: &[CellStats], large: &[CellStats], sp: &SanitySpec) -> Vec<
         let frac = sp.noise_fraction;
         let (v, detail) = compare(&noise, &|n, w| n <= (w * frac).max(tol), "random noise");
         push("random noise far below white-box", v, detail);
+
+        let pairs: Vec<NormComparison> = norm_comparisons(stats, sp)
+            .into_iter()
+            .filter(|c| c.defense == d)
+            .collect();
+        let mut bad = Vec::new();
+        let mut compared = Vec::new();
+        let mut unreached = Vec::new();
+        for c in &pairs {
+            match (c.eps, c.minimal_mean_l2, c.budgeted_mean_l2) {
+                (Some(e), Some(m), Some(b)) => {
+                    let line = format!(
+                        "{} mean L2 {m:.1} vs {} {b:.1} at eps {e} (success {} vs {})",
+                        c.minimal,
+                        c.budgeted,
+                        pct(c.minimal_success),
+                        pct(c.budgeted_success)
+                    );
+                    if m < b {
+                        compared.push(line);
+                    } else {
+                        bad.push(line);
+                    }
+                }
+                _ => unreached.push(format!(
+                    "{} never reaches {}'s success {} up to eps {}",
+                    c.budgeted,
+                    c.minimal,
+                    pct(c.minimal_success),
+                    c.largest_eps
+                )),
+            }
+        }
+        let (v, detail) = if !bad.is_empty() {
+            (Verdict::Fail, bad.join("; "))
+        } else if !compared.is_empty() {
+            (Verdict::Pass, compared.join("; "))
+        } else if !unreached.is_empty() {
+            (Verdict::NotApplicable, unreached.join("; "))
+        } else {
+            (
+                Verdict::NotApplicable,
+                "needs a minimum-norm attack and an iterative one with `norm: l2` and an eps grid"
+                    .to_string(),
+            )
+        };
+        push("minimal-norm beats budgeted L2 at equal success", v, detail);
     }
     out
 }
@@ -498,7 +601,9 @@ mod tests {
         let b = cell("pgd", Some(Role::Iterative), Some(4.0), &[1, 0, 1]);
         let c = cell("pgd", Some(Role::Iterative), Some(8.0), &[0, 0, 0]);
         let m = cell("cw-l2", Some(Role::Minimal), None, &[0, 0, 0]);
-        let w = worst_case(&[a, b, c, m]);
+        // An L2 budget of 4 is not an L∞ budget of 4: not part of the worst case.
+        let l2 = cell("pgd-l2", Some(Role::IterativeL2), Some(4.0), &[0, 0, 0]);
+        let w = worst_case(&[a, b, c, m, l2]);
         assert_eq!(w.len(), 2);
         assert_eq!(w[0].eps, 4.0);
         assert!((w[0].accuracy.unwrap() - 1.0 / 3.0).abs() < 1e-12);
@@ -516,6 +621,13 @@ mod tests {
             .collect()
     }
 
+    fn with_l2(mut c: Cell, l2: f64) -> Cell {
+        for f in &mut c.frames {
+            f.l2 = Some(l2);
+        }
+        c
+    }
+
     /// Predictions of 10 images (label 1) where the first `k` are fooled.
     fn fooled(k: usize) -> Vec<u32> {
         (0..10).map(|i| u32::from(i >= k)).collect()
@@ -530,10 +642,19 @@ mod tests {
             cell("pgd", Some(Role::Iterative), Some(4.0), &fooled(8)),
             cell("square", Some(Role::BlackBox), Some(4.0), &fooled(6)),
             cell("noise", Some(Role::Noise), Some(4.0), &fooled(1)),
+            with_l2(cell("cw-l2", Some(Role::Minimal), None, &fooled(10)), 30.0),
+            with_l2(
+                cell("pgd-l2", Some(Role::IterativeL2), Some(20.0), &fooled(6)),
+                20.0,
+            ),
+            with_l2(
+                cell("pgd-l2", Some(Role::IterativeL2), Some(50.0), &fooled(10)),
+                50.0,
+            ),
         ];
         let large = [cell("pgd", Some(Role::Iterative), Some(64.0), &fooled(10))];
         let v = verdicts(&cells, &large);
-        assert_eq!(v.len(), 5);
+        assert_eq!(v.len(), 6);
         assert!(v.values().all(|v| *v == Verdict::Pass), "{v:?}");
     }
 
@@ -547,9 +668,16 @@ mod tests {
             cell("pgd", Some(Role::Iterative), Some(4.0), &fooled(4)),
             cell("square", Some(Role::BlackBox), Some(4.0), &fooled(8)),
             cell("noise", Some(Role::Noise), Some(4.0), &fooled(4)),
+            // C&W needs more L2 than PGD-L2 spends for the same success: under-optimised.
+            with_l2(cell("cw-l2", Some(Role::Minimal), None, &fooled(10)), 60.0),
+            with_l2(
+                cell("pgd-l2", Some(Role::IterativeL2), Some(50.0), &fooled(10)),
+                50.0,
+            ),
         ];
         let large = [cell("pgd", Some(Role::Iterative), Some(64.0), &fooled(5))];
         let v = verdicts(&cells, &large);
+        assert_eq!(v.len(), 6);
         assert!(v.values().all(|v| *v == Verdict::Fail), "{v:?}");
         // One image the wrong way is within the default tolerance.
         let cells = [
@@ -560,6 +688,44 @@ mod tests {
         assert_eq!(v["iterative beats single-step"], Verdict::Pass);
         assert_eq!(v["unbounded attack reaches 100%"], Verdict::NotApplicable);
         assert_eq!(v["black-box below white-box"], Verdict::NotApplicable);
+        assert_eq!(
+            v["minimal-norm beats budgeted L2 at equal success"],
+            Verdict::NotApplicable
+        );
+    }
+
+    #[test]
+    fn minimal_and_budgeted_l2_are_compared_at_the_first_budget_reaching_equal_success() {
+        let clean = cell("clean", None, None, &[1; 10]);
+        let cells = [
+            with_l2(cell("cw-l2", Some(Role::Minimal), None, &fooled(8)), 30.0),
+            with_l2(
+                cell("pgd-l2", Some(Role::IterativeL2), Some(25.0), &fooled(5)),
+                25.0,
+            ),
+            // 7 of 8: within one image of the minimal attack's success.
+            with_l2(
+                cell("pgd-l2", Some(Role::IterativeL2), Some(40.0), &fooled(7)),
+                40.0,
+            ),
+            with_l2(
+                cell("pgd-l2", Some(Role::IterativeL2), Some(80.0), &fooled(10)),
+                80.0,
+            ),
+        ];
+        let s: Vec<CellStats> = cells.iter().map(|c| stats(c, Some(&clean))).collect();
+        let c = norm_comparisons(&s, &SanitySpec::default());
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].eps, c[0].budgeted_mean_l2), (Some(40.0), Some(40.0)));
+        assert_eq!(c[0].minimal_mean_l2, Some(30.0));
+        // Never reached within the grid: no comparison can be made.
+        let c = norm_comparisons(&s[..2], &SanitySpec::default());
+        assert_eq!((c[0].eps, c[0].largest_eps), (None, 25.0));
+        let v = verdicts(&cells[..2], &[]);
+        assert_eq!(
+            v["minimal-norm beats budgeted L2 at equal success"],
+            Verdict::NotApplicable
+        );
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub struct Report {
     pub large_eps: Vec<CellStats>,
     pub worst_case: Vec<WorstCase>,
     pub checks: Vec<Check>,
+    /// Minimum-norm attacks against L2-budgeted ones at equal success.
+    pub norm_comparisons: Vec<analysis::NormComparison>,
     /// Per detector and attack budget: ROC, AUC and TPR at 5% FPR.
     pub detection: Vec<Detection>,
     /// Per certification entry: certified accuracy against the radius.
@@ -140,6 +142,7 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
     let max_eps = s
         .attacks
         .iter()
+        .filter(|a| a.linf_budget())
         .flat_map(|a| a.eps.clone().unwrap_or_else(|| s.eps.clone()))
         .fold(0f64, f64::max);
     let large_eps = s.sanity.large_eps.unwrap_or(16.0 * max_eps);
@@ -540,6 +543,7 @@ pub fn run(e: &Evaluation, o: &EvalOptions, stop: Arc<AtomicBool>) -> Result<Rep
     let certification = certification(s, &cells);
     let worst = analysis::worst_case(&grid);
     let checks = analysis::sanity(&table, &large, &s.sanity);
+    let norm_comparisons = analysis::norm_comparisons(&table, &s.sanity);
     let card = crate::runtime::card::card_path(&s.model.onnx);
     let model_card = std::fs::read(s.model.card.as_ref().unwrap_or(&card))
         .ok()
@@ -556,6 +560,7 @@ pub fn run(e: &Evaluation, o: &EvalOptions, stop: Arc<AtomicBool>) -> Result<Rep
         large_eps: large,
         worst_case: worst,
         checks,
+        norm_comparisons,
         detection,
         certification,
         runs: cells
@@ -747,7 +752,8 @@ pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let unit = &r.spec.unit;
     let _ = writeln!(s, "## Robustness evaluation `{}` ({})\n", r.name, r.backend);
-    let mut eps: Vec<f64> = r.cells.iter().filter_map(|c| c.eps).collect();
+    let linf = |c: &&CellStats| c.role != Some(Role::IterativeL2);
+    let mut eps: Vec<f64> = r.cells.iter().filter(linf).filter_map(|c| c.eps).collect();
     eps.sort_by(f64::total_cmp);
     eps.dedup();
     let _ = writeln!(
@@ -774,6 +780,7 @@ pub fn markdown(r: &Report) -> String {
         for c in r
             .cells
             .iter()
+            .filter(linf)
             .filter(|c| c.defense == *d && c.eps.is_some())
         {
             if !attacks.contains(&c.attack.as_str()) {
@@ -827,6 +834,31 @@ pub fn markdown(r: &Report) -> String {
             num(c.mean_l2),
             c.seconds
         );
+    }
+    if !r.norm_comparisons.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nMinimum-norm attacks against an L2-budgeted attack at equal success (the smallest \
+             L2 budget of the grid whose success reaches the minimum-norm attack's, within one \
+             image; mean L2 of the successful perturbations, stored units):\n\n| defense | \
+             minimum-norm | success | mean L2 | budgeted | ε (L2) | success | mean L2 |\n\
+             |---|---|---|---|---|---|---|---|"
+        );
+        for c in &r.norm_comparisons {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                c.defense,
+                c.minimal,
+                pct(c.minimal_success),
+                num(c.minimal_mean_l2),
+                c.budgeted,
+                c.eps
+                    .map_or(format!("> {}", fmt_eps(c.largest_eps)), fmt_eps),
+                pct(c.budgeted_success),
+                num(c.budgeted_mean_l2)
+            );
+        }
     }
     if !r.detection.is_empty() {
         let _ = writeln!(

@@ -32,6 +32,9 @@ pub enum Role {
     SingleStep,
     /// Multi-step white-box (PGD, BIM, APGD...): the reference attack.
     Iterative,
+    /// Multi-step white-box under an L2 budget (`norm: l2`): its ε is an L2 radius, so it is
+    /// compared with the minimum-norm attacks at equal success, not with the L∞ attacks.
+    IterativeL2,
     /// Predictions only (Square): must not beat white-box.
     BlackBox,
     /// Random noise of the same budget: must be far below white-box.
@@ -58,6 +61,7 @@ impl Role {
         match self {
             Role::SingleStep => "single-step",
             Role::Iterative => "iterative",
+            Role::IterativeL2 => "iterative-l2",
             Role::BlackBox => "black-box",
             Role::Noise => "noise",
             Role::Minimal => "minimal",
@@ -96,8 +100,20 @@ impl AttackEntry {
         self.role.unwrap_or(if self.surrogate.is_some() {
             Role::Transfer
         } else {
-            Role::of(&self.attack)
+            match Role::of(&self.attack) {
+                Role::Iterative
+                    if self.params.get("norm").and_then(Value::as_str) == Some("l2") =>
+                {
+                    Role::IterativeL2
+                }
+                r => r,
+            }
         })
+    }
+
+    /// Whether the attack's ε is an L∞ budget (the file's grid and the large-ε check).
+    pub fn linf_budget(&self) -> bool {
+        !matches!(self.role(), Role::Minimal | Role::IterativeL2)
     }
 }
 
@@ -461,7 +477,7 @@ mod tests {
     #[test]
     fn roles_default_from_the_catalogue_and_paths_resolve() {
         let e = parse(&format!(
-            "{BASE}eps: [1, 2]\nattacks:\n  - attack: fgsm\n  - attack: pgd\n    params: {{steps: 10}}\n  - attack: square\n  - attack: noise\n  - attack: cw-l2\n  - attack: pgd\n    id: pgd-transfer\n    surrogate: {{onnx: s.onnx}}\n"
+            "{BASE}eps: [1, 2]\nattacks:\n  - attack: fgsm\n  - attack: pgd\n    params: {{steps: 10}}\n  - attack: square\n  - attack: noise\n  - attack: cw-l2\n  - attack: pgd\n    id: pgd-transfer\n    surrogate: {{onnx: s.onnx}}\n  - attack: pgd\n    id: pgd-l2\n    params: {{norm: l2}}\n    eps: [50]\n"
         ))
         .unwrap();
         let roles: Vec<Role> = e.spec.attacks.iter().map(AttackEntry::role).collect();
@@ -473,7 +489,8 @@ mod tests {
                 Role::BlackBox,
                 Role::Noise,
                 Role::Minimal,
-                Role::Transfer
+                Role::Transfer,
+                Role::IterativeL2
             ]
         );
         assert!(e.spec.model.onnx.is_absolute());

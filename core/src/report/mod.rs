@@ -185,7 +185,11 @@ fn accuracy(h: &mut String, ev: &Value) {
         "<section id=\"accuracy\"><h2>Accuracy under attack</h2><p>Accuracy of the written files against the budget ε, per \
          defense (one line per attack; dashed: clean accuracy and the per-image worst case over all attacks).</p><div class=\"charts\">"
     );
-    let cells = arr(ev, "cells");
+    // L2-budgeted attacks have their own ε scale: they are in the tables, not on these axes.
+    let cells: Vec<&Value> = arr(ev, "cells")
+        .iter()
+        .filter(|c| s(c, "role") != "iterative-l2")
+        .collect();
     let unit = ev
         .get("spec")
         .and_then(|v| v.get("unit"))
@@ -328,7 +332,36 @@ fn sanity(h: &mut String, ev: &Value) {
             escape(s(c, "detail"))
         );
     }
-    h.push_str("</table></section>");
+    h.push_str("</table>");
+    let pairs = arr(ev, "norm_comparisons");
+    if !pairs.is_empty() {
+        h.push_str(
+            "<p>Minimum-norm attacks against an L2-budgeted one at equal success: the smallest L2 budget whose \
+             success reaches the minimum-norm attack's (within one image). Mean L2 of the successful perturbations, \
+             stored units.</p><table><tr><th class=\"l\">defense</th><th class=\"l\">minimum-norm</th><th>success</th>\
+             <th>mean L2</th><th class=\"l\">budgeted</th><th>ε (L2)</th><th>success</th><th>mean L2</th></tr>",
+        );
+        for c in pairs {
+            let _ = write!(
+                h,
+                "<tr><td class=\"l\">{}</td><td class=\"l\">{}</td><td>{}</td><td>{}</td><td class=\"l\">{}</td>\
+                 <td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(s(c, "defense")),
+                escape(s(c, "minimal")),
+                pct(f(c, "minimal_success")),
+                num(f(c, "minimal_mean_l2")),
+                escape(s(c, "budgeted")),
+                f(c, "eps").map_or_else(
+                    || format!("&gt; {}", f(c, "largest_eps").unwrap_or(0.0)),
+                    |e| format!("{e}")
+                ),
+                pct(f(c, "budgeted_success")),
+                num(f(c, "budgeted_mean_l2"))
+            );
+        }
+        h.push_str("</table>");
+    }
+    h.push_str("</section>");
 }
 
 fn detection(h: &mut String, ev: &Value) {

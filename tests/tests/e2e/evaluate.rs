@@ -103,6 +103,8 @@ fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
          \x20 - { attack: pgd, params: { steps: 10 } }\n\
          \x20 - { attack: square, params: { queries: 100 } }\n\
          \x20 - { attack: noise }\n\
+         \x20 - { attack: cw-l2, params: { steps: 100, search_steps: 5 } }\n\
+         \x20 - { attack: pgd, id: pgd-l2, params: { steps: 10, norm: l2 }, eps: [150, 600] }\n\
          defenses:\n\
          \x20 - { name: none }\n\
          \x20 - { name: median-3x3, purifier: median, params: { radius: 1 } }\n\
@@ -116,11 +118,16 @@ fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
     let out = dir.path().join("out");
     let ev: Value =
         serde_json::from_slice(&std::fs::read(out.join("evaluation.json")).unwrap()).unwrap();
-    // Every planned run happened: 2 defenses x (clean + 4 attacks x 2 budgets) + the large-eps
-    // run + the detector's clean and 2 PGD runs + the certification, 12 images each, none
-    // failed.
+    // Every planned run happened: 2 defenses x (clean + 4 attacks x 2 budgets + C&W + PGD-L2 x 2
+    // budgets) + the large-eps run + the detector's clean and 2 PGD runs + the certification,
+    // 12 images each, none failed.
     let runs = ev["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 2 * (1 + 4 * 2) + 1 + 3 + 1, "{}", text(&run));
+    assert_eq!(
+        runs.len(),
+        2 * (1 + 4 * 2 + 1 + 2) + 1 + 3 + 1,
+        "{}",
+        text(&run)
+    );
     assert!(runs.iter().all(|r| r["failed"] == 0), "{runs:?}");
     let cells = ev["cells"].as_array().unwrap();
     assert!(cells.iter().all(|c| c["images"] == 12), "{cells:?}");
@@ -224,7 +231,8 @@ fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
             "success non-decreasing in eps",
             "unbounded attack reaches 100%",
             "black-box below white-box",
-            "random noise far below white-box"
+            "random noise far below white-box",
+            "minimal-norm beats budgeted L2 at equal success"
         ]
     );
     let failed = checks.iter().filter(|c| c["verdict"] == "fail").count();
@@ -239,6 +247,19 @@ fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
         undefended.iter().all(|c| c["verdict"] == "pass"),
         "the undefended demo model must pass every check: {undefended:?}"
     );
+    // C&W against PGD-L2 at equal success: compared (not n/a) on the undefended model, and C&W's
+    // minimal perturbations are smaller than the budget PGD-L2 needs for the same success.
+    let pair = ev["norm_comparisons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["defense"] == "none")
+        .unwrap_or_else(|| panic!("no C&W vs PGD-L2 comparison: {ev}"));
+    let (m, b) = (
+        pair["minimal_mean_l2"].as_f64().unwrap(),
+        pair["budgeted_mean_l2"].as_f64().unwrap(),
+    );
+    assert!(m < b, "C&W {m} vs PGD-L2 {b}: {pair}");
     let md = std::fs::read_to_string(out.join("evaluation.md")).unwrap();
     assert!(
         md.contains("| none | pgd |") && md.contains("worst case"),
