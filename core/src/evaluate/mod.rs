@@ -211,6 +211,7 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
         params: Value::Object(Default::default()),
         model: None,
         adaptive: true,
+        eot: None,
     };
     for (k, d) in s.detectors.iter().enumerate() {
         let stage = StageSpec {
@@ -221,6 +222,7 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
             params: d.params.clone(),
             id: d.id.clone(),
             adaptive: false,
+            eot: None,
         };
         let base = format!("detect/{}", d.label());
         out.push(Plan {
@@ -253,7 +255,10 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
     }
     for (k, c) in s.certify.iter().enumerate() {
         out.push(Plan {
-            defense: none.clone(),
+            defense: DefenseEntry {
+                model: c.model.clone(),
+                ..none.clone()
+            },
             attack: None,
             eps: None,
             purpose: Purpose::Certify(k),
@@ -265,6 +270,7 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
                 params: c.params.clone(),
                 id: c.id.clone(),
                 adaptive: false,
+                eot: None,
             }],
             dir: format!("certify/{}", c.label()),
         });
@@ -306,6 +312,7 @@ fn pipeline_spec(
             params,
             id: None,
             adaptive: false,
+            eot: None,
         });
     }
     // A transfer attack's purifier runs in the judging run, on the crafted files.
@@ -320,6 +327,7 @@ fn pipeline_spec(
             params: plan.defense.params.clone(),
             id: None,
             adaptive: plan.defense.adaptive,
+            eot: plan.defense.eot.filter(|_| plan.defense.adaptive),
         });
     }
     stages.extend(plan.extra.iter().cloned());
@@ -610,6 +618,8 @@ pub struct Detection {
 pub struct Certification {
     pub id: String,
     pub plugin: String,
+    /// File name of the smoothed base model.
+    pub model: Option<String>,
     pub sigma: Option<f64>,
     pub images: usize,
     pub abstained: usize,
@@ -704,6 +714,13 @@ fn certification(s: &EvalSpec, cells: &[(Cell, Purpose)]) -> Vec<Certification> 
         out.push(Certification {
             id: c.label(),
             plugin: c.plugin.clone(),
+            model: c
+                .model
+                .as_ref()
+                .unwrap_or(&s.model)
+                .onnx
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned()),
             sigma: c.params.get("sigma").and_then(Value::as_f64),
             images: frames.iter().filter(|f| f.0.is_some()).count(),
             abstained: frames.iter().filter(|f| f.1.is_none()).count(),
@@ -888,9 +905,10 @@ pub fn markdown(r: &Report) -> String {
         for c in &r.certification {
             let _ = write!(
                 s,
-                "| {} (σ = {}) | images | abstained |",
+                "| {} (σ = {}, base model {}) | images | abstained |",
                 c.id,
-                num(c.sigma)
+                num(c.sigma),
+                c.model.as_deref().unwrap_or("-")
             );
             for (radius, _) in &c.at {
                 let _ = write!(s, " r = {radius} |");

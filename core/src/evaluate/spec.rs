@@ -135,6 +135,9 @@ pub struct DefenseEntry {
     /// that ignore it is not evaluated.
     #[serde(default = "yes")]
     pub adaptive: bool,
+    /// A randomised purifier: average the adaptive attack's gradient over this many draws (EOT).
+    #[serde(default)]
+    pub eot: Option<u32>,
 }
 
 /// A detector evaluated against the attacks: its score on clean images (negatives) and on
@@ -181,6 +184,11 @@ pub struct CertifyEntry {
     /// Radii at which certified accuracy is tabulated.
     #[serde(default = "radii")]
     pub radii: Vec<f64>,
+    /// The base classifier to smooth, when not the file's `model`: smoothing certifies only
+    /// what its base model gets right under the noise, so it is usually a model trained under
+    /// that noise.
+    #[serde(default)]
+    pub model: Option<ModelSpec>,
 }
 
 impl CertifyEntry {
@@ -303,6 +311,7 @@ fn no_defense() -> Vec<DefenseEntry> {
         params: empty_object(),
         model: None,
         adaptive: true,
+        eot: None,
     }]
 }
 
@@ -356,6 +365,11 @@ impl Evaluation {
         abs(&mut spec.output.dir);
         for a in &mut spec.attacks {
             if let Some(m) = &mut a.surrogate {
+                abs_model(m);
+            }
+        }
+        for c in &mut spec.certify {
+            if let Some(m) = &mut c.model {
                 abs_model(m);
             }
         }
@@ -494,6 +508,12 @@ mod tests {
             ]
         );
         assert!(e.spec.model.onnx.is_absolute());
+        let e = parse(&format!(
+            "{BASE}attacks: [{{attack: cw-l2}}]\ncertify:\n  - {{model: {{onnx: noise.onnx}}}}\n"
+        ))
+        .unwrap();
+        let m = e.spec.certify[0].model.as_ref().unwrap();
+        assert!(m.onnx.is_absolute() && m.onnx.ends_with("noise.onnx"));
         assert!(e.output.is_absolute() && e.output.ends_with("out"));
         assert_eq!(e.spec.defenses.len(), 1);
         assert_eq!(e.spec.defenses[0].name, "none");

@@ -181,7 +181,16 @@ pub struct StageSpec {
     /// Athalye et al. 2018), so the attack adapts to the defense.
     #[serde(default, skip_serializing_if = "is_false")]
     pub adaptive: bool,
+    /// Adaptive purifiers only: Expectation over Transformation (Athalye et al. 2018). The
+    /// attack's loss, gradient and logits are averaged over this many draws of the purifier's
+    /// randomness per model call, so a randomised defense is attacked in expectation rather than
+    /// through one draw it will not see again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eot: Option<u32>,
 }
+
+/// The most draws EOT may average per model call (each draw is a full forward and backward).
+pub const MAX_EOT: u32 = 1024;
 
 fn is_false(v: &bool) -> bool {
     !*v
@@ -361,6 +370,18 @@ impl Pipeline {
                 return Err(invalid(format!(
                     "stages[{i}].adaptive: only a `purifier` stage can be adaptive (attacks before it see it)"
                 )));
+            }
+            if let Some(k) = s.eot {
+                if !s.adaptive {
+                    return Err(invalid(format!(
+                        "stages[{i}].eot: needs `adaptive: true` (EOT averages the attack's gradient through this purifier)"
+                    )));
+                }
+                if !(1..=MAX_EOT).contains(&k) {
+                    return Err(invalid(format!(
+                        "stages[{i}].eot: {k} draws; must be in 1..={MAX_EOT}"
+                    )));
+                }
             }
             if !seen.insert(s.label()) {
                 return Err(invalid(format!(

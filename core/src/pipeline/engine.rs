@@ -25,7 +25,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender};
 use serde::Serialize;
@@ -165,6 +165,8 @@ struct Stage {
     params: Value,
     /// A purifier that earlier attack stages see (BPDA).
     adaptive: bool,
+    /// Draws averaged per attack model call through this purifier (EOT); 1 without.
+    eot: u32,
 }
 
 /// Everything fixed before the first file is read.
@@ -305,6 +307,7 @@ fn prepare(p: &Pipeline, o: &RunOptions) -> Result<Setup, EngineError> {
             handle,
             params: s.params.clone(),
             adaptive: s.adaptive,
+            eot: s.eot.unwrap_or(1),
         });
     }
     if stages
@@ -327,7 +330,9 @@ fn prepare(p: &Pipeline, o: &RunOptions) -> Result<Setup, EngineError> {
     // the same UIDs on every run, whatever else changes in the pipeline file.
     let identity = json!({
         "name": p.spec.name,
-        "stages": stages.iter().map(|s| if s.adaptive {
+        "stages": stages.iter().map(|s| if s.adaptive && s.eot > 1 {
+            json!([s.handle.name, s.handle.version, s.params, "adaptive", {"eot": s.eot}])
+        } else if s.adaptive {
             json!([s.handle.name, s.handle.version, s.params, "adaptive"])
         } else {
             json!([s.handle.name, s.handle.version, s.params])
@@ -571,8 +576,18 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
     }
 
     let cap = setup.jobs * 2;
-    let (tx_path, rx_path) = channel::bounded::<Job>(1024);
-    let (tx_dec, rx_dec) = channel::bounded::<Decoded>(cap.max(setup.batch_size));
+    let (tx_path, rx_path) = channel::bounded::<(u64, Job)>(1024);
+    let (tx_dec, rx_dec) = channel::bounded::<(u64, Option<Decoded>)>(cap.max(setup.batch_size));
+    // Batch runs form batches in input order (see `Reorder`); a window of tokens bounds how far
+    // decoding may run ahead of the oldest file not yet batched. A watch source is unordered.
+    let ordered = o.source.is_none();
+    let window = 2 * setup.batch_size + 2 * setup.jobs;
+    let (tx_token, rx_token) = channel::bounded::<()>(window);
+    for _ in 0..window {
+        let _ = tx_token.try_send(());
+    }
+    // The compute stage holds the only sender: when it ends, discovery stops waiting.
+    let mut tx_token = Some(tx_token);
     let (tx_write, rx_write) = channel::bounded::<Box<Work>>(cap);
     let (tx_verify, rx_verify) = channel::unbounded::<Box<Work>>();
     let (tx_out, rx_out) = channel::bounded::<Outcome>(1024);
@@ -629,9 +644,9 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
             s.spawn(move || {
                 guard("discovery", &mut || {
                     if let Some(source) = &source {
-                        for job in source.iter() {
+                        for (seq, job) in (0u64..).zip(source.iter()) {
                             found.fetch_add(1, Ordering::Relaxed);
-                            if tx_path.send(job).is_err() {
+                            if tx_path.send((seq, job)).is_err() {
                                 break;
                             }
                         }
@@ -652,13 +667,23 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
                             );
                             drop(tx2);
                         });
-                        for path in rx2.iter() {
+                        for (seq, path) in (0u64..).zip(rx2.iter()) {
                             found.fetch_add(1, Ordering::Relaxed);
                             if let Some(pb) = &progress {
                                 pb.inc_length(1);
                             }
                             let rel = rel_string(input, &path);
-                            if tx_path.send(Job { path, rel }).is_err() {
+                            // Wait until the file `window` places earlier has been batched
+                            // (polling the stop flag: a stopped run drains nothing more).
+                            let token = loop {
+                                match rx_token.recv_timeout(Duration::from_millis(50)) {
+                                    Ok(()) => break true,
+                                    Err(channel::RecvTimeoutError::Timeout)
+                                        if !stop.load(Ordering::Relaxed) => {}
+                                    Err(_) => break false,
+                                }
+                            };
+                            if !token || tx_path.send((seq, Job { path, rel })).is_err() {
                                 break;
                             }
                         }
@@ -673,14 +698,16 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
             let guard = &guard;
             s.spawn(move || {
                 guard("decode", &mut || {
-                    for job in rx_path.iter() {
+                    for (seq, job) in rx_path.iter() {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
                         let out = decode_one(&job.path, &job.rel, setup, limits, done_before);
+                        // A file that ends here (failed, done before) still takes its place in
+                        // the order, as a hole.
                         let sent = match out {
-                            Ok(d) => tx_dec.send(d).is_ok(),
-                            Err(o) => tx_out.send(o).is_ok(),
+                            Ok(d) => tx_dec.send((seq, Some(d))).is_ok(),
+                            Err(o) => tx_out.send(o).is_ok() && tx_dec.send((seq, None)).is_ok(),
                         };
                         if !sent {
                             break;
@@ -787,8 +814,14 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
         let mut tx_write = Some(tx_write);
         let mut compute = || {
             if let Some(tx) = tx_write.take() {
+                let order = Reorder {
+                    ordered,
+                    next: 0,
+                    held: BTreeMap::new(),
+                    tokens: tx_token.take().unwrap_or_else(|| channel::bounded(1).0),
+                };
                 crate::with_backend!(&backend, |b| compute_loop(
-                    b, &setup, &rx_dec, tx, &rx_verify, &tx_out_c
+                    b, &setup, &rx_dec, order, tx, &rx_verify, &tx_out_c
                 ))
             }
         };
@@ -914,10 +947,52 @@ fn top1(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
         .collect()
 }
 
+/// Puts decoded files back in input order before they are batched.
+///
+/// Random draws (PGD's random start, a noise purifier, smoothing) are keyed by the batch seed,
+/// which depends on the batch's index and members. Batching files as decode workers happen to
+/// finish them made a run's outputs differ from run to run; batching in input order, and only
+/// full batches until the input ends, makes the same pipeline, seed and input give the same
+/// files on every run. A watch source has no fixed order and keeps the arrival-order batching
+/// (with partial batches flushed when the input idles, for latency).
+struct Reorder {
+    ordered: bool,
+    next: u64,
+    held: BTreeMap<u64, Option<Decoded>>,
+    /// One token back to discovery per file taken off the front of the order.
+    tokens: Sender<()>,
+}
+
+impl Reorder {
+    /// The files that are now next in order (all of them, unordered).
+    fn push(&mut self, seq: u64, d: Option<Decoded>) -> Vec<Decoded> {
+        if !self.ordered {
+            return d.into_iter().collect();
+        }
+        self.held.insert(seq, d);
+        let mut out = Vec::new();
+        while let Some(d) = self.held.remove(&self.next) {
+            self.next += 1;
+            let _ = self.tokens.try_send(());
+            out.extend(d);
+        }
+        out
+    }
+
+    /// What is left when the input ends (only after a stop can there be gaps), in order.
+    fn drain(&mut self) -> Vec<Decoded> {
+        std::mem::take(&mut self.held)
+            .into_values()
+            .flatten()
+            .collect()
+    }
+}
+
 fn compute_loop<B: PluginBackend>(
     b: &B,
     setup: &Setup,
-    rx_dec: &Receiver<Decoded>,
+    rx_dec: &Receiver<(u64, Option<Decoded>)>,
+    mut order: Reorder,
     tx_write: Sender<Box<Work>>,
     rx_verify: &Receiver<Box<Work>>,
     tx_out: &Sender<Outcome>,
@@ -942,7 +1017,8 @@ fn compute_loop<B: PluginBackend>(
             let _ = tx_out.send(Outcome::Done(w));
         }
         if input_open {
-            let got = if pending.is_empty() {
+            // In input order, only full batches run before the input ends: never wait-and-flush.
+            let got = if pending.is_empty() || order.ordered {
                 channel::select! {
                     recv(rx_dec) -> d => d.ok().map(Some).unwrap_or(None).map_or(Err(()), |d| Ok(Some(d))),
                     recv(rx_verify) -> w => {
@@ -961,34 +1037,43 @@ fn compute_loop<B: PluginBackend>(
                 }
             };
             match got {
-                Ok(Some(d)) => {
-                    let m = &d.orig.meta;
-                    let key = (m.samples_per_pixel, m.rows, m.cols);
-                    *pending_frames.entry(key).or_default() += d.orig.frame_count();
-                    pending.entry(key).or_default().push(d);
-                    // Flush a full group now; otherwise keep gathering while input is ready.
-                    if pending_frames[&key] < setup.batch_size {
-                        continue;
-                    }
-                    let group = pending.remove(&key).unwrap_or_default();
-                    pending_frames.remove(&key);
-                    if let Some(tx) = &tx_write {
-                        run_group(
-                            b,
-                            setup,
-                            &mut cache,
-                            &mut instances,
-                            &mut batch_index,
-                            group,
-                            tx,
-                            tx_out,
-                        );
+                Ok(Some((seq, d))) => {
+                    for d in order.push(seq, d) {
+                        let m = &d.orig.meta;
+                        let key = (m.samples_per_pixel, m.rows, m.cols);
+                        *pending_frames.entry(key).or_default() += d.orig.frame_count();
+                        pending.entry(key).or_default().push(d);
+                        // Flush a full group now; otherwise keep gathering.
+                        if pending_frames[&key] < setup.batch_size {
+                            continue;
+                        }
+                        let group = pending.remove(&key).unwrap_or_default();
+                        pending_frames.remove(&key);
+                        if let Some(tx) = &tx_write {
+                            run_group(
+                                b,
+                                setup,
+                                &mut cache,
+                                &mut instances,
+                                &mut batch_index,
+                                group,
+                                tx,
+                                tx_out,
+                            );
+                        }
                     }
                     continue;
                 }
-                Ok(None) if !pending.is_empty() => {}
+                Ok(None) if !pending.is_empty() && !order.ordered => {}
                 Ok(None) => continue,
-                Err(()) => input_open = false,
+                Err(()) => {
+                    input_open = false;
+                    for d in order.drain() {
+                        let m = &d.orig.meta;
+                        let key = (m.samples_per_pixel, m.rows, m.cols);
+                        pending.entry(key).or_default().push(d);
+                    }
+                }
             }
         }
         // Input is idle (or finished): flush every partial group.
@@ -1156,14 +1241,23 @@ fn run_group<B: PluginBackend>(
                 .map(|m| m.service(b, [c, h, w], &cur, &metas));
             let seed = batch_seed(setup.seed, &st.label, *batch_index);
             // An attack before adaptive purifiers attacks the model through them (BPDA).
-            let fronts: Vec<&mut Instance> = if st.role == StageRole::Attack {
-                tail.iter_mut()
+            let (fronts, eot): (Vec<&mut Instance>, u32) = if st.role == StageRole::Attack {
+                let adaptive = |s: &&Stage| s.role == StageRole::Purifier && s.adaptive;
+                let eot = setup.stages[si + 1..]
+                    .iter()
+                    .filter(adaptive)
+                    .map(|s| s.eot)
+                    .max()
+                    .unwrap_or(1);
+                let fronts = tail
+                    .iter_mut()
                     .zip(&setup.stages[si + 1..])
-                    .filter(|(_, s)| s.role == StageRole::Purifier && s.adaptive)
+                    .filter(|(_, s)| adaptive(s))
                     .filter_map(|(i, _)| i.as_mut().ok())
-                    .collect()
+                    .collect();
+                (fronts, eot)
             } else {
-                Vec::new()
+                (Vec::new(), 1)
             };
             let bpda = match (&svc, fronts.is_empty()) {
                 (Some(inner), false) => Some(Bpda {
@@ -1171,6 +1265,8 @@ fn run_group<B: PluginBackend>(
                     purifiers: std::cell::RefCell::new(fronts),
                     frames: metas.clone(),
                     seed: batch_seed(setup.seed, "bpda", *batch_index),
+                    eot,
+                    calls: std::cell::Cell::new(0),
                 }),
                 _ => None,
             };

@@ -409,6 +409,7 @@ const STAGE: &[Field] = &[
     f("params", false, false, Ty::Params),
     f("id", false, true, Ty::Str),
     f("adaptive", false, false, Ty::Bool),
+    f("eot", false, false, Ty::Uint(super::config::MAX_EOT as u64)),
 ];
 const OUTPUT: &[Field] = &[
     f("dir", true, false, Ty::Str),

@@ -7,8 +7,13 @@
 //! pass (the attack sees, and re-checks its success on, what the model will really see) and
 //! treats it as the identity in the backward pass: the gradient of the loss at the purified
 //! image is applied to the unpurified one.
+//!
+//! A randomised purifier (`random-noise`) needs more: the gradient of one draw says little about the
+//! next. With `eot` > 1 every model call averages the logits, losses and BPDA gradients over
+//! that many fresh draws (Expectation over Transformation, Athalye et al. 2018, section 4), so
+//! the attack climbs the expected loss the defense will actually present.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use super::host::{BatchInput, BatchModel, Instance, PluginBackend};
 use crate::runtime::backend::Tensor;
@@ -22,10 +27,27 @@ pub struct Bpda<'a, B: PluginBackend> {
     pub purifiers: RefCell<Vec<&'a mut Instance>>,
     pub frames: Vec<FrameMeta>,
     pub seed: u64,
+    /// Draws per model call (1: one fixed draw per batch, as for a deterministic purifier).
+    pub eot: u32,
+    /// Model calls so far, so each call's draws are fresh.
+    pub calls: Cell<u64>,
 }
 
 impl<B: PluginBackend> Bpda<'_, B> {
-    fn purify(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>, String> {
+    /// The seeds of this call's draws: the batch's seed without EOT, else `eot` fresh ones.
+    fn draws(&self) -> Vec<u64> {
+        if self.eot <= 1 {
+            return vec![self.seed];
+        }
+        let call = self.calls.get();
+        self.calls.set(call + 1);
+        let k = u64::from(self.eot);
+        (0..k)
+            .map(|i| adverse_plugin_sdk::cpu::stream_seed(self.seed, call * k + i))
+            .collect()
+    }
+
+    fn purify(&self, b: &B, x: &Tensor<B>, seed: u64) -> Result<Tensor<B>, String> {
         let mut cur = b.upload(&b.download(x), &x.shape);
         // A model call may carry several copies of the batch (rows r uses frame r mod N).
         let rows = x.shape.first().copied().unwrap_or(0);
@@ -40,7 +62,7 @@ impl<B: PluginBackend> Bpda<'_, B> {
                     frames: frames.clone(),
                     input: b.upload(&b.download(&cur), &cur.shape),
                     model: None,
-                    seed: self.seed,
+                    seed,
                 })
                 .map_err(|e| format!("purifier `{name}` inside the attack (BPDA): {e}"))?;
             if let Some(t) = out.output {
@@ -52,12 +74,25 @@ impl<B: PluginBackend> Bpda<'_, B> {
 }
 
 impl<B: PluginBackend> BatchModel<B> for Bpda<'_, B> {
+    /// The logits of the purified batch (their mean over the draws with EOT).
     fn forward(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>, String> {
-        let y = self.purify(b, x)?;
-        self.inner.forward(b, &y)
+        let seeds = self.draws();
+        if let [seed] = seeds[..] {
+            let y = self.purify(b, x, seed)?;
+            return self.inner.forward(b, &y);
+        }
+        let mut sum: Option<(Vec<f32>, Vec<usize>)> = None;
+        for seed in &seeds {
+            let y = self.purify(b, x, *seed)?;
+            let z = self.inner.forward(b, &y)?;
+            accumulate(&mut sum, b.download(&z), &z.shape);
+        }
+        let (v, shape) = mean(sum, seeds.len());
+        Ok(b.upload(&v, &shape))
     }
 
-    /// The gradient at the purified image, returned as the gradient at `x` (identity backward).
+    /// The gradient at the purified image, returned as the gradient at `x` (identity backward);
+    /// with EOT, the mean loss and gradient over the draws.
     fn loss_grad(
         &self,
         b: &B,
@@ -65,11 +100,48 @@ impl<B: PluginBackend> BatchModel<B> for Bpda<'_, B> {
         spec: LossSpec,
         targets: &[u32],
     ) -> Result<(Vec<f32>, Tensor<B>), String> {
-        let y = self.purify(b, x)?;
-        self.inner.loss_grad(b, &y, spec, targets)
+        let seeds = self.draws();
+        if let [seed] = seeds[..] {
+            let y = self.purify(b, x, seed)?;
+            return self.inner.loss_grad(b, &y, spec, targets);
+        }
+        let mut losses = Vec::new();
+        let mut sum: Option<(Vec<f32>, Vec<usize>)> = None;
+        for seed in &seeds {
+            let y = self.purify(b, x, *seed)?;
+            let (l, g) = self.inner.loss_grad(b, &y, spec, targets)?;
+            if losses.is_empty() {
+                losses = vec![0f32; l.len()];
+            }
+            for (a, v) in losses.iter_mut().zip(&l) {
+                *a += v / seeds.len() as f32;
+            }
+            accumulate(&mut sum, b.download(&g), &g.shape);
+        }
+        let (v, shape) = mean(sum, seeds.len());
+        Ok((losses, b.upload(&v, &shape)))
     }
 
     fn input_scale(&self, b: &B) -> Result<Vec<f64>, String> {
         self.inner.input_scale(b)
     }
+}
+
+fn accumulate(sum: &mut Option<(Vec<f32>, Vec<usize>)>, v: Vec<f32>, shape: &[usize]) {
+    match sum {
+        None => *sum = Some((v, shape.to_vec())),
+        Some((s, _)) => {
+            for (a, b) in s.iter_mut().zip(&v) {
+                *a += b;
+            }
+        }
+    }
+}
+
+fn mean(sum: Option<(Vec<f32>, Vec<usize>)>, n: usize) -> (Vec<f32>, Vec<usize>) {
+    let (mut v, shape) = sum.unwrap_or_default();
+    for a in &mut v {
+        *a /= n as f32;
+    }
+    (v, shape)
 }

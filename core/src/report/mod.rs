@@ -457,7 +457,10 @@ fn certification(h: &mut String, ev: &Value) {
             .filter_map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64()?)))
             .collect();
         series.push(Series {
-            name: format!("σ = {}", num(f(c, "sigma"))),
+            name: match c.get("model").and_then(Value::as_str) {
+                Some(m) => format!("σ = {}, {m}", num(f(c, "sigma"))),
+                None => format!("σ = {}", num(f(c, "sigma"))),
+            },
             points: pts,
             dashed: false,
         });

@@ -260,6 +260,11 @@ pub struct AugmentCfg {
     /// Mirror left-right with probability 1/2.
     #[serde(default)]
     pub hflip: bool,
+    /// Standard deviation of Gaussian noise added to every input value (model-input units,
+    /// unclipped). Randomized smoothing certifies only what its base classifier gets right under
+    /// noise, so the base model is trained under the smoothing σ (Cohen et al. 2019, section 5).
+    #[serde(default)]
+    pub noise: f32,
 }
 
 fn unit_range() -> [f32; 2] {

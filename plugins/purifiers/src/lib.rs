@@ -5,7 +5,8 @@
 //! - `jpeg`: JPEG re-compression at a quality (Guo 2018);
 //! - `tv`: total-variation denoising, Chambolle's projection algorithm (Guo 2018 uses TV
 //!   minimisation);
-//! - `lgs`: local gradient smoothing (Naseer 2019).
+//! - `lgs`: local gradient smoothing (Naseer 2019);
+//! - `random-noise`: random Gaussian noise injection, a randomised defense (attack it with EOT).
 //!
 //! `bit-depth`, `tv` and `lgs` run their own WGSL kernels (`shaders/purify.wgsl`) through
 //! `run_shader` on the GPU backend; the CPU twin handed to the same call performs the same f32
@@ -19,6 +20,7 @@
 pub mod bitdepth;
 pub mod jpeg;
 pub mod lgs;
+pub mod noise;
 pub mod tv;
 
 #[cfg(test)]
@@ -29,6 +31,7 @@ use adverse_plugin_sdk::{Batch, Error, FrameMeta, Norm, Result, Tensor, export_p
 pub use bitdepth::BitDepth;
 pub use jpeg::Jpeg;
 pub use lgs::Lgs;
+pub use noise::Noise;
 pub use tv::Tv;
 
 /// All kernels of this crate (one WGSL module, several entry points).
@@ -167,4 +170,5 @@ export_plugins!(
     purifier: Jpeg,
     purifier: Tv,
     purifier: Lgs,
+    purifier: Noise,
 );

@@ -867,3 +867,61 @@ fn unusable_frames_fail_with_a_reason() {
     .unwrap_err();
     assert!(err.contains("invalid stored value range"), "{err}");
 }
+
+#[test]
+fn noise_has_the_requested_spread_stays_on_the_grid_and_backends_agree() {
+    let (h, w) = (64, 64);
+    let x = vec![128f32; h * w];
+    let frames = vec![frame8(h as u32, w as u32)];
+    let p = json!({"sigma": 8.0});
+    let cpu_b = CpuBackend::new(Some(1));
+    let (y, audit) = run_on(&cpu_b, "random-noise", &p, frames.clone(), &x, [1, 1, h, w]).unwrap();
+    assert_integers_in(&y, 0.0, 255.0);
+    assert_audit_matches(&audit, &x, &y, 1);
+    let d: Vec<f64> = y.iter().map(|v| f64::from(*v) - 128.0).collect();
+    let n = d.len() as f64;
+    let mean = d.iter().sum::<f64>() / n;
+    let sd = (d.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+    // Rounding adds variance 1/12: sd = sqrt(64 + 1/12) = 8.005; standard error of sd ~0.09.
+    assert!(mean.abs() < 0.5, "mean {mean}");
+    assert!((sd - 8.0).abs() < 0.4, "sd {sd}");
+    // The host's counter-based generator: the GPU draws the same noise (a value on a rounding
+    // tie may move by one unit).
+    let (g, _) = run_on(gpu(), "random-noise", &p, frames.clone(), &x, [1, 1, h, w]).unwrap();
+    assert!(max_abs_diff(&y, &g) <= 1.0);
+    assert!(y.iter().zip(&g).filter(|(a, b)| a != b).count() * 100 <= y.len());
+    // Clamped at the range: a black frame stays in [0, 255].
+    let black = vec![0f32; h * w];
+    let (b, _) = run_on(&cpu_b, "random-noise", &p, frames, &black, [1, 1, h, w]).unwrap();
+    assert_integers_in(&b, 0.0, 255.0);
+    assert!(b.iter().any(|v| *v > 0.0));
+    // `unit: window` on CT: 0.02 of the 400 HU window = 8 stored units.
+    let ct = vec![1064f32; h * w];
+    let (c, _) = run_on(
+        &cpu_b,
+        "random-noise",
+        &json!({"sigma": 0.02, "unit": "window"}),
+        vec![ct16(h as u32, w as u32)],
+        &ct,
+        [1, 1, h, w],
+    )
+    .unwrap();
+    let sd_ct = (c
+        .iter()
+        .map(|v| (f64::from(*v) - 1064.0).powi(2))
+        .sum::<f64>()
+        / n)
+        .sqrt();
+    assert!((sd_ct - 8.0).abs() < 0.4, "CT sd {sd_ct}");
+    assert!(
+        run_on(
+            &cpu_b,
+            "random-noise",
+            &json!({"sigma": 0}),
+            vec![frame8(2, 2)],
+            &[0.0; 4],
+            [1, 1, 2, 2]
+        )
+        .is_err()
+    );
+}

@@ -433,6 +433,41 @@ fn a_run_killed_midway_resumes_to_the_same_outputs_with_a_valid_audit_log() {
     assert_eq!(outputs(&out), outputs(&ref_out));
 }
 
+/// Random draws (here PGD's random start) come from the batch seed, so a run is reproducible
+/// only if batches form the same way every time: in input order, whatever order the decode
+/// workers finish in. Two runs with two workers and batches of 4 write the same bytes.
+#[test]
+fn a_randomised_attack_writes_the_same_files_on_every_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    for i in 0..24 {
+        std::fs::copy(sample(i), input.join(format!("{i:02}.dcm"))).unwrap();
+    }
+    let plugins = basic_plugins();
+    let stages = "  - attack: pgd\n    params: { eps: 4, steps: 3, random_start: true }";
+    let run = |name: &str| {
+        let out = tmp.path().join(name);
+        let dir = tmp.path().join(format!("p-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = pipeline(
+            &dir,
+            &input,
+            &out,
+            plugins.path(),
+            stages,
+            "run: { jobs: 2, batch_size: 4, seed: 11 }\n",
+        );
+        let o = adverse(&["run", p.to_str().unwrap(), "-q"]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        outputs(&out)
+    };
+    let (a, b) = (run("a"), run("b"));
+    assert_eq!(a.len(), 24);
+    let differ: Vec<&String> = a.keys().filter(|k| a.get(*k) != b.get(*k)).collect();
+    assert!(differ.is_empty(), "outputs differ between runs: {differ:?}");
+}
+
 #[test]
 fn attack_rows_report_the_prediction_of_the_file_as_written() {
     let tmp = tempfile::tempdir().unwrap();
