@@ -118,6 +118,8 @@ enum Purpose {
     Large,
     /// Detector scores (clean run or one attack): the detector at `.0`.
     Detect(usize),
+    /// Detector scores under the attack that also targets the detector `.0`.
+    DetectAdaptive(usize),
     /// Randomized-smoothing certification `.0` on the clean images.
     Certify(usize),
 }
@@ -223,6 +225,7 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
             id: d.id.clone(),
             adaptive: false,
             eot: None,
+            shadow: false,
         };
         let base = format!("detect/{}", d.label());
         out.push(Plan {
@@ -250,6 +253,34 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
                     extra: vec![stage.clone()],
                     dir: format!("{base}/{}/{}", a.label(), eps_dir(e)),
                 });
+                if d.adaptive.is_empty() {
+                    continue;
+                }
+                let mut extra: Vec<StageSpec> = d
+                    .adaptive
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| StageSpec {
+                        attack: None,
+                        purifier: Some(p.purifier.clone()),
+                        detector: None,
+                        stage: None,
+                        params: p.params.clone(),
+                        id: Some(format!("shadow-{i}-{}", p.purifier)),
+                        adaptive: true,
+                        eot: None,
+                        shadow: true,
+                    })
+                    .collect();
+                extra.push(stage.clone());
+                out.push(Plan {
+                    defense: none.clone(),
+                    attack: Some(a.clone()),
+                    eps: Some(e),
+                    purpose: Purpose::DetectAdaptive(k),
+                    extra,
+                    dir: format!("{base}/adaptive/{}/{}", a.label(), eps_dir(e)),
+                });
             }
         }
     }
@@ -271,6 +302,7 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
                 id: c.id.clone(),
                 adaptive: false,
                 eot: None,
+                shadow: false,
             }],
             dir: format!("certify/{}", c.label()),
         });
@@ -313,6 +345,7 @@ fn pipeline_spec(
             id: None,
             adaptive: false,
             eot: None,
+            shadow: false,
         });
     }
     // A transfer attack's purifier runs in the judging run, on the crafted files.
@@ -328,6 +361,7 @@ fn pipeline_spec(
             id: None,
             adaptive: plan.defense.adaptive,
             eot: plan.defense.eot.filter(|_| plan.defense.adaptive),
+            shadow: false,
         });
     }
     stages.extend(plan.extra.iter().cloned());
@@ -539,7 +573,7 @@ pub fn run(e: &Evaluation, o: &EvalOptions, stop: Arc<AtomicBool>) -> Result<Rep
             Purpose::Grid if c.role.is_none() => clean.push(st),
             Purpose::Grid => table.push(st),
             Purpose::Large => large.push(st),
-            Purpose::Detect(_) | Purpose::Certify(_) => {}
+            Purpose::Detect(_) | Purpose::DetectAdaptive(_) | Purpose::Certify(_) => {}
         }
     }
     let grid: Vec<Cell> = cells
@@ -577,7 +611,7 @@ pub fn run(e: &Evaluation, o: &EvalOptions, stop: Arc<AtomicBool>) -> Result<Rep
                 purpose: match p {
                     Purpose::Grid => "grid",
                     Purpose::Large => "large",
-                    Purpose::Detect(_) => "detect",
+                    Purpose::Detect(_) | Purpose::DetectAdaptive(_) => "detect",
                     Purpose::Certify(_) => "certify",
                 },
                 defense: c.defense.clone(),
@@ -603,7 +637,8 @@ pub struct Detection {
     pub detector: String,
     pub attack: String,
     pub eps: Option<f64>,
-    /// Whether the attack also targeted the detector (not yet supported: always false).
+    /// Whether the attack also targeted the detector (through its squeezers as shadow
+    /// purifiers).
     pub adaptive: bool,
     pub auc: Option<f64>,
     pub tpr_at_5_fpr: Option<f64>,
@@ -657,7 +692,17 @@ fn detection(s: &EvalSpec, cells: &[(Cell, Purpose)]) -> Vec<Detection> {
             .filter(|f| right.contains(&(f.input.clone(), f.frame)))
             .filter_map(|f| stage_num(f, &label, &d.score))
             .collect();
-        for c in mine.iter().filter(|c| c.role.is_some()) {
+        let adaptive: Vec<&Cell> = cells
+            .iter()
+            .filter(|(_, p)| *p == Purpose::DetectAdaptive(k))
+            .map(|(c, _)| c)
+            .collect();
+        let attacked = mine
+            .iter()
+            .filter(|c| c.role.is_some())
+            .map(|c| (c, false))
+            .chain(adaptive.iter().map(|c| (c, true)));
+        for (c, adaptive) in attacked {
             let positives: Vec<f64> = c
                 .frames
                 .iter()
@@ -673,7 +718,7 @@ fn detection(s: &EvalSpec, cells: &[(Cell, Purpose)]) -> Vec<Detection> {
                 detector: label.clone(),
                 attack: c.attack.clone(),
                 eps: c.eps,
-                adaptive: false,
+                adaptive,
                 auc: r.auc,
                 tpr_at_5_fpr: r.tpr_at_fpr,
                 positives: positives.len(),
@@ -881,15 +926,17 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(
             s,
             "\nDetectors (negatives: correctly classified clean images; positives: successful \
-             adversarial ones; non-adaptive):\n\n| detector | attack | ε | AUC | TPR at 5% FPR | positives | negatives |\n|---|---|---|---|---|---|---|"
+             adversarial ones; adaptive: the attack also fools the model through each of the \
+             detector's squeezers):\n\n| detector | attack | ε | adaptive | AUC | TPR at 5% FPR | positives | negatives |\n|---|---|---|---|---|---|---|---|"
         );
         for d in &r.detection {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 d.detector,
                 d.attack,
                 d.eps.map_or("-".into(), fmt_eps),
+                if d.adaptive { "yes" } else { "no" },
                 num(d.auc),
                 pct(d.tpr_at_5_fpr),
                 d.positives,

@@ -156,6 +156,21 @@ pub struct DetectorEntry {
     /// Attack labels to detect (default: every iterative attack).
     #[serde(default)]
     pub against: Option<Vec<String>>,
+    /// The detector's squeezers as purifiers: when given, the same attacks also run adaptively,
+    /// optimising the model's loss with and without each of them (shadow purifiers, BPDA), so
+    /// the images fool every squeezed view alike and the detector's disagreement score is
+    /// attacked too.
+    #[serde(default)]
+    pub adaptive: Vec<AdaptivePurifier>,
+}
+
+/// A purifier standing in for one of a detector's input transformations.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptivePurifier {
+    pub purifier: String,
+    #[serde(default = "empty_object")]
+    pub params: Value,
 }
 
 impl DetectorEntry {

@@ -187,6 +187,13 @@ pub struct StageSpec {
     /// through one draw it will not see again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eot: Option<u32>,
+    /// Adaptive purifiers only: the purifier exists only inside the attacks before it, not on
+    /// the written output, and those attacks optimise the mean loss over the unpurified image
+    /// and each shadow purifier's version of it. This is the adaptive attack on a detector
+    /// that compares a model's outputs on squeezed inputs (feature squeezing): the image must
+    /// fool the model with and without each squeezer, so the squeezers no longer disagree.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shadow: bool,
 }
 
 /// The most draws EOT may average per model call (each draw is a full forward and backward).
@@ -360,6 +367,13 @@ impl Pipeline {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| PathBuf::from("."));
         let base = std::fs::canonicalize(&base).unwrap_or(base);
+        if spec.stages.iter().any(|s| s.shadow)
+            && spec.stages.iter().any(|s| s.adaptive && !s.shadow)
+        {
+            return Err(invalid(
+                "stages: shadow purifiers (an ensemble inside the attack) and applied adaptive purifiers (a chain) cannot be combined in one pipeline".into(),
+            ));
+        }
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in spec.stages.iter().enumerate() {
             s.role().map_err(|m| invalid(format!("stages[{i}]: {m}")))?;
@@ -369,6 +383,11 @@ impl Pipeline {
             if s.adaptive && s.purifier.is_none() {
                 return Err(invalid(format!(
                     "stages[{i}].adaptive: only a `purifier` stage can be adaptive (attacks before it see it)"
+                )));
+            }
+            if s.shadow && !s.adaptive {
+                return Err(invalid(format!(
+                    "stages[{i}].shadow: needs `adaptive: true` (a shadow purifier exists only inside the attacks before it)"
                 )));
             }
             if let Some(k) = s.eot {

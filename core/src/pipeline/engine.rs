@@ -167,6 +167,8 @@ struct Stage {
     adaptive: bool,
     /// Draws averaged per attack model call through this purifier (EOT); 1 without.
     eot: u32,
+    /// Runs only inside earlier attacks (an ensemble member), never on the output.
+    shadow: bool,
 }
 
 /// Everything fixed before the first file is read.
@@ -308,6 +310,7 @@ fn prepare(p: &Pipeline, o: &RunOptions) -> Result<Setup, EngineError> {
             params: s.params.clone(),
             adaptive: s.adaptive,
             eot: s.eot.unwrap_or(1),
+            shadow: s.shadow,
         });
     }
     if stages
@@ -330,7 +333,9 @@ fn prepare(p: &Pipeline, o: &RunOptions) -> Result<Setup, EngineError> {
     // the same UIDs on every run, whatever else changes in the pipeline file.
     let identity = json!({
         "name": p.spec.name,
-        "stages": stages.iter().map(|s| if s.adaptive && s.eot > 1 {
+        "stages": stages.iter().map(|s| if s.shadow {
+            json!([s.handle.name, s.handle.version, s.params, "shadow"])
+        } else if s.adaptive && s.eot > 1 {
             json!([s.handle.name, s.handle.version, s.params, "adaptive", {"eot": s.eot}])
         } else if s.adaptive {
             json!([s.handle.name, s.handle.version, s.params, "adaptive"])
@@ -1222,6 +1227,10 @@ fn run_group<B: PluginBackend>(
         }
         let mut cur = data;
         for (si, st) in setup.stages.iter().enumerate() {
+            if st.shadow {
+                // Only the attacks before it run it (see `Bpda`).
+                continue;
+            }
             let (head, tail) = instances.split_at_mut(si + 1);
             let inst = match &mut head[si] {
                 Ok(inst) => inst,
@@ -1241,8 +1250,13 @@ fn run_group<B: PluginBackend>(
                 .map(|m| m.service(b, [c, h, w], &cur, &metas));
             let seed = batch_seed(setup.seed, &st.label, *batch_index);
             // An attack before adaptive purifiers attacks the model through them (BPDA).
+            // Shadow purifiers make an ensemble with the unpurified path; applied adaptive
+            // purifiers chain (`Bpda::ensemble`).
+            let ensemble = setup.stages[si + 1..].iter().any(|s| s.shadow);
             let (fronts, eot): (Vec<&mut Instance>, u32) = if st.role == StageRole::Attack {
-                let adaptive = |s: &&Stage| s.role == StageRole::Purifier && s.adaptive;
+                let adaptive = |s: &&Stage| {
+                    s.role == StageRole::Purifier && s.adaptive && s.shadow == ensemble
+                };
                 let eot = setup.stages[si + 1..]
                     .iter()
                     .filter(adaptive)
@@ -1267,6 +1281,7 @@ fn run_group<B: PluginBackend>(
                     seed: batch_seed(setup.seed, "bpda", *batch_index),
                     eot,
                     calls: std::cell::Cell::new(0),
+                    ensemble,
                 }),
                 _ => None,
             };
@@ -1586,7 +1601,7 @@ fn record(
                 });
                 let mt = fr.metrics;
                 let mut stages = Map::new();
-                for (st, sf) in setup.stages.iter().zip(&fr.stages) {
+                for (st, sf) in setup.stages.iter().filter(|s| !s.shadow).zip(&fr.stages) {
                     stages.insert(
                         st.label.clone(),
                         serde_json::to_value(sf).unwrap_or_default(),
@@ -1644,7 +1659,7 @@ fn record(
                 .iter()
                 .map(|fr| {
                     let mut m = Map::new();
-                    for (st, sf) in setup.stages.iter().zip(&fr.stages) {
+                    for (st, sf) in setup.stages.iter().filter(|s| !s.shadow).zip(&fr.stages) {
                         if st.role == StageRole::Detector {
                             m.insert(st.label.clone(), json!(sf.values));
                         }

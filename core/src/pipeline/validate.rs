@@ -410,6 +410,7 @@ const STAGE: &[Field] = &[
     f("id", false, true, Ty::Str),
     f("adaptive", false, false, Ty::Bool),
     f("eot", false, false, Ty::Uint(super::config::MAX_EOT as u64)),
+    f("shadow", false, false, Ty::Bool),
 ];
 const OUTPUT: &[Field] = &[
     f("dir", true, false, Ty::Str),

@@ -12,6 +12,13 @@
 //! next. With `eot` > 1 every model call averages the logits, losses and BPDA gradients over
 //! that many fresh draws (Expectation over Transformation, Athalye et al. 2018, section 4), so
 //! the attack climbs the expected loss the defense will actually present.
+//!
+//! Shadow purifiers (`ensemble`) are not applied to the output at all: they stand for the
+//! squeezers of a detector that compares the model's outputs with and without them. The attack
+//! then optimises the mean over the unpurified image and each purifier's version, each path
+//! with the identity backward, so its image fools the model with and without every squeezer and
+//! the detector sees no disagreement (Carlini and Wagner 2017, "Adversarial examples are not
+//! easily detected"; He et al. 2017 for feature squeezing).
 
 use std::cell::{Cell, RefCell};
 
@@ -31,6 +38,8 @@ pub struct Bpda<'a, B: PluginBackend> {
     pub eot: u32,
     /// Model calls so far, so each call's draws are fresh.
     pub calls: Cell<u64>,
+    /// Average over the identity and each purifier alone instead of chaining them.
+    pub ensemble: bool,
 }
 
 impl<B: PluginBackend> Bpda<'_, B> {
@@ -47,14 +56,42 @@ impl<B: PluginBackend> Bpda<'_, B> {
             .collect()
     }
 
-    fn purify(&self, b: &B, x: &Tensor<B>, seed: u64) -> Result<Tensor<B>, String> {
+    /// The versions of `x` the model is averaged over: the chained purifiers' output per draw,
+    /// or (ensemble) `x` itself and each purifier's output.
+    fn paths(&self, b: &B, x: &Tensor<B>) -> Result<Vec<Tensor<B>>, String> {
+        if self.ensemble {
+            let seed = self.seed;
+            let n = self.purifiers.borrow().len();
+            let mut out = vec![b.upload(&b.download(x), &x.shape)];
+            for k in 0..n {
+                out.push(self.purify(b, x, seed, Some(k))?);
+            }
+            return Ok(out);
+        }
+        self.draws()
+            .into_iter()
+            .map(|seed| self.purify(b, x, seed, None))
+            .collect()
+    }
+
+    /// Runs every purifier in order (`only`: just that one).
+    fn purify(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        seed: u64,
+        only: Option<usize>,
+    ) -> Result<Tensor<B>, String> {
         let mut cur = b.upload(&b.download(x), &x.shape);
         // A model call may carry several copies of the batch (rows r uses frame r mod N).
         let rows = x.shape.first().copied().unwrap_or(0);
         let frames: Vec<FrameMeta> = (0..rows)
             .filter_map(|r| self.frames.get(r % self.frames.len().max(1)).cloned())
             .collect();
-        for inst in self.purifiers.borrow_mut().iter_mut() {
+        for (k, inst) in self.purifiers.borrow_mut().iter_mut().enumerate() {
+            if only.is_some_and(|o| o != k) {
+                continue;
+            }
             let name = inst.handle().name.clone();
             let out = inst
                 .process(BatchInput {
@@ -74,25 +111,23 @@ impl<B: PluginBackend> Bpda<'_, B> {
 }
 
 impl<B: PluginBackend> BatchModel<B> for Bpda<'_, B> {
-    /// The logits of the purified batch (their mean over the draws with EOT).
+    /// The logits of the purified batch (their mean over the draws or ensemble paths).
     fn forward(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>, String> {
-        let seeds = self.draws();
-        if let [seed] = seeds[..] {
-            let y = self.purify(b, x, seed)?;
-            return self.inner.forward(b, &y);
+        let paths = self.paths(b, x)?;
+        if let [y] = &paths[..] {
+            return self.inner.forward(b, y);
         }
         let mut sum: Option<(Vec<f32>, Vec<usize>)> = None;
-        for seed in &seeds {
-            let y = self.purify(b, x, *seed)?;
-            let z = self.inner.forward(b, &y)?;
+        for y in &paths {
+            let z = self.inner.forward(b, y)?;
             accumulate(&mut sum, b.download(&z), &z.shape);
         }
-        let (v, shape) = mean(sum, seeds.len());
+        let (v, shape) = mean(sum, paths.len());
         Ok(b.upload(&v, &shape))
     }
 
     /// The gradient at the purified image, returned as the gradient at `x` (identity backward);
-    /// with EOT, the mean loss and gradient over the draws.
+    /// the mean loss and gradient over the draws or ensemble paths.
     fn loss_grad(
         &self,
         b: &B,
@@ -100,25 +135,23 @@ impl<B: PluginBackend> BatchModel<B> for Bpda<'_, B> {
         spec: LossSpec,
         targets: &[u32],
     ) -> Result<(Vec<f32>, Tensor<B>), String> {
-        let seeds = self.draws();
-        if let [seed] = seeds[..] {
-            let y = self.purify(b, x, seed)?;
-            return self.inner.loss_grad(b, &y, spec, targets);
+        let paths = self.paths(b, x)?;
+        if let [y] = &paths[..] {
+            return self.inner.loss_grad(b, y, spec, targets);
         }
         let mut losses = Vec::new();
         let mut sum: Option<(Vec<f32>, Vec<usize>)> = None;
-        for seed in &seeds {
-            let y = self.purify(b, x, *seed)?;
-            let (l, g) = self.inner.loss_grad(b, &y, spec, targets)?;
+        for y in &paths {
+            let (l, g) = self.inner.loss_grad(b, y, spec, targets)?;
             if losses.is_empty() {
                 losses = vec![0f32; l.len()];
             }
             for (a, v) in losses.iter_mut().zip(&l) {
-                *a += v / seeds.len() as f32;
+                *a += v / paths.len() as f32;
             }
             accumulate(&mut sum, b.download(&g), &g.shape);
         }
-        let (v, shape) = mean(sum, seeds.len());
+        let (v, shape) = mean(sum, paths.len());
         Ok((losses, b.upload(&v, &shape)))
     }
 

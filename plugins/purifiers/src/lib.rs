@@ -6,6 +6,7 @@
 //! - `tv`: total-variation denoising, Chambolle's projection algorithm (Guo 2018 uses TV
 //!   minimisation);
 //! - `lgs`: local gradient smoothing (Naseer 2019);
+//! - `median-2x2`: the 2x2 median squeezer of feature squeezing;
 //! - `random-noise`: random Gaussian noise injection, a randomised defense (attack it with EOT).
 //!
 //! `bit-depth`, `tv` and `lgs` run their own WGSL kernels (`shaders/purify.wgsl`) through
@@ -20,6 +21,7 @@
 pub mod bitdepth;
 pub mod jpeg;
 pub mod lgs;
+pub mod median2;
 pub mod noise;
 pub mod tv;
 
@@ -31,6 +33,7 @@ use adverse_plugin_sdk::{Batch, Error, FrameMeta, Norm, Result, Tensor, export_p
 pub use bitdepth::BitDepth;
 pub use jpeg::Jpeg;
 pub use lgs::Lgs;
+pub use median2::Median2;
 pub use noise::Noise;
 pub use tv::Tv;
 
@@ -170,5 +173,6 @@ export_plugins!(
     purifier: Jpeg,
     purifier: Tv,
     purifier: Lgs,
+    purifier: Median2,
     purifier: Noise,
 );

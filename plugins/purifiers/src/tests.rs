@@ -925,3 +925,43 @@ fn noise_has_the_requested_spread_stays_on_the_grid_and_backends_agree() {
         .is_err()
     );
 }
+
+/// The 2x2 median against a direct count on a hand-checked 3x3 plane, on both backends.
+#[test]
+fn median_2x2_takes_the_upper_middle_of_the_reflected_window() {
+    // Plane:      Output (window rows {i-1,i}, cols {j-1,j}, -1 -> 0, upper middle of 4):
+    // 1 9 2       1 9 9
+    // 8 3 7       8 8 7
+    // 4 6 5       8 6 6
+    let x = [1.0, 9.0, 2.0, 8.0, 3.0, 7.0, 4.0, 6.0, 5.0];
+    let want = [1.0, 9.0, 9.0, 8.0, 8.0, 7.0, 8.0, 6.0, 6.0];
+    let frames = vec![frame8(3, 3)];
+    let cpu_b = CpuBackend::new(Some(1));
+    let (y, audit) = run_on(
+        &cpu_b,
+        "median-2x2",
+        &json!({}),
+        frames.clone(),
+        &x,
+        [1, 1, 3, 3],
+    )
+    .unwrap();
+    assert_eq!(y, want);
+    assert_audit_matches(&audit, &x, &y, 1);
+    let (g, _) = run_on(gpu(), "median-2x2", &json!({}), frames, &x, [1, 1, 3, 3]).unwrap();
+    assert_eq!(g, want);
+    // Planes are filtered separately (RGB): a constant plane stays constant.
+    let mut rgb = vec![50f32; 3 * 9];
+    rgb[..9].copy_from_slice(&x);
+    let (y, _) = run_on(
+        &cpu_b,
+        "median-2x2",
+        &json!({}),
+        vec![rgb8(3, 3)],
+        &rgb,
+        [1, 3, 3, 3],
+    )
+    .unwrap();
+    assert_eq!(&y[..9], &want);
+    assert!(y[9..].iter().all(|v| *v == 50.0));
+}

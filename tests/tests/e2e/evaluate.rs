@@ -86,11 +86,13 @@ fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
             "adverse-plugins-basic",
             "adverse-plugins-attacks",
             "adverse-plugins-detectors",
+            "adverse-plugins-purifiers",
         ],
         &[
             "adverse_plugins_basic",
             "adverse_plugins_attacks",
             "adverse_plugins_detectors",
+            "adverse_plugins_purifiers",
         ],
     );
     let dir = tempfile::tempdir().unwrap();
@@ -109,7 +111,7 @@ fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
          \x20 - { name: none }\n\
          \x20 - { name: median-3x3, purifier: median, params: { radius: 1 } }\n\
          detectors:\n\
-         \x20 - { detector: feature-squeezing, params: { bit_depth: null, median: [2] }, against: [pgd] }\n\
+         \x20 - { detector: feature-squeezing, params: { bit_depth: null, median: [2] }, against: [pgd], adaptive: [{ purifier: median-2x2 }] }\n\
          certify:\n\
          \x20 - { plugin: smoothing, params: { sigma: 0.25, n0: 20, n: 100, alpha: 0.01 } }\n\
          sanity: { large_eps: 64 }\n",
@@ -119,12 +121,12 @@ fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
     let ev: Value =
         serde_json::from_slice(&std::fs::read(out.join("evaluation.json")).unwrap()).unwrap();
     // Every planned run happened: 2 defenses x (clean + 4 attacks x 2 budgets + C&W + PGD-L2 x 2
-    // budgets) + the large-eps run + the detector's clean and 2 PGD runs + the certification,
-    // 12 images each, none failed.
+    // budgets) + the large-eps run + the detector's clean, 2 PGD and 2 adaptive PGD runs + the
+    // certification, 12 images each, none failed.
     let runs = ev["runs"].as_array().unwrap();
     assert_eq!(
         runs.len(),
-        2 * (1 + 4 * 2 + 1 + 2) + 1 + 3 + 1,
+        2 * (1 + 4 * 2 + 1 + 2) + 1 + 5 + 1,
         "{}",
         text(&run)
     );
@@ -198,8 +200,22 @@ fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
     // on the successful adversarial ones; at eps 8 PGD fools most images, and its perturbation
     // is what the median squeezer removes, so the detector ranks them above clean ones.
     let det = ev["detection"].as_array().unwrap();
-    assert_eq!(det.len(), 2, "{det:?}");
-    let d8 = det.iter().find(|d| d["eps"] == 8.0).unwrap();
+    assert_eq!(det.len(), 4, "{det:?}");
+    let d8 = det
+        .iter()
+        .find(|d| d["eps"] == 8.0 && d["adaptive"] == false)
+        .unwrap();
+    // The adaptive attack also fools the model through the squeezer, so the squeezed and plain
+    // predictions agree and the detector ranks its images lower than the naive attack's.
+    let a8 = det
+        .iter()
+        .find(|d| d["eps"] == 8.0 && d["adaptive"] == true)
+        .unwrap();
+    assert!(a8["positives"].as_u64().unwrap() > 0, "{a8}");
+    assert!(
+        a8["auc"].as_f64().unwrap() < d8["auc"].as_f64().unwrap(),
+        "adaptive {a8} vs naive {d8}"
+    );
     assert!(d8["positives"].as_u64().unwrap() > 0 && d8["negatives"].as_u64().unwrap() > 0);
     assert!(d8["auc"].as_f64().unwrap() > 0.5, "{d8}");
     let roc = d8["roc"].as_array().unwrap();
