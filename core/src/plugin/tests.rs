@@ -292,7 +292,7 @@ fn a_table_of_an_older_minor_abi_loads_and_runs() {
     let b = CpuBackend::new(Some(1));
     let mut inst =
         Instance::create(Arc::new(h), &json!({"mode": "shader", "bias": 1.5}), &b).expect("create");
-    let input = b.upload(&vec![1.0; 32], &[2, 1, 4, 4]);
+    let input = b.upload(&[1.0; 32], &[2, 1, 4, 4]);
     inst.process(BatchInput {
         backend: &b,
         frames: vec![frame(4, 4), frame(4, 4)],
