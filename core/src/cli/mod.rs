@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod audit;
+pub mod detector;
 pub mod evaluate;
 pub mod inspect;
 pub mod model;
@@ -88,6 +89,8 @@ pub enum Command {
     Report(report::ReportArgs),
     /// Watch a folder: screen or purify every DICOM file dropped into it (exactly once).
     Watch(watch::WatchArgs),
+    /// Fit feature-space detectors (mahalanobis, lid, kde-bu) on clean frames.
+    Detector(detector::DetectorArgs),
 }
 
 /// Parse arguments and run. Usage errors exit with [`exit::USAGE`].
@@ -117,5 +120,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Evaluate(a) => evaluate::run(a),
         Command::Report(a) => report::run(a),
         Command::Watch(a) => watch::run(a),
+        Command::Detector(a) => detector::run(a),
     }
 }

@@ -158,6 +158,20 @@ impl<B: PluginBackend> BatchModel<B> for Bpda<'_, B> {
     fn input_scale(&self, b: &B) -> Result<Vec<f64>, String> {
         self.inner.input_scale(b)
     }
+
+    /// The features of the purified image (what the model sees).
+    fn features(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>, String> {
+        let y = self.purify(b, x)?;
+        self.inner.features(b, &y)
+    }
+
+    fn head(&self, b: &B, f: &Tensor<B>) -> Result<Tensor<B>, String> {
+        self.inner.head(b, f)
+    }
+
+    fn model_id(&self) -> Result<String, String> {
+        self.inner.model_id()
+    }
 }
 
 fn accumulate(sum: &mut Option<(Vec<f32>, Vec<usize>)>, v: Vec<f32>, shape: &[usize]) {

@@ -89,6 +89,19 @@ pub trait BatchModel<B: Backend> {
     fn input_scale(&self, _b: &B) -> Result<Vec<f64>, String> {
         Err("this model service does not report its input scale".into())
     }
+    /// Features `[R, D]` of the model for stored values (ABI 1.2 `model_features`; same row
+    /// rule as `forward`).
+    fn features(&self, _b: &B, _x: &Tensor<B>) -> Result<Tensor<B>, String> {
+        Err("this model service does not expose features".into())
+    }
+    /// Logits `[R, K]` of the head for features `[R, D]` (ABI 1.2 `model_head`).
+    fn head(&self, _b: &B, _f: &Tensor<B>) -> Result<Tensor<B>, String> {
+        Err("this model service does not expose the model head".into())
+    }
+    /// The model's identity: sha256 (hex) of its imported graph (ABI 1.2 `model_id`).
+    fn model_id(&self) -> Result<String, String> {
+        Err("this model service does not report a model identity".into())
+    }
 }
 
 /// Everything a `process` call may see.
@@ -188,6 +201,9 @@ impl<'a, B: PluginBackend> State<'a, B> {
             audit_text: audit_text::<B>,
             set_output: set_output::<B>,
             model_input_scale: model_input_scale::<B>,
+            model_features: model_features::<B>,
+            model_head: model_head::<B>,
+            model_id: model_id::<B>,
         }
     }
 }
@@ -1073,6 +1089,58 @@ unsafe extern "C" fn model_input_scale<B: PluginBackend>(
         }
         // SAFETY: out holds n f64 (non-null and length checked above).
         unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out, n) };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn model_features<B: PluginBackend>(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    out: *mut AdvTensor,
+) -> AdvStatus {
+    svc::<B>(ctx, |st| {
+        let m = model_of(st)?;
+        let x = st.get(x)?;
+        let f = m.features(st.backend, &x)?;
+        put_out(st, out, f)
+    })
+}
+
+unsafe extern "C" fn model_head<B: PluginBackend>(
+    ctx: *mut c_void,
+    f: AdvTensor,
+    out: *mut AdvTensor,
+) -> AdvStatus {
+    svc::<B>(ctx, |st| {
+        let m = model_of(st)?;
+        let f = st.get(f)?;
+        let z = m.head(st.backend, &f)?;
+        put_out(st, out, z)
+    })
+}
+
+unsafe extern "C" fn model_id<B: PluginBackend>(
+    ctx: *mut c_void,
+    buf: *mut c_char,
+    cap: usize,
+    len: *mut usize,
+) -> AdvStatus {
+    svc::<B>(ctx, |st| {
+        let m = model_of(st)?;
+        let id = m.model_id()?;
+        if len.is_null() {
+            return Err("null length pointer".into());
+        }
+        let n = id.len().min(cap);
+        if n > 0 {
+            if buf.is_null() {
+                return Err("null buffer with a non-zero capacity".into());
+            }
+            // SAFETY: the plugin passes a buffer writable for `cap` bytes (non-null checked).
+            unsafe { std::ptr::copy_nonoverlapping(id.as_ptr(), buf.cast::<u8>(), n) };
+        }
+        // SAFETY: non-null checked above; the plugin passes a writable usize.
+        unsafe { *len = id.len() };
         Ok(())
     })
 }

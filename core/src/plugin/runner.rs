@@ -163,6 +163,11 @@ pub(crate) enum ModelService<'p, B: Backend> {
     Ready {
         pipe: &'p Pipeline<B>,
         consts: FrameConsts<B>,
+        /// The card's `features` value name.
+        feature: Option<&'p str>,
+        /// sha256 of the imported graph, computed on first use.
+        id: &'p std::sync::OnceLock<String>,
+        graph: &'p Graph,
     },
     Broken(String),
 }
@@ -197,7 +202,7 @@ fn tiled_consts<B: Backend>(
 impl<B: Backend> BatchModel<B> for ModelService<'_, B> {
     fn forward(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>, String> {
         match self {
-            ModelService::Ready { pipe, consts } => {
+            ModelService::Ready { pipe, consts, .. } => {
                 let rows = x.shape.first().copied().unwrap_or(0);
                 let tiled = tiled_consts(b, consts, rows)?;
                 let outs = pipe
@@ -218,7 +223,7 @@ impl<B: Backend> BatchModel<B> for ModelService<'_, B> {
         targets: &[u32],
     ) -> Result<(Vec<f32>, Tensor<B>), String> {
         match self {
-            ModelService::Ready { pipe, consts } => {
+            ModelService::Ready { pipe, consts, .. } => {
                 let (l, g, _) = pipe
                     .loss_and_stored_grad(b, x, consts, spec, &LossTargets::Classes(targets))
                     .map_err(|e| e.to_string())?;
@@ -229,7 +234,7 @@ impl<B: Backend> BatchModel<B> for ModelService<'_, B> {
     }
     fn input_scale(&self, b: &B) -> Result<Vec<f64>, String> {
         match self {
-            ModelService::Ready { pipe, consts } => {
+            ModelService::Ready { pipe, consts, .. } => {
                 let spec = &pipe.spec;
                 // `a` is the per-frame affine before the window clip; the card's scale follows
                 // the clip when windowing (it is already folded into `a` otherwise), then the
@@ -256,6 +261,58 @@ impl<B: Backend> BatchModel<B> for ModelService<'_, B> {
             ModelService::Broken(m) => Err(m.clone()),
         }
     }
+    fn features(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>, String> {
+        match self {
+            ModelService::Ready {
+                pipe,
+                consts,
+                feature,
+                ..
+            } => {
+                let rows = x.shape.first().copied().unwrap_or(0);
+                let tiled = tiled_consts(b, consts, rows)?;
+                pipe.features(b, x, tiled.as_ref().unwrap_or(consts), *feature)
+            }
+            ModelService::Broken(m) => Err(m.clone()),
+        }
+    }
+    fn head(&self, b: &B, f: &Tensor<B>) -> Result<Tensor<B>, String> {
+        match self {
+            ModelService::Ready { pipe, feature, .. } => pipe.head(b, f, *feature),
+            ModelService::Broken(m) => Err(m.clone()),
+        }
+    }
+    fn model_id(&self) -> Result<String, String> {
+        match self {
+            ModelService::Ready { id, graph, .. } => {
+                Ok(id.get_or_init(|| graph_sha256(graph)).clone())
+            }
+            ModelService::Broken(m) => Err(m.clone()),
+        }
+    }
+}
+
+/// sha256 (hex) of an imported graph: its ops, wiring, value shapes and parameters. Equal for
+/// the same model file, different for any change of weights or architecture; independent of
+/// where the file lives. What fitted detector states record to refuse another model.
+pub fn graph_sha256(g: &Graph) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"adverse-graph-v1\0");
+    for v in &g.values {
+        h.update(format!("{}|{:?}|{:?}|{};", v.name, v.kind, v.shape, v.batched).as_bytes());
+    }
+    for n in &g.nodes {
+        h.update(format!("{:?}|{:?}|{};", n.op, n.inputs, n.output).as_bytes());
+    }
+    for p in &g.params {
+        h.update(format!("{}|{:?}|", p.name, p.shape).as_bytes());
+        for x in &p.data {
+            h.update(x.to_le_bytes());
+        }
+    }
+    h.update(format!("{:?}{:?}", g.inputs, g.outputs).as_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Preprocessing + model pipelines per frame size, built on first use: the model service of
@@ -263,6 +320,7 @@ impl<B: Backend> BatchModel<B> for ModelService<'_, B> {
 pub(crate) struct ModelCache<'m, B: Backend> {
     model: &'m RunModel,
     pipes: HashMap<[usize; 2], Result<Pipeline<B>, String>>,
+    id: std::sync::OnceLock<String>,
 }
 
 impl<'m, B: Backend> ModelCache<'m, B> {
@@ -270,6 +328,7 @@ impl<'m, B: Backend> ModelCache<'m, B> {
         ModelCache {
             model,
             pipes: HashMap::new(),
+            id: std::sync::OnceLock::new(),
         }
     }
 
@@ -289,6 +348,7 @@ impl<'m, B: Backend> ModelCache<'m, B> {
             ));
         }
         let m = self.model;
+        let id = &self.id;
         let entry = self.pipes.entry([h, w]).or_insert_with(|| {
             Pipeline::new(
                 backend,
@@ -311,7 +371,13 @@ impl<'m, B: Backend> ModelCache<'m, B> {
                     })
                     .collect();
                 match pipe.frame_consts(backend, data, &params) {
-                    Ok(consts) => ModelService::Ready { pipe, consts },
+                    Ok(consts) => ModelService::Ready {
+                        pipe,
+                        consts,
+                        feature: m.card.features.as_deref(),
+                        id,
+                        graph: &m.graph,
+                    },
                     Err(e) => ModelService::Broken(e.to_string()),
                 }
             }

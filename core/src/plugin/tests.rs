@@ -271,6 +271,39 @@ fn a_table_of_another_abi_major_is_refused_naming_both_versions() {
 }
 
 #[test]
+fn a_table_of_an_older_minor_abi_loads_and_runs() {
+    // The probe's own table, declared as built against ABI 1.1 (before model_features,
+    // model_head and model_id were appended): same major, older minor, so it loads.
+    let own = adverse_plugin_library();
+    let older: &'static AdvLibrary = Box::leak(Box::new(AdvLibrary {
+        abi: AdvAbiVersion {
+            major: abi::ADVERSE_ABI_MAJOR,
+            minor: 1,
+        },
+        size: own.size,
+        plugin_count: own.plugin_count,
+        plugins: own.plugins,
+        plugin_desc_size: own.plugin_desc_size,
+    }));
+    let h = PluginLibrary::in_process("older", older)
+        .expect("an ABI 1.1 table loads on this host")
+        .remove(0);
+    assert_eq!(h.library.abi, AdvAbiVersion { major: 1, minor: 1 });
+    let b = CpuBackend::new(Some(1));
+    let mut inst =
+        Instance::create(Arc::new(h), &json!({"mode": "shader", "bias": 1.5}), &b).expect("create");
+    let input = b.upload(&[1.0; 32], &[2, 1, 4, 4]);
+    inst.process(BatchInput {
+        backend: &b,
+        frames: vec![frame(4, 4), frame(4, 4)],
+        input,
+        model: None,
+        seed: 42,
+    })
+    .expect("an ABI 1.1 plugin runs");
+}
+
+#[test]
 fn pins_are_parsed_and_enforced() {
     assert!(matches!(
         Pins::parse(&["probe".into()]),

@@ -85,6 +85,10 @@ struct CardFile {
     logits: Option<OutputRef>,
     #[serde(default)]
     notes: Option<String>,
+    /// The intermediate value feature-space detectors read (default: the input of the last
+    /// Gemm/MatMul before the logits).
+    #[serde(default)]
+    features: Option<String>,
     /// Provenance written by `adverse train` (command, seed, backend, timing); not interpreted.
     #[serde(default)]
     #[allow(dead_code)]
@@ -105,6 +109,9 @@ pub struct ModelCard {
     pub classes: Vec<String>,
     pub logits: OutputRef,
     pub notes: Option<String>,
+    /// `features: <value name>`: the value `model_features` returns (None: the input of the
+    /// last Gemm/MatMul before the logits).
+    pub features: Option<String>,
 }
 
 /// `dir/model.onnx` -> `dir/model.card.yaml`.
@@ -239,6 +246,7 @@ impl ModelCard {
             classes: raw.classes,
             logits: raw.logits.unwrap_or(OutputRef::Index(0)),
             notes: raw.notes,
+            features: raw.features,
         })
     }
 

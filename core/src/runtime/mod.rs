@@ -19,3 +19,4 @@ pub mod preprocess;
 pub mod reference;
 pub mod select;
 pub mod shape;
+pub mod split;

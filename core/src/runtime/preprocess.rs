@@ -242,6 +242,17 @@ pub struct Pipeline<B: Backend> {
     pub model: Model<B>,
     pub spec: PreprocessSpec,
     pub in_hw: [usize; 2],
+    /// The features / head split, built on first use (see [`Pipeline::features`]).
+    split: std::sync::OnceLock<Result<Split<B>, String>>,
+}
+
+/// The pipeline split at the feature value: stored values -> features, features -> logits.
+struct Split<B: Backend> {
+    features: Model<B>,
+    head: Model<B>,
+    /// The feature value's shape at batch 1 (features are returned flattened to `[N, D]`).
+    shape: Vec<usize>,
+    dim: usize,
 }
 
 /// The per-batch constants: one (a, b) per frame.
@@ -260,7 +271,82 @@ impl<B: Backend> Pipeline<B> {
     ) -> Result<Self, PreprocessError> {
         let g = spec.build(model, in_hw)?;
         let model = Model::new(backend, g).with_logits_output(logits_output)?;
-        Ok(Pipeline { model, spec, in_hw })
+        Ok(Pipeline {
+            model,
+            spec,
+            in_hw,
+            split: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The split at the feature value named `feature` (or the default: the input of the last
+    /// Gemm/MatMul before the logits). The name is fixed per pipeline: the first call decides.
+    fn split(&self, backend: &B, feature: Option<&str>) -> Result<&Split<B>, String> {
+        self.split
+            .get_or_init(|| {
+                let g = &self.model.graph;
+                let logits = g.outputs[self.model.logits_output];
+                let f = super::split::feature_value(g, logits, feature)?;
+                let fg = super::split::subgraph(g, &g.inputs, &[f])?;
+                let hg = super::split::subgraph(g, &[f], &[logits])?;
+                let shape = g.values[f].shape.clone();
+                let dim = shape[1..].iter().product();
+                Ok(Split {
+                    features: Model::new(backend, fg),
+                    head: Model::new(backend, hg),
+                    shape,
+                    dim,
+                })
+            })
+            .as_ref()
+            .map_err(|e| e.clone())
+    }
+
+    /// Features `[N, D]` (the feature value flattened per sample) for stored values.
+    pub fn features(
+        &self,
+        backend: &B,
+        stored: &Tensor<B>,
+        k: &FrameConsts<B>,
+        feature: Option<&str>,
+    ) -> Result<Tensor<B>, String> {
+        self.check(stored, k).map_err(|e| e.to_string())?;
+        let s = self.split(backend, feature)?;
+        let out = s
+            .features
+            .forward_multi(backend, &[stored, &k.a, &k.b])
+            .map_err(|e| e.to_string())?;
+        let f = out
+            .into_iter()
+            .next()
+            .ok_or("the feature graph has no output")?;
+        let n = f.shape.first().copied().unwrap_or(0);
+        Ok(f.reshape(&[n, s.dim]))
+    }
+
+    /// Logits `[R, K]` of the head for features `[R, D]` (any number of rows).
+    pub fn head(
+        &self,
+        backend: &B,
+        features: &Tensor<B>,
+        feature: Option<&str>,
+    ) -> Result<Tensor<B>, String> {
+        let s = self.split(backend, feature)?;
+        if features.shape.len() != 2 || features.shape[1] != s.dim || features.shape[0] == 0 {
+            return Err(format!(
+                "features of shape {:?} for a head that takes [R, {}]",
+                features.shape, s.dim
+            ));
+        }
+        let mut shape = s.shape.clone();
+        shape[0] = features.shape[0];
+        let out = s
+            .head
+            .forward(backend, &features.reshape(&shape))
+            .map_err(|e| e.to_string())?;
+        out.into_iter()
+            .next()
+            .ok_or_else(|| "the head graph has no output".to_string())
     }
 
     /// Fold each frame's parameters (and, for `minmax`, its original stored values

@@ -11,7 +11,7 @@
 #define ADVERSE_ABI_MAJOR 1
 
 // Minor ABI version: bumped whenever a field or service is appended.
-#define ADVERSE_ABI_MINOR 1
+#define ADVERSE_ABI_MINOR 2
 
 // Plugin kinds ([`AdvPluginDesc::kind`]).
 #define ADV_KIND_ATTACK 1
@@ -260,6 +260,18 @@ typedef struct {
   // `out[0..n]` with `n` = the batch's frame count. Lets a plugin state a scale given in the
   // model's input units (a smoothing sigma, a certified radius) in stored units.
   AdvStatus (*model_input_scale)(void *ctx, double *out, uintptr_t n);
+  // Features `[R, D]` of the run's model for stored values `x` (same preprocessing and row
+  // rule as `model_forward`): the value the model card names with `features:`, by default the
+  // input of the last Gemm/MatMul before the logits (the last hidden layer), flattened per row.
+  AdvStatus (*model_features)(void *ctx, AdvTensor x, AdvTensor *out);
+  // Logits `[R, K]` of the sub-graph from the feature value to the logits, for features
+  // `[R, D]` (any number of rows): `model_head(model_features(x)) == model_forward(x)`, and a
+  // plugin may perturb the features in between (MC dropout on the last hidden layer).
+  AdvStatus (*model_head)(void *ctx, AdvTensor f, AdvTensor *out);
+  // The model's identity (hex sha256 of the imported graph: ops, wiring, weights), copied to
+  // `buf` (truncated to `cap` bytes, no terminator); its full length in `*len`. A plugin
+  // storing fitted state records it to refuse a state fitted on another model.
+  AdvStatus (*model_id)(void *ctx, char *buf, uintptr_t cap, uintptr_t *len);
 } AdvHost;
 
 // One batch of frames handed to `process`. Fields are only ever appended.

@@ -21,7 +21,7 @@ use std::ffi::{c_char, c_void};
 /// Major ABI version: a change here means old plugins cannot run on this host.
 pub const ADVERSE_ABI_MAJOR: u32 = 1;
 /// Minor ABI version: bumped whenever a field or service is appended.
-pub const ADVERSE_ABI_MINOR: u32 = 1;
+pub const ADVERSE_ABI_MINOR: u32 = 2;
 
 /// Status codes returned by every plugin entry point and host service.
 pub type AdvStatus = i32;
@@ -481,4 +481,25 @@ pub struct AdvHost {
     /// model's input units (a smoothing sigma, a certified radius) in stored units.
     pub model_input_scale:
         unsafe extern "C" fn(ctx: *mut c_void, out: *mut f64, n: usize) -> AdvStatus,
+
+    // ---- appended in ABI 1.2 ----------------------------------------------------------------------
+    /// Features `[R, D]` of the run's model for stored values `x` (same preprocessing and row
+    /// rule as `model_forward`): the value the model card names with `features:`, by default the
+    /// input of the last Gemm/MatMul before the logits (the last hidden layer), flattened per row.
+    pub model_features:
+        unsafe extern "C" fn(ctx: *mut c_void, x: AdvTensor, out: *mut AdvTensor) -> AdvStatus,
+    /// Logits `[R, K]` of the sub-graph from the feature value to the logits, for features
+    /// `[R, D]` (any number of rows): `model_head(model_features(x)) == model_forward(x)`, and a
+    /// plugin may perturb the features in between (MC dropout on the last hidden layer).
+    pub model_head:
+        unsafe extern "C" fn(ctx: *mut c_void, f: AdvTensor, out: *mut AdvTensor) -> AdvStatus,
+    /// The model's identity (hex sha256 of the imported graph: ops, wiring, weights), copied to
+    /// `buf` (truncated to `cap` bytes, no terminator); its full length in `*len`. A plugin
+    /// storing fitted state records it to refuse a state fitted on another model.
+    pub model_id: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        buf: *mut c_char,
+        cap: usize,
+        len: *mut usize,
+    ) -> AdvStatus,
 }

@@ -468,6 +468,62 @@ impl<'a> Host<'a> {
     }
 }
 
+impl Host<'_> {
+    fn require(&self, offset: usize, what: &str) -> Result<()> {
+        if has_field(self.raw, offset) {
+            Ok(())
+        } else {
+            Err(Error::new(format!(
+                "the host predates ABI 1.2 and has no {what} service"
+            )))
+        }
+    }
+
+    /// Features `[R, D]` of the model for stored values `x` (ABI 1.2; see
+    /// [`abi::AdvHost::model_features`]).
+    pub fn model_features(&self, x: Tensor) -> Result<Tensor> {
+        self.require(
+            std::mem::offset_of!(AdvHost, model_features),
+            "model_features",
+        )?;
+        // SAFETY: the field exists in the host's table (size checked); out is a valid local.
+        self.tensor_out("model_features", |o| unsafe {
+            (self.raw.model_features)(self.ctx(), x.0, o)
+        })
+    }
+
+    /// Logits `[R, K]` of the model's head for features `[R, D]` (ABI 1.2).
+    pub fn model_head(&self, features: Tensor) -> Result<Tensor> {
+        self.require(std::mem::offset_of!(AdvHost, model_head), "model_head")?;
+        // SAFETY: the field exists in the host's table (size checked); out is a valid local.
+        self.tensor_out("model_head", |o| unsafe {
+            (self.raw.model_head)(self.ctx(), features.0, o)
+        })
+    }
+
+    /// The model's identity (hex sha256 of its imported graph; ABI 1.2).
+    pub fn model_id(&self) -> Result<String> {
+        self.require(std::mem::offset_of!(AdvHost, model_id), "model_id")?;
+        let mut buf = vec![0u8; 128];
+        let mut len = 0usize;
+        // SAFETY: the field exists (size checked); buf is writable for its length.
+        let st = unsafe {
+            (self.raw.model_id)(self.ctx(), buf.as_mut_ptr().cast(), buf.len(), &mut len)
+        };
+        self.check(st, "model_id")?;
+        if len > buf.len() {
+            buf = vec![0u8; len];
+            // SAFETY: as above, with a buffer of the full length.
+            let st = unsafe {
+                (self.raw.model_id)(self.ctx(), buf.as_mut_ptr().cast(), buf.len(), &mut len)
+            };
+            self.check(st, "model_id")?;
+        }
+        buf.truncate(len.min(buf.len()));
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+}
+
 /// Whether a host table of `raw.size` bytes holds the function-pointer field at `offset`
 /// (fields appended in a later minor version are absent from an older host's table).
 fn has_field(raw: &AdvHost, offset: usize) -> bool {

@@ -94,6 +94,8 @@ pub struct TestHost {
     output: Option<AdvTensor>,
     audit: Vec<BTreeMap<String, serde_json::Value>>,
     logs: Vec<String>,
+    /// The `size` the host table declares (None: this SDK's full table).
+    table_size: Option<u32>,
 }
 
 impl TestHost {
@@ -118,6 +120,14 @@ impl TestHost {
     fn scale(&self) -> f64 {
         self.input_scale.unwrap_or(1.0)
     }
+    /// Makes the host table declare `size` bytes, as a host of an older minor ABI would: the
+    /// services appended after it are absent for the plugin (the SDK's wrappers refuse them).
+    /// E.g. `std::mem::offset_of!(AdvHost, model_features)` for an ABI 1.1 host.
+    pub fn with_table_size(mut self, size: u32) -> Self {
+        self.table_size = Some(size);
+        self
+    }
+
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
         self
@@ -162,7 +172,9 @@ impl TestHost {
                 major: abi::ADVERSE_ABI_MAJOR,
                 minor: abi::ADVERSE_ABI_MINOR,
             },
-            size: std::mem::size_of::<AdvHost>() as u32,
+            size: self
+                .table_size
+                .unwrap_or(std::mem::size_of::<AdvHost>() as u32),
             ctx: (self as *mut TestHost).cast(),
             set_error,
             last_error,
@@ -192,6 +204,9 @@ impl TestHost {
             audit_text,
             set_output,
             model_input_scale,
+            model_features,
+            model_head,
+            model_id,
         }
     }
 }
@@ -981,6 +996,77 @@ unsafe extern "C" fn model_input_scale(ctx: *mut c_void, out: *mut f64, n: usize
         for i in 0..n {
             // SAFETY: out holds n f64 (checked non-null above).
             unsafe { *out.add(i) = sc };
+        }
+        Ok(())
+    })
+}
+
+/// The test model's features: the input of its one linear layer (the scaled stored values,
+/// flattened per row), so `model_head(model_features(x)) == model_forward(x)`.
+unsafe extern "C" fn model_features(
+    ctx: *mut c_void,
+    x: AdvTensor,
+    out: *mut AdvTensor,
+) -> AdvStatus {
+    svc(ctx, |h| {
+        let m = h.model.clone().ok_or("no model in this test host")?;
+        let sc = h.scale() as f32;
+        let (d, s) = h.get(x)?;
+        let n = s.first().copied().unwrap_or(0);
+        let dim = d.len().checked_div(n).unwrap_or(0);
+        if m.classes() == 0 || m.weights.len() != m.classes() * dim {
+            return Err("input does not match the test model".into());
+        }
+        let f: Vec<f32> = d.iter().map(|v| v * sc).collect();
+        let id = h.put(f, vec![n, dim]);
+        store(out, id)
+    })
+}
+
+unsafe extern "C" fn model_head(ctx: *mut c_void, f: AdvTensor, out: *mut AdvTensor) -> AdvStatus {
+    svc(ctx, |h| {
+        let m = h.model.clone().ok_or("no model in this test host")?;
+        let (d, s) = h.get(f)?;
+        if s.len() != 2 {
+            return Err(format!("features of shape {s:?}, expected [R, D]"));
+        }
+        let n = s[0];
+        let z = m
+            .logits(d, n)
+            .ok_or("features do not match the test model")?;
+        let id = h.put(z, vec![n, m.classes()]);
+        store(out, id)
+    })
+}
+
+/// The test model's identity: an FNV-1a hash of its weights and bias (hex).
+unsafe extern "C" fn model_id(
+    ctx: *mut c_void,
+    buf: *mut c_char,
+    cap: usize,
+    len: *mut usize,
+) -> AdvStatus {
+    svc(ctx, |h| {
+        let m = h.model.clone().ok_or("no model in this test host")?;
+        let hash = m
+            .weights
+            .iter()
+            .chain(&m.bias)
+            .flat_map(|v| v.to_le_bytes())
+            .fold(0xcbf2_9ce4_8422_2325u64, |a, b| {
+                (a ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        let id = format!("test-model-{hash:016x}");
+        if len.is_null() || (buf.is_null() && cap > 0) {
+            return Err("null output pointer".into());
+        }
+        let n = id.len().min(cap);
+        // SAFETY: buf is writable for cap >= n bytes (non-null when cap > 0); len is writable.
+        unsafe {
+            if n > 0 {
+                std::ptr::copy_nonoverlapping(id.as_ptr(), buf.cast::<u8>(), n);
+            }
+            *len = id.len();
         }
         Ok(())
     })

@@ -2,6 +2,7 @@
 
 mod attacks;
 mod audit;
+mod detectors;
 mod dicom_corpus;
 mod dicom_malformed;
 mod dicom_roundtrip;

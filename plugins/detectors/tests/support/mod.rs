@@ -91,19 +91,25 @@ pub fn load_samples(limit: usize) -> Frames {
 /// PneumoniaMNIST test images `skip..skip+limit` from tests/data (the 64 demo samples are test
 /// images 0..64), described like the demo samples (8-bit MONOCHROME2 28x28).
 pub fn load_npz_test(skip: usize, limit: usize) -> Frames {
+    load_npz_split("test", skip, limit)
+}
+
+/// PneumoniaMNIST images `skip..skip+limit` of `split` (train, val or test), described like the
+/// demo samples.
+pub fn load_npz_split(split: &str, skip: usize, limit: usize) -> Frames {
     let template = load_samples(1).metas[0].clone();
     let path = repo_root().join("tests/data/pneumoniamnist/pneumoniamnist.npz");
     let mut npz = npyz::npz::NpzArchive::open(&path).expect("open the npz");
     let images: Vec<u8> = npz
-        .by_name("test_images")
+        .by_name(&format!("{split}_images"))
         .expect("read")
-        .expect("test_images")
+        .expect("images")
         .into_vec()
         .expect("u8 images");
     let labels: Vec<u8> = npz
-        .by_name("test_labels")
+        .by_name(&format!("{split}_labels"))
         .expect("read")
-        .expect("test_labels")
+        .expect("labels")
         .into_vec()
         .expect("u8 labels");
     let per = 28 * 28;
