@@ -159,9 +159,13 @@ impl<B: PluginBackend> BatchModel<B> for Bpda<'_, B> {
         self.inner.input_scale(b)
     }
 
-    /// The features of the purified image (what the model sees).
+    /// The features of the purified image (what the model sees: the batch's own draw); with
+    /// shadow purifiers, of the image itself (the output is not purified).
     fn features(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>, String> {
-        let y = self.purify(b, x)?;
+        if self.ensemble {
+            return self.inner.features(b, x);
+        }
+        let y = self.purify(b, x, self.seed, None)?;
         self.inner.features(b, &y)
     }
 
