@@ -96,26 +96,7 @@ pub fn reduce_bits(data: &mut [f32], bits: u32, (lo, hi): (f64, f64)) {
     }
 }
 
-/// 2x2 median of one `[h, w]` plane: window rows {i-1, i} and cols {j-1, j}, index -1 reflected
-/// to 0, and the upper of the two middle values (scipy's rank `size // 2`).
-pub fn median2x2(plane: &[f32], h: usize, w: usize) -> Vec<f32> {
-    let mut out = vec![0f32; plane.len()];
-    for i in 0..h {
-        let i0 = i.saturating_sub(1);
-        for j in 0..w {
-            let j0 = j.saturating_sub(1);
-            let mut v = [
-                plane[i0 * w + j0],
-                plane[i0 * w + j],
-                plane[i * w + j0],
-                plane[i * w + j],
-            ];
-            v.sort_by(f32::total_cmp);
-            out[i * w + j] = v[2];
-        }
-    }
-    out
-}
+pub use adverse_plugin_sdk::cpu::median2x2;
 
 /// Softmax rows of `[n, k]` logits, in f64.
 pub fn softmax_rows(z: &[f32], k: usize) -> Vec<f64> {

@@ -12,6 +12,8 @@ use adverse_plugin_sdk::{Batch, Host, PluginInfo, Purifier, Result, Tensor};
 
 use crate::{audit_change, nchw};
 
+pub use adverse_plugin_sdk::cpu::median2x2;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, crate = "adverse_plugin_sdk::serde")]
 pub struct Median2Params {}
@@ -32,26 +34,6 @@ impl PluginInfo for Median2 {
     fn create(_p: Median2Params, _host: &Host<'_>) -> Result<Self> {
         Ok(Median2)
     }
-}
-
-/// 2x2 median of one `[h, w]` plane (upper middle value; stays on the stored grid).
-pub fn median2x2(plane: &[f32], h: usize, w: usize) -> Vec<f32> {
-    let mut out = vec![0f32; plane.len()];
-    for i in 0..h {
-        let i0 = i.saturating_sub(1);
-        for j in 0..w {
-            let j0 = j.saturating_sub(1);
-            let mut v = [
-                plane[i0 * w + j0],
-                plane[i0 * w + j],
-                plane[i * w + j0],
-                plane[i * w + j],
-            ];
-            v.sort_by(f32::total_cmp);
-            out[i * w + j] = v[2];
-        }
-    }
-    out
 }
 
 impl Purifier for Median2 {

@@ -171,6 +171,30 @@ fn median3x3(src: &[f32], h: usize, w: usize, out: &mut [f32]) {
     }
 }
 
+/// 2x2 median of one `[h, w]` plane: window rows {i-1, i} and columns {j-1, j}, index -1
+/// reflected to 0, and the upper of the two middle values (scipy's
+/// `median_filter(size=2, mode="reflect")`, rank `size // 2`). Feature squeezing's squeezer for
+/// small images; shared by the `feature-squeezing` detector and the `median-2x2` purifier so the
+/// adaptive attack squeezes exactly as the detector does.
+pub fn median2x2(plane: &[f32], h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; plane.len()];
+    for i in 0..h {
+        let i0 = i.saturating_sub(1);
+        for j in 0..w {
+            let j0 = j.saturating_sub(1);
+            let mut v = [
+                plane[i0 * w + j0],
+                plane[i0 * w + j],
+                plane[i * w + j0],
+                plane[i * w + j],
+            ];
+            v.sort_by(f32::total_cmp);
+            out[i * w + j] = v[2];
+        }
+    }
+    out
+}
+
 /// The PCG output hash of the runtime's counter-based generator (same constants as the host's
 /// backends, so the test host draws the same numbers as a real run).
 pub fn pcg_hash(v: u32) -> u32 {
