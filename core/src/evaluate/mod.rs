@@ -226,6 +226,7 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
             adaptive: false,
             eot: None,
             shadow: false,
+            score_weight: None,
         };
         let base = format!("detect/{}", d.label());
         out.push(Plan {
@@ -270,6 +271,7 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
                         adaptive: true,
                         eot: None,
                         shadow: true,
+                        score_weight: p.score_weight,
                     })
                     .collect();
                 extra.push(stage.clone());
@@ -303,6 +305,7 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
                 adaptive: false,
                 eot: None,
                 shadow: false,
+                score_weight: None,
             }],
             dir: format!("certify/{}", c.label()),
         });
@@ -346,6 +349,7 @@ fn pipeline_spec(
             adaptive: false,
             eot: None,
             shadow: false,
+            score_weight: None,
         });
     }
     // A transfer attack's purifier runs in the judging run, on the crafted files.
@@ -362,6 +366,7 @@ fn pipeline_spec(
             adaptive: plan.defense.adaptive,
             eot: plan.defense.eot.filter(|_| plan.defense.adaptive),
             shadow: false,
+            score_weight: None,
         });
     }
     stages.extend(plan.extra.iter().cloned());
@@ -927,7 +932,8 @@ pub fn markdown(r: &Report) -> String {
             s,
             "\nDetectors (negatives: correctly classified clean images; positives: successful \
              adversarial ones; adaptive: the attack also fools the model through each of the \
-             detector's squeezers):\n\n| detector | attack | ε | adaptive | AUC | TPR at 5% FPR | positives | negatives |\n|---|---|---|---|---|---|---|---|"
+             detector's squeezers and, where a squeezer has a `score_weight`, descends the \
+             detector's score):\n\n| detector | attack | ε | adaptive | AUC | TPR at 5% FPR | positives | negatives |\n|---|---|---|---|---|---|---|---|"
         );
         for d in &r.detection {
             let _ = writeln!(

@@ -171,6 +171,10 @@ pub struct AdaptivePurifier {
     pub purifier: String,
     #[serde(default = "empty_object")]
     pub params: Value,
+    /// The weight of this squeezer's disagreement (the detector's score) in the adaptive
+    /// attack's loss; absent: the attack only fools the model with and without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_weight: Option<f32>,
 }
 
 impl DetectorEntry {
@@ -471,6 +475,17 @@ fn check(s: &EvalSpec) -> Result<(), String> {
                 ));
             }
         }
+        let max = crate::pipeline::config::MAX_SCORE_WEIGHT;
+        for (j, p) in d.adaptive.iter().enumerate() {
+            if let Some(w) = p
+                .score_weight
+                .filter(|w| !(w.is_finite() && (0.0..=max).contains(w)))
+            {
+                return Err(format!(
+                    "detectors[{i}].adaptive[{j}].score_weight: {w}; must be in 0..={max}"
+                ));
+            }
+        }
     }
     let mut cert = std::collections::BTreeSet::new();
     for (i, c) in s.certify.iter().enumerate() {
@@ -502,6 +517,22 @@ mod tests {
     }
 
     const BASE: &str = "name: t\ninput: {path: in}\nmodel: {onnx: m.onnx}\noutput: {dir: out}\n";
+
+    #[test]
+    fn a_detector_score_weight_out_of_range_is_refused() {
+        let det = |w: &str| {
+            parse(&format!(
+                "{BASE}eps: [1]\nattacks:\n  - attack: pgd\ndetectors:\n  - detector: feature-squeezing\n    adaptive: [{{ purifier: median-2x2, score_weight: {w} }}]\n"
+            ))
+        };
+        assert!(det("10").is_ok());
+        let e = det("-1").unwrap_err().to_string();
+        assert!(
+            e.contains("detectors[0].adaptive[0].score_weight: -1"),
+            "{e}"
+        );
+        assert!(det("1e9").is_err());
+    }
 
     #[test]
     fn roles_default_from_the_catalogue_and_paths_resolve() {

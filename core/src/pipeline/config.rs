@@ -194,10 +194,21 @@ pub struct StageSpec {
     /// fool the model with and without each squeezer, so the squeezers no longer disagree.
     #[serde(default, skip_serializing_if = "is_false")]
     pub shadow: bool,
+    /// Shadow purifiers only: the attacks before it also descend this weight times the L1
+    /// distance between the model's softmax outputs with and without this purifier: the score
+    /// feature squeezing thresholds, so the attack targets the detector itself and not only
+    /// the model, once an image fools the model (see `Bpda::loss_grad_scored`). 0 or absent:
+    /// the plain ensemble.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_weight: Option<f32>,
 }
 
 /// The most draws EOT may average per model call (each draw is a full forward and backward).
 pub const MAX_EOT: u32 = 1024;
+
+/// The largest detector-score weight (the score is at most 2; larger weights only drown the
+/// attack's own loss).
+pub const MAX_SCORE_WEIGHT: f32 = 1000.0;
 
 fn is_false(v: &bool) -> bool {
     !*v
@@ -389,6 +400,18 @@ impl Pipeline {
                 return Err(invalid(format!(
                     "stages[{i}].shadow: needs `adaptive: true` (a shadow purifier exists only inside the attacks before it)"
                 )));
+            }
+            if let Some(w) = s.score_weight {
+                if !s.shadow {
+                    return Err(invalid(format!(
+                        "stages[{i}].score_weight: needs `shadow: true` (the weight of a shadow squeezer's disagreement in the attack's loss)"
+                    )));
+                }
+                if !(w.is_finite() && (0.0..=MAX_SCORE_WEIGHT).contains(&w)) {
+                    return Err(invalid(format!(
+                        "stages[{i}].score_weight: {w}; must be in 0..={MAX_SCORE_WEIGHT}"
+                    )));
+                }
             }
             if let Some(k) = s.eot {
                 if !s.adaptive {

@@ -169,6 +169,8 @@ struct Stage {
     eot: u32,
     /// Runs only inside earlier attacks (an ensemble member), never on the output.
     shadow: bool,
+    /// Shadow only: weight of this squeezer's disagreement in the attack's loss.
+    score_weight: f32,
 }
 
 /// Everything fixed before the first file is read.
@@ -311,6 +313,7 @@ fn prepare(p: &Pipeline, o: &RunOptions) -> Result<Setup, EngineError> {
             adaptive: s.adaptive,
             eot: s.eot.unwrap_or(1),
             shadow: s.shadow,
+            score_weight: s.score_weight.unwrap_or(0.0),
         });
     }
     if stages
@@ -333,7 +336,9 @@ fn prepare(p: &Pipeline, o: &RunOptions) -> Result<Setup, EngineError> {
     // the same UIDs on every run, whatever else changes in the pipeline file.
     let identity = json!({
         "name": p.spec.name,
-        "stages": stages.iter().map(|s| if s.shadow {
+        "stages": stages.iter().map(|s| if s.shadow && s.score_weight > 0.0 {
+            json!([s.handle.name, s.handle.version, s.params, "shadow", {"score_weight": s.score_weight}])
+        } else if s.shadow {
             json!([s.handle.name, s.handle.version, s.params, "shadow"])
         } else if s.adaptive && s.eot > 1 {
             json!([s.handle.name, s.handle.version, s.params, "adaptive", {"eot": s.eot}])
@@ -1253,26 +1258,27 @@ fn run_group<B: PluginBackend>(
             // Shadow purifiers make an ensemble with the unpurified path; applied adaptive
             // purifiers chain (`Bpda::ensemble`).
             let ensemble = setup.stages[si + 1..].iter().any(|s| s.shadow);
-            let (fronts, eot): (Vec<&mut Instance>, u32) = if st.role == StageRole::Attack {
-                let adaptive = |s: &&Stage| {
-                    s.role == StageRole::Purifier && s.adaptive && s.shadow == ensemble
+            let (fronts, eot, score_weights): (Vec<&mut Instance>, u32, Vec<f32>) =
+                if st.role == StageRole::Attack {
+                    let adaptive = |s: &&Stage| {
+                        s.role == StageRole::Purifier && s.adaptive && s.shadow == ensemble
+                    };
+                    let eot = setup.stages[si + 1..]
+                        .iter()
+                        .filter(adaptive)
+                        .map(|s| s.eot)
+                        .max()
+                        .unwrap_or(1);
+                    let (fronts, weights) = tail
+                        .iter_mut()
+                        .zip(&setup.stages[si + 1..])
+                        .filter(|(_, s)| adaptive(s))
+                        .filter_map(|(i, s)| Some((i.as_mut().ok()?, s.score_weight)))
+                        .unzip();
+                    (fronts, eot, weights)
+                } else {
+                    (Vec::new(), 1, Vec::new())
                 };
-                let eot = setup.stages[si + 1..]
-                    .iter()
-                    .filter(adaptive)
-                    .map(|s| s.eot)
-                    .max()
-                    .unwrap_or(1);
-                let fronts = tail
-                    .iter_mut()
-                    .zip(&setup.stages[si + 1..])
-                    .filter(|(_, s)| adaptive(s))
-                    .filter_map(|(i, _)| i.as_mut().ok())
-                    .collect();
-                (fronts, eot)
-            } else {
-                (Vec::new(), 1)
-            };
             let bpda = match (&svc, fronts.is_empty()) {
                 (Some(inner), false) => Some(Bpda {
                     inner: inner as &dyn BatchModel<B>,
@@ -1282,6 +1288,7 @@ fn run_group<B: PluginBackend>(
                     eot,
                     calls: std::cell::Cell::new(0),
                     ensemble,
+                    score_weights,
                 }),
                 _ => None,
             };

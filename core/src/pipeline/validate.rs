@@ -358,6 +358,8 @@ enum Ty {
     Uint(u64),
     /// Like `Uint` but 0 is refused (counts such as `jobs`).
     Count,
+    /// A finite number in `0..=max`.
+    Num(f64),
     StrList,
     StrMap,
     Params,
@@ -411,6 +413,12 @@ const STAGE: &[Field] = &[
     f("adaptive", false, false, Ty::Bool),
     f("eot", false, false, Ty::Uint(super::config::MAX_EOT as u64)),
     f("shadow", false, false, Ty::Bool),
+    f(
+        "score_weight",
+        false,
+        false,
+        Ty::Num(super::config::MAX_SCORE_WEIGHT as f64),
+    ),
 ];
 const OUTPUT: &[Field] = &[
     f("dir", true, false, Ty::Str),
@@ -628,6 +636,11 @@ impl Validator {
                     self.push(path, format!("must be at most {max}"), Vec::new());
                 }
             }
+            Ty::Num(max) => match v.as_f64() {
+                Some(x) if x.is_finite() && (0.0..=max).contains(&x) => {}
+                Some(_) => self.push(path, format!("must be a number in 0..={max}"), Vec::new()),
+                None => self.push(path, wrong("a number"), Vec::new()),
+            },
             Ty::Count => {
                 if v.as_u64() == Some(0) {
                     self.push(path, "must be at least 1", Vec::new());

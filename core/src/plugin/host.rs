@@ -85,6 +85,17 @@ pub trait BatchModel<B: Backend> {
         spec: LossSpec,
         targets: &[u32],
     ) -> Result<(Vec<f32>, Tensor<B>), String>;
+    /// Vector-Jacobian product: the logits `[R, K]` at `x` and the gradient w.r.t. `x` of
+    /// `sum(dz * logits)`, for objectives that are not one of the runtime's losses (the
+    /// detector-score term of `Bpda`'s shadow ensemble). Host-side only: no ABI entry.
+    fn vjp(
+        &self,
+        _b: &B,
+        _x: &Tensor<B>,
+        _dz: &Tensor<B>,
+    ) -> Result<(Tensor<B>, Tensor<B>), String> {
+        Err("this model service has no vector-Jacobian product".into())
+    }
     /// Per frame: model-input units per stored unit (ABI 1.1 `model_input_scale`).
     fn input_scale(&self, _b: &B) -> Result<Vec<f64>, String> {
         Err("this model service does not report its input scale".into())

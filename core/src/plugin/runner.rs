@@ -232,6 +232,17 @@ impl<B: Backend> BatchModel<B> for ModelService<'_, B> {
             ModelService::Broken(m) => Err(m.clone()),
         }
     }
+    fn vjp(&self, b: &B, x: &Tensor<B>, dz: &Tensor<B>) -> Result<(Tensor<B>, Tensor<B>), String> {
+        match self {
+            ModelService::Ready { pipe, consts, .. } => {
+                let (_, g, z) = pipe
+                    .loss_and_stored_grad(b, x, consts, LossSpec::Dense, &LossTargets::Dense(dz))
+                    .map_err(|e| e.to_string())?;
+                Ok((z, g))
+            }
+            ModelService::Broken(m) => Err(m.clone()),
+        }
+    }
     fn input_scale(&self, b: &B) -> Result<Vec<f64>, String> {
         match self {
             ModelService::Ready { pipe, consts, .. } => {

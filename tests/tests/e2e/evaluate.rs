@@ -111,7 +111,7 @@ fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
          \x20 - { name: none }\n\
          \x20 - { name: median-3x3, purifier: median, params: { radius: 1 } }\n\
          detectors:\n\
-         \x20 - { detector: feature-squeezing, params: { bit_depth: null, median: [2] }, against: [pgd], adaptive: [{ purifier: median-2x2 }] }\n\
+         \x20 - { detector: feature-squeezing, params: { bit_depth: null, median: [2] }, against: [pgd], adaptive: [{ purifier: median-2x2, score_weight: 10 }] }\n\
          certify:\n\
          \x20 - { plugin: smoothing, params: { sigma: 0.25, n0: 20, n: 100, alpha: 0.01 } }\n\
          sanity: { large_eps: 64 }\n",
@@ -205,8 +205,9 @@ fn evaluation_numbers_hold_on_the_written_files_and_the_report_renders() {
         .iter()
         .find(|d| d["eps"] == 8.0 && d["adaptive"] == false)
         .unwrap();
-    // The adaptive attack also fools the model through the squeezer, so the squeezed and plain
-    // predictions agree and the detector ranks its images lower than the naive attack's.
+    // The adaptive attack also fools the model through the squeezer and descends the
+    // detector's own score (weighted 10), so the squeezed and plain predictions agree and the
+    // detector ranks its images lower than the naive attack's.
     let a8 = det
         .iter()
         .find(|d| d["eps"] == 8.0 && d["adaptive"] == true)
@@ -499,6 +500,38 @@ fn eot_attacks_a_randomised_purifier_in_expectation() {
     assert_eq!(r.status.code(), Some(2), "{}", text(&r));
     assert!(
         text(&r).contains("eot: needs `adaptive: true`"),
+        "{}",
+        text(&r)
+    );
+}
+
+/// `score_weight` belongs to shadow purifiers, and only finite weights in range are taken:
+/// `run` refuses the rest before reading any file, and `validate` names the key.
+#[test]
+fn a_score_weight_needs_a_shadow_purifier() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.yaml");
+    std::fs::write(
+        &p,
+        "name: bad\ninput: { path: . }\nstages:\n  - attack: pgd\n    params: { eps: 1 }\n  - purifier: median-2x2\n    adaptive: true\n    score_weight: 5\noutput: { dir: out }\n",
+    )
+    .unwrap();
+    let r = adverse(&["run", "-q", p.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
+    assert!(
+        text(&r).contains("score_weight: needs `shadow: true`"),
+        "{}",
+        text(&r)
+    );
+    std::fs::write(
+        &p,
+        "name: bad\ninput: { path: . }\nstages:\n  - attack: pgd\n    params: { eps: 1 }\n  - purifier: median-2x2\n    adaptive: true\n    shadow: true\n    score_weight: -1\noutput: { dir: out }\n",
+    )
+    .unwrap();
+    let r = adverse(&["validate", p.to_str().unwrap()]);
+    assert_ne!(r.status.code(), Some(0), "{}", text(&r));
+    assert!(
+        text(&r).contains("score_weight") && text(&r).contains("0..=1000"),
         "{}",
         text(&r)
     );
