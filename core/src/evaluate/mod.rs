@@ -254,7 +254,7 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
                     extra: vec![stage.clone()],
                     dir: format!("{base}/{}/{}", a.label(), eps_dir(e)),
                 });
-                if d.adaptive.is_empty() {
+                if d.adaptive.is_empty() && d.score_weight.is_none() {
                     continue;
                 }
                 let mut extra: Vec<StageSpec> = d
@@ -274,7 +274,13 @@ fn plans(s: &EvalSpec) -> Vec<Plan> {
                         score_weight: p.score_weight,
                     })
                     .collect();
-                extra.push(stage.clone());
+                // A detector with a differentiable score is itself adaptive: the attack
+                // descends its score (`DetectorScore`).
+                extra.push(StageSpec {
+                    adaptive: d.score_weight.is_some(),
+                    score_weight: d.score_weight,
+                    ..stage.clone()
+                });
                 out.push(Plan {
                     defense: none.clone(),
                     attack: Some(a.clone()),

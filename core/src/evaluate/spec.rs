@@ -162,6 +162,11 @@ pub struct DetectorEntry {
     /// attacked too.
     #[serde(default)]
     pub adaptive: Vec<AdaptivePurifier>,
+    /// For a detector whose score is a differentiable function of the model's features (ABI
+    /// 1.3 `score_grad`: mahalanobis): the same attacks also run adaptively, descending this
+    /// weight times the detector's score once an image fools the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_weight: Option<f32>,
 }
 
 /// A purifier standing in for one of a detector's input transformations.
@@ -476,6 +481,14 @@ fn check(s: &EvalSpec) -> Result<(), String> {
             }
         }
         let max = crate::pipeline::config::MAX_SCORE_WEIGHT;
+        if let Some(w) = d
+            .score_weight
+            .filter(|w| !(w.is_finite() && *w > 0.0 && *w <= max))
+        {
+            return Err(format!(
+                "detectors[{i}].score_weight: {w}; must be in (0, {max}]"
+            ));
+        }
         for (j, p) in d.adaptive.iter().enumerate() {
             if let Some(w) = p
                 .score_weight

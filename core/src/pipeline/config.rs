@@ -176,9 +176,10 @@ pub struct StageSpec {
     /// Label for result columns (default: the plugin name; must be unique in the pipeline).
     #[serde(default)]
     pub id: Option<String>,
-    /// Purifiers only: attack stages before this one see the model through this purifier, run
+    /// Purifiers: attack stages before this one see the model through this purifier, run
     /// for real in their forward pass and taken as the identity in their backward pass (BPDA,
-    /// Athalye et al. 2018), so the attack adapts to the defense.
+    /// Athalye et al. 2018), so the attack adapts to the defense. Detectors (with
+    /// `score_weight`): attack stages before this one also descend the detector's score.
     #[serde(default, skip_serializing_if = "is_false")]
     pub adaptive: bool,
     /// Adaptive purifiers only: Expectation over Transformation (Athalye et al. 2018). The
@@ -194,7 +195,11 @@ pub struct StageSpec {
     /// fool the model with and without each squeezer, so the squeezers no longer disagree.
     #[serde(default, skip_serializing_if = "is_false")]
     pub shadow: bool,
-    /// Shadow purifiers only: the attacks before it also descend this weight times the L1
+    /// Adaptive detectors: the attacks before it also descend this weight times the
+    /// detector's score (its ABI 1.3 `score_grad`), once an image fools the model (see
+    /// `DetectorScore`).
+    ///
+    /// Shadow purifiers: the attacks before it also descend this weight times the L1
     /// distance between the model's softmax outputs with and without this purifier: the score
     /// feature squeezing thresholds, so the attack targets the detector itself and not only
     /// the model, once an image fools the model (see `Bpda::loss_grad_scored`). 0 or absent:
@@ -391,9 +396,19 @@ impl Pipeline {
             if !s.params.is_object() {
                 return Err(invalid(format!("stages[{i}].params: must be a mapping")));
             }
-            if s.adaptive && s.purifier.is_none() {
+            if s.adaptive && s.purifier.is_none() && s.detector.is_none() {
                 return Err(invalid(format!(
-                    "stages[{i}].adaptive: only a `purifier` stage can be adaptive (attacks before it see it)"
+                    "stages[{i}].adaptive: only a `purifier` or `detector` stage can be adaptive (attacks before it see it)"
+                )));
+            }
+            if s.detector.is_some() && s.adaptive && s.score_weight.is_none_or(|w| w <= 0.0) {
+                return Err(invalid(format!(
+                    "stages[{i}].adaptive: an adaptive detector needs `score_weight` > 0 (the weight of its score in the attack's loss)"
+                )));
+            }
+            if s.shadow && s.purifier.is_none() {
+                return Err(invalid(format!(
+                    "stages[{i}].shadow: only a `purifier` stage can be a shadow"
                 )));
             }
             if s.shadow && !s.adaptive {
@@ -402,9 +417,10 @@ impl Pipeline {
                 )));
             }
             if let Some(w) = s.score_weight {
-                if !s.shadow {
+                let adaptive_detector = s.detector.is_some() && s.adaptive;
+                if !(s.shadow || adaptive_detector) {
                     return Err(invalid(format!(
-                        "stages[{i}].score_weight: needs `shadow: true` (the weight of a shadow squeezer's disagreement in the attack's loss)"
+                        "stages[{i}].score_weight: needs `shadow: true` on a purifier (the weight of a squeezer's disagreement in the attack's loss) or `adaptive: true` on a detector (the weight of its score)"
                     )));
                 }
                 if !(w.is_finite() && (0.0..=MAX_SCORE_WEIGHT).contains(&w)) {

@@ -39,7 +39,7 @@ use super::preview::write_preview;
 use super::results::{Totals, compact};
 use crate::audit::{AuditLog, GroupCommit, Record};
 use crate::dicom::{DecodeLimits, DecodedImage, DerivedOptions, DicomFile, write_derived_sync};
-use crate::plugin::bpda::Bpda;
+use crate::plugin::bpda::{Bpda, DetectorScore};
 use crate::plugin::host::{BatchInput, BatchModel, Instance, PluginBackend};
 use crate::plugin::loader::Pins;
 use crate::plugin::runner::{
@@ -342,6 +342,8 @@ fn prepare(p: &Pipeline, o: &RunOptions) -> Result<Setup, EngineError> {
             json!([s.handle.name, s.handle.version, s.params, "shadow"])
         } else if s.adaptive && s.eot > 1 {
             json!([s.handle.name, s.handle.version, s.params, "adaptive", {"eot": s.eot}])
+        } else if s.adaptive && s.score_weight > 0.0 {
+            json!([s.handle.name, s.handle.version, s.params, "adaptive", {"score_weight": s.score_weight}])
         } else if s.adaptive {
             json!([s.handle.name, s.handle.version, s.params, "adaptive"])
         } else {
@@ -1258,27 +1260,27 @@ fn run_group<B: PluginBackend>(
             // Shadow purifiers make an ensemble with the unpurified path; applied adaptive
             // purifiers chain (`Bpda::ensemble`).
             let ensemble = setup.stages[si + 1..].iter().any(|s| s.shadow);
-            let (fronts, eot, score_weights): (Vec<&mut Instance>, u32, Vec<f32>) =
-                if st.role == StageRole::Attack {
-                    let adaptive = |s: &&Stage| {
-                        s.role == StageRole::Purifier && s.adaptive && s.shadow == ensemble
-                    };
-                    let eot = setup.stages[si + 1..]
-                        .iter()
-                        .filter(adaptive)
-                        .map(|s| s.eot)
-                        .max()
-                        .unwrap_or(1);
-                    let (fronts, weights) = tail
-                        .iter_mut()
-                        .zip(&setup.stages[si + 1..])
-                        .filter(|(_, s)| adaptive(s))
-                        .filter_map(|(i, s)| Some((i.as_mut().ok()?, s.score_weight)))
-                        .unzip();
-                    (fronts, eot, weights)
-                } else {
-                    (Vec::new(), 1, Vec::new())
-                };
+            // Adaptive detectors after it add their score to the attack's objective
+            // (`DetectorScore`).
+            let mut fronts: Vec<&mut Instance> = Vec::new();
+            let mut score_weights = Vec::new();
+            let mut detectors: Vec<(&mut Instance, f32)> = Vec::new();
+            let mut eot = 1;
+            if st.role == StageRole::Attack {
+                for (i, s) in tail.iter_mut().zip(&setup.stages[si + 1..]) {
+                    let Ok(i) = i.as_mut() else { continue };
+                    if !s.adaptive {
+                        continue;
+                    }
+                    if s.role == StageRole::Purifier && s.shadow == ensemble {
+                        eot = eot.max(s.eot);
+                        fronts.push(i);
+                        score_weights.push(s.score_weight);
+                    } else if s.role == StageRole::Detector {
+                        detectors.push((i, s.score_weight));
+                    }
+                }
+            }
             let bpda = match (&svc, fronts.is_empty()) {
                 (Some(inner), false) => Some(Bpda {
                     inner: inner as &dyn BatchModel<B>,
@@ -1296,6 +1298,18 @@ fn run_group<B: PluginBackend>(
                 Some(m) => Some(m),
                 None => svc.as_ref().map(|s| s as &dyn BatchModel<B>),
             };
+            let scored = match (model, detectors.is_empty()) {
+                (Some(inner), false) => Some(DetectorScore {
+                    inner,
+                    backend: b,
+                    detectors: std::cell::RefCell::new(detectors),
+                }),
+                _ => None,
+            };
+            let model: Option<&dyn BatchModel<B>> = match &scored {
+                Some(m) => Some(m),
+                None => model,
+            };
             let res = inst.process(BatchInput {
                 backend: b,
                 frames: metas.clone(),
@@ -1303,6 +1317,7 @@ fn run_group<B: PluginBackend>(
                 model,
                 seed,
             });
+            drop(scored);
             drop(bpda);
             drop(svc);
             let out = match res {

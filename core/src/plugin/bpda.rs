@@ -308,6 +308,116 @@ impl<B: PluginBackend> BatchModel<B> for Bpda<'_, B> {
         self.inner.features(b, &y)
     }
 
+    /// Identity backward through the purifiers, as for the loss.
+    fn features_vjp(&self, b: &B, x: &Tensor<B>, df: &Tensor<B>) -> Result<Tensor<B>, String> {
+        if self.ensemble {
+            return self.inner.features_vjp(b, x, df);
+        }
+        let y = self.purify(b, x, self.seed, None)?;
+        self.inner.features_vjp(b, &y, df)
+    }
+
+    fn head(&self, b: &B, f: &Tensor<B>) -> Result<Tensor<B>, String> {
+        self.inner.head(b, f)
+    }
+
+    fn model_id(&self) -> Result<String, String> {
+        self.inner.model_id()
+    }
+}
+
+/// An attack's model service that also descends the scores of the detectors after it (stages
+/// with `adaptive: true`): for a detector whose score is a differentiable function of the
+/// model's features (ABI 1.3 `score_grad`: Mahalanobis, for instance), the objective becomes
+///
+/// `J(x) = L(x) - sum_d w_d * score_d(features(x))`
+///
+/// per image once it fools the model (before that the score would only hold the attack back,
+/// as for the squeezers' score in `Bpda::loss_grad_scored`). The score's gradient comes from
+/// the detector itself and is carried to the stored values by the backward pass of the feature
+/// sub-graph, so the attack climbs the model's loss and descends what the detector
+/// thresholds (Carlini and Wagner 2017, "Adversarial examples are not easily detected").
+pub struct DetectorScore<'a, B: PluginBackend> {
+    pub inner: &'a dyn BatchModel<B>,
+    pub backend: &'a B,
+    /// Each detector instance and its weight `w_d`.
+    pub detectors: RefCell<Vec<(&'a mut Instance, f32)>>,
+}
+
+impl<B: PluginBackend> BatchModel<B> for DetectorScore<'_, B> {
+    fn forward(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>, String> {
+        self.inner.forward(b, x)
+    }
+
+    fn loss_grad(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        spec: LossSpec,
+        targets: &[u32],
+    ) -> Result<(Vec<f32>, Tensor<B>), String> {
+        let (mut losses, g) = self.inner.loss_grad(b, x, spec, targets)?;
+        let z = self.inner.forward(b, x)?;
+        let f = self.inner.features(b, x)?;
+        let (rows, dim) = match f.shape[..] {
+            [r, d] => (r, d),
+            _ => return Err(format!("features of shape {:?}", f.shape)),
+        };
+        let k = z.shape.get(1).copied().unwrap_or(1).max(1);
+        let (zv, fv) = (b.download(&z), b.download(&f));
+        let fooled: Vec<bool> = (0..rows)
+            .map(|r| {
+                zv.get(r * k..(r + 1) * k)
+                    .is_some_and(|row| fooled(row, targets.get(r).copied(), spec))
+            })
+            .collect();
+        let mut seed = vec![0f32; rows * dim];
+        for (det, w) in self.detectors.borrow_mut().iter_mut() {
+            if *w <= 0.0 {
+                continue;
+            }
+            let name = det.handle().name.clone();
+            let (s, ds) = det
+                .score_grad(self.backend, Some(self.inner), &fv, rows, dim)
+                .map_err(|e| format!("adaptive detector `{name}` inside the attack: {e}"))?;
+            for r in (0..rows).filter(|&r| fooled[r]) {
+                if let Some(l) = losses.get_mut(r) {
+                    *l -= *w * s[r];
+                }
+                for j in r * dim..(r + 1) * dim {
+                    seed[j] -= *w * ds[j];
+                }
+            }
+        }
+        if seed.iter().all(|&v| v == 0.0) {
+            return Ok((losses, g));
+        }
+        let gf = self
+            .inner
+            .features_vjp(b, x, &b.upload(&seed, &[rows, dim]))?;
+        let mut gv = b.download(&g);
+        for (a, v) in gv.iter_mut().zip(b.download(&gf)) {
+            *a += v;
+        }
+        Ok((losses, b.upload(&gv, &g.shape)))
+    }
+
+    fn vjp(&self, b: &B, x: &Tensor<B>, dz: &Tensor<B>) -> Result<(Tensor<B>, Tensor<B>), String> {
+        self.inner.vjp(b, x, dz)
+    }
+
+    fn features_vjp(&self, b: &B, x: &Tensor<B>, df: &Tensor<B>) -> Result<Tensor<B>, String> {
+        self.inner.features_vjp(b, x, df)
+    }
+
+    fn input_scale(&self, b: &B) -> Result<Vec<f64>, String> {
+        self.inner.input_scale(b)
+    }
+
+    fn features(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>, String> {
+        self.inner.features(b, x)
+    }
+
     fn head(&self, b: &B, f: &Tensor<B>) -> Result<Tensor<B>, String> {
         self.inner.head(b, f)
     }

@@ -96,6 +96,11 @@ pub trait BatchModel<B: Backend> {
     ) -> Result<(Tensor<B>, Tensor<B>), String> {
         Err("this model service has no vector-Jacobian product".into())
     }
+    /// The gradient w.r.t. `x` of `sum(df * features(x))`, `df` shaped like `features(x)`:
+    /// how an adaptive attack descends a detector's score of the features.
+    fn features_vjp(&self, _b: &B, _x: &Tensor<B>, _df: &Tensor<B>) -> Result<Tensor<B>, String> {
+        Err("this model service has no feature gradient".into())
+    }
     /// Per frame: model-input units per stored unit (ABI 1.1 `model_input_scale`).
     fn input_scale(&self, _b: &B) -> Result<Vec<f64>, String> {
         Err("this model service does not report its input scale".into())
@@ -274,6 +279,60 @@ impl Instance {
 
     pub fn handle(&self) -> &Arc<PluginHandle> {
         &self.handle
+    }
+
+    /// The detector's score per row of features `[rows, dim]` and its gradient w.r.t. them
+    /// (ABI 1.3 `score_grad`); an error naming the plugin when it has none or fails. `model`
+    /// serves `model_head` (and the other model services) during the call.
+    pub fn score_grad<B: PluginBackend>(
+        &mut self,
+        backend: &B,
+        model: Option<&dyn BatchModel<B>>,
+        features: &[f32],
+        rows: usize,
+        dim: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), PluginError> {
+        let name = self.handle.name.clone();
+        let Some(f) = self.handle.score_grad else {
+            return Err(PluginError::Contract {
+                plugin: name,
+                message: "its library has no score gradient (ABI 1.3 `score_grad`)".into(),
+            });
+        };
+        let len = rows
+            .checked_mul(dim)
+            .filter(|&l| l == features.len())
+            .ok_or_else(|| PluginError::Contract {
+                plugin: name.clone(),
+                message: format!("{} feature values for {rows} x {dim}", features.len()),
+            })?;
+        let mut scores = vec![0f32; rows];
+        let mut grad = vec![0f32; len];
+        let mut st = State::new(backend, &name);
+        st.model = model;
+        let table = st.table();
+        // SAFETY: per the ABI: the instance from create, a host table whose ctx (`st`) outlives
+        // the call, `rows * dim` readable features and writable buffers of `rows` and
+        // `rows * dim` values. `&mut self` serialises calls on the instance.
+        let status = unsafe {
+            f(
+                self.ptr,
+                &table,
+                features.as_ptr(),
+                rows,
+                dim,
+                scores.as_mut_ptr(),
+                grad.as_mut_ptr(),
+            )
+        };
+        if status != abi::ADV_OK {
+            return Err(PluginError::Process {
+                plugin: name,
+                status,
+                message: message_or_status(&st.plugin_error, status),
+            });
+        }
+        Ok((scores, grad))
     }
 
     /// Runs one batch. Every handle the plugin created is released when this returns.

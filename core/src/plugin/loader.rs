@@ -135,7 +135,33 @@ pub struct PluginHandle {
     pub(crate) create: AdvCreateFn,
     pub(crate) process: AdvProcessFn,
     pub(crate) destroy: AdvDestroyFn,
+    /// ABI 1.3: the detector's score gradient w.r.t. the model's features (see the ABI).
+    pub(crate) score_grad: Option<ScoreGradFn>,
     pub library: Arc<PluginLibrary>,
+}
+
+/// The type of [`AdvPluginDesc::score_grad`].
+pub(crate) type ScoreGradFn = unsafe extern "C" fn(
+    *mut std::ffi::c_void,
+    *const adverse_plugin_sdk::abi::AdvHost,
+    *const f32,
+    usize,
+    usize,
+    *mut f32,
+    *mut f32,
+) -> adverse_plugin_sdk::abi::AdvStatus;
+
+/// `sizeof(AdvPluginDesc)` in ABI 1.0 to 1.2, before `score_grad` was appended: the smallest
+/// descriptor stride a library of those versions may declare.
+const DESC_SIZE_V1_0: usize = std::mem::offset_of!(AdvPluginDesc, score_grad);
+
+/// The smallest descriptor a library of ABI `minor` (same major) must provide.
+fn min_desc_size(minor: u32) -> usize {
+    if minor >= 3 {
+        std::mem::size_of::<AdvPluginDesc>()
+    } else {
+        DESC_SIZE_V1_0
+    }
 }
 
 impl std::fmt::Debug for PluginHandle {
@@ -240,7 +266,7 @@ impl PluginLibrary {
             reason,
         };
         if (t.size as usize) < std::mem::size_of::<AdvLibrary>()
-            || (t.plugin_desc_size as usize) < std::mem::size_of::<AdvPluginDesc>()
+            || (t.plugin_desc_size as usize) < min_desc_size(version.minor)
         {
             return Err(bad(
                 0,
@@ -257,13 +283,30 @@ impl PluginLibrary {
         }
         let mut raw = Vec::new();
         for i in 0..t.plugin_count as usize {
-            // SAFETY: the library declares `plugin_count` descriptors with stride
-            // `plugin_desc_size` (>= our struct, checked above); the array is static.
-            let d: &AdvPluginDesc = unsafe {
-                &*t.plugins
-                    .cast::<u8>()
-                    .add(i * t.plugin_desc_size as usize)
-                    .cast::<AdvPluginDesc>()
+            // The library's descriptor, copied into a full-size one: a library of ABI < 1.3
+            // has a shorter layout (no `score_grad`), and the fields it lacks stay zero (None).
+            let stride = t.plugin_desc_size as usize;
+            let n = stride.min(min_desc_size(version.minor));
+            // SAFETY: every field of AdvPluginDesc is an integer, a raw pointer or an
+            // `Option<extern fn>`, for all of which all-zero bytes are a valid value.
+            let mut desc: AdvPluginDesc = unsafe { std::mem::zeroed() };
+            // SAFETY: the library declares `plugin_count` descriptors with stride `stride`
+            // (>= the layout of its ABI version, checked above) in a static array; `n` bytes
+            // of descriptor `i` are read into `desc`, which is at least `n` bytes long.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    t.plugins.cast::<u8>().add(i * stride),
+                    (&raw mut desc).cast::<u8>(),
+                    n,
+                );
+            }
+            let d = &desc;
+            let score_grad = if n >= std::mem::size_of::<AdvPluginDesc>()
+                && (d.size as usize) >= std::mem::size_of::<AdvPluginDesc>()
+            {
+                d.score_grad
+            } else {
+                None
             };
             // SAFETY: descriptor strings are NUL-terminated statics of the library.
             let strs = unsafe {
@@ -318,6 +361,7 @@ impl PluginLibrary {
                 create,
                 process,
                 destroy,
+                score_grad,
             ));
         }
         let library = Arc::new(PluginLibrary {
@@ -339,6 +383,7 @@ impl PluginLibrary {
                     create,
                     process,
                     destroy,
+                    score_grad,
                 )| PluginHandle {
                     name,
                     version,
@@ -349,6 +394,7 @@ impl PluginLibrary {
                     create,
                     process,
                     destroy,
+                    score_grad,
                     library: library.clone(),
                 },
             )

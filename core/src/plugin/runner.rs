@@ -287,6 +287,17 @@ impl<B: Backend> BatchModel<B> for ModelService<'_, B> {
             ModelService::Broken(m) => Err(m.clone()),
         }
     }
+    fn features_vjp(&self, b: &B, x: &Tensor<B>, df: &Tensor<B>) -> Result<Tensor<B>, String> {
+        match self {
+            ModelService::Ready {
+                pipe,
+                consts,
+                feature,
+                ..
+            } => pipe.features_vjp(b, x, consts, *feature, df),
+            ModelService::Broken(m) => Err(m.clone()),
+        }
+    }
     fn head(&self, b: &B, f: &Tensor<B>) -> Result<Tensor<B>, String> {
         match self {
             ModelService::Ready { pipe, feature, .. } => pipe.head(b, f, *feature),

@@ -360,6 +360,7 @@ fn a_purifier_that_sets_no_output_breaks_the_contract() {
         create: Some(silent_create),
         process: Some(silent_process),
         destroy: Some(silent_destroy),
+        score_grad: None,
     }]));
     let lib: &'static AdvLibrary = Box::leak(Box::new(AdvLibrary {
         abi: super::host_abi(),
@@ -386,4 +387,76 @@ fn a_purifier_that_sets_no_output_breaks_the_contract() {
             .contains("plugin `silent`: a purifier must set an output"),
         "{err}"
     );
+}
+
+/// The descriptor layout of ABI 1.0 to 1.2: `AdvPluginDesc` before `score_grad` was appended.
+#[repr(C)]
+struct DescV1_2 {
+    size: u32,
+    kind: u32,
+    name: *const std::ffi::c_char,
+    version: *const std::ffi::c_char,
+    description: *const std::ffi::c_char,
+    param_schema: *const std::ffi::c_char,
+    create: Option<abi::AdvCreateFn>,
+    process: Option<abi::AdvProcessFn>,
+    destroy: Option<abi::AdvDestroyFn>,
+}
+
+fn v1_2_desc(name: &'static std::ffi::CStr) -> DescV1_2 {
+    DescV1_2 {
+        size: std::mem::size_of::<DescV1_2>() as u32,
+        kind: abi::ADV_KIND_PURIFIER,
+        name: name.as_ptr(),
+        version: c"0".as_ptr(),
+        description: c"an ABI 1.2 descriptor".as_ptr(),
+        param_schema: c"{}".as_ptr(),
+        create: Some(silent_create),
+        process: Some(silent_process),
+        destroy: Some(silent_destroy),
+    }
+}
+
+/// Fields are only ever appended: a library built against ABI 1.2 has shorter descriptors
+/// (stride without `score_grad`) and still loads, every plugin of its array found at the old
+/// stride and without a score gradient; a library declaring 1.3 must have the full layout.
+#[test]
+fn descriptors_of_the_shorter_abi_1_2_layout_load_without_a_score_gradient() {
+    assert_eq!(
+        std::mem::size_of::<DescV1_2>(),
+        std::mem::offset_of!(abi::AdvPluginDesc, score_grad)
+    );
+    let descs: &'static [DescV1_2] =
+        Box::leak(Box::new([v1_2_desc(c"old-one"), v1_2_desc(c"old-two")]));
+    let table = |minor: u32| -> &'static AdvLibrary {
+        Box::leak(Box::new(AdvLibrary {
+            abi: AdvAbiVersion {
+                major: abi::ADVERSE_ABI_MAJOR,
+                minor,
+            },
+            size: std::mem::size_of::<AdvLibrary>() as u32,
+            plugin_count: 2,
+            plugins: descs.as_ptr().cast(),
+            plugin_desc_size: std::mem::size_of::<DescV1_2>() as u32,
+        }))
+    };
+    let hs = PluginLibrary::in_process("old", table(2)).expect("an ABI 1.2 table loads");
+    let names: Vec<&str> = hs.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["old-one", "old-two"]);
+    assert!(hs.iter().all(|h| h.score_grad.is_none()));
+    let b = CpuBackend::new(Some(1));
+    let mut inst =
+        Instance::create(Arc::new(hs.into_iter().next().unwrap()), &json!({}), &b).expect("create");
+    let err = inst
+        .score_grad(&b, None, &[0.0; 4], 1, 4)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("old-one") && err.contains("score gradient"),
+        "{err}"
+    );
+    let err = PluginLibrary::in_process("short", table(3))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("smaller than ABI 1.3 requires"), "{err}");
 }

@@ -324,6 +324,42 @@ impl<B: Backend> Pipeline<B> {
         Ok(f.reshape(&[n, s.dim]))
     }
 
+    /// The gradient w.r.t. the stored values of `sum(df * features)`, `df` `[N, D]` like
+    /// [`Pipeline::features`]' output: the backward pass of the feature sub-graph, for
+    /// objectives defined on the features (a detector's score).
+    pub fn features_vjp(
+        &self,
+        backend: &B,
+        stored: &Tensor<B>,
+        k: &FrameConsts<B>,
+        feature: Option<&str>,
+        df: &Tensor<B>,
+    ) -> Result<Tensor<B>, String> {
+        self.check(stored, k).map_err(|e| e.to_string())?;
+        let s = self.split(backend, feature)?;
+        let n = stored.shape.first().copied().unwrap_or(0);
+        if df.shape != [n, s.dim] {
+            return Err(format!(
+                "feature gradient of shape {:?} for features [{n}, {}]",
+                df.shape, s.dim
+            ));
+        }
+        let mut shape = s.shape.clone();
+        shape[0] = n;
+        let (_, mut g, _) = s
+            .features
+            .loss_and_grads(
+                backend,
+                &[stored, &k.a, &k.b],
+                LossSpec::Dense,
+                &LossTargets::Dense(&df.reshape(&shape)),
+                &[0],
+                &[],
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(g.inputs.swap_remove(0))
+    }
+
     /// Logits `[R, K]` of the head for features `[R, D]` (any number of rows).
     pub fn head(
         &self,

@@ -413,6 +413,32 @@ pub fn quad_form(x: &[f32], m: &[f64], p: &[f64]) -> f64 {
     s
 }
 
+/// Scores and gradients for `rows` rows of `dim` features, one row at a time through
+/// `score_grad` (the ABI 1.3 `score_grad` of a fitted detector), after checking the feature
+/// size against the state's.
+pub fn score_grad_rows(
+    header: &Header,
+    f: &[f32],
+    rows: usize,
+    dim: usize,
+    score_grad: impl Fn(&[f32]) -> (f64, Vec<f64>),
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    if dim != header.feature_dim || f.len() != rows * dim {
+        return Err(Error::new(format!(
+            "{dim} features per row for a state fitted on {}",
+            header.feature_dim
+        )));
+    }
+    let mut scores = Vec::with_capacity(rows);
+    let mut grad = Vec::with_capacity(rows * dim);
+    for r in 0..rows {
+        let (s, g) = score_grad(&f[r * dim..(r + 1) * dim]);
+        scores.push(s as f32);
+        grad.extend(g.into_iter().map(|v| v as f32));
+    }
+    Ok((scores, grad))
+}
+
 /// Squared Euclidean distance.
 pub fn dist2(a: &[f32], b: &[f32]) -> f64 {
     a.iter()

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::adverse_plugin_library;
 use crate::feature::{FitData, SplitMix, spd_inverse};
 use crate::kde::{bayes_uncertainty, fit_logistic, log_kde};
-use crate::lid::lid_mle;
+use crate::lid::{lid_mle, lid_mle_grad};
 use crate::mahalanobis::{fit_state, ledoit_wolf};
 
 fn gauss(rng: &mut SplitMix) -> f64 {
@@ -135,6 +135,75 @@ fn mahalanobis_matches_a_direct_computation() {
         assert_eq!(st.score(&[3.0, 3.0, 3.0, 3.0, 3.0]).1, 1);
         assert_eq!(st.score(&[0.0, 0.0, 0.0, 0.0, 0.0]).1, 0);
     }
+}
+
+/// The score gradient an adaptive attack descends (ABI `score_grad`) against central
+/// differences in float64, at points near each class mean (so the nearest class, where the
+/// minimum is differentiated, does not change within the step).
+#[test]
+fn mahalanobis_score_gradient_matches_finite_differences() {
+    let d = 5;
+    let (fit, labels) = two_classes(200, d, 5);
+    let rows: Vec<usize> = (0..fit.len()).collect();
+    let st = fit_state(&fit, &rows, &labels, Some(0.1)).unwrap();
+    for x in [[0.5f32, -1.0, 2.0, 0.0, 1.0], [3.0, 3.5, 2.0, 4.0, 3.0]] {
+        let (s, g) = st.score_grad(&x);
+        assert_eq!(s, st.score(&x).0);
+        for j in 0..d {
+            let (mut hi, mut lo) = (x, x);
+            hi[j] += 0.01;
+            lo[j] -= 0.01;
+            let step = f64::from(hi[j]) - f64::from(lo[j]);
+            let fd = (st.score(&hi).0 - st.score(&lo).0) / step;
+            assert!(
+                (fd - g[j]).abs() < 1e-6 * g[j].abs().max(1.0),
+                "d score / d f[{j}]: analytic {} vs finite difference {fd}",
+                g[j]
+            );
+        }
+    }
+    // At a class mean the score and its gradient vanish.
+    let m: Vec<f32> = st.means[1].iter().map(|&v| v as f32).collect();
+    let (s, g) = st.score_grad(&m);
+    assert!(s < 1e-9 && g.iter().all(|v| v.abs() < 1e-4), "{s} {g:?}");
+}
+
+/// LID's gradient (neighbour set fixed) against central differences, at points whose
+/// neighbour set does not change within the step.
+#[test]
+fn lid_score_gradient_matches_finite_differences() {
+    let reference: Vec<Vec<f32>> = subspace_points(60, 6, 11);
+    let mut rng = SplitMix(13);
+    let mut checked = 0;
+    for _ in 0..6 {
+        // Points in the 12-dimensional ambient space of the reference.
+        let x: Vec<f32> = (0..12)
+            .map(|_| (0.5 + 0.5 * gauss(&mut rng)) as f32)
+            .collect();
+        let Some((s, g)) = lid_mle_grad(&x, &reference, 10) else {
+            continue;
+        };
+        let want = lid_mle(&x, reference.iter().map(|r| r.as_slice()), 10).unwrap();
+        assert!(
+            (s - want).abs() < 1e-9 * want.abs().max(1.0),
+            "{s} vs {want}"
+        );
+        for j in 0..12 {
+            let (mut hi, mut lo) = (x.clone(), x.clone());
+            hi[j] += 1e-3;
+            lo[j] -= 1e-3;
+            let step = f64::from(hi[j]) - f64::from(lo[j]);
+            let at = |p: &[f32]| lid_mle(p, reference.iter().map(|r| r.as_slice()), 10).unwrap();
+            let fd = (at(&hi) - at(&lo)) / step;
+            assert!(
+                (fd - g[j]).abs() < 1e-3 * g[j].abs().max(1.0),
+                "d LID / d x[{j}]: analytic {} vs finite difference {fd}",
+                g[j]
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 4, "only {checked} points had a defined LID");
 }
 
 #[test]
@@ -420,6 +489,150 @@ fn fit_then_detect_round_trips_through_the_state_file() {
             assert!(
                 f[2] && f[3] && !f[0] && !f[1],
                 "{name}: flags {f:?} scores {s:?} thr {thr}"
+            );
+        }
+    }
+}
+
+/// Through the C ABI: the fitted detector's `score_grad` returns the scores `detect` audits
+/// for the same features and the state's analytic gradient; fit mode and detectors whose score
+/// is no function of the features say so.
+#[test]
+fn mahalanobis_exports_its_score_gradient_through_the_abi() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(0.3);
+    let state = dir.path().join("m.json");
+    let sp = state.display().to_string();
+    fit("mahalanobis", json!({"mode": "fit", "state": sp}), &m).unwrap();
+    let st: crate::mahalanobis::MahalanobisState =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let f: Vec<f32> = vec![0.1, -0.2, 0.3, 0.0, 5.0, -4.0, 2.0, 7.0];
+    let detect_params = json!({"mode": "detect", "state": sp});
+    let mut host = TestHost::new(Vec::new());
+    let (scores, grad) = testing::score_grad(
+        adverse_plugin_library(),
+        "mahalanobis",
+        &detect_params,
+        &mut host,
+        &f,
+        2,
+        4,
+    )
+    .unwrap();
+    for r in 0..2 {
+        let (s, g) = st.score_grad(&f[r * 4..(r + 1) * 4]);
+        assert!(
+            (f64::from(scores[r]) - s).abs() < 1e-4 * s.max(1.0),
+            "{scores:?} vs {s}"
+        );
+        for j in 0..4 {
+            let got = f64::from(grad[r * 4 + j]);
+            assert!(
+                (got - g[j]).abs() < 1e-4 * g[j].abs().max(1.0),
+                "{grad:?} vs {g:?}"
+            );
+        }
+    }
+    assert!(
+        scores[1] > scores[0],
+        "far features score higher: {scores:?}"
+    );
+    // Wrong feature size, fit mode, and a detector without a feature score.
+    let e = testing::score_grad(
+        adverse_plugin_library(),
+        "mahalanobis",
+        &detect_params,
+        &mut host,
+        &f,
+        1,
+        8,
+    )
+    .unwrap_err();
+    assert!(e.message.contains("8 features per row"), "{e:?}");
+    let fit_params =
+        json!({"mode": "fit", "state": dir.path().join("x.json").display().to_string()});
+    let e = testing::score_grad(
+        adverse_plugin_library(),
+        "mahalanobis",
+        &fit_params,
+        &mut host,
+        &f,
+        2,
+        4,
+    )
+    .unwrap_err();
+    assert!(e.message.contains("fit mode"), "{e:?}");
+    let e = testing::score_grad(
+        adverse_plugin_library(),
+        "feature-squeezing",
+        &json!({}),
+        &mut host,
+        &f,
+        2,
+        4,
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.status,
+        adverse_plugin_sdk::abi::ADV_ERR_UNSUPPORTED,
+        "{e:?}"
+    );
+}
+
+/// kde-bu through the C ABI: its `score_grad` scores as `detect` does (predicted class and BU
+/// from the model head) and its gradient is the density term's (BU held constant), checked
+/// against central differences of the state's −log K at the predicted class.
+#[test]
+fn kde_bu_exports_the_gradient_of_its_density_term() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(0.3);
+    let state = dir.path().join("k.json");
+    let sp = state.display().to_string();
+    fit(
+        "kde-bu",
+        with(json!({"mode": "fit", "state": sp}), extra_params("kde-bu")),
+        &m,
+    )
+    .unwrap();
+    let st: crate::kde::KdeState =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let f: Vec<f32> = vec![0.4, -0.1, 0.3, 0.2, 2.6, 3.3, 2.9, 3.1];
+    let params = with(
+        json!({"mode": "detect", "state": sp}),
+        extra_params("kde-bu"),
+    );
+    let mut host = TestHost::new(Vec::new()).with_model(m.clone());
+    let (scores, grad) = testing::score_grad(
+        adverse_plugin_library(),
+        "kde-bu",
+        &params,
+        &mut host,
+        &f,
+        2,
+        4,
+    )
+    .unwrap();
+    // The same features through `detect` (the test model's features are its input): the
+    // class and density the gradient follows are the ones detect audits (the BU term differs
+    // by its dropout draws, another seed here).
+    let o = detect("kde-bu", params, &m, &f).unwrap();
+    for (r, a) in o.audit.iter().enumerate() {
+        assert!(scores[r].is_finite(), "{scores:?}");
+        let c = a["class"].as_f64().unwrap() as usize;
+        let nll = -a["log_density"].as_f64().unwrap();
+        let x = &f[r * 4..(r + 1) * 4];
+        assert!((st.nll(x, c) - nll).abs() < 1e-9 * nll.abs().max(1.0));
+        let k = st.score_per_nll();
+        for j in 0..4 {
+            let (mut hi, mut lo) = (x.to_vec(), x.to_vec());
+            hi[j] += 1e-3;
+            lo[j] -= 1e-3;
+            let step = f64::from(hi[j]) - f64::from(lo[j]);
+            let fd = k * (st.nll(&hi, c) - st.nll(&lo, c)) / step;
+            let got = f64::from(grad[r * 4 + j]);
+            assert!(
+                (fd - got).abs() < 1e-3 * fd.abs().max(1.0),
+                "row {r}, d score / d f[{j}]: analytic {got} vs finite difference {fd}"
             );
         }
     }

@@ -250,6 +250,32 @@ impl KdeState {
             None => z[0] + z[1],
         }
     }
+    /// The gradient of [`KdeState::nll`] w.r.t. the features: `(2/σ²) Σ_m w_m (f − p_m)`
+    /// with `w_m` the kernel weights normalised to one (zero where the density underflowed and
+    /// `nll` is clamped).
+    pub fn nll_grad(&self, f: &[f32], c: usize) -> Vec<f64> {
+        let pts = self.reference.get(c).map_or(&[][..], |r| r.as_slice());
+        let s2 = self.bandwidth * self.bandwidth;
+        let e: Vec<f64> = pts.iter().map(|p| -dist2(f, p) / s2).collect();
+        let m = e.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let mut g = vec![0f64; f.len()];
+        if !m.is_finite() {
+            return g;
+        }
+        let w: Vec<f64> = e.iter().map(|v| (v - m).exp()).collect();
+        let total: f64 = w.iter().sum();
+        for (p, wi) in pts.iter().zip(&w) {
+            for (j, gj) in g.iter_mut().enumerate() {
+                *gj += 2.0 / s2 * (wi / total) * (f64::from(f[j]) - f64::from(p[j]));
+            }
+        }
+        g
+    }
+    /// d score / d nll (the score is linear in the z-scores).
+    pub fn score_per_nll(&self) -> f64 {
+        let w = self.lr.as_ref().map_or(1.0, |lr| lr.weights[1]);
+        w / self.nll_std
+    }
     /// −log K at class `c` (a large finite value when far from every reference point).
     pub fn nll(&self, f: &[f32], c: usize) -> f64 {
         let v = -log_kde(
@@ -271,9 +297,32 @@ fn class_and_bu(
     passes: usize,
     stream: u64,
 ) -> Result<Vec<(usize, f64)>> {
-    let h = batch.host();
-    let n = batch.len();
-    let mut rng = SplitMix(batch.seed() ^ stream);
+    class_and_bu_rows(
+        batch.host(),
+        batch.len(),
+        batch.seed(),
+        f,
+        d,
+        dropout,
+        passes,
+        stream,
+    )
+}
+
+/// [`class_and_bu`] for `n` rows of features `f` through `h`'s model head, dropout masks from
+/// `seed ^ stream`.
+#[allow(clippy::too_many_arguments)]
+fn class_and_bu_rows(
+    h: &Host<'_>,
+    n: usize,
+    seed: u64,
+    f: &[f32],
+    d: usize,
+    dropout: f64,
+    passes: usize,
+    stream: u64,
+) -> Result<Vec<(usize, f64)>> {
+    let mut rng = SplitMix(seed ^ stream);
     let keep = 1.0 - dropout;
     let mut rows = Vec::with_capacity((passes + 1) * n * d);
     rows.extend_from_slice(f);
@@ -443,6 +492,19 @@ impl KdeBu {
                 [st.nll(self.fit.row(i), c), bu]
             })
             .collect();
+        // A held-out frame predicted as a class without fit frames has no density (its −log K
+        // is clamped): standardising over it would overflow, so the fit is refused instead.
+        if let Some(c) = held
+            .iter()
+            .zip(&st.held_out)
+            .find(|(_, v)| v[0] >= 1e300)
+            .map(|(&i, _)| self.fit_cb[i].0)
+        {
+            let have: Vec<usize> = (0..k).filter(|&c| !st.reference[c].is_empty()).collect();
+            return Err(Error::new(format!(
+                "held-out frames are predicted as class {c}, which has no fit frames (fit frames cover classes {have:?}): fit on frames of every class"
+            )));
+        }
         let (nm, ns) = mean_std(&st.held_out.iter().map(|v| v[0]).collect::<Vec<_>>());
         let (bm, bs) = mean_std(&st.held_out.iter().map(|v| v[1]).collect::<Vec<_>>());
         if !(ns > 0.0 && bs > 0.0) {
@@ -487,7 +549,51 @@ fn held_scores(st: &KdeState) -> Vec<f64> {
         .collect()
 }
 
+impl KdeBu {
+    /// Scores as `detect` computes them (predicted class and BU from the model head), and the
+    /// gradient of the density term w.r.t. the features at the predicted class; BU is held
+    /// constant (its dropout masks are random: an attacker sees its expectation, not its
+    /// gradient).
+    fn score_grad_rows(
+        &self,
+        h: &Host<'_>,
+        f: &[f32],
+        rows: usize,
+        dim: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let st = self.state.as_ref().ok_or_else(|| {
+            Error::new("kde-bu in fit mode has no score yet: run it with `mode: detect`")
+        })?;
+        if dim != st.header.feature_dim || f.len() != rows * dim {
+            return Err(Error::new(format!(
+                "{dim} features per row for a state fitted on {}",
+                st.header.feature_dim
+            )));
+        }
+        let cb = class_and_bu_rows(h, rows, 0, f, dim, st.dropout, st.passes, STREAM_BU)?;
+        let k = st.score_per_nll();
+        let mut scores = Vec::with_capacity(rows);
+        let mut grad = Vec::with_capacity(rows * dim);
+        for (r, &(c, bu)) in cb.iter().enumerate() {
+            let x = &f[r * dim..(r + 1) * dim];
+            scores.push(st.combine(st.z(st.nll(x, c), bu)) as f32);
+            grad.extend(st.nll_grad(x, c).into_iter().map(|g| (k * g) as f32));
+        }
+        Ok((scores, grad))
+    }
+}
+
 impl Detector for KdeBu {
+    fn score_grad(
+        &mut self,
+        host: &Host<'_>,
+        features: &[f32],
+        rows: usize,
+        dim: usize,
+    ) -> Option<Result<(Vec<f32>, Vec<f32>)>> {
+        Some(self.score_grad_rows(host, features, rows, dim))
+    }
+
     fn detect(&mut self, batch: &Batch<'_>) -> Result<()> {
         let (f, d, id) = batch_features(batch)?;
         let n = batch.len();

@@ -16,7 +16,7 @@ use adverse_plugin_sdk::{Batch, Detector, Error, Host, PluginInfo, Result};
 
 use crate::feature::{
     COMMON_SCHEMA, Common, FitData, Header, MODE_SCHEMA, Mode, State, batch_features, batch_labels,
-    check_model, dist2, load_state, save_state, subsample,
+    check_model, dist2, load_state, save_state, score_grad_rows, subsample,
 };
 
 #[derive(Debug, Deserialize)]
@@ -96,9 +96,52 @@ pub fn lid_mle<'a>(x: &[f32], reference: impl Iterator<Item = &'a [f32]>, k: usi
     if s >= 0.0 { None } else { Some(-1.0 / s) }
 }
 
+/// [`lid_mle`] and its gradient w.r.t. `x`, with the `k` nearest neighbours held fixed (the
+/// estimate is piecewise smooth: it is differentiated inside the region where the neighbour
+/// set does not change). With `r_i` the sorted neighbour distances and
+/// `s = (1/k) sum_i ln(r_i / r_k)`, LID = -1/s and `dLID/dx = ds/dx / s^2`, where
+/// `ds/dx = (1/k) sum_i ((x - n_i) / r_i^2 - (x - n_k) / r_k^2)`. `None` where `lid_mle` is.
+pub fn lid_mle_grad(x: &[f32], reference: &[Vec<f32>], k: usize) -> Option<(f64, Vec<f64>)> {
+    let mut d: Vec<(f64, usize)> = reference
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (dist2(x, r), i))
+        .filter(|&(v, _)| v > 0.0)
+        .collect();
+    if d.len() < 2 || k < 2 {
+        return None;
+    }
+    let k = k.min(d.len());
+    d.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
+    let mut near = d[..k].to_vec();
+    near.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (rk2, kk) = near[k - 1];
+    let rk = rk2.sqrt();
+    let s: f64 = near.iter().map(|&(v, _)| (v.sqrt() / rk).ln()).sum::<f64>() / k as f64;
+    if s >= 0.0 {
+        return None;
+    }
+    let mut ds = vec![0f64; x.len()];
+    for &(v, i) in &near {
+        for (j, g) in ds.iter_mut().enumerate() {
+            let xj = f64::from(x[j]);
+            *g += ((xj - f64::from(reference[i][j])) / v
+                - (xj - f64::from(reference[kk][j])) / rk2)
+                / k as f64;
+        }
+    }
+    let inv = 1.0 / (s * s);
+    Some((-1.0 / s, ds.into_iter().map(|g| g * inv).collect()))
+}
+
 impl LidState {
     pub fn score(&self, f: &[f32]) -> f64 {
         lid_mle(f, self.reference.iter().map(|r| r.as_slice()), self.k).unwrap_or(0.0)
+    }
+
+    /// The score and its gradient (zero where the estimate is undefined and the score is 0).
+    pub fn score_grad(&self, f: &[f32]) -> (f64, Vec<f64>) {
+        lid_mle_grad(f, &self.reference, self.k).unwrap_or_else(|| (0.0, vec![0.0; f.len()]))
     }
 }
 
@@ -168,6 +211,16 @@ impl Lid {
 }
 
 impl Detector for Lid {
+    fn score_grad(
+        &mut self,
+        _host: &Host<'_>,
+        features: &[f32],
+        rows: usize,
+        dim: usize,
+    ) -> Option<Result<(Vec<f32>, Vec<f32>)>> {
+        Some(self.score_grad_rows(features, rows, dim))
+    }
+
     fn detect(&mut self, batch: &Batch<'_>) -> Result<()> {
         let (f, d, id) = batch_features(batch)?;
         match &self.state {
@@ -192,6 +245,15 @@ impl Detector for Lid {
             }
         }
         Ok(())
+    }
+}
+
+impl Lid {
+    fn score_grad_rows(&self, f: &[f32], rows: usize, dim: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let st = self.state.as_ref().ok_or_else(|| {
+            Error::new("lid in fit mode has no score yet: run it with `mode: detect`")
+        })?;
+        score_grad_rows(&st.header, f, rows, dim, |x| st.score_grad(x))
     }
 }
 

@@ -20,7 +20,7 @@ use adverse_plugin_sdk::{Batch, Detector, Error, Host, PluginInfo, Result};
 
 use crate::feature::{
     COMMON_SCHEMA, Common, FitData, Header, MODE_SCHEMA, Mode, State, batch_features, batch_labels,
-    check_model, load_state, quad_form, save_state, spd_inverse,
+    check_model, load_state, quad_form, save_state, score_grad_rows, spd_inverse,
 };
 
 /// (Unknown fields are refused by the host's schema check: serde's `deny_unknown_fields` does
@@ -93,6 +93,27 @@ impl MahalanobisState {
             .filter(|(_, m)| !m.is_empty())
             .map(|(c, m)| (quad_form(f, m, &self.precision), c))
             .fold((f64::INFINITY, 0), |a, b| if b.0 < a.0 { b } else { a })
+    }
+}
+
+impl MahalanobisState {
+    /// The score and its gradient w.r.t. the features: for the nearest class mean `m`,
+    /// `d/df (f - m)' P (f - m) = (P + P')(f - m)` (the minimum over classes is differentiated
+    /// at its argmin, where it is locally that class's quadratic form).
+    pub fn score_grad(&self, f: &[f32]) -> (f64, Vec<f64>) {
+        let (s, c) = self.score(f);
+        let m = &self.means[c];
+        let d = m.len();
+        let diff: Vec<f64> = f.iter().zip(m).map(|(&a, &b)| f64::from(a) - b).collect();
+        let p = &self.precision;
+        let g = (0..d)
+            .map(|i| {
+                (0..d)
+                    .map(|j| (p[i * d + j] + p[j * d + i]) * diff[j])
+                    .sum::<f64>()
+            })
+            .collect();
+        (s, g)
     }
 }
 
@@ -265,6 +286,16 @@ impl Mahalanobis {
 }
 
 impl Detector for Mahalanobis {
+    fn score_grad(
+        &mut self,
+        _host: &Host<'_>,
+        features: &[f32],
+        rows: usize,
+        dim: usize,
+    ) -> Option<Result<(Vec<f32>, Vec<f32>)>> {
+        Some(self.score_grad_rows(features, rows, dim))
+    }
+
     fn detect(&mut self, batch: &Batch<'_>) -> Result<()> {
         let (f, d, id) = batch_features(batch)?;
         match &self.state {
@@ -290,6 +321,15 @@ impl Detector for Mahalanobis {
             }
         }
         Ok(())
+    }
+}
+
+impl Mahalanobis {
+    fn score_grad_rows(&self, f: &[f32], rows: usize, dim: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let st = self.state.as_ref().ok_or_else(|| {
+            Error::new("mahalanobis in fit mode has no score yet: run it with `mode: detect`")
+        })?;
+        score_grad_rows(&st.header, f, rows, dim, |x| st.score_grad(x))
     }
 }
 

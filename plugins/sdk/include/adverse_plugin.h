@@ -11,7 +11,7 @@
 #define ADVERSE_ABI_MAJOR 1
 
 // Minor ABI version: bumped whenever a field or service is appended.
-#define ADVERSE_ABI_MINOR 2
+#define ADVERSE_ABI_MINOR 3
 
 // Plugin kinds ([`AdvPluginDesc::kind`]).
 #define ADV_KIND_ATTACK 1
@@ -310,6 +310,21 @@ typedef struct {
   AdvStatus (*process)(void *instance, const AdvHost *host, const AdvBatch *batch);
   // An [`AdvDestroyFn`].
   void (*destroy)(void *instance);
+  // Detectors whose score is a differentiable function of the model's features (the
+  // `model_features` value): writes each row's score to `out_scores[0..rows]` and the
+  // gradient of the score w.r.t. that row's features to `out_grad[0..rows * dim]`, for
+  // features `[rows, dim]` (row-major). An adaptive attack descends this score through the
+  // model (the score the detector thresholds, Carlini and Wagner 2017). The host table
+  // serves errors, logs, tensors and `model_head` here; there is no batch (no frames,
+  // input, `model_forward` or audit). Null, or `ADV_ERR_UNSUPPORTED`: the score has no such
+  // gradient.
+  AdvStatus (*score_grad)(void *instance,
+                          const AdvHost *host,
+                          const float *features,
+                          uintptr_t rows,
+                          uintptr_t dim,
+                          float *out_scores,
+                          float *out_grad);
 } AdvPluginDesc;
 
 // What the entry symbol returns: the plugins one library contains. Static for the library's

@@ -15,6 +15,16 @@ pub trait Adapter: Send + 'static {
     const KIND: u32;
     fn wrap(p: Self::P) -> Self;
     fn process(&mut self, batch: &Batch<'_>) -> Result<Option<Tensor>>;
+    /// [`Detector::score_grad`] for detectors; `None` for every other kind.
+    fn score_grad(
+        &mut self,
+        _host: &Host<'_>,
+        _features: &[f32],
+        _rows: usize,
+        _dim: usize,
+    ) -> Option<Result<(Vec<f32>, Vec<f32>)>> {
+        None
+    }
 }
 
 pub struct AsAttack<T>(T);
@@ -52,6 +62,15 @@ impl<T: Detector> Adapter for AsDetector<T> {
     }
     fn process(&mut self, batch: &Batch<'_>) -> Result<Option<Tensor>> {
         self.0.detect(batch).map(|()| None)
+    }
+    fn score_grad(
+        &mut self,
+        host: &Host<'_>,
+        features: &[f32],
+        rows: usize,
+        dim: usize,
+    ) -> Option<Result<(Vec<f32>, Vec<f32>)>> {
+        self.0.score_grad(host, features, rows, dim)
     }
 }
 
@@ -152,6 +171,59 @@ pub unsafe extern "C" fn process<A: Adapter>(
 
 /// # Safety
 /// `instance` must come from `create::<A>`, destroyed at most once.
+pub unsafe extern "C" fn score_grad<A: Adapter>(
+    instance: *mut c_void,
+    host: *const AdvHost,
+    features: *const f32,
+    rows: usize,
+    dim: usize,
+    out_scores: *mut f32,
+    out_grad: *mut f32,
+) -> AdvStatus {
+    let Some(len) = rows.checked_mul(dim) else {
+        return abi::ADV_ERR_INVALID;
+    };
+    if instance.is_null()
+        || (len > 0 && (features.is_null() || out_grad.is_null()))
+        || (rows > 0 && out_scores.is_null())
+    {
+        return abi::ADV_ERR_INVALID;
+    }
+    let mut unsupported = false;
+    let status = guarded(host, |h| {
+        // SAFETY: the host passes the instance from create, `rows * dim` readable features and
+        // writable `rows` scores and `rows * dim` gradient values (the ABI contract above).
+        let (inst, f) = unsafe { (&mut *instance.cast::<A>(), slice_or_empty(features, len)) };
+        let Some(res) = inst.score_grad(h, f, rows, dim) else {
+            unsupported = true;
+            return Err(
+                "this detector's score is not a differentiable function of the model's features"
+                    .into(),
+            );
+        };
+        let (scores, grad) = res?;
+        if scores.len() != rows || grad.len() != len {
+            return Err(format!(
+                "score_grad returned {} scores and {} gradient values for {rows} x {dim} features",
+                scores.len(),
+                grad.len()
+            )
+            .into());
+        }
+        // SAFETY: lengths checked above against what the host provided.
+        unsafe {
+            std::ptr::copy_nonoverlapping(scores.as_ptr(), out_scores, rows);
+            std::ptr::copy_nonoverlapping(grad.as_ptr(), out_grad, len);
+        }
+        Ok(())
+    });
+    if unsupported {
+        abi::ADV_ERR_UNSUPPORTED
+    } else {
+        status
+    }
+}
+
 pub unsafe extern "C" fn destroy<A: Adapter>(instance: *mut c_void) {
     if instance.is_null() {
         return;
@@ -192,6 +264,7 @@ pub fn descriptor<A: Adapter>() -> OwnedDesc {
         create: Some(create::<A>),
         process: Some(process::<A>),
         destroy: Some(destroy::<A>),
+        score_grad: Some(score_grad::<A>),
     };
     OwnedDesc { desc, strings }
 }

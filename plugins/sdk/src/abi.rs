@@ -21,7 +21,7 @@ use std::ffi::{c_char, c_void};
 /// Major ABI version: a change here means old plugins cannot run on this host.
 pub const ADVERSE_ABI_MAJOR: u32 = 1;
 /// Minor ABI version: bumped whenever a field or service is appended.
-pub const ADVERSE_ABI_MINOR: u32 = 2;
+pub const ADVERSE_ABI_MINOR: u32 = 3;
 
 /// Status codes returned by every plugin entry point and host service.
 pub type AdvStatus = i32;
@@ -160,6 +160,27 @@ pub struct AdvPluginDesc {
     >,
     /// An [`AdvDestroyFn`].
     pub destroy: Option<unsafe extern "C" fn(instance: *mut c_void)>,
+
+    // ---- appended in ABI 1.3 (read only when `size` covers it) ------------------------------
+    /// Detectors whose score is a differentiable function of the model's features (the
+    /// `model_features` value): writes each row's score to `out_scores[0..rows]` and the
+    /// gradient of the score w.r.t. that row's features to `out_grad[0..rows * dim]`, for
+    /// features `[rows, dim]` (row-major). An adaptive attack descends this score through the
+    /// model (the score the detector thresholds, Carlini and Wagner 2017). The host table
+    /// serves errors, logs, tensors and `model_head` here; there is no batch (no frames,
+    /// input, `model_forward` or audit). Null, or `ADV_ERR_UNSUPPORTED`: the score has no such
+    /// gradient.
+    pub score_grad: Option<
+        unsafe extern "C" fn(
+            instance: *mut c_void,
+            host: *const AdvHost,
+            features: *const f32,
+            rows: usize,
+            dim: usize,
+            out_scores: *mut f32,
+            out_grad: *mut f32,
+        ) -> AdvStatus,
+    >,
 }
 
 /// One batch of frames handed to `process`. Fields are only ever appended.

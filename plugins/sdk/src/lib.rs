@@ -148,6 +148,24 @@ pub trait Purifier: PluginInfo {
 /// [`Batch::audit_flag`].
 pub trait Detector: PluginInfo {
     fn detect(&mut self, batch: &Batch<'_>) -> Result<()>;
+    /// The score of each row of model features `[rows, dim]` and its gradient w.r.t. them
+    /// (`(scores, grad)`, `grad` row-major like `features`), for detectors whose score is a
+    /// differentiable function of the features (ABI 1.3 `score_grad`). Lets the host evaluate
+    /// the detector against an attack that descends its score; `None` (the default): not
+    /// differentiable in the features.
+    ///
+    /// `host` serves tensors and `model_head` (the run's model from the features on, e.g. for
+    /// the predicted class or MC-dropout passes); there is no batch (no frames, input or
+    /// `model_forward`).
+    fn score_grad(
+        &mut self,
+        _host: &Host<'_>,
+        _features: &[f32],
+        _rows: usize,
+        _dim: usize,
+    ) -> Option<Result<(Vec<f32>, Vec<f32>)>> {
+        None
+    }
 }
 
 /// Any other stage: may return new stored values or only write audit values.

@@ -319,6 +319,66 @@ pub fn run_batches(
     Ok(outcomes)
 }
 
+/// Creates plugin `name` from `lib` with `params`, calls its ABI 1.3 `score_grad` on features
+/// `[rows, dim]`, destroys it and returns `(scores, gradient)`.
+pub fn score_grad(
+    lib: &AdvLibrary,
+    name: &str,
+    params: &serde_json::Value,
+    host: &mut TestHost,
+    features: &[f32],
+    rows: usize,
+    dim: usize,
+) -> Result<(Vec<f32>, Vec<f32>), Failure> {
+    let fail = |status, message: String| Failure { status, message };
+    let desc = find(lib, name)
+        .ok_or_else(|| fail(abi::ADV_ERR_INVALID, format!("no plugin named {name}")))?;
+    let (Some(create), Some(destroy)) = (desc.create, desc.destroy) else {
+        return Err(fail(
+            abi::ADV_ERR_INVALID,
+            "descriptor lacks create/destroy".into(),
+        ));
+    };
+    let Some(f) = desc.score_grad else {
+        return Err(fail(abi::ADV_ERR_UNSUPPORTED, "no score_grad".into()));
+    };
+    if features.len() != rows * dim {
+        return Err(fail(
+            abi::ADV_ERR_INVALID,
+            format!("{} values for {rows} x {dim} features", features.len()),
+        ));
+    }
+    let json = params.to_string();
+    let table = host.table();
+    let mut inst: *mut c_void = std::ptr::null_mut();
+    // SAFETY: table and its ctx (host) outlive the call; json is passed with its length.
+    let st = unsafe { create(&table, json.as_ptr().cast(), json.len(), &mut inst) };
+    if st != abi::ADV_OK {
+        return Err(fail(st, std::mem::take(&mut host.plugin_error)));
+    }
+    let (mut scores, mut grad) = (vec![0f32; rows], vec![0f32; rows * dim]);
+    let table = host.table();
+    // SAFETY: inst came from create; the features and both output buffers have the lengths
+    // the ABI requires for `rows` x `dim`.
+    let st = unsafe {
+        f(
+            inst,
+            &table,
+            features.as_ptr(),
+            rows,
+            dim,
+            scores.as_mut_ptr(),
+            grad.as_mut_ptr(),
+        )
+    };
+    // SAFETY: inst came from create and is destroyed once.
+    unsafe { destroy(inst) };
+    if st != abi::ADV_OK {
+        return Err(fail(st, std::mem::take(&mut host.plugin_error)));
+    }
+    Ok((scores, grad))
+}
+
 // ---- the services ---------------------------------------------------------------------------
 
 /// Runs a service body on the host state, turning errors and panics into a status plus message.

@@ -54,7 +54,8 @@ fn fit(plugins: &Path, detector: &str, model_name: &str, limit: usize, out: &Pat
 }
 
 /// Runs a pipeline over the demo samples: optionally PGD (eps 8), then `detector` in detect
-/// mode with `state`; the run's output and the per-frame detector scores.
+/// mode with `state` (`adaptive`: the detector is adaptive with this score weight, so PGD also
+/// descends its score); the run's output and the per-frame detector scores.
 fn run(
     tmp: &Path,
     plugins: &Path,
@@ -62,6 +63,7 @@ fn run(
     attack: bool,
     detector: &str,
     state: &Path,
+    adaptive: Option<f32>,
 ) -> (Output, Vec<f64>) {
     let samples = repo_root().join("pipelines/samples/pneumoniamnist");
     let out = tmp.join(format!("out-{tag}"));
@@ -71,10 +73,13 @@ fn run(
     } else {
         ""
     };
+    let adaptive = adaptive
+        .map(|w| format!("    adaptive: true\n    score_weight: {w}\n"))
+        .unwrap_or_default();
     std::fs::write(
         &p,
         format!(
-            "name: e2e-{tag}\ninput: {{ path: {}, include: [\"*.dcm\"] }}\nmodel: {{ onnx: {} }}\nlabels: {{ csv: {} }}\nstages:\n{attack_stage}  - detector: {detector}\n    params: {{ mode: detect, state: {} }}\noutput: {{ dir: {} }}\nplugins: {{ dirs: [{}] }}\nrun: {{ seed: 7 }}\n",
+            "name: e2e-{tag}\ninput: {{ path: {}, include: [\"*.dcm\"] }}\nmodel: {{ onnx: {} }}\nlabels: {{ csv: {} }}\nstages:\n{attack_stage}  - detector: {detector}\n    params: {{ mode: detect, state: {} }}\n{adaptive}output: {{ dir: {} }}\nplugins: {{ dirs: [{}] }}\nrun: {{ seed: 7 }}\n",
             samples.display(),
             model("pneumonia-cnn").display(),
             samples.join("labels.csv").display(),
@@ -150,6 +155,7 @@ fn mahalanobis_fitted_on_clean_train_frames_detects_pgd_outputs() {
         false,
         "mahalanobis",
         &state,
+        None,
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let (o, adv) = run(
@@ -159,12 +165,39 @@ fn mahalanobis_fitted_on_clean_train_frames_detects_pgd_outputs() {
         true,
         "mahalanobis",
         &state,
+        None,
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!((clean.len(), adv.len()), (64, 64), "one score per frame");
     let a = auc(&clean, &adv);
     eprintln!("mahalanobis: clean vs PGD-10 eps 8 on the 64 demo samples: ROC AUC {a:.4}");
     assert!(a > 0.8, "AUC {a}");
+    // The adaptive attack (the detector's score gradient, ABI 1.3, through the model's
+    // features) brings the detector close to chance (measured: AUC 0.99 naive, 0.55 adaptive).
+    let (o, adaptive) = run(
+        tmp.path(),
+        plugins.path(),
+        "pgd-adaptive",
+        true,
+        "mahalanobis",
+        &state,
+        Some(0.1),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(adaptive.len(), 64);
+    let aa = auc(&clean, &adaptive);
+    eprintln!("mahalanobis: clean vs adaptive PGD-10 eps 8: ROC AUC {aa:.4}");
+    assert!(aa < 0.7 && aa < a - 0.3, "adaptive AUC {aa} vs naive {a}");
+    let fooled = std::fs::read_to_string(tmp.path().join("out-pgd-adaptive/results.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["attack_success"] == true)
+        .count();
+    assert!(
+        fooled >= 48,
+        "the adaptive attack still fools the model: {fooled} of 64"
+    );
 
     // A state fitted on another model is refused, naming the file.
     let other = tmp.path().join("states/other.json");
@@ -183,6 +216,7 @@ fn mahalanobis_fitted_on_clean_train_frames_detects_pgd_outputs() {
         false,
         "mahalanobis",
         &other,
+        None,
     );
     assert_ne!(o.status.code(), Some(0));
     assert!(scores.is_empty());
@@ -208,6 +242,7 @@ fn mahalanobis_fitted_on_clean_train_frames_detects_pgd_outputs() {
         false,
         "mahalanobis",
         &bad,
+        None,
     );
     assert_ne!(o.status.code(), Some(0));
     let out = std::fs::read_to_string(tmp.path().join("out-bad/results.jsonl")).unwrap_or_default()

@@ -420,7 +420,7 @@ fn an_adaptive_purifier_is_attacked_through_bpda() {
         fooled(&adaptive),
         fooled(&naive)
     );
-    // `adaptive` belongs to purifiers only.
+    // `adaptive` belongs to purifiers and detectors.
     let p = dir.path().join("bad.yaml");
     std::fs::write(
         &p,
@@ -429,7 +429,11 @@ fn an_adaptive_purifier_is_attacked_through_bpda() {
     .unwrap();
     let r = adverse(&["run", "-q", p.to_str().unwrap()]);
     assert_eq!(r.status.code(), Some(2), "{}", text(&r));
-    assert!(text(&r).contains("only a `purifier` stage"), "{}", text(&r));
+    assert!(
+        text(&r).contains("only a `purifier` or `detector` stage"),
+        "{}",
+        text(&r)
+    );
 }
 
 /// EOT: against a randomised purifier (Gaussian noise σ = 64 stored units after the attack, on
@@ -505,10 +509,11 @@ fn eot_attacks_a_randomised_purifier_in_expectation() {
     );
 }
 
-/// `score_weight` belongs to shadow purifiers, and only finite weights in range are taken:
-/// `run` refuses the rest before reading any file, and `validate` names the key.
+/// `score_weight` belongs to shadow purifiers and adaptive detectors (which need it), and only
+/// finite weights in range are taken: `run` refuses the rest before reading any file, and
+/// `validate` names the key.
 #[test]
-fn a_score_weight_needs_a_shadow_purifier() {
+fn a_score_weight_needs_a_shadow_purifier_or_an_adaptive_detector() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.yaml");
     std::fs::write(
@@ -532,6 +537,19 @@ fn a_score_weight_needs_a_shadow_purifier() {
     assert_ne!(r.status.code(), Some(0), "{}", text(&r));
     assert!(
         text(&r).contains("score_weight") && text(&r).contains("0..=1000"),
+        "{}",
+        text(&r)
+    );
+    // An adaptive detector needs the weight of its score.
+    std::fs::write(
+        &p,
+        "name: bad\ninput: { path: . }\nstages:\n  - attack: pgd\n    params: { eps: 1 }\n  - detector: mahalanobis\n    params: { mode: detect, state: s.json }\n    adaptive: true\noutput: { dir: out }\n",
+    )
+    .unwrap();
+    let r = adverse(&["run", "-q", p.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
+    assert!(
+        text(&r).contains("an adaptive detector needs `score_weight` > 0"),
         "{}",
         text(&r)
     );

@@ -365,7 +365,7 @@ fn a_library_of_another_abi_major_is_refused_with_both_versions() {
     assert!(
         e.contains("plugin ABI mismatch")
             && e.contains("built for ABI 99.")
-            && e.contains("this host speaks ABI 1.2"),
+            && e.contains("this host speaks ABI 1.3"),
         "{e}"
     );
     let o = adverse(&[
@@ -508,7 +508,7 @@ fn a_pinned_hash_mismatch_is_refused() {
     assert!(info.status.success(), "{}", stderr(&info));
     let text = stdout(&info);
     assert!(
-        text.contains("kind: purifier") && text.contains("abi: 1.2") && text.contains("\"radius\""),
+        text.contains("kind: purifier") && text.contains("abi: 1.3") && text.contains("\"radius\""),
         "{text}"
     );
     let actual = sha256_line(&text);
