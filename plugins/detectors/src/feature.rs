@@ -413,30 +413,45 @@ pub fn quad_form(x: &[f32], m: &[f64], p: &[f64]) -> f64 {
     s
 }
 
-/// Scores and gradients for `rows` rows of `dim` features, one row at a time through
-/// `score_grad` (the ABI 1.3 `score_grad` of a fitted detector), after checking the feature
-/// size against the state's.
-pub fn score_grad_rows(
-    header: &Header,
+/// The fitted state a `score_grad` call scores with, after checking the features' shape
+/// against it; a detector still in fit mode has no score yet.
+pub fn fitted_for<'s, S: State>(
+    state: Option<&'s S>,
     f: &[f32],
     rows: usize,
     dim: usize,
-    score_grad: impl Fn(&[f32]) -> (f64, Vec<f64>),
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    if dim != header.feature_dim || f.len() != rows * dim {
+) -> Result<&'s S> {
+    let st = state.ok_or_else(|| {
+        Error::new(format!(
+            "{} in fit mode has no score yet: run it with `mode: detect`",
+            S::DETECTOR
+        ))
+    })?;
+    let want = st.header().feature_dim;
+    if dim != want || f.len() != rows * dim {
         return Err(Error::new(format!(
-            "{dim} features per row for a state fitted on {}",
-            header.feature_dim
+            "{dim} features per row for a state fitted on {want}"
         )));
     }
+    Ok(st)
+}
+
+/// Scores and gradients for `rows` rows of `dim` features (already checked by
+/// [`fitted_for`]), one row at a time through `score_grad`.
+pub fn score_grad_rows(
+    f: &[f32],
+    rows: usize,
+    dim: usize,
+    score_grad: impl Fn(usize, &[f32]) -> (f64, Vec<f64>),
+) -> (Vec<f32>, Vec<f32>) {
     let mut scores = Vec::with_capacity(rows);
     let mut grad = Vec::with_capacity(rows * dim);
     for r in 0..rows {
-        let (s, g) = score_grad(&f[r * dim..(r + 1) * dim]);
+        let (s, g) = score_grad(r, &f[r * dim..(r + 1) * dim]);
         scores.push(s as f32);
         grad.extend(g.into_iter().map(|v| v as f32));
     }
-    Ok((scores, grad))
+    (scores, grad)
 }
 
 /// Squared Euclidean distance.

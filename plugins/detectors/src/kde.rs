@@ -32,7 +32,7 @@ use adverse_plugin_sdk::{Batch, Detector, Error, Host, PluginInfo, Result};
 
 use crate::feature::{
     COMMON_SCHEMA, Common, FitData, Header, Mode, SplitMix, State, batch_features, batch_labels,
-    check_model, dist2, load_state, save_state, subsample,
+    check_model, dist2, fitted_for, load_state, save_state, score_grad_rows, subsample,
 };
 
 #[derive(Debug, Deserialize)]
@@ -561,25 +561,14 @@ impl KdeBu {
         rows: usize,
         dim: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let st = self.state.as_ref().ok_or_else(|| {
-            Error::new("kde-bu in fit mode has no score yet: run it with `mode: detect`")
-        })?;
-        if dim != st.header.feature_dim || f.len() != rows * dim {
-            return Err(Error::new(format!(
-                "{dim} features per row for a state fitted on {}",
-                st.header.feature_dim
-            )));
-        }
+        let st = fitted_for(self.state.as_ref(), f, rows, dim)?;
         let cb = class_and_bu_rows(h, rows, 0, f, dim, st.dropout, st.passes, STREAM_BU)?;
         let k = st.score_per_nll();
-        let mut scores = Vec::with_capacity(rows);
-        let mut grad = Vec::with_capacity(rows * dim);
-        for (r, &(c, bu)) in cb.iter().enumerate() {
-            let x = &f[r * dim..(r + 1) * dim];
-            scores.push(st.combine(st.z(st.nll(x, c), bu)) as f32);
-            grad.extend(st.nll_grad(x, c).into_iter().map(|g| (k * g) as f32));
-        }
-        Ok((scores, grad))
+        Ok(score_grad_rows(f, rows, dim, |r, x| {
+            let (c, bu) = cb[r];
+            let g = st.nll_grad(x, c).into_iter().map(|g| k * g).collect();
+            (st.combine(st.z(st.nll(x, c), bu)), g)
+        }))
     }
 }
 

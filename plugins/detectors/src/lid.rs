@@ -16,7 +16,7 @@ use adverse_plugin_sdk::{Batch, Detector, Error, Host, PluginInfo, Result};
 
 use crate::feature::{
     COMMON_SCHEMA, Common, FitData, Header, MODE_SCHEMA, Mode, State, batch_features, batch_labels,
-    check_model, dist2, load_state, save_state, score_grad_rows, subsample,
+    check_model, dist2, fitted_for, load_state, save_state, score_grad_rows, subsample,
 };
 
 #[derive(Debug, Deserialize)]
@@ -250,10 +250,8 @@ impl Detector for Lid {
 
 impl Lid {
     fn score_grad_rows(&self, f: &[f32], rows: usize, dim: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let st = self.state.as_ref().ok_or_else(|| {
-            Error::new("lid in fit mode has no score yet: run it with `mode: detect`")
-        })?;
-        score_grad_rows(&st.header, f, rows, dim, |x| st.score_grad(x))
+        let st = fitted_for(self.state.as_ref(), f, rows, dim)?;
+        Ok(score_grad_rows(f, rows, dim, |_, x| st.score_grad(x)))
     }
 }
 

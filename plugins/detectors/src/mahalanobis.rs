@@ -20,7 +20,7 @@ use adverse_plugin_sdk::{Batch, Detector, Error, Host, PluginInfo, Result};
 
 use crate::feature::{
     COMMON_SCHEMA, Common, FitData, Header, MODE_SCHEMA, Mode, State, batch_features, batch_labels,
-    check_model, load_state, quad_form, save_state, score_grad_rows, spd_inverse,
+    check_model, fitted_for, load_state, quad_form, save_state, score_grad_rows, spd_inverse,
 };
 
 /// (Unknown fields are refused by the host's schema check: serde's `deny_unknown_fields` does
@@ -326,10 +326,8 @@ impl Detector for Mahalanobis {
 
 impl Mahalanobis {
     fn score_grad_rows(&self, f: &[f32], rows: usize, dim: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let st = self.state.as_ref().ok_or_else(|| {
-            Error::new("mahalanobis in fit mode has no score yet: run it with `mode: detect`")
-        })?;
-        score_grad_rows(&st.header, f, rows, dim, |x| st.score_grad(x))
+        let st = fitted_for(self.state.as_ref(), f, rows, dim)?;
+        Ok(score_grad_rows(f, rows, dim, |_, x| st.score_grad(x)))
     }
 }
 
