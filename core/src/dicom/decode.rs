@@ -667,7 +667,7 @@ fn append_frame(store: &mut PixelStore, src: &Source, l: &Layout) {
     // The common layouts (byte-aligned 8- or 16-bit samples in file order: one sample per
     // pixel, or interleaved) straight from the bytes, without the per-sample index arithmetic
     // and width dispatch of the general path; the same `field` gives the same values.
-    if !src.ybr422 && (!src.planar || spp == 1) && src.bit_offset % 8 == 0 {
+    if !src.ybr422 && (!src.planar || spp == 1) && src.bit_offset.is_multiple_of(8) {
         let words = || {
             b[byte0..byte0 + 2 * n]
                 .chunks_exact(2)
