@@ -274,12 +274,32 @@ fn count_dcm(dir: &Path) -> usize {
 
 struct Row {
     n: usize,
-    adverse: Option<Measured>,
+    /// The whole process, and its mean per-file stage times (see [`stage_means`]).
+    adverse: Option<(Measured, [f64; 3])>,
     /// The whole process, and the loop alone as the script reports it.
     python: Option<(Measured, f64)>,
 }
 
-fn run_adverse(n: usize, input: &Path, work: &Path) -> Measured {
+/// Mean per-file milliseconds of the engine's stages, from the run's `results.jsonl`
+/// (`decode_ms`: read, hash, parse, decode; `compute_ms`: the file's share of its batch through
+/// the stages; `write_ms`: derived write, read-back verification and metrics). Each is the
+/// stage's elapsed time, so with more threads than cores it includes waiting for a core.
+fn stage_means(results: &Path) -> [f64; 3] {
+    let text = std::fs::read_to_string(results).unwrap_or_default();
+    let (mut sum, mut rows) = ([0f64; 3], 0usize);
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        for (s, key) in sum.iter_mut().zip(["decode_ms", "compute_ms", "write_ms"]) {
+            *s += v[key].as_f64().unwrap_or(0.0);
+        }
+        rows += 1;
+    }
+    sum.map(|s| s / rows.max(1) as f64)
+}
+
+fn run_adverse(n: usize, input: &Path, work: &Path) -> (Measured, [f64; 3]) {
     let out = work.join(format!("adverse-n{n}"));
     if out.exists() {
         std::fs::remove_dir_all(&out).expect("clear an old bench output");
@@ -312,7 +332,7 @@ fn run_adverse(n: usize, input: &Path, work: &Path) -> Measured {
     let (m, _) = measure(cmd, &work.join(format!("adverse-n{n}")));
     let got = count_dcm(&out);
     assert_eq!(got, n, "adverse wrote {got} DICOM files for {n} inputs");
-    m
+    (m, stage_means(&out.join("results.jsonl")))
 }
 
 fn run_python(n: usize, input: &Path, work: &Path) -> (Measured, f64) {
@@ -412,7 +432,7 @@ fn main() {
         "files", "side", "wall s", "files/s", "peak RSS MiB", "loop s"
     );
     for r in &rows {
-        if let Some(a) = &r.adverse {
+        if let Some((a, _)) = &r.adverse {
             println!(
                 "{:>7} {:<8} {:>9.2} {:>9.1} {:>13.1} {:>9}",
                 r.n,
@@ -435,9 +455,18 @@ fn main() {
             );
         }
     }
+    for r in &rows {
+        if let Some((_, [d, c, w])) = &r.adverse {
+            println!(
+                "{:>7} files: adverse mean stage ms per file (elapsed in the stage): decode {d:.2}, \
+                 compute {c:.2}, write+verify+metrics {w:.2}",
+                r.n
+            );
+        }
+    }
     let both: Vec<_> = rows
         .iter()
-        .filter_map(|r| Some((r.n, r.adverse.as_ref()?, r.python.as_ref()?)))
+        .filter_map(|r| Some((r.n, &r.adverse.as_ref()?.0, r.python.as_ref()?)))
         .collect();
     if !both.is_empty() {
         println!("files/s ratio adverse/python (wall time of each whole process; goal >= 10x):");
@@ -451,7 +480,7 @@ fn main() {
     }
     let measured: Vec<_> = rows
         .iter()
-        .filter_map(|r| Some((r.n, r.adverse.as_ref()?)))
+        .filter_map(|r| Some((r.n, &r.adverse.as_ref()?.0)))
         .collect();
     let big = measured.iter().max_by_key(|(n, _)| *n);
     let small = measured.iter().min_by_key(|(n, _)| *n);

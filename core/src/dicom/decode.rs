@@ -654,15 +654,46 @@ fn append_frame(store: &mut PixelStore, src: &Source, l: &Layout) {
         (1u64 << l.bs) - 1
     };
     let sign_bit: u64 = 1u64 << (l.bs.max(1) - 1);
-    // Stored value as i64: the BitsStored field, sign-extended when signed.
-    let value = |i: usize| -> i64 {
-        let v = (raw(index(i)) >> shift) & mask;
+    // Stored value as i64 of a raw sample: the BitsStored field, sign-extended when signed.
+    let field = |raw: u64| -> i64 {
+        let v = (raw >> shift) & mask;
         if l.signed && v & sign_bit != 0 {
             v as i64 - (mask as i64) - 1
         } else {
             v as i64
         }
     };
+    let value = |i: usize| field(raw(index(i)));
+    // The common layouts (byte-aligned 8- or 16-bit samples in file order: one sample per
+    // pixel, or interleaved) straight from the bytes, without the per-sample index arithmetic
+    // and width dispatch of the general path; the same `field` gives the same values.
+    if !src.ybr422 && (!src.planar || spp == 1) && src.bit_offset.is_multiple_of(8) {
+        let words = || {
+            b[byte0..byte0 + 2 * n]
+                .chunks_exact(2)
+                .map(|c| field(u16::from_le_bytes([c[0], c[1]]) as u64))
+        };
+        let bytes = || b[byte0..byte0 + n].iter().map(|&x| field(x as u64));
+        match (l.ba, &mut *store) {
+            (16, PixelStore::U16(v)) => v.extend(words().map(|x| x as u16)),
+            (16, PixelStore::I16(v)) => v.extend(words().map(|x| x as i16)),
+            (8, PixelStore::U8(v)) => v.extend(bytes().map(|x| x as u8)),
+            (8, PixelStore::I8(v)) => v.extend(bytes().map(|x| x as i8)),
+            _ => append_general(store, n, value, |i| raw(index(i))),
+        }
+    } else {
+        append_general(store, n, value, |i| raw(index(i)))
+    }
+}
+
+/// [`append_frame`]'s general path: `value` is output sample `i` as a stored integer, `raw` its
+/// encoded bits (for float and double data).
+fn append_general(
+    store: &mut PixelStore,
+    n: usize,
+    value: impl Fn(usize) -> i64,
+    raw: impl Fn(usize) -> u64,
+) {
     match store {
         PixelStore::U8(v) => v.extend((0..n).map(|i| value(i) as u8)),
         PixelStore::I8(v) => v.extend((0..n).map(|i| value(i) as i8)),
@@ -670,8 +701,8 @@ fn append_frame(store: &mut PixelStore, src: &Source, l: &Layout) {
         PixelStore::I16(v) => v.extend((0..n).map(|i| value(i) as i16)),
         PixelStore::U32(v) => v.extend((0..n).map(|i| value(i) as u32)),
         PixelStore::I32(v) => v.extend((0..n).map(|i| value(i) as i32)),
-        PixelStore::F32(v) => v.extend((0..n).map(|i| f32::from_bits(raw(index(i)) as u32))),
-        PixelStore::F64(v) => v.extend((0..n).map(|i| f64::from_bits(raw(index(i))))),
+        PixelStore::F32(v) => v.extend((0..n).map(|i| f32::from_bits(raw(i) as u32))),
+        PixelStore::F64(v) => v.extend((0..n).map(|i| f64::from_bits(raw(i)))),
     }
 }
 

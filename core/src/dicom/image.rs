@@ -181,6 +181,26 @@ impl PixelStore {
         each_store!(self, v => v.get(i).map(|&x| x as f64))
     }
 
+    /// Whether both hold the same number of samples with equal values (as f64: exact for every
+    /// stored type; NaN equals nothing). Stores of the same type compare as slices.
+    pub fn same_values(&self, other: &PixelStore) -> bool {
+        use PixelStore as P;
+        match (self, other) {
+            (P::U8(a), P::U8(b)) => a == b,
+            (P::I8(a), P::I8(b)) => a == b,
+            (P::U16(a), P::U16(b)) => a == b,
+            (P::I16(a), P::I16(b)) => a == b,
+            (P::U32(a), P::U32(b)) => a == b,
+            (P::I32(a), P::I32(b)) => a == b,
+            (P::F32(a), P::F32(b)) => a == b,
+            (P::F64(a), P::F64(b)) => a == b,
+            _ => {
+                self.len() == other.len()
+                    && (0..self.len()).all(|i| self.get_f64(i) == other.get_f64(i))
+            }
+        }
+    }
+
     /// Minimum and maximum stored values (ignoring NaN); None when empty.
     // The macro expands once per stored type; the cast is a no-op for one of them.
     #[allow(clippy::unnecessary_cast)]
@@ -208,6 +228,28 @@ impl PixelSlice<'_> {
     #[allow(clippy::unnecessary_cast)]
     pub fn to_f32(&self) -> Vec<f32> {
         each_slice!(self, v => v.iter().map(|&x| x as f32).collect())
+    }
+}
+
+/// `x.round()` (to the nearest integer, ties away from zero) without the libm call that
+/// `f64::round` is on baseline x86-64: the same value for every finite `x` and infinity (up to
+/// the sign of a zero result), which matters to the per-sample loop of
+/// [`DecodedImage::set_frame_f32`].
+#[inline(always)]
+fn round_half_away(x: f64) -> f64 {
+    // From 2^52 on every f64 is an integer; below it the truncation and `x - t` are exact.
+    if x.abs() < 4_503_599_627_370_496.0 {
+        let t = x as i64 as f64;
+        let d = x - t;
+        if d >= 0.5 {
+            t + 1.0
+        } else if d <= -0.5 {
+            t - 1.0
+        } else {
+            t
+        }
+    } else {
+        x
     }
 }
 
@@ -254,12 +296,38 @@ impl DecodedImage {
                 let x = if x.is_nan() {
                     0.0
                 } else {
-                    x.round().clamp(lo, hi)
+                    round_half_away(x).clamp(lo, hi)
                 };
                 *d = f(x);
             }
         }
+        /// `conv` when the range fits the stored type of at most 16 bits (`lo`, `hi` and every
+        /// value between are exact in f32 and i32): clamp then round (equal to round then clamp
+        /// for integer bounds), both in f32, where rounding an f32 gives the same integer as in
+        /// f64; the conversions are exact. f32 lanes and a truncating conversion vectorise.
+        fn conv_small<T: Copy>(dst: &mut [T], src: &[f32], lo: f64, hi: f64, f: impl Fn(i32) -> T) {
+            let (lo, hi) = (lo as f32, hi as f32);
+            for (d, &s) in dst.iter_mut().zip(src) {
+                let x = if s.is_nan() { 0.0 } else { s.clamp(lo, hi) };
+                let t = x as i32;
+                let frac = x - t as f32;
+                *d = f(t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5));
+            }
+        }
+        let fits = |min: f64, max: f64| lo >= min && hi <= max && lo <= hi;
         match &mut self.pixels {
+            PixelStore::U8(v) if fits(0.0, 255.0) => {
+                conv_small(&mut v[range], values, lo, hi, |x| x as u8)
+            }
+            PixelStore::I8(v) if fits(-128.0, 127.0) => {
+                conv_small(&mut v[range], values, lo, hi, |x| x as i8)
+            }
+            PixelStore::U16(v) if fits(0.0, 65535.0) => {
+                conv_small(&mut v[range], values, lo, hi, |x| x as u16)
+            }
+            PixelStore::I16(v) if fits(-32768.0, 32767.0) => {
+                conv_small(&mut v[range], values, lo, hi, |x| x as i16)
+            }
             PixelStore::U8(v) => conv(&mut v[range], values, lo, hi, |x| x as u8),
             PixelStore::I8(v) => conv(&mut v[range], values, lo, hi, |x| x as i8),
             PixelStore::U16(v) => conv(&mut v[range], values, lo, hi, |x| x as u16),
@@ -320,6 +388,124 @@ mod tests {
             source_lossy: false,
             compressed_bytes: None,
         }
+    }
+
+    #[test]
+    fn set_frame_f32_fast_path_rounds_and_clamps_like_f64() {
+        // Halves both ways, out of range both ways, NaN, infinities, f32 fractions.
+        let mut vals: Vec<f32> = vec![
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            4094.5,
+            4095.4,
+            4095.5,
+            -2048.5,
+            -2049.5,
+            2047.5,
+            1e9,
+            -1e9,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.49999997,
+            -0.49999997,
+            -0.0,
+        ];
+        let mut state = 0x9e37_79b9u32;
+        while vals.len() < 4096 {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            vals.push((state % 200_000) as f32 / 16.0 - 6000.0);
+        }
+        for (bits, signed) in [(12, false), (12, true), (16, false), (16, true)] {
+            let mut m = meta(bits, signed);
+            m.rows = 64;
+            m.cols = 64;
+            let (lo, hi) = m.value_range();
+            let mut img = DecodedImage {
+                meta: m,
+                pixels: if signed {
+                    PixelStore::I16(vec![0; 4096])
+                } else {
+                    PixelStore::U16(vec![0; 4096])
+                },
+            };
+            assert!(img.set_frame_f32(0, &vals));
+            for (i, &v) in vals.iter().enumerate() {
+                let x = v as f64;
+                let want = if x.is_nan() {
+                    0.0
+                } else {
+                    x.round().clamp(lo, hi)
+                };
+                assert_eq!(
+                    img.pixels.get_f64(i),
+                    Some(want),
+                    "{v} ({bits} bits, {signed})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn round_half_away_equals_f64_round() {
+        let mut xs = vec![
+            0.0,
+            0.49999999999999994,
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            -2.5,
+            -0.49999999999999994,
+            4095.5,
+            -32768.5,
+            4_503_599_627_370_495.5,
+            4_503_599_627_370_496.0,
+            -4_503_599_627_370_497.0,
+            1e300,
+            -1e300,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..100_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // f32 inputs, as the caller has: fractions, halves and large magnitudes.
+            let v = f32::from_bits((state >> 32) as u32);
+            if v.is_finite() {
+                xs.push(v as f64);
+                xs.push((v as f64 * 2.0).round() / 2.0);
+            }
+        }
+        for x in xs {
+            let (got, want) = (round_half_away(x), x.round());
+            assert!(got == want, "{x:e}: {got:e} != {want:e}");
+        }
+    }
+
+    #[test]
+    fn same_values_compares_values_across_and_within_types() {
+        let a = PixelStore::U16(vec![0, 7, 4095]);
+        assert!(a.same_values(&PixelStore::U16(vec![0, 7, 4095])));
+        assert!(!a.same_values(&PixelStore::U16(vec![0, 8, 4095])));
+        assert!(!a.same_values(&PixelStore::U16(vec![0, 7])));
+        // Other types compare by value.
+        assert!(a.same_values(&PixelStore::I32(vec![0, 7, 4095])));
+        assert!(!a.same_values(&PixelStore::I32(vec![0, -7, 4095])));
+        assert!(!a.same_values(&PixelStore::F32(vec![0.0, 7.0])));
+        // NaN equals nothing, not even itself; -0 equals 0.
+        let f = PixelStore::F32(vec![1.0, f32::NAN]);
+        assert!(!f.same_values(&f.clone()));
+        assert!(PixelStore::F32(vec![-0.0]).same_values(&PixelStore::F64(vec![0.0])));
+        assert!(PixelStore::F32(vec![-0.0]).same_values(&PixelStore::F32(vec![0.0])));
     }
 
     #[test]

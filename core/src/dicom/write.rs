@@ -106,16 +106,19 @@ pub fn write_derived_sync(
     let sop_uid = derived_uid("sop-instance", &src_sop, &opts.pipeline_id);
     let series_uid = derived_uid("series", &src_series, &opts.pipeline_id);
 
-    let mut ds: InMemDicomObject = (*src.obj).clone();
-
-    // Pixel data, native.
-    for t in [
+    // The source data set without its pixel data (not cloned only to be dropped), then the
+    // new pixel data, native.
+    let pixel_tags = [
         tags::PIXEL_DATA,
         tags::FLOAT_PIXEL_DATA,
         tags::DOUBLE_FLOAT_PIXEL_DATA,
-    ] {
-        ds.remove_element(t);
-    }
+    ];
+    let mut ds = InMemDicomObject::from_element_iter(
+        src.obj
+            .iter()
+            .filter(|e| !pixel_tags.contains(&e.header().tag))
+            .cloned(),
+    );
     ds.put(pixel_element(image));
     ds.put_str(
         tags::PHOTOMETRIC_INTERPRETATION,
@@ -294,6 +297,20 @@ fn pixel_element(image: &DecodedImage) -> DataElement<InMemDicomObject> {
         (1u64 << m.bits_stored) - 1
     };
     let n = image.pixels.len();
+    // The common case, 16-bit samples held as 16-bit integers: the same clamp, mask and shift
+    // as `word` below, on the integers themselves.
+    if m.bits_allocated == 16 && m.kind == PixelKind::Integer && shift < 16 {
+        let (mask16, lo, hi) = (mask as u16, lo as i64, hi as i64);
+        let put = |v: i64| ((v.clamp(lo, hi) as u16) & mask16) << shift;
+        let words: Option<Vec<u16>> = match &image.pixels {
+            PixelStore::U16(v) => Some(v.iter().map(|&x| put(x as i64)).collect()),
+            PixelStore::I16(v) => Some(v.iter().map(|&x| put(x as i64)).collect()),
+            _ => None,
+        };
+        if let Some(words) = words {
+            return DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(words.into()));
+        }
+    }
     let word = |i: usize| -> u64 {
         let v = image.pixels.get_f64(i).unwrap_or(0.0).clamp(lo, hi) as i64;
         ((v as u64) & mask) << shift

@@ -1454,9 +1454,7 @@ fn write_one(
                 ));
             }
             Ok(r) => {
-                if r.pixels.len() != w.image.pixels.len()
-                    || (0..r.pixels.len()).any(|i| r.pixels.get_f64(i) != w.image.pixels.get_f64(i))
-                {
+                if !r.pixels.same_values(&w.image.pixels) {
                     return Err(fail(
                         &w,
                         "verify",

@@ -117,11 +117,10 @@ pub fn try_frame_metrics(
         });
     }
 
-    let mut linf = 0f64;
+    let mut linf = linf_of(orig, new);
     let mut sum_sq = 0f64;
     for (&a, &b) in orig.iter().zip(new) {
         let d = b as f64 - a as f64;
-        linf = linf.max(d.abs());
         sum_sq += d * d;
     }
     // f64::max ignores NaN; a NaN difference must not disappear from the L-inf norm.
@@ -157,14 +156,68 @@ fn is_ct(meta: &ImageMeta) -> bool {
         .is_some_and(|m| m.trim().eq_ignore_ascii_case("CT"))
 }
 
+/// Lanes of the order-independent reductions below: independent running values the compiler
+/// keeps in one vector register instead of one serial chain.
+const LANES: usize = 4;
+
+/// max |new - orig| (0 when empty), NaN differences skipped as `f64::max` skips them. A maximum
+/// does not depend on the order it is taken in, so it runs in [`LANES`] lanes.
+fn linf_of(orig: &[f32], new: &[f32]) -> f64 {
+    let (ca, cb) = (orig.chunks_exact(LANES), new.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    let mut m = [0f64; LANES];
+    let step = |m: &mut f64, a: f32, b: f32| {
+        let d = (b as f64 - a as f64).abs();
+        if d > *m {
+            *m = d;
+        }
+    };
+    for (a, b) in ca.zip(cb) {
+        for l in 0..LANES {
+            step(&mut m[l], a[l], b[l]);
+        }
+    }
+    let mut linf = m.iter().fold(0f64, |x, &y| if y > x { y } else { x });
+    for (&a, &b) in ra.iter().zip(rb) {
+        step(&mut linf, a, b);
+    }
+    linf
+}
+
 /// The dynamic range `L` of the module docs.
 pub fn data_range(orig: &[f32], meta: &ImageMeta) -> f64 {
-    let mut it = orig.iter().map(|&x| x as f64).filter(|x| x.is_finite());
-    if let Some(first) = it.next() {
-        let (lo, hi) = it.fold((first, first), |(lo, hi), x| (lo.min(x), hi.max(x)));
-        if hi > lo {
-            return hi - lo;
+    // Minimum and maximum of the finite samples, in lanes (their order does not matter).
+    let chunks = orig.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    let mut lo = [f64::INFINITY; LANES];
+    let mut hi = [f64::NEG_INFINITY; LANES];
+    let step = |lo: &mut f64, hi: &mut f64, x: f32| {
+        let x = x as f64;
+        // NaN fails every comparison; infinities are skipped by the bounds.
+        if x < *lo && x > f64::NEG_INFINITY {
+            *lo = x;
         }
+        if x > *hi && x < f64::INFINITY {
+            *hi = x;
+        }
+    };
+    for c in chunks {
+        for l in 0..LANES {
+            step(&mut lo[l], &mut hi[l], c[l]);
+        }
+    }
+    let mut lo = lo
+        .iter()
+        .fold(f64::INFINITY, |a, &b| if b < a { b } else { a });
+    let mut hi = hi
+        .iter()
+        .fold(f64::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for &x in rest {
+        step(&mut lo, &mut hi, x);
+    }
+    // No finite sample leaves lo = +inf, hi = -inf: no data range either.
+    if hi > lo {
+        return hi - lo;
     }
     let (lo, hi) = meta.value_range();
     let r = hi - lo;
@@ -193,12 +246,54 @@ fn reflect(i: isize, n: usize) -> usize {
 
 /// Mean SSIM of channel `c`. Streams over rows: each row is filtered horizontally into the four
 /// local moments it needs (x, y, x^2 + y^2, xy: only the sum of the two variances enters the
-/// formula) and kept in a ring of the last 11 rows, from which the
-/// vertical pass yields one output row at a time, so memory stays at 11 rows whatever the frame
-/// size. The moments are kept as separate planes and the symmetric taps are paired
-/// (`w[k] (a[k] + a[10-k])`) so the inner loops are plain slice arithmetic the compiler
-/// vectorises: the pipeline computes this for every frame it writes.
+/// formula) and kept in a ring of the last 11 rows, from which the vertical pass yields one
+/// output row at a time, so memory stays at 11 rows whatever the frame size.
+///
+/// Speed (the pipeline computes this for every frame it writes): the moments are separate
+/// planes and the symmetric taps are paired (`w[k] (a[k] + a[10-k])`), so the filter loops are
+/// plain slice arithmetic; the per-position SSIM terms go to a buffer in a loop without a
+/// carried dependency (so it vectorises, division included), and only their sum runs in
+/// order. On x86-64 with AVX2 the same code is compiled a second time for 4-wide f64 and
+/// picked at run time. The arithmetic (operations, their order, no fused multiply-add) is
+/// the same in both builds and the same as the plain row-by-row formulation, so the value is
+/// bit for bit the same whichever runs.
 fn ssim_channel(
+    orig: &[f32],
+    new: &[f32],
+    rows: usize,
+    cols: usize,
+    spp: usize,
+    c: usize,
+    range: f64,
+) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above), the only requirement of a
+            // `target_feature(enable = "avx2")` function.
+            return unsafe { ssim_channel_avx2(orig, new, rows, cols, spp, c, range) };
+        }
+    }
+    ssim_channel_impl(orig, new, rows, cols, spp, c, range)
+}
+
+/// [`ssim_channel_impl`] compiled for AVX2 (no FMA: contraction would change the rounding).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn ssim_channel_avx2(
+    orig: &[f32],
+    new: &[f32],
+    rows: usize,
+    cols: usize,
+    spp: usize,
+    c: usize,
+    range: f64,
+) -> f64 {
+    ssim_channel_impl(orig, new, rows, cols, spp, c, range)
+}
+
+#[inline(always)]
+fn ssim_channel_impl(
     orig: &[f32],
     new: &[f32],
     rows: usize,
@@ -228,6 +323,7 @@ fn ssim_channel(
     let mut lines = vec![vec![0f64; padded_cols]; MOMENTS];
     let mut ring = vec![vec![vec![0f64; out_cols]; WIN]; MOMENTS];
     let mut acc = vec![vec![0f64; out_cols]; MOMENTS];
+    let mut terms = vec![0f64; out_cols];
     let mut total = 0f64;
 
     for i in 0..rows + 2 * pad {
@@ -237,13 +333,27 @@ fn ssim_channel(
             let [lx, ly, lsq, lxy] = &mut lines[..] else {
                 unreachable!("MOMENTS lines")
             };
-            for (j, &src) in col_src.iter().enumerate() {
-                let x = orig[(base + src) * spp + c] as f64;
-                let y = new[(base + src) * spp + c] as f64;
-                lx[j] = x;
-                ly[j] = y;
-                lsq[j] = x * x + y * y;
-                lxy[j] = x * y;
+            if pad == 0 && spp == 1 {
+                // The common case: a contiguous row, no reflection.
+                let (xs, ys) = (&orig[base..base + cols], &new[base..base + cols]);
+                let (lx, ly) = (&mut lx[..cols], &mut ly[..cols]);
+                let (lsq, lxy) = (&mut lsq[..cols], &mut lxy[..cols]);
+                for j in 0..cols {
+                    let (x, y) = (xs[j] as f64, ys[j] as f64);
+                    lx[j] = x;
+                    ly[j] = y;
+                    lsq[j] = x * x + y * y;
+                    lxy[j] = x * y;
+                }
+            } else {
+                for (j, &src) in col_src.iter().enumerate() {
+                    let x = orig[(base + src) * spp + c] as f64;
+                    let y = new[(base + src) * spp + c] as f64;
+                    lx[j] = x;
+                    ly[j] = y;
+                    lsq[j] = x * x + y * y;
+                    lxy[j] = x * y;
+                }
             }
         }
         let slot = i % WIN;
@@ -282,13 +392,15 @@ fn ssim_channel(
         let [mx, my, msq, mxy] = &acc[..] else {
             unreachable!("MOMENTS accumulators")
         };
-        for j in 0..out_cols {
-            let (mx, my) = (mx[j], my[j]);
+        for ((((t, &mx), &my), &msq), &mxy) in terms.iter_mut().zip(mx).zip(my).zip(msq).zip(mxy) {
             // sigma_x^2 + sigma_y^2 = E[x^2 + y^2] - mu_x^2 - mu_y^2.
             let means_sq = mx * mx + my * my;
-            let var_sum = msq[j] - means_sq;
-            let cov = mxy[j] - mx * my;
-            total += ((2.0 * mx * my + c1) * (2.0 * cov + c2)) / ((means_sq + c1) * (var_sum + c2));
+            let var_sum = msq - means_sq;
+            let cov = mxy - mx * my;
+            *t = ((2.0 * mx * my + c1) * (2.0 * cov + c2)) / ((means_sq + c1) * (var_sum + c2));
+        }
+        for &t in &terms {
+            total += t;
         }
     }
     total / (out_rows * out_cols) as f64
@@ -301,6 +413,111 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use std::path::{Path, PathBuf};
     use std::process::Command;
+
+    /// The plain row-by-row formulation the fast [`ssim_channel`] must equal bit for bit
+    /// (the implementation before it was restructured for speed). Streams over rows: each row is filtered horizontally into the four
+    /// local moments it needs (x, y, x^2 + y^2, xy: only the sum of the two variances enters the
+    /// formula) and kept in a ring of the last 11 rows, from which the
+    /// vertical pass yields one output row at a time, so memory stays at 11 rows whatever the frame
+    /// size. The moments are kept as separate planes and the symmetric taps are paired
+    /// (`w[k] (a[k] + a[10-k])`) so the inner loops are plain slice arithmetic the compiler
+    /// vectorises: the pipeline computes this for every frame it writes.
+    fn ssim_channel_rows(
+        orig: &[f32],
+        new: &[f32],
+        rows: usize,
+        cols: usize,
+        spp: usize,
+        c: usize,
+        range: f64,
+    ) -> f64 {
+        const MOMENTS: usize = 4;
+        let w = gaussian_taps();
+        let c1 = (K1 * range) * (K1 * range);
+        let c2 = (K2 * range) * (K2 * range);
+        // No reflected border when the window fits: only the 'valid' positions are averaged.
+        let pad = if rows >= WIN && cols >= WIN {
+            0
+        } else {
+            RADIUS
+        };
+        let padded_cols = cols + 2 * pad;
+        let out_cols = padded_cols + 1 - WIN;
+        let out_rows = rows + 2 * pad + 1 - WIN;
+
+        let col_src: Vec<usize> = (0..padded_cols)
+            .map(|j| reflect(j as isize - pad as isize, cols))
+            .collect();
+        // One padded input line per moment; the ring holds WIN filtered rows per moment.
+        let mut lines = vec![vec![0f64; padded_cols]; MOMENTS];
+        let mut ring = vec![vec![vec![0f64; out_cols]; WIN]; MOMENTS];
+        let mut acc = vec![vec![0f64; out_cols]; MOMENTS];
+        let mut total = 0f64;
+
+        for i in 0..rows + 2 * pad {
+            let r = reflect(i as isize - pad as isize, rows);
+            let base = r * cols;
+            {
+                let [lx, ly, lsq, lxy] = &mut lines[..] else {
+                    unreachable!("MOMENTS lines")
+                };
+                for (j, &src) in col_src.iter().enumerate() {
+                    let x = orig[(base + src) * spp + c] as f64;
+                    let y = new[(base + src) * spp + c] as f64;
+                    lx[j] = x;
+                    ly[j] = y;
+                    lsq[j] = x * x + y * y;
+                    lxy[j] = x * y;
+                }
+            }
+            let slot = i % WIN;
+            for (line, rows_q) in lines.iter().zip(ring.iter_mut()) {
+                let dst = &mut rows_q[slot];
+                for (d, &m) in dst.iter_mut().zip(&line[RADIUS..]) {
+                    *d = w[RADIUS] * m;
+                }
+                for k in 0..RADIUS {
+                    let wk = w[k];
+                    let a = &line[k..k + out_cols];
+                    let b = &line[WIN - 1 - k..WIN - 1 - k + out_cols];
+                    for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
+                        *d += wk * (a + b);
+                    }
+                }
+            }
+            if i + 1 < WIN {
+                continue;
+            }
+            // Rows i-10 ..= i are in the ring (row i-10+k in slot (i+1+k) % WIN); their vertical
+            // combination is output row i-10.
+            let at = |k: usize| (i + 1 + k) % WIN;
+            for (a, rows_q) in acc.iter_mut().zip(&ring) {
+                for (d, &m) in a.iter_mut().zip(&rows_q[at(RADIUS)]) {
+                    *d = w[RADIUS] * m;
+                }
+                for k in 0..RADIUS {
+                    let wk = w[k];
+                    let (p, q) = (&rows_q[at(k)], &rows_q[at(WIN - 1 - k)]);
+                    for ((d, &p), &q) in a.iter_mut().zip(p).zip(q) {
+                        *d += wk * (p + q);
+                    }
+                }
+            }
+            let [mx, my, msq, mxy] = &acc[..] else {
+                unreachable!("MOMENTS accumulators")
+            };
+            for j in 0..out_cols {
+                let (mx, my) = (mx[j], my[j]);
+                // sigma_x^2 + sigma_y^2 = E[x^2 + y^2] - mu_x^2 - mu_y^2.
+                let means_sq = mx * mx + my * my;
+                let var_sum = msq[j] - means_sq;
+                let cov = mxy[j] - mx * my;
+                total +=
+                    ((2.0 * mx * my + c1) * (2.0 * cov + c2)) / ((means_sq + c1) * (var_sum + c2));
+            }
+        }
+        total / (out_rows * out_cols) as f64
+    }
 
     fn meta(rows: u32, cols: u32, spp: u16, modality: &str) -> ImageMeta {
         ImageMeta {
@@ -345,6 +562,76 @@ mod tests {
         x.iter()
             .map(|&v| (v + rng.random_range(-eps..=eps) as f32).clamp(0.0, hi))
             .collect()
+    }
+
+    #[test]
+    fn lane_reductions_equal_the_plain_folds() {
+        let m = meta(1, 1, 1, "CT");
+        for n in [0usize, 1, 3, 4, 5, 17, 1000] {
+            let mut x = random_frame(n, 4095.0, 7 + n as u64);
+            let mut y = perturb(&x, 30, 4095.0, 8 + n as u64);
+            if n > 4 {
+                // NaN and infinities are skipped by both; negative values count.
+                x[1] = f32::NAN;
+                x[2] = f32::INFINITY;
+                x[n - 1] = -5.0;
+                y[3] = f32::NAN;
+            }
+            let mut linf = 0f64;
+            for (&a, &b) in x.iter().zip(&y) {
+                linf = linf.max((b as f64 - a as f64).abs());
+            }
+            assert_eq!(linf_of(&x, &y).to_bits(), linf.to_bits(), "{n}");
+            let mut it = x.iter().map(|&v| v as f64).filter(|v| v.is_finite());
+            let want = it.next().and_then(|first| {
+                let (lo, hi) = it.fold((first, first), |(lo, hi), v| (lo.min(v), hi.max(v)));
+                (hi > lo).then_some(hi - lo)
+            });
+            assert_eq!(data_range(&x, &m), want.unwrap_or(4095.0), "{n}");
+        }
+        let flat = vec![7.0f32; 9];
+        assert_eq!(data_range(&flat, &m), 4095.0);
+        assert_eq!(data_range(&[f32::NAN, f32::INFINITY], &m), 4095.0);
+    }
+
+    #[test]
+    fn fast_ssim_is_bit_identical_to_the_row_by_row_formulation() {
+        // Valid-only frames (with and without a vector tail), reflected small ones, RGB.
+        for (i, &(rows, cols, spp)) in [
+            (64usize, 64usize, 1usize),
+            (37, 29, 1),
+            (11, 11, 1),
+            (7, 9, 1),
+            (3, 20, 1),
+            (14, 13, 3),
+            (5, 4, 3),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let n = rows * cols * spp;
+            let x = random_frame(n, 4095.0, 100 + i as u64);
+            let y = perturb(&x, 40, 4095.0, 200 + i as u64);
+            for c in 0..spp {
+                let fast = ssim_channel(&x, &y, rows, cols, spp, c, 4095.0);
+                let plain = ssim_channel_impl(&x, &y, rows, cols, spp, c, 4095.0);
+                let rows_ref = ssim_channel_rows(&x, &y, rows, cols, spp, c, 4095.0);
+                assert_eq!(
+                    fast.to_bits(),
+                    rows_ref.to_bits(),
+                    "{rows}x{cols}x{spp} c{c}"
+                );
+                assert_eq!(
+                    plain.to_bits(),
+                    rows_ref.to_bits(),
+                    "{rows}x{cols}x{spp} c{c}"
+                );
+                assert!(
+                    fast < 1.0,
+                    "{rows}x{cols}x{spp}: the perturbation must show"
+                );
+            }
+        }
     }
 
     #[test]

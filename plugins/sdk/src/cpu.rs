@@ -91,10 +91,10 @@ pub fn median_filter(data: &[f32], shape: &[usize], radius: u32) -> Option<Vec<f
     let mut win = Vec::with_capacity(((2 * r + 1) * (2 * r + 1)) as usize);
     for pi in 0..p {
         let src = &data[pi * h * w..(pi + 1) * h * w];
-        // The common 3x3 case through a 19-exchange median network (Paeth), 5-10x faster than
-        // selection. min/max order NaN differently from `total_cmp`, so planes holding NaN take
-        // the general path and both give the same result.
-        if radius == 1 && !src.iter().any(|v| v.is_nan()) {
+        // The common 3x3 case through sorted columns (see `median3x3`), far faster than
+        // selection. Its comparisons order NaN differently from `total_cmp`, so planes holding
+        // NaN take the general path and both give the same result.
+        if radius == 1 && !src.iter().fold(false, |nan, v| nan | v.is_nan()) {
             median3x3(src, h, w, &mut out[pi * h * w..(pi + 1) * h * w]);
             continue;
         }
@@ -117,56 +117,61 @@ pub fn median_filter(data: &[f32], shape: &[usize], radius: u32) -> Option<Vec<f
 }
 
 /// 3x3 median of one NaN-free `h x w` plane with reflected borders.
+///
+/// Sorted columns: for an output row, every column of its three input rows is sorted once into
+/// `lo <= mid <= hi` (three compare-exchanges, shared by the three windows that hold the
+/// column); the median of a 3x3 window is then `med3(max of its lo, med3 of its mid, min of its
+/// hi)` (the classic sorted-column 3x3 median; it holds for any values, ties included, and the
+/// equivalence test below checks it against selection). Every step is a min or max over whole
+/// rows, which the compiler turns into SIMD min/max: about 20 operations per pixel instead of
+/// the 38 scalar ones of a 9-value network with gathered, bounds-checked loads.
 fn median3x3(src: &[f32], h: usize, w: usize, out: &mut [f32]) {
+    // NaN-free input: plain comparisons (one SIMD min/max each), no NaN fix-ups.
     #[inline(always)]
-    fn s(v: &mut [f32; 9], a: usize, b: usize) {
-        let (x, y) = (v[a], v[b]);
-        v[a] = x.min(y);
-        v[b] = x.max(y);
+    fn mn(a: f32, b: f32) -> f32 {
+        if b < a { b } else { a }
     }
+    #[inline(always)]
+    fn mx(a: f32, b: f32) -> f32 {
+        if b > a { b } else { a }
+    }
+    #[inline(always)]
+    fn med3(a: f32, b: f32, c: f32) -> f32 {
+        mx(mn(a, b), mn(mx(a, b), c))
+    }
+    // Sorted columns of the current output row, with one reflected column on each side:
+    // index 1 + x holds column x.
+    let mut lo = vec![0f32; w + 2];
+    let mut mid = vec![0f32; w + 2];
+    let mut hi = vec![0f32; w + 2];
+    let (left, right) = (1 + reflect_index(-1, w), 1 + reflect_index(w as isize, w));
     for y in 0..h {
-        let rows = [
-            reflect_index(y as isize - 1, h) * w,
-            y * w,
-            reflect_index(y as isize + 1, h) * w,
-        ];
+        let row = |r: usize| &src[r * w..(r + 1) * w];
+        let (a, b, c) = (
+            row(reflect_index(y as isize - 1, h)),
+            row(y),
+            row(reflect_index(y as isize + 1, h)),
+        );
+        let (l, m, u) = (&mut lo[1..=w], &mut mid[1..=w], &mut hi[1..=w]);
         for x in 0..w {
-            let cols = [
-                reflect_index(x as isize - 1, w),
-                x,
-                reflect_index(x as isize + 1, w),
-            ];
-            let mut v = [0f32; 9];
-            for (i, r) in rows.iter().enumerate() {
-                for (j, c) in cols.iter().enumerate() {
-                    v[i * 3 + j] = src[r + c];
-                }
-            }
-            // Paeth's opt_med9 network: v[4] ends up the median.
-            for (a, b) in [
-                (1, 2),
-                (4, 5),
-                (7, 8),
-                (0, 1),
-                (3, 4),
-                (6, 7),
-                (1, 2),
-                (4, 5),
-                (7, 8),
-                (0, 3),
-                (5, 8),
-                (4, 7),
-                (3, 6),
-                (1, 4),
-                (2, 5),
-                (4, 7),
-                (4, 2),
-                (6, 4),
-                (4, 2),
-            ] {
-                s(&mut v, a, b);
-            }
-            out[y * w + x] = v[4];
+            let (p, q) = (mn(a[x], b[x]), mx(a[x], b[x]));
+            let (q, r) = (mn(q, c[x]), mx(q, c[x]));
+            l[x] = mn(p, q);
+            m[x] = mx(p, q);
+            u[x] = r;
+        }
+        for v in [&mut lo, &mut mid, &mut hi] {
+            v[0] = v[left];
+            v[w + 1] = v[right];
+        }
+        let o = &mut out[y * w..(y + 1) * w];
+        let (l0, l1, l2) = (&lo[..w], &lo[1..=w], &lo[2..w + 2]);
+        let (m0, m1, m2) = (&mid[..w], &mid[1..=w], &mid[2..w + 2]);
+        let (u0, u1, u2) = (&hi[..w], &hi[1..=w], &hi[2..w + 2]);
+        for x in 0..w {
+            let low = mx(mx(l0[x], l1[x]), l2[x]);
+            let high = mn(mn(u0[x], u1[x]), u2[x]);
+            o[x] = med3(low, med3(m0[x], m1[x], m2[x]), high);
         }
     }
 }
@@ -252,10 +257,21 @@ mod tests {
     }
 
     #[test]
-    fn the_3x3_network_equals_selection_on_random_planes() {
-        for (h, w) in [(1, 1), (1, 7), (2, 3), (5, 1), (9, 13)] {
+    fn the_3x3_fast_path_equals_selection_on_random_planes() {
+        // Few distinct values (many ties), many, and shapes around the SIMD widths.
+        let shapes = [
+            (1, 1),
+            (1, 7),
+            (2, 3),
+            (5, 1),
+            (9, 13),
+            (2, 2),
+            (3, 64),
+            (17, 33),
+        ];
+        for ((h, w), levels) in shapes.iter().flat_map(|&s| [(s, 3.0), (s, 50.0), (s, 1e6)]) {
             let src: Vec<f32> = (0..h * w)
-                .map(|i| (counter_uniform(11, i as u32) * 50.0).floor() - 20.0)
+                .map(|i| (counter_uniform(11 + h as u64, i as u32) * levels).floor() - 20.0)
                 .collect();
             let mut fast = vec![0f32; h * w];
             median3x3(&src, h, w, &mut fast);
@@ -274,7 +290,7 @@ mod tests {
                     slow[y * w + x] = win[4];
                 }
             }
-            assert_eq!(fast, slow, "{h}x{w}");
+            assert_eq!(fast, slow, "{h}x{w}, {levels} levels");
         }
         // A NaN plane takes the general path and still gives a result.
         let mut img = vec![1f32; 9];
