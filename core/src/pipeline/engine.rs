@@ -196,6 +196,16 @@ struct Decoded {
     decode_ms: f64,
 }
 
+/// Frames batch together only with frames of the same samples per pixel, rows and columns.
+type GroupKey = (u16, u32, u32);
+
+impl Decoded {
+    fn group_key(&self) -> GroupKey {
+        let m = &self.orig.meta;
+        (m.samples_per_pixel, m.rows, m.cols)
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 struct StageFrame {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1018,8 +1028,8 @@ fn compute_loop<B: PluginBackend>(
         .map(|st| Instance::create(st.handle.clone(), &st.params, b).map_err(|e| e.to_string()))
         .collect();
     let mut batch_index = 0u64;
-    let mut pending: BTreeMap<(u16, u32, u32), Vec<Decoded>> = BTreeMap::new();
-    let mut pending_frames: BTreeMap<(u16, u32, u32), usize> = BTreeMap::new();
+    // Per group: its frame count (a multi-frame instance counts each frame) and its instances.
+    let mut pending: BTreeMap<GroupKey, (usize, Vec<Decoded>)> = BTreeMap::new();
     let mut input_open = true;
     let mut tx_write = Some(tx_write);
     loop {
@@ -1051,16 +1061,15 @@ fn compute_loop<B: PluginBackend>(
             match got {
                 Ok(Some((seq, d))) => {
                     for d in order.push(seq, d) {
-                        let m = &d.orig.meta;
-                        let key = (m.samples_per_pixel, m.rows, m.cols);
-                        *pending_frames.entry(key).or_default() += d.orig.frame_count();
-                        pending.entry(key).or_default().push(d);
+                        let key = d.group_key();
+                        let (frames, group) = pending.entry(key).or_default();
+                        *frames += d.orig.frame_count();
+                        group.push(d);
                         // Flush a full group now; otherwise keep gathering.
-                        if pending_frames[&key] < setup.batch_size {
+                        if *frames < setup.batch_size {
                             continue;
                         }
-                        let group = pending.remove(&key).unwrap_or_default();
-                        pending_frames.remove(&key);
+                        let (_, group) = pending.remove(&key).unwrap_or_default();
                         if let Some(tx) = &tx_write {
                             run_group(
                                 b,
@@ -1081,17 +1090,16 @@ fn compute_loop<B: PluginBackend>(
                 Err(()) => {
                     input_open = false;
                     for d in order.drain() {
-                        let m = &d.orig.meta;
-                        let key = (m.samples_per_pixel, m.rows, m.cols);
-                        pending.entry(key).or_default().push(d);
+                        let (frames, group) = pending.entry(d.group_key()).or_default();
+                        *frames += d.orig.frame_count();
+                        group.push(d);
                     }
                 }
             }
         }
         // Input is idle (or finished): flush every partial group.
         let groups = std::mem::take(&mut pending);
-        pending_frames.clear();
-        for (_, group) in groups {
+        for (_, (_, group)) in groups {
             if let Some(tx) = &tx_write {
                 run_group(
                     b,
