@@ -20,6 +20,40 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// `adverse run` on a pipeline whose `stages:` block is `stages` is refused before reading any
+/// file: a usage error (exit 2) whose output contains `message`.
+fn assert_run_refused(dir: &Path, stages: &str, message: &str) {
+    let p = dir.join("bad.yaml");
+    std::fs::write(
+        &p,
+        format!("name: bad\ninput: {{ path: . }}\nstages:\n{stages}output: {{ dir: out }}\n"),
+    )
+    .unwrap();
+    let r = adverse(&["run", "-q", p.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
+    assert!(text(&r).contains(message), "{}", text(&r));
+}
+
+/// Writes the pipeline `yaml` to `p`, runs it (it must succeed) and returns the rows of its
+/// `results.jsonl` in `out`.
+fn run_rows(p: &Path, yaml: &str, out: &Path) -> Vec<Value> {
+    std::fs::write(p, yaml).unwrap();
+    let r = adverse(&["run", "-q", p.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", text(&r));
+    std::fs::read_to_string(out.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Rows whose written file's prediction is not the label.
+fn fooled(rows: &[Value]) -> usize {
+    rows.iter()
+        .filter(|r| r["pred_written"] != r["label"])
+        .count()
+}
+
 fn evaluation(dir: &Path, plugins: &Path, body: &str) -> PathBuf {
     let root = repo_root().join("pipelines");
     let p = dir.join("eval.yaml");
@@ -368,9 +402,9 @@ fn an_adaptive_purifier_is_attacked_through_bpda() {
     let run = |adaptive: bool| -> Vec<Value> {
         let out = dir.path().join(format!("out-{adaptive}"));
         let p = dir.path().join(format!("p-{adaptive}.yaml"));
-        std::fs::write(
+        run_rows(
             &p,
-            format!(
+            &format!(
                 "name: bpda\ninput: {{ path: {s}, include: [\"pneumoniamnist-test-000*.dcm\"] }}\n\
                  model: {{ onnx: {m} }}\nlabels: {{ csv: {s}/labels.csv }}\n\
                  stages:\n  - attack: pgd\n    params: {{ eps: 8, steps: 10 }}\n\
@@ -381,20 +415,8 @@ fn an_adaptive_purifier_is_attacked_through_bpda() {
                 o = out.display(),
                 pl = plugins.path().display(),
             ),
+            &out,
         )
-        .unwrap();
-        let r = adverse(&["run", "-q", p.to_str().unwrap()]);
-        assert!(r.status.success(), "{}", text(&r));
-        std::fs::read_to_string(out.join("results.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    };
-    let fooled = |rows: &[Value]| {
-        rows.iter()
-            .filter(|r| r["pred_written"] != r["label"])
-            .count()
     };
     let adaptive = run(true);
     let naive = run(false);
@@ -421,18 +443,10 @@ fn an_adaptive_purifier_is_attacked_through_bpda() {
         fooled(&naive)
     );
     // `adaptive` belongs to purifiers and detectors.
-    let p = dir.path().join("bad.yaml");
-    std::fs::write(
-        &p,
-        "name: bad\ninput: { path: . }\nstages:\n  - attack: pgd\n    params: { eps: 1 }\n    adaptive: true\noutput: { dir: out }\n",
-    )
-    .unwrap();
-    let r = adverse(&["run", "-q", p.to_str().unwrap()]);
-    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
-    assert!(
-        text(&r).contains("only a `purifier` or `detector` stage"),
-        "{}",
-        text(&r)
+    assert_run_refused(
+        dir.path(),
+        "  - attack: pgd\n    params: { eps: 1 }\n    adaptive: true\n",
+        "only a `purifier` or `detector` stage",
     );
 }
 
@@ -453,9 +467,9 @@ fn eot_attacks_a_randomised_purifier_in_expectation() {
     let run = |eot: &str| -> Vec<Value> {
         let out = dir.path().join(format!("out-{}", eot.len()));
         let p = dir.path().join(format!("p-{}.yaml", eot.len()));
-        std::fs::write(
+        run_rows(
             &p,
-            format!(
+            &format!(
                 "name: eot\ninput: {{ path: {s}, include: [\"pneumoniamnist-test-000*.dcm\", \"pneumoniamnist-test-001[0-5].dcm\"] }}\n\
                  model: {{ onnx: {m} }}\nlabels: {{ csv: {s}/labels.csv }}\n\
                  stages:\n  - attack: pgd\n    params: {{ eps: 8, steps: 20 }}\n\
@@ -467,20 +481,8 @@ fn eot_attacks_a_randomised_purifier_in_expectation() {
                 o = out.display(),
                 pl = plugins.path().display(),
             ),
+            &out,
         )
-        .unwrap();
-        let r = adverse(&["run", "-q", p.to_str().unwrap()]);
-        assert!(r.status.success(), "{}", text(&r));
-        std::fs::read_to_string(out.join("results.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    };
-    let fooled = |rows: &[Value]| {
-        rows.iter()
-            .filter(|r| r["pred_written"] != r["label"])
-            .count()
     };
     let one = run("");
     let eot = run("    eot: 16\n");
@@ -494,18 +496,10 @@ fn eot_attacks_a_randomised_purifier_in_expectation() {
         fooled(&one)
     );
     // `eot` needs an adaptive purifier.
-    let p = dir.path().join("bad.yaml");
-    std::fs::write(
-        &p,
-        "name: bad\ninput: { path: . }\nstages:\n  - purifier: random-noise\n    params: { sigma: 2 }\n    eot: 4\noutput: { dir: out }\n",
-    )
-    .unwrap();
-    let r = adverse(&["run", "-q", p.to_str().unwrap()]);
-    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
-    assert!(
-        text(&r).contains("eot: needs `adaptive: true`"),
-        "{}",
-        text(&r)
+    assert_run_refused(
+        dir.path(),
+        "  - purifier: random-noise\n    params: { sigma: 2 }\n    eot: 4\n",
+        "eot: needs `adaptive: true`",
     );
 }
 
@@ -515,19 +509,12 @@ fn eot_attacks_a_randomised_purifier_in_expectation() {
 #[test]
 fn a_score_weight_needs_a_shadow_purifier_or_an_adaptive_detector() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("bad.yaml");
-    std::fs::write(
-        &p,
-        "name: bad\ninput: { path: . }\nstages:\n  - attack: pgd\n    params: { eps: 1 }\n  - purifier: median-2x2\n    adaptive: true\n    score_weight: 5\noutput: { dir: out }\n",
-    )
-    .unwrap();
-    let r = adverse(&["run", "-q", p.to_str().unwrap()]);
-    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
-    assert!(
-        text(&r).contains("score_weight: needs `shadow: true`"),
-        "{}",
-        text(&r)
+    assert_run_refused(
+        dir.path(),
+        "  - attack: pgd\n    params: { eps: 1 }\n  - purifier: median-2x2\n    adaptive: true\n    score_weight: 5\n",
+        "score_weight: needs `shadow: true`",
     );
+    let p = dir.path().join("bad.yaml");
     std::fs::write(
         &p,
         "name: bad\ninput: { path: . }\nstages:\n  - attack: pgd\n    params: { eps: 1 }\n  - purifier: median-2x2\n    adaptive: true\n    shadow: true\n    score_weight: -1\noutput: { dir: out }\n",
@@ -541,16 +528,9 @@ fn a_score_weight_needs_a_shadow_purifier_or_an_adaptive_detector() {
         text(&r)
     );
     // An adaptive detector needs the weight of its score.
-    std::fs::write(
-        &p,
-        "name: bad\ninput: { path: . }\nstages:\n  - attack: pgd\n    params: { eps: 1 }\n  - detector: mahalanobis\n    params: { mode: detect, state: s.json }\n    adaptive: true\noutput: { dir: out }\n",
-    )
-    .unwrap();
-    let r = adverse(&["run", "-q", p.to_str().unwrap()]);
-    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
-    assert!(
-        text(&r).contains("an adaptive detector needs `score_weight` > 0"),
-        "{}",
-        text(&r)
+    assert_run_refused(
+        dir.path(),
+        "  - attack: pgd\n    params: { eps: 1 }\n  - detector: mahalanobis\n    params: { mode: detect, state: s.json }\n    adaptive: true\n",
+        "an adaptive detector needs `score_weight` > 0",
     );
 }
