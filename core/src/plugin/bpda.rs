@@ -358,19 +358,24 @@ impl<B: PluginBackend> BatchModel<B> for DetectorScore<'_, B> {
     ) -> Result<(Vec<f32>, Tensor<B>), String> {
         let (mut losses, g) = self.inner.loss_grad(b, x, spec, targets)?;
         let z = self.inner.forward(b, x)?;
-        let f = self.inner.features(b, x)?;
-        let (rows, dim) = match f.shape[..] {
-            [r, d] => (r, d),
-            _ => return Err(format!("features of shape {:?}", f.shape)),
-        };
         let k = z.shape.get(1).copied().unwrap_or(1).max(1);
-        let (zv, fv) = (b.download(&z), b.download(&f));
-        let fooled: Vec<bool> = (0..rows)
+        let zv = b.download(&z);
+        let fooled: Vec<bool> = (0..z.shape.first().copied().unwrap_or(0))
             .map(|r| {
                 zv.get(r * k..(r + 1) * k)
                     .is_some_and(|row| fooled(row, targets.get(r).copied(), spec))
             })
             .collect();
+        // No image fools the model yet: the score term is off, no features or detector calls.
+        if !fooled.contains(&true) {
+            return Ok((losses, g));
+        }
+        let f = self.inner.features(b, x)?;
+        let (rows, dim) = match f.shape[..] {
+            [r, d] if r == fooled.len() => (r, d),
+            _ => return Err(format!("features of shape {:?}", f.shape)),
+        };
+        let fv = b.download(&f);
         let mut seed = vec![0f32; rows * dim];
         for (det, w) in self.detectors.borrow_mut().iter_mut() {
             if *w <= 0.0 {
