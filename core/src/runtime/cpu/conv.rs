@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use super::CpuBackend;
 use super::gemm::{MatRef, gemm_f32};
 use super::ops::unary_f32;
+use super::sgemm::{self, PackedA};
 use crate::runtime::backend::{Conv2dParams, Unary};
 use crate::runtime::reference::conv2d_out_hw;
 
@@ -240,6 +241,132 @@ fn small_k_gemm_body<const FMA: bool>(
     }
 }
 
+/// Largest padded input block (f32s per (sample, group)) the direct path copies.
+const DIRECT_MAX_PLANE: usize = 4 << 20;
+
+/// A stride-1 convolution computed without im2col: the (sample, group) input block is copied
+/// once into a zero-padded buffer (`cg` planes of `hp x wp`), and the product runs over "wide"
+/// output rows of `wp` columns, so that the reduction row `(ci, ky, kx)` is that buffer shifted
+/// by `ci * hp * wp + ky * dh * wp + kx * dw`, read in place by [`sgemm::gemm_rows`]. The
+/// `wp - ow` extra columns per output row are dropped when the block is copied out. This reads
+/// a few KiB per sample where im2col would write `k` copies of it.
+struct Direct {
+    wp: usize,
+    plane: usize,
+    /// Wide output columns: `(oh - 1) * wp + ow` (the last row needs no padding columns), which
+    /// keeps the last reduction row's reads inside the buffer.
+    wide: usize,
+    offs: Vec<usize>,
+}
+
+/// Test-only switch to the im2col path, so timing tests can compare the two in one process.
+#[cfg(test)]
+pub(super) static FORCE_IM2COL: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+impl Direct {
+    fn plan(gm: &Geom) -> Option<Direct> {
+        #[cfg(test)]
+        if FORCE_IM2COL.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        if gm.p.stride != [1, 1]
+            || gm.is_depthwise()
+            || gm.is_pointwise()
+            || gm.oh == 0
+            || gm.ow == 0
+            || !sgemm::available()
+        {
+            return None;
+        }
+        let [pt, pl, pb, pr] = gm.p.pad;
+        let (hp, wp) = (gm.h + pt + pb, gm.w + pl + pr);
+        let plane = hp * wp;
+        if gm.cg.checked_mul(plane)? > DIRECT_MAX_PLANE {
+            return None;
+        }
+        let (dh, dw) = (gm.p.dilation[0], gm.p.dilation[1]);
+        let mut offs = Vec::with_capacity(gm.k());
+        for ci in 0..gm.cg {
+            for ky in 0..gm.kh {
+                for kx in 0..gm.kw {
+                    offs.push(ci * plane + ky * dh * wp + kx * dw);
+                }
+            }
+        }
+        Some(Direct {
+            wp,
+            plane,
+            wide: (gm.oh - 1) * wp + gm.ow,
+            offs,
+        })
+    }
+
+    /// `yb (mg x oh*ow) = w_g * x_g` for one (sample, group) block `xg` (`cg x h x w`).
+    fn run(&self, gm: &Geom, a: &PackedA, xg: &[f32], yb: &mut [f32]) {
+        let xlen = gm.cg * self.plane;
+        with_scratch(xlen + gm.mg * self.wide, |buf| {
+            let (xpad, ywide) = buf.split_at_mut(xlen);
+            xpad.fill(0.0);
+            let [pt, pl, _, _] = gm.p.pad;
+            for ci in 0..gm.cg {
+                for iy in 0..gm.h {
+                    let src = &xg[(ci * gm.h + iy) * gm.w..][..gm.w];
+                    xpad[ci * self.plane + (iy + pt) * self.wp + pl..][..gm.w].copy_from_slice(src);
+                }
+            }
+            sgemm::gemm_rows(a, xpad, &self.offs, self.wide, ywide, self.wide);
+            let pw = gm.p_out();
+            for mo in 0..gm.mg {
+                for oy in 0..gm.oh {
+                    yb[mo * pw + oy * gm.ow..][..gm.ow]
+                        .copy_from_slice(&ywide[mo * self.wide + oy * self.wp..][..gm.ow]);
+                }
+            }
+        });
+    }
+}
+
+/// The input gradient of a stride-1, non-depthwise convolution as a forward convolution:
+/// `dx[ci][iy][ix] = sum dy[mo][iy + pt - ky*dh][ix + pl - kx*dw] * w[mo][ci][ky][kx]`, i.e.
+/// `dy` padded by `(kh-1)*dh - pt` (top; likewise each side) convolved with `w'[ci][mo][ky][kx]
+/// = w[mo][ci][kh-1-ky][kw-1-kx]` (per group). None where the direct path would not take it or a
+/// padding exceeds the kernel's reach (the adjoint would need cropping).
+fn transposed_as_conv(gm: &Geom, w: &[f32]) -> Option<(Vec<f32>, [usize; 4], Conv2dParams)> {
+    if gm.p.stride != [1, 1] || gm.is_depthwise() || gm.is_pointwise() || !sgemm::available() {
+        return None;
+    }
+    let (dh, dw) = (gm.p.dilation[0], gm.p.dilation[1]);
+    let (rh, rw) = ((gm.kh - 1) * dh, (gm.kw - 1) * dw);
+    let [pt, pl, pb, pr] = gm.p.pad;
+    let pad = [
+        rh.checked_sub(pt)?,
+        rw.checked_sub(pl)?,
+        rh.checked_sub(pb)?,
+        rw.checked_sub(pr)?,
+    ];
+    let (kk, k) = (gm.kh * gm.kw, gm.k());
+    let mut wt = vec![0.0f32; gm.c * gm.mg * kk];
+    for gi in 0..gm.g {
+        for mo in 0..gm.mg {
+            for ci in 0..gm.cg {
+                let src = &w[(gi * gm.mg + mo) * k + ci * kk..][..kk];
+                let dst = &mut wt[((gi * gm.cg + ci) * gm.mg + mo) * kk..][..kk];
+                for (d, &v) in dst.iter_mut().zip(src.iter().rev()) {
+                    *d = v;
+                }
+            }
+        }
+    }
+    let p = Conv2dParams {
+        stride: [1, 1],
+        pad,
+        dilation: gm.p.dilation,
+        groups: gm.g,
+    };
+    Some((wt, [gm.c, gm.mg, gm.kh, gm.kw], p))
+}
+
 /// Bias then activation over one (sample, group) output block (`mg` planes of `pw`), while it
 /// is still in cache.
 fn epilogue(yb: &mut [f32], pw: usize, bias: Option<&[f32]>, act: Option<Unary>) {
@@ -319,11 +446,27 @@ impl CpuBackend {
             let (par_tasks, par) = self.conv_plan(gm.n * gm.g, gm.flops());
             let k = gm.k();
             let xblock = gm.cg * gm.h * gm.w;
+            // The weights of each group packed once for every sample (see `sgemm`), when the
+            // register-blocked kernel runs here and GEMM would be used.
+            let packed: Vec<PackedA> =
+                if sgemm::available() && (k > DIRECT_MAX_K || gm.p.stride == [1, 1]) {
+                    (0..gm.g)
+                        .map(|gi| {
+                            PackedA::new(gm.mg, k, &w[gi * gm.mg * k..(gi + 1) * gm.mg * k], k, 1)
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+            let direct = Direct::plan(&gm);
             let task = |t: usize, yb: &mut [f32]| {
                 let (ni, gi) = (t / gm.g, t % gm.g);
                 let xg = &x[(ni * gm.c + gi * gm.cg) * gm.h * gm.w..][..xblock];
                 let wg = &w[gi * gm.mg * k..(gi + 1) * gm.mg * k];
                 let run = |col: &[f32], yb: &mut [f32]| {
+                    if let Some(a) = packed.get(gi) {
+                        return sgemm::gemm_packed(a, col, pw, pw, yb, pw);
+                    }
                     gemm_f32(
                         gm.mg,
                         pw,
@@ -336,7 +479,9 @@ impl CpuBackend {
                         par,
                     )
                 };
-                if gm.is_pointwise() {
+                if let (Some(d), Some(a)) = (&direct, packed.get(gi)) {
+                    d.run(&gm, a, xg, yb);
+                } else if gm.is_pointwise() {
                     run(xg, yb);
                 } else if k <= DIRECT_MAX_K {
                     with_scratch(k * pw, |col| {
@@ -438,6 +583,15 @@ impl CpuBackend {
             [gm.n, gm.m, gm.oh, gm.ow],
             "conv2d_backward_input dy shape"
         );
+        if let Some((wt, wts, pt)) = transposed_as_conv(&gm, w) {
+            // A stride-1 convolution's input gradient is itself a stride-1 convolution (of dy,
+            // with the weights flipped and their channel axes swapped), which the direct path
+            // computes without col2im.
+            let dys4 = [gm.n, gm.m, gm.oh, gm.ow];
+            let (dx, dxs) = self.conv2d_impl(dy, dys4, &wt, wts, None, &pt, None);
+            debug_assert_eq!(dxs, xs);
+            return dx;
+        }
         let mut dx = self.out_zeroed(xs.iter().product());
         if dx.is_empty() || gm.p_out() == 0 {
             return dx;

@@ -13,6 +13,7 @@ mod conv;
 mod gemm;
 mod ops;
 mod pool;
+mod sgemm;
 
 #[cfg(test)]
 mod tests;

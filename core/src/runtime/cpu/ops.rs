@@ -675,26 +675,44 @@ impl CpuBackend {
         let [n, c, h, w] = xs;
         let [oh, ow] = p.out_hw;
         let win = PoolWindows::new(h, w, p);
-        let mut dx = self.out_zeroed(n * c * h * w);
         let work = n * c * oh * ow * p.kernel[0] * p.kernel[1];
         let pairs = p.kind == PoolKind::Max && win.all_full(p) && win.is_2x2_stride_2(p);
+        // Disjoint 2x2 windows that tile the plane write every element of dx themselves.
+        let tiled = pairs && 2 * oh == h && 2 * ow == w;
+        let mut dx = if tiled {
+            self.out_dirty(n * c * h * w)
+        } else {
+            self.out_zeroed(n * c * h * w)
+        };
         self.blocks(&mut dx, h * w, work, |pl, dst| {
             let plane = &x[pl * h * w..(pl + 1) * h * w];
             let dyp = &dy[pl * oh * ow..(pl + 1) * oh * ow];
             if pairs {
-                // Disjoint 2x2 windows: pick the first strict maximum of each (same order as
-                // `argmax`) and route its gradient there.
+                // Disjoint 2x2 windows: the first strict maximum of each (same order as
+                // `argmax`) gets the gradient, its three other taps zero (branch-free).
                 for (oy, drow) in dyp.chunks_exact(ow).enumerate() {
                     let (r0, r1) = (2 * oy * w, (2 * oy + 1) * w);
+                    let (top, rest) = dst.split_at_mut(r1);
+                    let (top, bot) = (&mut top[r0..r0 + 2 * ow], &mut rest[..2 * ow]);
+                    let (xt, xb) = (&plane[r0..r0 + 2 * ow], &plane[r1..r1 + 2 * ow]);
                     for (ox, &d) in drow.iter().enumerate() {
-                        let taps = [r0 + 2 * ox, r0 + 2 * ox + 1, r1 + 2 * ox, r1 + 2 * ox + 1];
-                        let mut best = taps[0];
-                        for &i in &taps[1..] {
-                            if plane[i] > plane[best] {
-                                best = i;
-                            }
+                        let v = [xt[2 * ox], xt[2 * ox + 1], xb[2 * ox], xb[2 * ox + 1]];
+                        let mut best = 0;
+                        for i in 1..4 {
+                            best = if v[i] > v[best] { i } else { best };
                         }
-                        dst[best] += d;
+                        let g = |i: usize| if best == i { d } else { 0.0 };
+                        if tiled {
+                            top[2 * ox] = g(0);
+                            top[2 * ox + 1] = g(1);
+                            bot[2 * ox] = g(2);
+                            bot[2 * ox + 1] = g(3);
+                        } else {
+                            top[2 * ox] += g(0);
+                            top[2 * ox + 1] += g(1);
+                            bot[2 * ox] += g(2);
+                            bot[2 * ox + 1] += g(3);
+                        }
                     }
                 }
                 return;

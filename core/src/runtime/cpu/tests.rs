@@ -61,6 +61,12 @@ fn conv_matches_reference() {
         ([1, 8, 24, 24], [16, 8, 3, 3], conv(2, [1; 4], 1, 1)),
         ([2, 16, 16, 16], [16, 1, 3, 3], conv(1, [1; 4], 1, 16)),
         ([1, 16, 20, 20], [32, 16, 1, 1], Conv2dParams::default()),
+        // stride 1 with asymmetric pads (the input gradient as a flipped convolution), and a
+        // pad beyond the kernel's reach (that adjoint crops: the col2im path)
+        ([2, 3, 7, 9], [5, 3, 3, 2], conv(1, [0, 1, 2, 1], 1, 1)),
+        ([1, 2, 5, 5], [3, 2, 3, 3], conv(1, [3, 0, 1, 1], 1, 1)),
+        // more output channels than a register panel, several reduction blocks (k = 300)
+        ([2, 12, 6, 7], [13, 12, 5, 5], conv(1, [2; 4], 1, 1)),
     ];
     for b in backends() {
         for (ci, (xs, ws, p)) in cases.iter().enumerate() {
@@ -808,7 +814,22 @@ fn recycled_buffers_do_not_leak_stale_values() {
     let x = RefTensor::random(&[4, 8, 16, 16], 1);
     let dy = RefTensor::random(&[4, 8, 8, 8], 2);
     let want = r::pool2d_backward(&dy, &x, &p);
+    // 2x2 windows that do not tile the plane (odd height): the last row gets no gradient.
+    let p_odd = pool(PoolKind::Max, [2, 2], [2, 2], [0; 4], [1, 1], [7, 8]);
+    let x_odd = RefTensor::random(&[4, 8, 15, 16], 3);
+    let dy_odd = RefTensor::random(&[4, 8, 7, 8], 4);
+    let want_odd = r::pool2d_backward(&dy_odd, &x_odd, &p_odd);
     for round in 0..3 {
+        let junk: Vec<_> = (0..4).map(|_| b.fill(&[4 * 8 * 15 * 16], 1e30)).collect();
+        drop(junk);
+        let got = b.pool2d_backward(&up(&b, &dy_odd), &up(&b, &x_odd), &p_odd);
+        check(
+            &b,
+            &got,
+            &want_odd,
+            BWD,
+            &format!("odd pool backward round {round}"),
+        );
         // Fill the free list with buffers of garbage of the sizes the ops below will ask for.
         let junk: Vec<_> = (0..4)
             .map(|_| b.fill(&[4 * 8 * 16 * 16], 1e30))
@@ -867,4 +888,50 @@ fn fused_inference_equals_taped_forward() {
         }
     }
     assert!(fused_any, "no test model has a fusable Conv -> activation");
+}
+
+/// Timing of the direct (no im2col) convolution against the im2col path, single-threaded,
+/// best of many repetitions (`cargo test --release -p adverse --lib conv_timing -- --ignored
+/// --nocapture`). Not a benchmark claim: a tool for tuning on a shared machine.
+#[test]
+#[ignore]
+fn conv_timing() {
+    use std::sync::atomic::Ordering;
+    let b = CpuBackend::new(Some(1));
+    // (x shape, w shape, pad)
+    let cases: [([usize; 4], [usize; 4], usize); 4] = [
+        ([64, 16, 14, 14], [32, 16, 3, 3], 1),
+        ([64, 1, 28, 28], [16, 1, 3, 3], 1),
+        ([1, 64, 56, 56], [64, 64, 3, 3], 1),
+        ([1, 256, 14, 14], [256, 256, 3, 3], 1),
+    ];
+    for (xs, ws, pad) in cases {
+        let x = b.upload(&RefTensor::random(&xs, 1).to_f32(), &xs);
+        let w = b.upload(&RefTensor::random(&ws, 2).to_f32(), &ws);
+        let p = Conv2dParams {
+            stride: [1, 1],
+            pad: [pad; 4],
+            dilation: [1, 1],
+            groups: 1,
+        };
+        let flops = 2.0 * (xs[0] * ws[0] * xs[2] * xs[3] * ws[1] * ws[2] * ws[3]) as f64;
+        let mut best = [f64::INFINITY; 2];
+        for rep in 0..40 {
+            let im2col = rep % 2 == 1;
+            super::conv::FORCE_IM2COL.store(im2col, Ordering::Relaxed);
+            let t = std::time::Instant::now();
+            let y = b.conv2d(&x, &w, None, &p);
+            let dt = t.elapsed().as_secs_f64();
+            std::hint::black_box(&y);
+            best[im2col as usize] = best[im2col as usize].min(dt);
+        }
+        super::conv::FORCE_IM2COL.store(false, Ordering::Relaxed);
+        println!(
+            "{xs:?} * {ws:?}: direct {:.3} ms ({:.1} GFLOP/s), im2col {:.3} ms ({:.1} GFLOP/s)",
+            best[0] * 1e3,
+            flops / best[0] / 1e9,
+            best[1] * 1e3,
+            flops / best[1] / 1e9
+        );
+    }
 }

@@ -1,0 +1,353 @@
+//! A register-blocked f32 GEMM (AVX2 + FMA) for the shapes convolutions produce: a weight
+//! matrix with tens to hundreds of rows, packed once per call and reused for every sample,
+//! times an im2col matrix (or an input plane) read in place.
+//!
+//! Why not only the `gemm` crate: it packs both operands on every call, which for a small
+//! CNN's per-sample products (32 x 144 times 144 x 196 in the demo model's second
+//! convolution) costs about as much as the arithmetic. Here the left operand is packed once
+//! (panels of [`MR`] rows, interleaved by reduction index, so each step broadcasts from one
+//! contiguous line) and the right operand is read where it lies; a 6 x 16 block of the product
+//! lives in twelve registers through the whole reduction (blocked by [`KC`] so that the right
+//! operand's strip stays in L1).
+//!
+//! Determinism: every output element is reduced in increasing `k` order (one fused
+//! multiply-add per step, KC blocks in order), independent of threads and of the position of
+//! the element in its block. Callers split work by output blocks only.
+
+/// Rows per packed panel (the register block's height).
+pub(crate) const MR: usize = 6;
+/// Lanes of one AVX register.
+const LANES: usize = 8;
+/// Columns of the register block (two registers): 6 x 2 accumulators, two loads of the right
+/// operand and one broadcast fill fifteen of the sixteen AVX registers.
+const NR: usize = 2 * LANES;
+/// Panels per row block: a KC x (MC_PANELS * MR) block of the weights (96 KiB) stays in L2.
+const MC_PANELS: usize = 16;
+/// Reduction block: a `KC x NR` strip of the right operand (16 KiB) stays in L1.
+const KC: usize = 256;
+
+/// Whether this CPU runs the kernel (callers fall back to the `gemm` crate otherwise).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The left operand (`m x k`), packed in panels of [`MR`] rows: element (i, t) of panel
+/// `p = i / MR` is at `data[(p * k + t) * MR + i % MR]`; the rows past `m` in the last panel are
+/// zero.
+pub(crate) struct PackedA {
+    data: Vec<f32>,
+    m: usize,
+    k: usize,
+}
+
+impl PackedA {
+    /// Packs `a`, whose element (i, t) is `a[i * rs + t * cs]`.
+    pub fn new(m: usize, k: usize, a: &[f32], rs: usize, cs: usize) -> PackedA {
+        let panels = m.div_ceil(MR);
+        let mut data = vec![0.0f32; panels * k * MR];
+        for i in 0..m {
+            let (p, r) = (i / MR, i % MR);
+            for t in 0..k {
+                data[(p * k + t) * MR + r] = a[i * rs + t * cs];
+            }
+        }
+        PackedA { data, m, k }
+    }
+}
+
+/// `c (m x n, row stride ldc) = a * b`, with `b` (`k x n`) row-major with row stride `ldb`.
+///
+/// Panics when a view reaches outside its slice or the CPU lacks AVX2/FMA (check
+/// [`available`] first); both make the kernel's raw-pointer loads sound.
+pub(crate) fn gemm_packed(a: &PackedA, b: &[f32], ldb: usize, n: usize, c: &mut [f32], ldc: usize) {
+    assert!(n <= ldb || a.k <= 1, "sgemm: rows of b overlap");
+    let offs: Vec<usize> = (0..a.k).map(|t| t * ldb).collect();
+    gemm_rows(a, b, &offs, n, c, ldc);
+}
+
+/// `c (m x n, row stride ldc) = a * b`, where row `t` of `b` is `b[offs[t]..offs[t] + n]`.
+///
+/// The rows may overlap: a stride-1 convolution reads its input plane in place, row
+/// `(ci, ky, kx)` being the padded plane shifted by `ky * wp + kx` (see `conv::direct`), so
+/// no im2col copy is made.
+///
+/// Panics when a row reaches outside `b`, `c` is too short, or the CPU lacks AVX2/FMA (check
+/// [`available`] first); these make the kernel's raw-pointer accesses sound.
+pub(crate) fn gemm_rows(
+    a: &PackedA,
+    b: &[f32],
+    offs: &[usize],
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let (m, k) = (a.m, a.k);
+    assert_eq!(offs.len(), k, "sgemm: one offset per row of b");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        n <= ldc && (m - 1) * ldc + n <= c.len(),
+        "sgemm: c out of bounds"
+    );
+    if k == 0 {
+        for i in 0..m {
+            c[i * ldc..i * ldc + n].fill(0.0);
+        }
+        return;
+    }
+    assert!(
+        offs.iter()
+            .all(|&o| o.checked_add(n).is_some_and(|e| e <= b.len())),
+        "sgemm: b out of bounds"
+    );
+    assert!(available(), "sgemm: the CPU lacks AVX2/FMA");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2 and FMA are present (asserted), and the asserts above bound every access the
+    // kernel makes: `n` elements from each `offs[t]` in `b`, rows `< m` of `c` at columns
+    // `< n`, and the packed panels hold `panels * k * MR` elements by construction.
+    unsafe {
+        x86::gemm_rows_avx2(a, b, offs, n, c, ldc)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{KC, LANES, MC_PANELS, MR, NR, PackedA};
+    use std::arch::x86_64::*;
+
+    /// See [`super::gemm_rows`], whose asserts are this function's preconditions.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemm_rows_avx2(
+        a: &PackedA,
+        b: &[f32],
+        offs: &[usize],
+        n: usize,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        let (m, k) = (a.m, a.k);
+        let panels = m.div_ceil(MR);
+        let (bp, cp, ap) = (b.as_ptr(), c.as_mut_ptr(), a.data.as_ptr());
+        // Goto's loop order: a KC x MC block of the packed weights stays in L2 while every NR
+        // strip of the right operand (KC x 16, in L1) meets its MC/MR panels.
+        for t0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - t0);
+            let acc = t0 > 0;
+            let rows_off = &offs[t0..t0 + kc];
+            for p0 in (0..panels).step_by(MC_PANELS) {
+                let p1 = panels.min(p0 + MC_PANELS);
+                for j0 in (0..n).step_by(NR) {
+                    let nb = NR.min(n - j0);
+                    let (nv, rem) = (nb / LANES, nb % LANES);
+                    for p in p0..p1 {
+                        let rows = MR.min(m - p * MR);
+                        // SAFETY (all calls below): the panel slice starts at (p*k + t0)*MR and
+                        // the kernel reads kc*MR elements of it; b's rows at columns j0..j0+nb
+                        // and c's rows p*MR..p*MR+rows at the same columns are in bounds by the
+                        // caller's asserts.
+                        unsafe {
+                            let a_blk = ap.add((p * k + t0) * MR);
+                            let b_blk = bp.add(j0);
+                            let c_blk = cp.add(p * MR * ldc + j0);
+                            match nv {
+                                2 => micro::<2>(a_blk, b_blk, rows_off, c_blk, ldc, rows, acc),
+                                1 => micro::<1>(a_blk, b_blk, rows_off, c_blk, ldc, rows, acc),
+                                _ => {}
+                            }
+                            if rem > 0 {
+                                let off = nv * LANES;
+                                tail(
+                                    a_blk,
+                                    b_blk.add(off),
+                                    rows_off,
+                                    c_blk.add(off),
+                                    ldc,
+                                    rows,
+                                    rem,
+                                    acc,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One `MR x NV*8` block: `c[r][j] (+)= sum_t a[t*MR + r] * b[t*ldb + j]`, rows `< rows`
+    /// stored.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro<const NV: usize>(
+        a: *const f32,
+        b: *const f32,
+        offs: &[usize],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller guarantees offs.len()*MR readable floats at `a`, NV*8 floats at
+        // `b + offs[t]` for every t, and `rows` rows of NV*8 floats at `c` (stride ldc).
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+            for (t, &o) in offs.iter().enumerate() {
+                let brow = b.add(o);
+                let mut bv = [_mm256_setzero_ps(); NV];
+                for (v, x) in bv.iter_mut().enumerate() {
+                    *x = _mm256_loadu_ps(brow.add(v * LANES));
+                }
+                let arow = a.add(t * MR);
+                for (r, accr) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*arow.add(r));
+                    for v in 0..NV {
+                        accr[v] = _mm256_fmadd_ps(av, bv[v], accr[v]);
+                    }
+                }
+            }
+            for (r, accr) in acc.iter().enumerate().take(rows) {
+                let crow = c.add(r * ldc);
+                for (v, &x) in accr.iter().enumerate() {
+                    let dst = crow.add(v * LANES);
+                    let val = if accumulate {
+                        _mm256_add_ps(_mm256_loadu_ps(dst), x)
+                    } else {
+                        x
+                    };
+                    _mm256_storeu_ps(dst, val);
+                }
+            }
+        }
+    }
+
+    /// The last `rem < 8` columns: the same reduction through a zero-padded copy of the strip.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tail(
+        a: *const f32,
+        b: *const f32,
+        offs: &[usize],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        rem: usize,
+        accumulate: bool,
+    ) {
+        let mut strip = [0.0f32; KC * LANES];
+        let mut out = [0.0f32; MR * LANES];
+        let local: [usize; KC] = std::array::from_fn(|t| t * LANES);
+        // SAFETY: the caller guarantees `rem` floats at `b + offs[t]` (offs.len() <= KC rows) and
+        // `rows` rows of `rem` floats at `c`; `strip` and `out` are local and sized for KC rows
+        // and MR rows of 8.
+        unsafe {
+            for (t, &o) in offs.iter().enumerate() {
+                std::ptr::copy_nonoverlapping(b.add(o), strip.as_mut_ptr().add(t * LANES), rem);
+            }
+            micro::<1>(
+                a,
+                strip.as_ptr(),
+                &local[..offs.len()],
+                out.as_mut_ptr(),
+                LANES,
+                MR,
+                false,
+            );
+            for r in 0..rows {
+                let crow = c.add(r * ldc);
+                for j in 0..rem {
+                    let v = out[r * LANES + j];
+                    *crow.add(j) = if accumulate { *crow.add(j) + v } else { v };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], ldb: usize) -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|t| a[i * k + t] as f64 * b[t * ldb + j] as f64)
+                    .sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matches_a_float64_product_on_every_edge_shape() {
+        if !available() {
+            eprintln!("no AVX2/FMA: the kernel is not used on this CPU");
+            return;
+        }
+        // Row tails (m % MR), column tails (n % 8, n % NR), one and several KC blocks.
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (4, 24, 9),
+            (5, 7, 3),
+            (32, 196, 144),
+            (7, 50, 193),
+            (13, 23, 400),
+            (16, 8, 385),
+            (6, 16, 256),
+            (12, 33, 257),
+        ] {
+            let ldb = n + 3;
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
+            let b: Vec<f32> = (0..k * ldb)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0)
+                .collect();
+            let ldc = n + 1;
+            let mut c = vec![f32::NAN; m * ldc];
+            gemm_packed(&PackedA::new(m, k, &a, k, 1), &b, ldb, n, &mut c, ldc);
+            let want = naive(m, n, k, &a, &b, ldb);
+            for i in 0..m {
+                for j in 0..n {
+                    let (g, w) = (c[i * ldc + j] as f64, want[i * n + j]);
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{m}x{n}x{k} at ({i},{j}): {g} vs {w}"
+                    );
+                }
+                // The padding column of c is not touched.
+                assert!(c[i * ldc + n].is_nan(), "{m}x{n}x{k}: wrote past column n");
+            }
+        }
+    }
+
+    #[test]
+    fn packing_reads_strided_and_transposed_operands() {
+        // a^T given as a (k x m) row-major matrix: element (i, t) at i + t*m.
+        let (m, k) = (MR + 2, 5);
+        let at: Vec<f32> = (0..m * k).map(|i| i as f32).collect();
+        let p = PackedA::new(m, k, &at, 1, m);
+        for i in 0..m {
+            for t in 0..k {
+                assert_eq!(p.data[((i / MR) * k + t) * MR + i % MR], at[t * m + i]);
+            }
+        }
+        // Rows past m in the last panel are zero.
+        for i in m..m.div_ceil(MR) * MR {
+            for t in 0..k {
+                assert_eq!(p.data[((i / MR) * k + t) * MR + i % MR], 0.0);
+            }
+        }
+    }
+}
