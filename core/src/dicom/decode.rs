@@ -677,11 +677,13 @@ fn append_frame(store: &mut PixelStore, src: &Source, l: &Layout) {
         match (l.ba, &mut *store) {
             // Unsigned 16-bit (the usual CT/MR/CR storage): `field` is a shift and a mask.
             (16, PixelStore::U16(v)) if !l.signed && l.bs <= 16 && shift < 16 => {
-                let m = mask as u16;
+                // Copies in the closure (`move`), so that they stay in registers and the loop
+                // vectorises.
+                let (sh, m) = (shift, mask as u16);
                 v.extend(
                     b[byte0..byte0 + 2 * n]
                         .chunks_exact(2)
-                        .map(|c| (u16::from_le_bytes([c[0], c[1]]) >> shift) & m),
+                        .map(move |c| (u16::from_le_bytes([c[0], c[1]]) >> sh) & m),
                 )
             }
             (16, PixelStore::U16(v)) => v.extend(words().map(|x| x as u16)),
