@@ -1,14 +1,21 @@
 //! The archive benchmark of issue 6: a synthetic archive of uncompressed 16-bit MONOCHROME2
 //! files through decode -> median-filter purifier -> derived DICOM write, `adverse run --jobs 2`
-//! against a pydicom + numpy + scipy script doing the same work (scripts/oracle/pipeline_bench.py,
+//! against a pydicom + numpy + scipy script doing that work (scripts/oracle/pipeline_bench.py,
 //! a single process), in the same run, for a large and a small archive so that the peak RSS of
 //! the two sizes can be compared (bounded memory means roughly equal). Before its outputs are
-//! deleted, a few derived files of both sides are decoded and must hold identical pixels, so the
-//! two sides provably did the same work.
+//! deleted, a few derived files of every side are decoded and must hold identical pixels, so the
+//! sides provably did the same filtering.
 //!
 //! `cargo bench -p adverse --bench pipeline`; `ADVERSE_BENCH_FILES=200` (or a comma list such as
 //! `2000,200`) for a quick check instead of the default 10000,1000. Archives are generated once
 //! and cached under `target/bench-data/n<N>/`; outputs are deleted after each measurement.
+//!
+//! The plain script only decodes, filters and writes, while `adverse run` also hashes every input
+//! and output (SHA-256), reads every written file back and compares its pixels, computes L-inf,
+//! L2, PSNR and SSIM per frame, and writes results.jsonl/csv and a hash-chained audit log. So a
+//! second Python row, `python --full` (the same script with `--full`), does that per-file work
+//! too, the usual Python way; both rows are measured against the same adverse run, and the SSIM
+//! and PSNR both sides recorded for the checked files must agree.
 //!
 //! Each side runs as a child process, reaped with `wait4`, so that wall time includes everything
 //! a user waits for (interpreter start and imports included) and `ru_maxrss` is the child's own
@@ -60,15 +67,24 @@ fn sizes() -> Vec<usize> {
     }
 }
 
-/// Which sides to run: `ADVERSE_BENCH_SIDES=adverse`, `python`, or both (default), to re-measure
-/// one side without waiting for the other.
-fn sides() -> (bool, bool) {
-    match std::env::var("ADVERSE_BENCH_SIDES").as_deref() {
-        Ok("adverse") => (true, false),
-        Ok("python") => (false, true),
-        Ok("adverse,python") | Ok("python,adverse") | Ok("both") | Err(_) => (true, true),
-        Ok(other) => panic!("ADVERSE_BENCH_SIDES={other:?}: adverse, python or both"),
+/// Which sides to run: `ADVERSE_BENCH_SIDES`, a comma list of `adverse`, `python` (the plain
+/// script) and `full` (the script with `--full`), or `all` (the default), to re-measure some
+/// sides without waiting for the others.
+fn sides() -> (bool, bool, bool) {
+    let Ok(v) = std::env::var("ADVERSE_BENCH_SIDES") else {
+        return (true, true, true);
+    };
+    let (mut a, mut p, mut f) = (false, false, false);
+    for side in v.split(',').map(str::trim) {
+        match side {
+            "adverse" => a = true,
+            "python" => p = true,
+            "full" => f = true,
+            "all" | "both" => (a, p, f) = (true, true, true),
+            other => panic!("ADVERSE_BENCH_SIDES: {other:?} is not adverse, python, full or all"),
+        }
     }
+    (a, p, f)
 }
 
 fn put_str(o: &mut InMemDicomObject, tag: Tag, vr: VR, v: &str) {
@@ -278,6 +294,8 @@ struct Row {
     adverse: Option<(Measured, [f64; 3])>,
     /// The whole process, and the loop alone as the script reports it.
     python: Option<(Measured, f64)>,
+    /// The same for the script with `--full` (adverse's whole per-file work).
+    full: Option<(Measured, f64)>,
 }
 
 /// Mean per-file milliseconds of the engine's stages, from the run's `results.jsonl`
@@ -335,16 +353,27 @@ fn run_adverse(n: usize, input: &Path, work: &Path) -> (Measured, [f64; 3]) {
     (m, stage_means(&out.join("results.jsonl")))
 }
 
-fn run_python(n: usize, input: &Path, work: &Path) -> (Measured, f64) {
-    let out = work.join(format!("python-n{n}"));
+/// Output folder (and log prefix) of a Python side.
+fn python_dir(n: usize, full: bool) -> String {
+    if full {
+        format!("python-full-n{n}")
+    } else {
+        format!("python-n{n}")
+    }
+}
+
+fn run_python(n: usize, input: &Path, work: &Path, full: bool) -> (Measured, f64) {
+    let out = work.join(python_dir(n, full));
     if out.exists() {
         std::fs::remove_dir_all(&out).expect("clear an old bench output");
     }
     let mut cmd = Command::new(python());
-    cmd.arg(repo_root().join("scripts/oracle/pipeline_bench.py"))
-        .arg(input)
-        .arg(&out);
-    let (m, stdout) = measure(cmd, &work.join(format!("python-n{n}")));
+    cmd.arg(repo_root().join("scripts/oracle/pipeline_bench.py"));
+    if full {
+        cmd.arg("--full");
+    }
+    cmd.arg(input).arg(&out);
+    let (m, stdout) = measure(cmd, &work.join(python_dir(n, full)));
     let v: serde_json::Value = serde_json::from_str(stdout.trim())
         .unwrap_or_else(|e| panic!("bad pipeline_bench.py output {stdout:?}: {e}"));
     assert_eq!(v["files"].as_u64(), Some(n as u64), "python files: {v}");
@@ -353,27 +382,63 @@ fn run_python(n: usize, input: &Path, work: &Path) -> (Measured, f64) {
     (m, v["seconds"].as_f64().unwrap_or(f64::NAN))
 }
 
-/// Both sides must have done the same work: for a few files, the derived instances of both hold
-/// identical pixels, which differ from the input's (the median changed them), under a new SOP
-/// Instance UID.
-fn check_same_work(n: usize, input: &Path, work: &Path) {
+/// The `results.jsonl` rows of `dir` by input path.
+fn rows_by_input(dir: &Path) -> std::collections::HashMap<String, serde_json::Value> {
+    std::fs::read_to_string(dir.join("results.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["input"].as_str()?.to_string(), v)))
+        .collect()
+}
+
+/// Both sides must have done the same work: for a few files, the derived instances of all sides
+/// hold identical pixels, which differ from the input's (the median changed them), under a new
+/// SOP Instance UID; with the full script, both recorded the same SSIM and PSNR (to the 4
+/// decimals both round to).
+fn check_same_work(n: usize, input: &Path, work: &Path, plain: bool, full: bool) {
     let limits = DecodeLimits::default();
     let open = |p: &Path| {
         DicomFile::open(p, &limits)
             .and_then(|f| f.decode(&limits))
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     };
+    let (a_rows, f_rows) = if full {
+        (
+            rows_by_input(&work.join(format!("adverse-n{n}"))),
+            rows_by_input(&work.join(python_dir(n, true))),
+        )
+    } else {
+        Default::default()
+    };
     for i in [0, n / 2, n - 1] {
         let rel = file_path(Path::new(""), i);
         let src = open(&input.join(&rel));
         let a = open(&work.join(format!("adverse-n{n}")).join(&rel));
-        let p = open(&work.join(format!("python-n{n}")).join(&rel));
-        assert_eq!(
-            a.pixels,
-            p.pixels,
-            "{}: adverse and python outputs differ",
-            rel.display()
-        );
+        for dir in plain
+            .then(|| python_dir(n, false))
+            .into_iter()
+            .chain(full.then(|| python_dir(n, true)))
+        {
+            let p = open(&work.join(&dir).join(&rel));
+            assert_eq!(
+                a.pixels,
+                p.pixels,
+                "{}: adverse and {dir} outputs differ",
+                rel.display()
+            );
+        }
+        if full {
+            let key = rel.display().to_string();
+            let (ar, fr) = (&a_rows[&key], &f_rows[&key]);
+            for m in ["ssim", "psnr_db", "linf_stored", "l2_stored"] {
+                let (x, y) = (ar[m].as_f64().unwrap(), fr[m].as_f64().unwrap());
+                assert!(
+                    (x - y).abs() <= 1.5e-4 * x.abs().max(1.0),
+                    "{key}: {m} adverse {x} vs python {y}"
+                );
+            }
+        }
         assert_ne!(
             a.pixels,
             src.pixels,
@@ -392,11 +457,11 @@ fn check_same_work(n: usize, input: &Path, work: &Path) {
 fn main() {
     // `cargo bench` passes `--bench`; nothing here takes arguments.
     let sizes = sizes();
-    let (do_adverse, do_python) = sides();
+    let (do_adverse, do_python, do_full) = sides();
     if do_adverse {
         ensure_plugins("adverse-plugins-basic", "adverse_plugins_basic");
     }
-    if do_python {
+    if do_python || do_full {
         python();
     }
     let work = target_dir().join("bench-data").join("work");
@@ -408,12 +473,13 @@ fn main() {
         let row = Row {
             n,
             adverse: do_adverse.then(|| run_adverse(n, &input, &work)),
-            python: do_python.then(|| run_python(n, &input, &work)),
+            python: do_python.then(|| run_python(n, &input, &work, false)),
+            full: do_full.then(|| run_python(n, &input, &work, true)),
         };
-        if do_adverse && do_python {
-            check_same_work(n, &input, &work);
+        if do_adverse && (do_python || do_full) {
+            check_same_work(n, &input, &work, do_python, do_full);
         }
-        for side in ["adverse", "python"] {
+        for side in ["adverse", "python", "python-full"] {
             let out = work.join(format!("{side}-n{n}"));
             if out.exists() {
                 std::fs::remove_dir_all(&out).expect("remove bench output");
@@ -428,13 +494,17 @@ fn main() {
          MONOCHROME2 (uncompressed); adverse run --jobs 2 vs pydicom+numpy+scipy (one process)"
     );
     println!(
-        "{:>7} {:<8} {:>9} {:>9} {:>13} {:>9}",
+        "(python --full: the script doing adverse's whole per-file work too: input and output \
+         SHA-256, read-back and pixel comparison, L-inf/L2/PSNR/SSIM, results rows, chained audit)"
+    );
+    println!(
+        "{:>7} {:<13} {:>9} {:>9} {:>13} {:>9}",
         "files", "side", "wall s", "files/s", "peak RSS MiB", "loop s"
     );
     for r in &rows {
         if let Some((a, _)) = &r.adverse {
             println!(
-                "{:>7} {:<8} {:>9.2} {:>9.1} {:>13.1} {:>9}",
+                "{:>7} {:<13} {:>9.2} {:>9.1} {:>13.1} {:>9}",
                 r.n,
                 "adverse",
                 a.secs,
@@ -443,16 +513,18 @@ fn main() {
                 "-"
             );
         }
-        if let Some((p, loop_secs)) = &r.python {
-            println!(
-                "{:>7} {:<8} {:>9.2} {:>9.1} {:>13.1} {:>9.2}",
-                r.n,
-                "python",
-                p.secs,
-                r.n as f64 / p.secs,
-                mib(p),
-                loop_secs
-            );
+        for (side, py) in [("python", &r.python), ("python --full", &r.full)] {
+            if let Some((p, loop_secs)) = py {
+                println!(
+                    "{:>7} {:<13} {:>9.2} {:>9.1} {:>13.1} {:>9.2}",
+                    r.n,
+                    side,
+                    p.secs,
+                    r.n as f64 / p.secs,
+                    mib(p),
+                    loop_secs
+                );
+            }
         }
     }
     for r in &rows {
@@ -464,19 +536,32 @@ fn main() {
             );
         }
     }
-    let both: Vec<_> = rows
-        .iter()
-        .filter_map(|r| Some((r.n, &r.adverse.as_ref()?.0, r.python.as_ref()?)))
-        .collect();
-    if !both.is_empty() {
-        println!("files/s ratio adverse/python (wall time of each whole process; goal >= 10x):");
-    }
-    for (n, a, (p, loop_secs)) in both {
-        println!(
-            "{n:>7} files: {:.2}x (python loop alone, without its start-up: {:.2}x)",
-            p.secs / a.secs,
-            loop_secs / a.secs
-        );
+    for (what, full) in [
+        (
+            "the plain script (decode, filter, write: adverse does more per file)",
+            false,
+        ),
+        ("python --full (the same per-file work)", true),
+    ] {
+        let both: Vec<_> = rows
+            .iter()
+            .filter_map(|r| {
+                let py = if full { &r.full } else { &r.python };
+                Some((r.n, &r.adverse.as_ref()?.0, py.as_ref()?))
+            })
+            .collect();
+        if !both.is_empty() {
+            println!(
+                "files/s ratio adverse / {what} (wall time of each whole process; goal >= 10x):"
+            );
+        }
+        for (n, a, (p, loop_secs)) in both {
+            println!(
+                "{n:>7} files: {:.2}x (python loop alone, without its start-up: {:.2}x)",
+                p.secs / a.secs,
+                loop_secs / a.secs
+            );
+        }
     }
     let measured: Vec<_> = rows
         .iter()

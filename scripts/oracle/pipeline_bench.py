@@ -3,14 +3,27 @@
 `adverse run` with a median purifier, done the usual Python way, in one process (no
 multiprocessing: this is the script a researcher would write).
 
-  pipeline_bench.py IN OUT
+  pipeline_bench.py [--full] IN OUT
 
 For every *.dcm under IN (recursively, sorted): read it with pydicom, median-filter the pixels
 (scipy.ndimage.median_filter, size 3, mode 'reflect' - the plugin's (2r+1)^2 window with r = 1
 and its reflect border), write a new instance with a new SOP Instance UID under OUT (same relative
 path). Prints one JSON object: {"files": N, "seconds": S} (S: the loop, without interpreter start
 and imports; the benchmark measures the whole process too).
+
+--full does, per file, the rest of what `adverse run` does too (its default run cannot skip
+any of it), the usual Python way:
+- SHA-256 of the input bytes (hashlib) and of the written file's bytes;
+- the written file is read back with pydicom and its pixels compared with the filtered array;
+- L-inf and L2 of the change, PSNR and SSIM per frame with the definitions of
+  core/src/pipeline/metrics.rs (the data range of the original as L; SSIM as
+  scripts/oracle/ssim_ref.py: scipy gaussian_filter sigma 1.5, 11 taps, valid-window mean);
+- one JSON line per file in OUT/results.jsonl and a hash-chained audit log OUT/audit.jsonl
+  (each record carries the SHA-256 of the previous one), and results.csv at the end.
 """
+import csv
+import hashlib
+import io
 import json
 import os
 import sys
@@ -20,28 +33,105 @@ import warnings
 import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
-from scipy.ndimage import median_filter
+from scipy.ndimage import gaussian_filter, median_filter
 
 warnings.simplefilter("ignore")
 
+SIGMA, TRUNCATE, RADIUS, K1, K2 = 1.5, 3.5, 5, 0.01, 0.03
+
+
+def ssim_plane(x, y, L):
+    """As scripts/oracle/ssim_ref.py (the oracle metrics.rs is tested against)."""
+    f = lambda a: gaussian_filter(a, SIGMA, truncate=TRUNCATE, mode="reflect")
+    mx, my = f(x), f(y)
+    vx = f(x * x) - mx * mx
+    vy = f(y * y) - my * my
+    cov = f(x * y) - mx * my
+    c1, c2 = (K1 * L) ** 2, (K2 * L) ** 2
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    if x.shape[0] >= 2 * RADIUS + 1 and x.shape[1] >= 2 * RADIUS + 1:
+        s = s[RADIUS:-RADIUS, RADIUS:-RADIUS]
+    return float(s.mean())
+
+
+def metrics(orig, new):
+    x = orig.astype(np.float64)
+    y = new.astype(np.float64)
+    d = y - x
+    sq = float(np.sum(d * d))
+    L = float(x.max() - x.min()) or 1.0
+    return {
+        "linf_stored": float(np.abs(d).max()),
+        "l2_stored": sq ** 0.5,
+        "psnr_db": 10 * np.log10(L * L / (sq / d.size)) if sq > 0 else None,
+        "ssim": ssim_plane(x, y, L),
+    }
+
 
 def main():
-    src, dst = sys.argv[1], sys.argv[2]
+    args = sys.argv[1:]
+    full = "--full" in args
+    args = [a for a in args if a != "--full"]
+    src, dst = args
     files = []
     for root, _dirs, names in os.walk(src):
         files.extend(os.path.join(root, n) for n in names if n.endswith(".dcm"))
     files.sort()
     t0 = time.perf_counter()
+    if full:
+        os.makedirs(dst, exist_ok=True)
+        results = open(os.path.join(dst, "results.jsonl"), "w")
+        audit = open(os.path.join(dst, "audit.jsonl"), "w")
+        prev = "0" * 64
+        rows = []
     for f in files:
-        ds = pydicom.dcmread(f)
+        rel = os.path.relpath(f, src)
+        path = os.path.join(dst, rel)
+        if full:
+            with open(f, "rb") as fh:
+                raw = fh.read()
+            in_sha = hashlib.sha256(raw).hexdigest()
+            ds = pydicom.dcmread(io.BytesIO(raw))
+        else:
+            ds = pydicom.dcmread(f)
         px = ds.pixel_array
         out = median_filter(px, size=3, mode="reflect").astype(px.dtype, copy=False)
         ds.PixelData = np.ascontiguousarray(out).tobytes()
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = os.path.join(dst, os.path.relpath(f, src))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        ds.save_as(path, enforce_file_format=True)
+        if not full:
+            ds.save_as(path, enforce_file_format=True)
+            continue
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        data = buf.getvalue()
+        with open(path, "wb") as fh:
+            fh.write(data)
+        out_sha = hashlib.sha256(data).hexdigest()
+        back = pydicom.dcmread(path).pixel_array
+        if not np.array_equal(back, out):
+            raise SystemExit(f"{path}: the written pixels differ")
+        row = {
+            "input": rel, "frame": 0, "status": "ok",
+            "output": rel, "output_sha256": out_sha,
+            "output_sop_instance_uid": str(ds.SOPInstanceUID),
+            **{k: (round(v, 4) if v is not None else None) for k, v in metrics(px, out).items()},
+        }
+        results.write(json.dumps(row) + "\n")
+        rows.append(row)
+        record = json.dumps({"prev": prev, "input": rel, "input_sha256": in_sha,
+                             "output_sha256": out_sha, "outcome": "ok", "frames": [row]},
+                            sort_keys=True)
+        prev = hashlib.sha256((prev + record).encode()).hexdigest()
+        audit.write(json.dumps({"hash": prev, "record": record}) + "\n")
+    if full:
+        results.close()
+        audit.close()
+        with open(os.path.join(dst, "results.csv"), "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["input"])
+            w.writeheader()
+            w.writerows(rows)
     print(json.dumps({"files": len(files), "seconds": time.perf_counter() - t0}))
 
 

@@ -675,6 +675,17 @@ fn append_frame(store: &mut PixelStore, src: &Source, l: &Layout) {
         };
         let bytes = || b[byte0..byte0 + n].iter().map(|&x| field(x as u64));
         match (l.ba, &mut *store) {
+            // Unsigned 16-bit (the usual CT/MR/CR storage): `field` is a shift and a mask.
+            (16, PixelStore::U16(v)) if !l.signed && l.bs <= 16 && shift < 16 => {
+                // Copies in the closure (`move`), so that they stay in registers and the loop
+                // vectorises.
+                let (sh, m) = (shift, mask as u16);
+                v.extend(
+                    b[byte0..byte0 + 2 * n]
+                        .chunks_exact(2)
+                        .map(move |c| (u16::from_le_bytes([c[0], c[1]]) >> sh) & m),
+                )
+            }
             (16, PixelStore::U16(v)) => v.extend(words().map(|x| x as u16)),
             (16, PixelStore::I16(v)) => v.extend(words().map(|x| x as i16)),
             (8, PixelStore::U8(v)) => v.extend(bytes().map(|x| x as u8)),

@@ -229,6 +229,13 @@ impl PixelSlice<'_> {
     pub fn to_f32(&self) -> Vec<f32> {
         each_slice!(self, v => v.iter().map(|&x| x as f32).collect())
     }
+
+    /// [`Self::to_f32`], appended to `out` (no intermediate vector).
+    // The macro expands once per stored type; the cast is a no-op for one of them.
+    #[allow(clippy::unnecessary_cast)]
+    pub fn extend_f32(&self, out: &mut Vec<f32>) {
+        each_slice!(self, v => out.extend(v.iter().map(|&x| x as f32)))
+    }
 }
 
 /// `x.round()` (to the nearest integer, ties away from zero) without the libm call that

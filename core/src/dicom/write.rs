@@ -233,7 +233,10 @@ pub fn write_derived_sync(
         .build()
         .map_err(|e| err(error_chain(&e)))?;
     let file = ds.with_exact_meta(meta);
-    let mut bytes = Vec::new();
+    // The pixels and a generous allowance for the rest: one allocation, no regrowth copies.
+    let mut bytes = Vec::with_capacity(
+        image.pixels.len() * usize::from(m.bits_allocated).div_ceil(8) + 64 * 1024,
+    );
     file.write_all(&mut bytes)
         .map_err(|e| err(error_chain(&e)))?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
@@ -302,13 +305,22 @@ fn pixel_element(image: &DecodedImage) -> DataElement<InMemDicomObject> {
     if m.bits_allocated == 16 && m.kind == PixelKind::Integer && shift < 16 {
         let (mask16, lo, hi) = (mask as u16, lo as i64, hi as i64);
         let put = |v: i64| ((v.clamp(lo, hi) as u16) & mask16) << shift;
-        let words: Option<Vec<u16>> = match &image.pixels {
-            PixelStore::U16(v) => Some(v.iter().map(|&x| put(x as i64)).collect()),
-            PixelStore::I16(v) => Some(v.iter().map(|&x| put(x as i64)).collect()),
+        // Little-endian bytes, not 16-bit values: the encoder writes a byte value in one call
+        // instead of one call per sample, and the file holds the same bytes.
+        let le = |words: &mut dyn Iterator<Item = u16>| {
+            let mut bytes = vec![0u8; 2 * n];
+            for (d, w) in bytes.chunks_exact_mut(2).zip(words) {
+                d.copy_from_slice(&w.to_le_bytes());
+            }
+            bytes
+        };
+        let bytes: Option<Vec<u8>> = match &image.pixels {
+            PixelStore::U16(v) => Some(le(&mut v.iter().map(|&x| put(x as i64)))),
+            PixelStore::I16(v) => Some(le(&mut v.iter().map(|&x| put(x as i64)))),
             _ => None,
         };
-        if let Some(words) = words {
-            return DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(words.into()));
+        if let Some(bytes) = bytes {
+            return DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U8(bytes.into()));
         }
     }
     let word = |i: usize| -> u64 {
@@ -353,11 +365,25 @@ fn pixel_element(image: &DecodedImage) -> DataElement<InMemDicomObject> {
 
 /// Temp file in the target folder, fsync, rename, fsync the folder: a reader never sees a
 /// partial file, and a crash leaves either the old file or the new one.
+///
+/// On Linux, a new output (none at `out` yet, the common case) is written as an unnamed file in
+/// the folder (`O_TMPFILE`) and linked into place once complete: one operation under the
+/// folder's lock instead of two (create, rename), which the parallel writers of a run contend
+/// on, and a killed run leaves nothing behind. Where that is not possible (another file system,
+/// an old kernel, no /proc, or an existing output to replace atomically) it is the temp file and
+/// rename.
 fn atomic_write(out: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     let dir = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    #[cfg(target_os = "linux")]
+    if link_new(&dir, out, bytes, durable) {
+        if durable {
+            std::fs::File::open(&dir)?.sync_all()?;
+        }
+        return Ok(());
+    }
     let mut tmp = tempfile::Builder::new()
         .prefix(".adverse-")
         .suffix(".tmp")
@@ -380,6 +406,38 @@ fn atomic_write(out: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> 
     Ok(())
 }
 
+/// [`atomic_write`]'s unnamed-file path: true when `out` now holds `bytes` (the folder not yet
+/// synced), false when nothing was linked and the caller must write another way.
+#[cfg(target_os = "linux")]
+fn link_new(dir: &Path, out: &Path, bytes: &[u8], durable: bool) -> bool {
+    use rustix::fs::{AtFlags, CWD, Mode, OFlags, fchmod, linkat, openat};
+    use std::os::fd::AsRawFd;
+    let Ok(fd) = openat(
+        CWD,
+        dir,
+        OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    ) else {
+        return false;
+    };
+    let mut f = std::fs::File::from(fd);
+    // As the temp file path: an ordinary output file (0644), whatever the umask.
+    let written = f.write_all(bytes).is_ok()
+        && fchmod(&f, Mode::from_raw_mode(0o644)).is_ok()
+        && (!durable || f.sync_all().is_ok());
+    // Linking through /proc needs no capability (AT_EMPTY_PATH would); it fails with EEXIST
+    // when `out` exists, which only a rename replaces atomically.
+    written
+        && linkat(
+            CWD,
+            format!("/proc/self/fd/{}", f.as_raw_fd()).as_str(),
+            CWD,
+            out,
+            AtFlags::SYMLINK_FOLLOW,
+        )
+        .is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,5 +451,25 @@ mod tests {
         assert!(a.starts_with("2.25.") && a.len() <= 64, "{a}");
         let digits = &a[5..];
         assert!(digits.chars().all(|c| c.is_ascii_digit()) && !digits.starts_with('0'));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn atomic_write_creates_and_replaces_leaving_no_temp_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("a.dcm");
+        atomic_write(&out, b"first", false).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"first");
+        // An existing output is replaced (the rename path on Linux).
+        atomic_write(&out, b"second", true).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"second");
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["a.dcm"]);
     }
 }

@@ -1207,7 +1207,11 @@ fn run_group<B: PluginBackend>(
         let mut metas = Vec::with_capacity(n);
         for &(i, k) in chunk {
             let wk = works[i].as_ref().expect("present");
-            data.extend(to_planar(&wk.d.orig.frame_f32(k).unwrap_or_default(), c));
+            // Planar is interleaved for one sample per pixel: no intermediate copies then.
+            match (c, wk.d.orig.frame(k)) {
+                (1, Some(f)) => f.extend_f32(&mut data),
+                (_, f) => data.extend(to_planar(&f.map(|f| f.to_f32()).unwrap_or_default(), c)),
+            }
             metas.push(frame_meta(
                 &wk.d.orig.meta,
                 k as u32,
@@ -1381,7 +1385,12 @@ fn run_group<B: PluginBackend>(
                 continue;
             }
             let wk = works[i].as_mut().expect("present");
-            let frame = to_interleaved(&cur[j * per..(j + 1) * per], c);
+            let planar = &cur[j * per..(j + 1) * per];
+            let frame = if c == 1 {
+                std::borrow::Cow::Borrowed(planar)
+            } else {
+                std::borrow::Cow::Owned(to_interleaved(planar, c))
+            };
             if wk.image.set_frame_f32(k, &frame) {
                 wk.changed = true;
             }
