@@ -241,8 +241,11 @@ fn small_k_gemm_body<const FMA: bool>(
     }
 }
 
-/// Largest padded input block (f32s per (sample, group)) the direct path copies.
-const DIRECT_MAX_PLANE: usize = 4 << 20;
+/// Largest padded input block (f32s per (sample, group)) the direct path takes: 64 KiB, the
+/// small CNNs it wins on (the demo model's blocks are 3.5 and 16 KiB). Above that (ResNet-18's
+/// 56 x 56 x 64 blocks) the `gemm` crate's packed im2col product measured faster on the
+/// benchmark's ResNet-18, forward and backward.
+const DIRECT_MAX_PLANE: usize = 16 << 10;
 
 /// A stride-1 convolution computed without im2col: the (sample, group) input block is copied
 /// once into a zero-padded buffer (`cg` planes of `hp x wp`), and the product runs over "wide"
@@ -364,7 +367,9 @@ fn transposed_as_conv(gm: &Geom, w: &[f32]) -> Option<(Vec<f32>, [usize; 4], Con
         dilation: gm.p.dilation,
         groups: gm.g,
     };
-    Some((wt, [gm.c, gm.mg, gm.kh, gm.kw], p))
+    let ws = [gm.c, gm.mg, gm.kh, gm.kw];
+    Direct::plan(&Geom::new([gm.n, gm.m, gm.oh, gm.ow], ws, &p))?;
+    Some((wt, ws, p))
 }
 
 /// Bias then activation over one (sample, group) output block (`mg` planes of `pw`), while it
@@ -446,27 +451,22 @@ impl CpuBackend {
             let (par_tasks, par) = self.conv_plan(gm.n * gm.g, gm.flops());
             let k = gm.k();
             let xblock = gm.cg * gm.h * gm.w;
-            // The weights of each group packed once for every sample (see `sgemm`), when the
-            // register-blocked kernel runs here and GEMM would be used.
-            let packed: Vec<PackedA> =
-                if sgemm::available() && (k > DIRECT_MAX_K || gm.p.stride == [1, 1]) {
-                    (0..gm.g)
-                        .map(|gi| {
-                            PackedA::new(gm.mg, k, &w[gi * gm.mg * k..(gi + 1) * gm.mg * k], k, 1)
-                        })
-                        .collect()
-                } else {
-                    Vec::new()
-                };
+            // For the direct path, the weights of each group packed once for every sample.
             let direct = Direct::plan(&gm);
+            let packed: Vec<PackedA> = if direct.is_some() {
+                (0..gm.g)
+                    .map(|gi| {
+                        PackedA::new(gm.mg, k, &w[gi * gm.mg * k..(gi + 1) * gm.mg * k], k, 1)
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let task = |t: usize, yb: &mut [f32]| {
                 let (ni, gi) = (t / gm.g, t % gm.g);
                 let xg = &x[(ni * gm.c + gi * gm.cg) * gm.h * gm.w..][..xblock];
                 let wg = &w[gi * gm.mg * k..(gi + 1) * gm.mg * k];
                 let run = |col: &[f32], yb: &mut [f32]| {
-                    if let Some(a) = packed.get(gi) {
-                        return sgemm::gemm_packed(a, col, pw, pw, yb, pw);
-                    }
                     gemm_f32(
                         gm.mg,
                         pw,

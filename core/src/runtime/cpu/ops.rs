@@ -5,6 +5,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::gemm::{MatRef, gemm_f32};
+use super::sgemm::{self, PackedA};
 use super::{CpuBackend, ELEM_CHUNK};
 use crate::runtime::backend::{
     Binary, Loss, Norm, PadMode, Pool2dParams, PoolKind, ReduceOp, ResizeParams, Unary,
@@ -598,6 +599,24 @@ impl CpuBackend {
             return (out, out_shape);
         }
         let flops = batches * m * n * k;
+        // A lone mid-size product (a classifier's hidden layer over a batch) on the register-
+        // blocked kernel: packing both operands costs less than the `gemm` crate's per-call
+        // setup and thread hand-off at this size.
+        let mid = batches == 1 && (1 << 16..1 << 25).contains(&flops) && sgemm::available();
+        if mid && trans_b && !trans_a {
+            // Both operands by rows of k: dot products, nothing packed.
+            sgemm::gemm_nt(m, n, k, a, k, b, k, &mut out, n);
+            return (out, out_shape);
+        }
+        if mid && !trans_b && m >= sgemm::MR {
+            let pa = if trans_a {
+                PackedA::new(m, k, a, 1, m)
+            } else {
+                PackedA::new(m, k, a, k, 1)
+            };
+            sgemm::gemm_packed(&pa, &b[..k * n], n, n, &mut out, n);
+            return (out, out_shape);
+        }
         // A lone GEMM below a few hundred thousand multiply-adds (a classifier head) is over
         // before gemm's thread hand-off would pay for itself.
         let (par_tasks, par) = if !self.parallel(flops) || (batches == 1 && flops < 1 << 19) {

@@ -118,6 +118,61 @@ pub(crate) fn gemm_rows(
     }
 }
 
+/// `c (m x n, row stride ldc) = a * b^T` with both operands stored by rows of length `k`
+/// (`a[i * lda + t]`, `b[j * ldb + t]`): PyTorch's `Linear` as ONNX exports it (`Gemm` with
+/// `transB`). Dot products vectorised along `k`, a 4 x 3 block of them in twelve registers, so
+/// neither operand is packed or transposed.
+///
+/// Each element is reduced in a fixed order (eight lane sums over `k` in steps of eight, then
+/// the lanes, then the `k % 8` tail), whatever the block it falls in.
+///
+/// Panics when a view reaches outside its slice or the CPU lacks AVX2/FMA.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_nt(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        n <= ldc && (m - 1) * ldc + n <= c.len(),
+        "sgemm_nt: c out of bounds"
+    );
+    assert!(
+        k <= lda && (m - 1) * lda + k <= a.len(),
+        "sgemm_nt: a out of bounds"
+    );
+    assert!(
+        k <= ldb && (n - 1) * ldb + k <= b.len(),
+        "sgemm_nt: b out of bounds"
+    );
+    assert!(available(), "sgemm_nt: the CPU lacks AVX2/FMA");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2 and FMA are present and the asserts above bound every row the kernel reads
+    // (k elements of rows < m of a and rows < n of b) and writes (columns < n of rows < m of c).
+    unsafe {
+        x86::gemm_nt_avx2(
+            m,
+            n,
+            k,
+            a.as_ptr(),
+            lda,
+            b.as_ptr(),
+            ldb,
+            c.as_mut_ptr(),
+            ldc,
+        )
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{KC, LANES, MC_PANELS, MR, NR, PackedA};
@@ -175,6 +230,66 @@ mod x86 {
                                     acc,
                                 );
                             }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// See [`super::gemm_nt`], whose asserts are this function's preconditions.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm_nt_avx2(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        const BM: usize = 4;
+        const BN: usize = 3;
+        let kv = k / LANES * LANES;
+        for i0 in (0..m).step_by(BM) {
+            let im = BM.min(m - i0);
+            for j0 in (0..n).step_by(BN) {
+                let jn = BN.min(n - j0);
+                // Rows past the edge repeat the last valid one (computed, not stored).
+                let ar: [*const f32; BM] = std::array::from_fn(|r| {
+                    // SAFETY: row i0 + min(r, im - 1) < m.
+                    unsafe { a.add((i0 + r.min(im - 1)) * lda) }
+                });
+                let br: [*const f32; BN] = std::array::from_fn(|q| {
+                    // SAFETY: row j0 + min(q, jn - 1) < n.
+                    unsafe { b.add((j0 + q.min(jn - 1)) * ldb) }
+                });
+                // SAFETY: every load is at t + 8 <= kv <= k within a row the caller bounds.
+                unsafe {
+                    let mut acc = [[_mm256_setzero_ps(); BN]; BM];
+                    for t in (0..kv).step_by(LANES) {
+                        let bv: [__m256; BN] =
+                            std::array::from_fn(|q| _mm256_loadu_ps(br[q].add(t)));
+                        for r in 0..BM {
+                            let av = _mm256_loadu_ps(ar[r].add(t));
+                            for q in 0..BN {
+                                acc[r][q] = _mm256_fmadd_ps(av, bv[q], acc[r][q]);
+                            }
+                        }
+                    }
+                    for r in 0..im {
+                        for q in 0..jn {
+                            let mut lanes = [0.0f32; LANES];
+                            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][q]);
+                            let mut sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                                + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+                            for t in kv..k {
+                                sum = (*ar[r].add(t)).mul_add(*br[q].add(t), sum);
+                            }
+                            *c.add((i0 + r) * ldc + j0 + q) = sum;
                         }
                     }
                 }
@@ -333,6 +448,38 @@ mod tests {
     }
 
     #[test]
+    fn nt_matches_a_float64_product() {
+        if !available() {
+            eprintln!("no AVX2/FMA: the kernel is not used on this CPU");
+            return;
+        }
+        for &(m, n, k) in &[(1, 1, 1), (4, 3, 8), (5, 7, 9), (64, 64, 1568), (9, 10, 31)] {
+            let (lda, ldb, ldc) = (k + 2, k + 1, n + 1);
+            let a: Vec<f32> = (0..m * lda)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
+            let b: Vec<f32> = (0..n * ldb)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0)
+                .collect();
+            let mut c = vec![f32::NAN; m * ldc];
+            gemm_nt(m, n, k, &a, lda, &b, ldb, &mut c, ldc);
+            for i in 0..m {
+                for j in 0..n {
+                    let w: f64 = (0..k)
+                        .map(|t| a[i * lda + t] as f64 * b[j * ldb + t] as f64)
+                        .sum();
+                    let g = c[i * ldc + j] as f64;
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{m}x{n}x{k} ({i},{j}): {g} vs {w}"
+                    );
+                }
+                assert!(c[i * ldc + n].is_nan(), "{m}x{n}x{k}: wrote past column n");
+            }
+        }
+    }
+
+    #[test]
     fn packing_reads_strided_and_transposed_operands() {
         // a^T given as a (k x m) row-major matrix: element (i, t) at i + t*m.
         let (m, k) = (MR + 2, 5);
@@ -348,6 +495,40 @@ mod tests {
             for t in 0..k {
                 assert_eq!(p.data[((i / MR) * k + t) * MR + i % MR], 0.0);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// Best-of-N kernel speed on in-cache shapes (`cargo test --release -p adverse --lib
+    /// sgemm::timing -- --ignored --nocapture`): a tuning tool, not a benchmark claim.
+    #[test]
+    #[ignore]
+    fn kernel_speed() {
+        for &(m, n, k) in &[
+            (6usize, 16usize, 256usize),
+            (6, 64, 256),
+            (96, 256, 256),
+            (36, 208, 144),
+            (32, 222, 144),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32).collect();
+            let mut c = vec![0.0f32; m * n];
+            let pa = PackedA::new(m, k, &a, k, 1);
+            let mut best = f64::INFINITY;
+            for _ in 0..2000 {
+                let t = std::time::Instant::now();
+                gemm_packed(&pa, &b, n, n, &mut c, n);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "{m}x{n}x{k}: {:.1} GFLOP/s",
+                (2 * m * n * k) as f64 / best / 1e9
+            );
         }
     }
 }

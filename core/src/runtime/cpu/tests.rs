@@ -139,6 +139,9 @@ fn matmul_matches_reference() {
         (vec![3, 70, 60], vec![3, 50, 60], false, true),
         (vec![90, 100], vec![90, 80], true, false),
         (vec![64, 300], vec![10, 300], false, true),
+        // mid-size single products: plain (packed kernel), both transposed (gemm crate)
+        (vec![50, 40], vec![40, 60], false, false),
+        (vec![60, 30], vec![50, 60], true, true),
     ];
     for b in backends() {
         for (ci, (ash, bsh, ta, tb)) in cases.iter().enumerate() {
@@ -890,14 +893,18 @@ fn fused_inference_equals_taped_forward() {
     assert!(fused_any, "no test model has a fusable Conv -> activation");
 }
 
-/// Timing of the direct (no im2col) convolution against the im2col path, single-threaded,
-/// best of many repetitions (`cargo test --release -p adverse --lib conv_timing -- --ignored
+/// Timing of the direct (no im2col) convolution against the im2col path, single-threaded
+/// (`ADVERSE_TIMING_THREADS=n` for more), best of many repetitions (`cargo test --release -p adverse --lib conv_timing -- --ignored
 /// --nocapture`). Not a benchmark claim: a tool for tuning on a shared machine.
 #[test]
 #[ignore]
 fn conv_timing() {
     use std::sync::atomic::Ordering;
-    let b = CpuBackend::new(Some(1));
+    let threads: usize = std::env::var("ADVERSE_TIMING_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let b = CpuBackend::new(Some(threads));
     // (x shape, w shape, pad)
     let cases: [([usize; 4], [usize; 4], usize); 4] = [
         ([64, 16, 14, 14], [32, 16, 3, 3], 1),
