@@ -33,25 +33,13 @@ import warnings
 import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
-from scipy.ndimage import gaussian_filter, median_filter
+from scipy.ndimage import median_filter
 
 warnings.simplefilter("ignore")
 
-SIGMA, TRUNCATE, RADIUS, K1, K2 = 1.5, 3.5, 5, 0.01, 0.03
-
-
-def ssim_plane(x, y, L):
-    """As scripts/oracle/ssim_ref.py (the oracle metrics.rs is tested against)."""
-    f = lambda a: gaussian_filter(a, SIGMA, truncate=TRUNCATE, mode="reflect")
-    mx, my = f(x), f(y)
-    vx = f(x * x) - mx * mx
-    vy = f(y * y) - my * my
-    cov = f(x * y) - mx * my
-    c1, c2 = (K1 * L) ** 2, (K2 * L) ** 2
-    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    if x.shape[0] >= 2 * RADIUS + 1 and x.shape[1] >= 2 * RADIUS + 1:
-        s = s[RADIUS:-RADIUS, RADIUS:-RADIUS]
-    return float(s.mean())
+# The SSIM metrics.rs is tested against (scripts/oracle/ssim_ref.py), beside this script.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ssim_ref import ssim_plane  # noqa: E402
 
 
 def metrics(orig, new):

@@ -392,16 +392,31 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn naive(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], ldb: usize) -> Vec<f64> {
-        let mut c = vec![0.0f64; m * n];
+    /// Deterministic operand values in about [-2, 2] (two different sequences by `seed`).
+    fn operand(len: usize, seed: usize) -> Vec<f32> {
+        let (mul, modulo) = [(37, 101), (53, 97)][seed];
+        (0..len)
+            .map(|i| ((i * mul % modulo) as f32 - modulo as f32 / 2.0) / 25.0)
+            .collect()
+    }
+
+    /// `c` (m x n, row stride ldc, one padding column left NaN) against float64 `want(i, j)`.
+    fn assert_product(
+        c: &[f32],
+        ldc: usize,
+        (m, n, k): (usize, usize, usize),
+        want: impl Fn(usize, usize) -> f64,
+    ) {
         for i in 0..m {
             for j in 0..n {
-                c[i * n + j] = (0..k)
-                    .map(|t| a[i * k + t] as f64 * b[t * ldb + j] as f64)
-                    .sum();
+                let (g, w) = (c[i * ldc + j] as f64, want(i, j));
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{m}x{n}x{k} at ({i},{j}): {g} vs {w}"
+                );
             }
+            assert!(c[i * ldc + n].is_nan(), "{m}x{n}x{k}: wrote past column n");
         }
-        c
     }
 
     #[test]
@@ -422,28 +437,15 @@ mod tests {
             (6, 16, 256),
             (12, 33, 257),
         ] {
-            let ldb = n + 3;
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
-                .collect();
-            let b: Vec<f32> = (0..k * ldb)
-                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0)
-                .collect();
-            let ldc = n + 1;
+            let (ldb, ldc) = (n + 3, n + 1);
+            let (a, b) = (operand(m * k, 0), operand(k * ldb, 1));
             let mut c = vec![f32::NAN; m * ldc];
             gemm_packed(&PackedA::new(m, k, &a, k, 1), &b, ldb, n, &mut c, ldc);
-            let want = naive(m, n, k, &a, &b, ldb);
-            for i in 0..m {
-                for j in 0..n {
-                    let (g, w) = (c[i * ldc + j] as f64, want[i * n + j]);
-                    assert!(
-                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "{m}x{n}x{k} at ({i},{j}): {g} vs {w}"
-                    );
-                }
-                // The padding column of c is not touched.
-                assert!(c[i * ldc + n].is_nan(), "{m}x{n}x{k}: wrote past column n");
-            }
+            assert_product(&c, ldc, (m, n, k), |i, j| {
+                (0..k)
+                    .map(|t| a[i * k + t] as f64 * b[t * ldb + j] as f64)
+                    .sum()
+            });
         }
     }
 
@@ -455,27 +457,14 @@ mod tests {
         }
         for &(m, n, k) in &[(1, 1, 1), (4, 3, 8), (5, 7, 9), (64, 64, 1568), (9, 10, 31)] {
             let (lda, ldb, ldc) = (k + 2, k + 1, n + 1);
-            let a: Vec<f32> = (0..m * lda)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
-                .collect();
-            let b: Vec<f32> = (0..n * ldb)
-                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0)
-                .collect();
+            let (a, b) = (operand(m * lda, 0), operand(n * ldb, 1));
             let mut c = vec![f32::NAN; m * ldc];
             gemm_nt(m, n, k, &a, lda, &b, ldb, &mut c, ldc);
-            for i in 0..m {
-                for j in 0..n {
-                    let w: f64 = (0..k)
-                        .map(|t| a[i * lda + t] as f64 * b[j * ldb + t] as f64)
-                        .sum();
-                    let g = c[i * ldc + j] as f64;
-                    assert!(
-                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "{m}x{n}x{k} ({i},{j}): {g} vs {w}"
-                    );
-                }
-                assert!(c[i * ldc + n].is_nan(), "{m}x{n}x{k}: wrote past column n");
-            }
+            assert_product(&c, ldc, (m, n, k), |i, j| {
+                (0..k)
+                    .map(|t| a[i * lda + t] as f64 * b[j * ldb + t] as f64)
+                    .sum()
+            });
         }
     }
 
