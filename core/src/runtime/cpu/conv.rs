@@ -336,7 +336,7 @@ impl Direct {
 /// = w[mo][ci][kh-1-ky][kw-1-kx]` (per group). None where the direct path would not take it or a
 /// padding exceeds the kernel's reach (the adjoint would need cropping).
 fn transposed_as_conv(gm: &Geom, w: &[f32]) -> Option<(Vec<f32>, [usize; 4], Conv2dParams)> {
-    if gm.p.stride != [1, 1] || gm.is_depthwise() || gm.is_pointwise() || !sgemm::available() {
+    if gm.p.stride != [1, 1] {
         return None;
     }
     let (dh, dw) = (gm.p.dilation[0], gm.p.dilation[1]);
@@ -348,6 +348,16 @@ fn transposed_as_conv(gm: &Geom, w: &[f32]) -> Option<(Vec<f32>, [usize; 4], Con
         rh.checked_sub(pb)?,
         rw.checked_sub(pr)?,
     ];
+    let p = Conv2dParams {
+        stride: [1, 1],
+        pad,
+        dilation: gm.p.dilation,
+        groups: gm.g,
+    };
+    let ws = [gm.c, gm.mg, gm.kh, gm.kw];
+    // The flipped convolution has the same kernel and groups, so the direct path's own test
+    // (depthwise, pointwise, block size, CPU features) decides, before any weight is copied.
+    Direct::plan(&Geom::new([gm.n, gm.m, gm.oh, gm.ow], ws, &p))?;
     let (kk, k) = (gm.kh * gm.kw, gm.k());
     let mut wt = vec![0.0f32; gm.c * gm.mg * kk];
     for gi in 0..gm.g {
@@ -361,14 +371,6 @@ fn transposed_as_conv(gm: &Geom, w: &[f32]) -> Option<(Vec<f32>, [usize; 4], Con
             }
         }
     }
-    let p = Conv2dParams {
-        stride: [1, 1],
-        pad,
-        dilation: gm.p.dilation,
-        groups: gm.g,
-    };
-    let ws = [gm.c, gm.mg, gm.kh, gm.kw];
-    Direct::plan(&Geom::new([gm.n, gm.m, gm.oh, gm.ow], ws, &p))?;
     Some((wt, ws, p))
 }
 
@@ -451,17 +453,15 @@ impl CpuBackend {
             let (par_tasks, par) = self.conv_plan(gm.n * gm.g, gm.flops());
             let k = gm.k();
             let xblock = gm.cg * gm.h * gm.w;
-            // For the direct path, the weights of each group packed once for every sample.
-            let direct = Direct::plan(&gm);
-            let packed: Vec<PackedA> = if direct.is_some() {
-                (0..gm.g)
+            // The direct path, with the weights of each group packed once for every sample.
+            let direct = Direct::plan(&gm).map(|d| {
+                let packed: Vec<PackedA> = (0..gm.g)
                     .map(|gi| {
                         PackedA::new(gm.mg, k, &w[gi * gm.mg * k..(gi + 1) * gm.mg * k], k, 1)
                     })
-                    .collect()
-            } else {
-                Vec::new()
-            };
+                    .collect();
+                (d, packed)
+            });
             let task = |t: usize, yb: &mut [f32]| {
                 let (ni, gi) = (t / gm.g, t % gm.g);
                 let xg = &x[(ni * gm.c + gi * gm.cg) * gm.h * gm.w..][..xblock];
@@ -479,8 +479,8 @@ impl CpuBackend {
                         par,
                     )
                 };
-                if let (Some(d), Some(a)) = (&direct, packed.get(gi)) {
-                    d.run(&gm, a, xg, yb);
+                if let Some((d, packed)) = &direct {
+                    d.run(&gm, &packed[gi], xg, yb);
                 } else if gm.is_pointwise() {
                     run(xg, yb);
                 } else if k <= DIRECT_MAX_K {
