@@ -24,6 +24,8 @@ struct Row {
     what: String,
     ips: f64,
     reference: f64,
+    /// PyTorch's figure for the same work, for the GPU rows when PyTorch ran.
+    torch: Option<f64>,
 }
 
 fn time_backend<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize, grad: bool) -> f64 {
@@ -59,7 +61,9 @@ fn time_backend<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize, g
 }
 
 /// Per-node forward times (`ADVERSE_BENCH_PROFILE=1`): where a model's forward time goes.
-fn profile_forward<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize) {
+/// `sync` waits for the device after each node (a no-op on the CPU), so a GPU node's time is
+/// its recording plus its device time; the `record` column is the host-side part alone.
+fn profile_forward<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize, sync: &dyn Fn()) {
     let model = Model::new(b, onnx::load(path).expect("import"));
     let g = &model.graph;
     let data: Vec<f32> = (0..shape.iter().product::<usize>())
@@ -67,6 +71,8 @@ fn profile_forward<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize
         .collect();
     let x = b.upload(&data, shape);
     let mut times = vec![0.0f64; g.nodes.len()];
+    let mut record = vec![0.0f64; g.nodes.len()];
+    let mut shapes = vec![Vec::new(); g.nodes.len()];
     let mut cpu = vec![0.0f64; g.nodes.len()];
     for _ in 0..iters + 1 {
         let mut vals: Vec<Option<adverse::runtime::backend::Tensor<B>>> =
@@ -83,25 +89,36 @@ fn profile_forward<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize
                 .collect();
             let (t, c) = (Instant::now(), cpu_ns());
             let y = adverse::runtime::exec::forward_op(b, &node.op, &ins, shape[0]).expect("op");
+            record[ni] += t.elapsed().as_secs_f64();
+            sync();
             times[ni] += t.elapsed().as_secs_f64();
             cpu[ni] += (cpu_ns() - c) as f64 * 1e-9;
+            shapes[ni] = y.shape.clone();
             vals[node.output] = Some(y);
         }
     }
     let total: f64 = cpu.iter().sum();
     println!(
-        "  {:<24} {:>9} {:>12} {:>7}",
-        "node", "wall", "cpu (all)", "cpu %"
+        "  {:<24} {:<28} {:>9} {:>9} {:>12} {:>7}",
+        "node", "output", "wall", "record", "cpu (all)", "cpu %"
     );
-    for ((node, t), c) in g.nodes.iter().zip(&times).zip(&cpu) {
+    let k = (iters + 1) as f64;
+    for (ni, node) in g.nodes.iter().enumerate() {
         println!(
-            "  {:<24} {:>6.3} ms {:>9.3} ms {:>6.1}%",
+            "  {:<24} {:<28} {:>6.3} ms {:>6.3} ms {:>9.3} ms {:>6.1}%",
             node.name,
-            1e3 * t / (iters + 1) as f64,
-            1e3 * c / (iters + 1) as f64,
-            100.0 * c / total
+            format!("{:?}", shapes[ni]),
+            1e3 * times[ni] / k,
+            1e3 * record[ni] / k,
+            1e3 * cpu[ni] / k,
+            100.0 * cpu[ni] / total
         );
     }
+    println!(
+        "  total wall {:.3} ms, record {:.3} ms",
+        1e3 * times.iter().sum::<f64>() / k,
+        1e3 * record.iter().sum::<f64>() / k
+    );
 }
 
 /// CPU time of every thread of this process so far (Linux `schedstat`, ns; 0 elsewhere): a
@@ -115,6 +132,42 @@ fn cpu_ns() -> u64 {
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// PyTorch's images/s on the same ONNX file (scripts/oracle/torch_bench.py, CUDA): forward,
+/// forward + input gradient with the gradient copied to host (what `time_backend` does), and the
+/// same with the gradient left on the device; plus the device's name.
+fn torch_ips(path: &Path, batch: usize, iters: usize) -> Result<(f64, f64, f64, String), String> {
+    let out = Command::new(python())
+        .arg(repo_root().join("scripts/oracle/torch_bench.py"))
+        .arg(path)
+        .args(["--batch", &batch.to_string(), "--iters", &iters.to_string()])
+        .args(["--device", "cuda"])
+        .output()
+        .map_err(|e| format!("cannot run torch_bench.py: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(err.lines().last().unwrap_or("failed").to_string());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("torch_bench.py JSON: {e}"))?;
+    let rel = v["max_rel_err_vs_ort"].as_f64().unwrap_or(f64::INFINITY);
+    if rel > 1e-3 {
+        return Err(format!(
+            "PyTorch's forward differs from onnxruntime's by {rel:e}"
+        ));
+    }
+    let f = |k: &str| v[k].as_f64().ok_or(format!("torch_bench.py: no {k}"));
+    Ok((
+        f("forward")?,
+        f("grad")?,
+        f("grad_resident")?,
+        format!(
+            "{} {}",
+            v["torch"].as_str().unwrap_or("?"),
+            v["device"].as_str().unwrap_or("?")
+        ),
+    ))
 }
 
 fn main() {
@@ -135,8 +188,19 @@ fn main() {
     .ok();
     let mut rows = Vec::new();
     // (name, input shape at batch 1, batch, iterations)
+    // `ADVERSE_BENCH_DEMO_BATCH=1024`: the small CNN at another batch (a large GPU is idle at 64).
+    let demo_batch = std::env::var("ADVERSE_BENCH_DEMO_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&b: &usize| b > 0)
+        .unwrap_or(64);
     let cases: [(&str, [usize; 3], usize, usize); 2] = [
-        ("demo_cnn", [1, 28, 28], 64, if quick { 3 } else { 20 }),
+        (
+            "demo_cnn",
+            [1, 28, 28],
+            demo_batch,
+            if quick { 3 } else { 20 },
+        ),
         ("resnet18", [3, 224, 224], 4, if quick { 1 } else { 3 }),
     ];
     // `ADVERSE_BENCH_MODELS=demo_cnn` (comma-separated) restricts the run, for profiling.
@@ -150,9 +214,18 @@ fn main() {
         }
         let path = dir.path().join(format!("{name}.onnx"));
         let shape = [batch, chw[0], chw[1], chw[2]];
-        if std::env::var_os("ADVERSE_BENCH_PROFILE").is_some() {
-            println!("{name}: per-node forward, {}", cpu.describe());
-            profile_forward(&cpu, &path, &shape, iters);
+        // `ADVERSE_BENCH_PROFILE=1` (CPU) or `=gpu` (the hardware GPU, waiting after each node).
+        if let Some(which) = std::env::var_os("ADVERSE_BENCH_PROFILE") {
+            match (&gpu, which == "gpu") {
+                (Some(gpu), true) => {
+                    println!("{name}: per-node forward, {}", gpu.describe());
+                    profile_forward(gpu, &path, &shape, iters, &|| gpu.wait());
+                }
+                _ => {
+                    println!("{name}: per-node forward, {}", cpu.describe());
+                    profile_forward(&cpu, &path, &shape, iters, &|| {});
+                }
+            }
             continue;
         }
         let ort = ort_ips(&path, batch, iters, threads);
@@ -161,6 +234,7 @@ fn main() {
             what: "onnxruntime forward (cpu)".into(),
             ips: ort,
             reference: ort,
+            torch: None,
         });
         let f = time_backend(&cpu, &path, &shape, iters, false);
         rows.push(Row {
@@ -168,6 +242,7 @@ fn main() {
             what: format!("{} forward", cpu.describe()),
             ips: f,
             reference: ort,
+            torch: None,
         });
         let g = time_backend(&cpu, &path, &shape, iters, true);
         rows.push(Row {
@@ -175,14 +250,38 @@ fn main() {
             what: format!("{} forward+input grad", cpu.describe()),
             ips: g,
             reference: ort,
+            torch: None,
         });
         if let Some(gpu) = &gpu {
+            // PyTorch (eager, CUDA) on the same file, the reference for the GPU rows: absent
+            // where the Python has no torch or no CUDA device (the rows then say so).
+            let mut torch = (None, None);
+            match torch_ips(&path, batch, iters) {
+                Ok((fwd, grad, resident, what)) => {
+                    torch = (Some(fwd), Some(grad));
+                    for (kind, ips) in [
+                        ("forward", fwd),
+                        ("forward+input grad (grad copied to host)", grad),
+                        ("forward+input grad (grad left on device)", resident),
+                    ] {
+                        rows.push(Row {
+                            model: name.into(),
+                            what: format!("pytorch {what} {kind}"),
+                            ips,
+                            reference: ort,
+                            torch: None,
+                        });
+                    }
+                }
+                Err(e) => println!("(no PyTorch reference for {name}: {e})"),
+            }
             let f = time_backend(gpu, &path, &shape, iters, false);
             rows.push(Row {
                 model: name.into(),
                 what: format!("{} forward", gpu.describe()),
                 ips: f,
                 reference: ort,
+                torch: torch.0,
             });
             let g = time_backend(gpu, &path, &shape, iters, true);
             rows.push(Row {
@@ -190,6 +289,7 @@ fn main() {
                 what: format!("{} forward+input grad", gpu.describe()),
                 ips: g,
                 reference: ort,
+                torch: torch.1,
             });
         }
     }
@@ -197,16 +297,18 @@ fn main() {
         println!("(no hardware GPU adapter: GPU rows skipped)");
     }
     println!(
-        "{:<10} {:<48} {:>12} {:>12}",
-        "model", "runtime", "images/s", "vs ort fwd"
+        "{:<10} {:<64} {:>12} {:>12} {:>12}",
+        "model", "runtime", "images/s", "vs ort fwd", "vs pytorch"
     );
     for r in rows {
         println!(
-            "{:<10} {:<48} {:>12.2} {:>11.2}x",
+            "{:<10} {:<64} {:>12.2} {:>11.2}x {:>12}",
             r.model,
             r.what,
             r.ips,
-            r.ips / r.reference
+            r.ips / r.reference,
+            r.torch
+                .map_or(String::new(), |t| format!("{:.2}x", r.ips / t))
         );
     }
 }

@@ -150,6 +150,7 @@ impl<B: PluginBackend> Bpda<'_, B> {
             let z = self.inner.forward(b, y)?;
             let (l, dz) = objective(b, spec, &z, &LossTargets::Classes(targets))
                 .map_err(|e| e.to_string())?;
+            let l = b.download(&l);
             losses.resize(l.len(), 0.0);
             for (a, v) in losses.iter_mut().zip(&l) {
                 *a += v / m;

@@ -267,6 +267,21 @@ pub trait Backend: Send + Sync {
     /// Human-readable identity, e.g. `cpu (2 threads)` or `gpu (NVIDIA H100, Vulkan)`.
     fn describe(&self) -> String;
 
+    /// Into how many contiguous slices the executor should cut a batch of `n` samples, to run
+    /// the whole graph once per slice concurrently through [`Backend::run_slices`]. 1 (the
+    /// default) runs one pass over the whole batch. A multi-core CPU gains from slices: each
+    /// thread then runs every op on its own samples, instead of all threads meeting at a
+    /// fork-join inside every op, which on a small model costs more than the op.
+    fn batch_slices(&self, n: usize) -> usize {
+        let _ = n;
+        1
+    }
+
+    /// Calls `f(i)` for every `i < parts`, concurrently where the backend can.
+    fn run_slices(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
+        (0..parts).for_each(f);
+    }
+
     // ---- data movement ----------------------------------------------------------------------
     fn upload(&self, data: &[f32], shape: &[usize]) -> Tensor<Self>;
     fn download(&self, t: &Tensor<Self>) -> Vec<f32>;

@@ -8,7 +8,7 @@
 
 use super::autodiff;
 use super::backend::{Backend, LossTargets, ReduceOp, Tensor, Unary};
-use super::ir::{Graph, Op, ValueId, ValueKind};
+use super::ir::{Graph, Op, ReshapeRule, ValueId, ValueKind};
 use super::loss::{self, LossSpec};
 use super::shape::{self, ShapeError};
 
@@ -151,6 +151,48 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// The contiguous sample ranges a batch of `n` is cut into when the backend asks for slices
+    /// and every op of the graph keeps samples apart (see [`per_sample`]); `None`: one pass.
+    fn slice_ranges(&self, b: &B, n: usize) -> Option<Vec<(usize, usize)>> {
+        let parts = b.batch_slices(n).min(n);
+        if parts < 2 || !per_sample(&self.graph) {
+            return None;
+        }
+        Some(
+            (0..parts)
+                .map(|i| (i * n / parts, (i + 1) * n / parts))
+                .collect(),
+        )
+    }
+
+    /// `f` on each slice of the inputs, concurrently through [`Backend::run_slices`]; the
+    /// results in slice order, or the first slice's error.
+    fn run_sliced<R: Send>(
+        &self,
+        b: &B,
+        inputs: &[&Tensor<B>],
+        ranges: &[(usize, usize)],
+        f: impl Fn((usize, usize), &[&Tensor<B>]) -> Result<R, ExecError> + Sync,
+    ) -> Result<Vec<R>, ExecError> {
+        let slots: Vec<std::sync::Mutex<Option<Result<R, ExecError>>>> =
+            ranges.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        b.run_slices(ranges.len(), &|i| {
+            let (s, e) = ranges[i];
+            let ins: Vec<Tensor<B>> = inputs.iter().map(|t| b.slice(t, 0, s, e)).collect();
+            let refs: Vec<&Tensor<B>> = ins.iter().collect();
+            let r = f((s, e), &refs);
+            *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        });
+        slots
+            .into_iter()
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .expect("run_slices calls every slice")
+            })
+            .collect()
+    }
+
     /// Run the graph. `keep_all` keeps every intermediate (for backward); otherwise values are
     /// dropped after their last use to bound memory.
     pub fn run(&self, b: &B, inputs: &[&Tensor<B>], keep_all: bool) -> Result<Tape<B>, ExecError> {
@@ -210,6 +252,16 @@ impl<B: Backend> Model<B> {
     }
 
     pub fn forward_multi(&self, b: &B, inputs: &[&Tensor<B>]) -> Result<Vec<Tensor<B>>, ExecError> {
+        let n = self.check_inputs(inputs)?;
+        if let Some(ranges) = self.slice_ranges(b, n) {
+            let parts = self.run_sliced(b, inputs, &ranges, |_, ins| self.forward_whole(b, ins))?;
+            let outs = parts.iter().map(|p| p.as_slice()).collect::<Vec<_>>();
+            return Ok(concat_parts(b, &outs));
+        }
+        self.forward_whole(b, inputs)
+    }
+
+    fn forward_whole(&self, b: &B, inputs: &[&Tensor<B>]) -> Result<Vec<Tensor<B>>, ExecError> {
         let tape = self.run(b, inputs, false)?;
         Ok(self
             .graph
@@ -245,6 +297,44 @@ impl<B: Backend> Model<B> {
         wrt_inputs: &[usize],
         wrt_params: &[usize],
     ) -> Result<(Vec<f32>, autodiff::Grads<B>, Tensor<B>), ExecError> {
+        // Parameter gradients sum over the batch; only per-sample results are sliced.
+        if wrt_params.is_empty() {
+            let n = self.check_inputs(inputs)?;
+            if let Some(ranges) = self.slice_ranges(b, n) {
+                let parts = self.run_sliced(b, inputs, &ranges, |(s, e), ins| {
+                    let dense;
+                    let t = match targets {
+                        LossTargets::Classes(c) => LossTargets::Classes(&c[s..e]),
+                        LossTargets::Dense(t) => {
+                            dense = b.slice(t, 0, s, e);
+                            LossTargets::Dense(&dense)
+                        }
+                    };
+                    self.loss_and_grads_whole(b, ins, spec, &t, wrt_inputs, wrt_params)
+                        .map(|(l, g, z)| (l, g.inputs, z))
+                })?;
+                let losses = parts.iter().flat_map(|p| p.0.iter().copied()).collect();
+                let grads = parts.iter().map(|p| p.1.as_slice()).collect::<Vec<_>>();
+                let logits = parts.iter().map(|p| &p.2).collect::<Vec<_>>();
+                let grads = autodiff::Grads {
+                    inputs: concat_parts(b, &grads),
+                    params: Vec::new(),
+                };
+                return Ok((losses, grads, b.concat(&logits, 0)));
+            }
+        }
+        self.loss_and_grads_whole(b, inputs, spec, targets, wrt_inputs, wrt_params)
+    }
+
+    fn loss_and_grads_whole(
+        &self,
+        b: &B,
+        inputs: &[&Tensor<B>],
+        spec: LossSpec,
+        targets: &LossTargets<'_, B>,
+        wrt_inputs: &[usize],
+        wrt_params: &[usize],
+    ) -> Result<(Vec<f32>, autodiff::Grads<B>, Tensor<B>), ExecError> {
         for &p in wrt_params {
             if p >= self.params.len() {
                 return Err(ExecError::ParamIndex {
@@ -265,7 +355,9 @@ impl<B: Backend> Model<B> {
             wrt_inputs,
             wrt_params,
         )?;
-        Ok((losses, grads, logits))
+        // Read back after the backward pass is recorded: on a GPU this one wait covers the
+        // forward, the loss and the backward, instead of stalling the device between them.
+        Ok((b.download(&losses), grads, logits))
     }
 
     /// Training: per-sample losses, the gradients of their sum w.r.t. the chosen parameters
@@ -282,6 +374,55 @@ impl<B: Backend> Model<B> {
             self.loss_and_grads(b, &[input], spec, targets, &[], params)?;
         Ok((losses, grads.params, logits))
     }
+}
+
+/// Per-slice tensor lists (one entry per output) joined along the batch axis.
+fn concat_parts<B: Backend>(b: &B, parts: &[&[Tensor<B>]]) -> Vec<Tensor<B>> {
+    (0..parts[0].len())
+        .map(|k| {
+            let xs: Vec<&Tensor<B>> = parts.iter().map(|p| &p[k]).collect();
+            b.concat(&xs, 0)
+        })
+        .collect()
+}
+
+/// Whether every output sample depends on that sample's inputs alone, so that running slices
+/// of the batch separately and joining the results along axis 0 gives the whole batch's
+/// outputs. Conservative: an op that could mix samples (anything along axis 0, a batched
+/// right-hand matrix operand, a batched weight) or a value that loses the batch axis says no.
+pub(crate) fn per_sample(g: &Graph) -> bool {
+    let batched = |v: ValueId| g.values[v].batched;
+    let rank = |v: ValueId| g.values[v].shape.len();
+    g.outputs.iter().all(|&o| batched(o))
+        && g.nodes.iter().all(|node| {
+            let ins = &node.inputs;
+            if !ins.iter().any(|&i| batched(i)) {
+                return true; // constants only
+            }
+            if !batched(node.output) {
+                return false;
+            }
+            match &node.op {
+                Op::Conv { .. } | Op::ConvTranspose { .. } => !ins[1..].iter().any(|&i| batched(i)),
+                Op::Unary(_) | Op::Binary(_) | Op::Pool { .. } | Op::Resize { .. } => true,
+                Op::Reduce { axes, .. } => !axes.contains(&0),
+                Op::Gemm { trans_a, .. } => !trans_a && !batched(ins[1]),
+                Op::MatMul => !batched(ins[1]) || (rank(ins[0]) >= 3 && rank(ins[1]) >= 3),
+                Op::Concat { axis } | Op::Slice { axis, .. } => *axis != 0,
+                Op::Transpose { perm } => perm.first() == Some(&0),
+                Op::Softmax { axis, .. } => *axis != 0,
+                Op::Pad { pads, .. } => pads.first().is_none_or(|p| *p == (0, 0)),
+                Op::Reshape(rule) => match rule {
+                    ReshapeRule::Flatten { axis } => *axis >= 1,
+                    ReshapeRule::Squeeze { axes } | ReshapeRule::Unsqueeze { axes } => {
+                        !axes.contains(&0)
+                    }
+                    // Import keeps the batch on axis 0 (a dims list that merges it is refused),
+                    // and the output is batched (checked above).
+                    ReshapeRule::Spec { .. } => true,
+                },
+            }
+        })
 }
 
 /// Inference-only fusions: `Some(act)` at a Conv node whose output feeds only the very next

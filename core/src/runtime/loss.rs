@@ -30,13 +30,14 @@ fn flat2<B: Backend>(t: &Tensor<B>) -> Tensor<B> {
     t.reshape(&[n, t.len() / n.max(1)])
 }
 
-/// Per-sample objective values and d(sum of objectives)/d(output), in the output's shape.
+/// Per-sample objective values (`[N]`, left on the device so that a caller can record the
+/// backward pass before reading them) and d(sum of objectives)/d(output), in the output's shape.
 pub fn objective<B: Backend>(
     b: &B,
     spec: LossSpec,
     out: &Tensor<B>,
     targets: &LossTargets<'_, B>,
-) -> Result<(Vec<f32>, Tensor<B>), ExecError> {
+) -> Result<(Tensor<B>, Tensor<B>), ExecError> {
     let n = out.shape.first().copied().unwrap_or(0);
     let logits = flat2(out);
     let k = logits.shape[1];
@@ -144,7 +145,7 @@ pub fn objective<B: Backend>(
             (l, flat2(gd))
         }
     };
-    Ok((b.download(&l), g.reshape(&out.shape)))
+    Ok((l, g.reshape(&out.shape)))
 }
 
 fn internal() -> ExecError {

@@ -416,7 +416,7 @@ impl CpuBackend {
     /// How to run `tasks` independent GEMM-sized jobs of `flops` total: (parallel over tasks,
     /// parallelism inside each GEMM).
     fn conv_plan(&self, tasks: usize, flops: usize) -> (bool, Parallelism) {
-        if self.threads <= 1 || flops < super::PAR_MIN_FLOPS {
+        if !self.parallel(flops) {
             (false, Parallelism::None)
         } else if tasks >= self.threads {
             (true, Parallelism::None)
@@ -564,7 +564,7 @@ impl CpuBackend {
                 }
             }
         };
-        let par = self.threads > 1 && gm.flops() >= super::PAR_MIN_FLOPS;
+        let par = self.parallel(gm.flops());
         self.run_blocks(y, pw, par, Parallelism::None, task);
     }
 
@@ -622,7 +622,7 @@ impl CpuBackend {
                     }
                 }
             };
-            let par = self.threads > 1 && gm.flops() >= super::PAR_MIN_FLOPS;
+            let par = self.parallel(gm.flops());
             self.run_blocks(&mut dx, gm.h * gm.w, par, Parallelism::None, task);
             return dx;
         }
@@ -718,7 +718,7 @@ impl CpuBackend {
                     }
                 }
             };
-            let par = self.threads > 1 && gm.flops() >= super::PAR_MIN_FLOPS;
+            let par = self.parallel(gm.flops());
             self.run_blocks(&mut dw, gm.kh * gm.kw, par, Parallelism::None, task);
             return dw;
         }

@@ -34,6 +34,11 @@ pub const PAR_MIN_FLOPS: usize = 1 << 16;
 /// Elements per parallel chunk for elementwise ops (large enough to amortise task overhead).
 const ELEM_CHUNK: usize = 1 << 14;
 
+thread_local! {
+    /// Set while this thread runs one slice of a sliced batch (`Backend::run_slices`).
+    static IN_SLICE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Native CPU backend. Construct once and share: it owns a rayon pool of its own, so its thread
 /// count is what `describe()` says regardless of the global pool.
 pub struct CpuBackend {
@@ -98,9 +103,10 @@ impl CpuBackend {
         }
     }
 
-    /// Whether an op of `work` element operations should use the pool.
+    /// Whether an op of `work` element operations should use the pool: never inside a batch
+    /// slice (the other workers are running slices of their own).
     fn parallel(&self, work: usize) -> bool {
-        self.threads > 1 && work >= PAR_MIN_FLOPS
+        self.threads > 1 && work >= PAR_MIN_FLOPS && !IN_SLICE.with(|s| s.get())
     }
 
     fn wrap(&self, data: Vec<f32>, shape: &[usize]) -> Tensor<Self> {
@@ -137,6 +143,25 @@ impl Backend for CpuBackend {
             self.threads,
             if self.threads == 1 { "" } else { "s" }
         )
+    }
+
+    fn batch_slices(&self, n: usize) -> usize {
+        self.threads.min(n).max(1)
+    }
+
+    fn run_slices(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
+        use rayon::prelude::*;
+        // With a slice per worker, each slice's ops run on the worker that took it: no op waits
+        // for another thread, which is the point of slicing. Fewer slices than workers (a batch
+        // of 4 on 16 threads) leave the ops their own parallelism for the idle workers.
+        let solo = parts >= self.threads;
+        self.install(|| {
+            (0..parts).into_par_iter().for_each(|i| {
+                let outer = IN_SLICE.with(|s| s.replace(solo));
+                f(i);
+                IN_SLICE.with(|s| s.set(outer));
+            })
+        });
     }
 
     fn upload(&self, data: &[f32], shape: &[usize]) -> Tensor<Self> {

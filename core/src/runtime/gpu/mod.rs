@@ -175,6 +175,11 @@ impl GpuBackend {
         self.ctx.flush();
     }
 
+    /// Submits all recorded work and waits for the device to finish it (per-op profiling).
+    pub fn wait(&self) {
+        self.ctx.wait();
+    }
+
     fn wrap(&self, buf: Buf, shape: &[usize]) -> Tensor<Self> {
         Tensor {
             buf,

@@ -159,3 +159,83 @@ fn gpu_forward_matches_onnxruntime_and_cpu() {
         }
     }
 }
+
+/// A batch cut into slices (a 3-thread CPU backend cuts 5 samples into 1 + 2 + 2) gives the
+/// unsliced forward outputs, losses, input gradients and logits of a 1-thread backend, on every
+/// generated model; and an op that mixes samples turns slicing off.
+#[test]
+fn batch_slices_give_the_whole_batch_results() {
+    use crate::runtime::backend::LossTargets;
+    use crate::runtime::exec::per_sample;
+    use crate::runtime::ir::Op;
+    use crate::runtime::loss::LossSpec;
+
+    let (_, list) = models();
+    let (one, three) = (CpuBackend::new(Some(1)), CpuBackend::new(Some(3)));
+    assert_eq!((one.batch_slices(5), three.batch_slices(5)), (1, 3));
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        let e = rel_err(a, b);
+        assert!(e <= 1e-5, "{what}: sliced vs whole relative error {e:.3e}");
+    };
+    for m in list {
+        let g = onnx::load(&m.path).expect("import");
+        // gemm_matmul moves the batch to axis 1 and back (W * h^T, then Transpose): per sample
+        // in fact, but outside what the check proves, so it runs unsliced.
+        assert_eq!(
+            per_sample(&g),
+            m.name != "gemm_matmul",
+            "{}: slicing allowed",
+            m.name
+        );
+        let mut shape = m.input_shape.clone();
+        shape[0] = 5;
+        let data = input_data(shape.iter().product(), 5, -1.0, 1.0);
+        let (m1, m3) = (Model::new(&one, g.clone()), Model::new(&three, g.clone()));
+        let (x1, x3) = (one.upload(&data, &shape), three.upload(&data, &shape));
+        let (o1, o3) = (
+            m1.forward(&one, &x1).unwrap(),
+            m3.forward(&three, &x3).unwrap(),
+        );
+        for (a, b) in o1.iter().zip(&o3) {
+            assert_eq!(a.shape, b.shape, "{}: output shape", m.name);
+            close(&one.download(a), &three.download(b), &m.name);
+        }
+        let out = &o1[0].shape;
+        if out.len() == 2 && out[1] >= 2 {
+            let labels: Vec<u32> = (0..5).map(|i| i % out[1] as u32).collect();
+            let spec = LossSpec::CrossEntropy { targeted: false };
+            let t = LossTargets::Classes(&labels);
+            let (l1, g1, z1) = m1.loss_and_input_grad(&one, &x1, spec, &t).unwrap();
+            let (l3, g3, z3) = m3
+                .loss_and_input_grad(&three, &x3, spec, &LossTargets::Classes(&labels))
+                .unwrap();
+            close(&l1, &l3, &format!("{} losses", m.name));
+            assert_eq!(g1.shape, g3.shape);
+            close(
+                &one.download(&g1),
+                &three.download(&g3),
+                &format!("{} grad", m.name),
+            );
+            close(
+                &one.download(&z1),
+                &three.download(&z3),
+                &format!("{} logits", m.name),
+            );
+        }
+    }
+    // Softmax over the batch axis mixes samples: no slicing for such a graph.
+    let m = list
+        .iter()
+        .find(|m| m.name == "softmax_out")
+        .expect("softmax model");
+    let mut g = onnx::load(&m.path).expect("import");
+    let node = g
+        .nodes
+        .iter_mut()
+        .find(|n| matches!(n.op, Op::Softmax { .. }))
+        .expect("a Softmax node");
+    if let Op::Softmax { axis, .. } = &mut node.op {
+        *axis = 0;
+    }
+    assert!(!per_sample(&g));
+}
