@@ -9,7 +9,10 @@
 // The backward-input gather reads dy[oy, ox] for oy = (iy + pad - ky*dil) / stride when that
 // divides exactly, so it is a gather (one invocation per output element, no atomics) and doubles
 // as ConvTranspose's forward. Tiles are 64 x 64 with K slices of 16 in workgroup memory; each of
-// the 256 invocations owns a 4 x 4 micro-tile and reduces over all of K in a fixed order.
+// the 256 invocations owns a 4 x 4 micro-tile and reduces over its K range in a fixed order.
+// Every entry takes the split-K parameters: workgroup z index = group + groups * split, the split
+// covering K in [split * k_chunk, (split + 1) * k_chunk) and writing its own partial plane
+// (`splits` = 1: one plane, k_chunk >= K). The forward adds the bias in split 0 only.
 
 const BM: u32 = 64u;
 const BN: u32 = 64u;
@@ -110,10 +113,12 @@ fn conv_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         return;
     }
     let t = tile_coords(lin);
-    let g = t.z;
+    let g = t.z % cp.groups;
+    let split = t.z / cp.groups;
     let cg = cp.c / cp.groups;
     let mg = cp.m / cp.groups;
     let kk = cg * cp.kh * cp.kw;
+    let kend = min(kk, (split + 1u) * cp.k_chunk);
     let p = cp.n * cp.oh * cp.ow;
     let row0 = t.x * BM;
     let col0 = t.y * BN;
@@ -121,19 +126,19 @@ fn conv_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     for (var i = 0u; i < 16u; i++) {
         acc[i] = 0.0;
     }
-    for (var k0 = 0u; k0 < kk; k0 += BK) {
+    for (var k0 = split * cp.k_chunk; k0 < kend; k0 += BK) {
         for (var e = 0u; e < 4u; e++) {
             let idx = lid + e * 256u;
             let ka = idx % BK;
             let ra = idx / BK;
             var va = 0.0;
-            if (row0 + ra < mg && k0 + ka < kk) {
+            if (row0 + ra < mg && k0 + ka < kend) {
                 va = fw[(g * mg + row0 + ra) * kk + k0 + ka];
             }
             tile_a[ka * BM + ra] = va;
             let kb = idx / BN;
             let cb = idx % BN;
-            tile_b[kb * BN + cb] = fwd_b(g, cg, k0 + kb, col0 + cb, kk, p);
+            tile_b[kb * BN + cb] = fwd_b(g, cg, k0 + kb, col0 + cb, kend, p);
         }
         workgroupBarrier();
         mma(&acc, lid % 16u, lid / 16u);
@@ -147,14 +152,14 @@ fn conv_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         }
         let mo = g * mg + r;
         var bias = 0.0;
-        if (cp.has_bias != 0u) {
+        if (cp.has_bias != 0u && split == 0u) {
             bias = fbias[mo];
         }
         for (var j = 0u; j < 4u; j++) {
             let q = col0 + lid % 16u + 16u * j;
             if (q < p) {
                 let xs = q / ohw;
-                fy[(xs * cp.m + mo) * ohw + q % ohw] = acc[i * 4u + j] + bias;
+                fy[split * p * cp.m + (xs * cp.m + mo) * ohw + q % ohw] = acc[i * 4u + j] + bias;
             }
         }
     }
@@ -203,11 +208,12 @@ fn conv_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         return;
     }
     let t = tile_coords(lin);
-    let g = t.z;
+    let g = t.z % cp.groups;
+    let split = t.z / cp.groups;
     let cg = cp.c / cp.groups;
     let mg = cp.m / cp.groups;
     let khw = cp.kh * cp.kw;
-    let kk = mg * khw;
+    let kk = min(mg * khw, (split + 1u) * cp.k_chunk);
     let p = cp.n * cp.h * cp.w;
     let row0 = t.x * BM;
     let col0 = t.y * BN;
@@ -215,7 +221,7 @@ fn conv_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     for (var i = 0u; i < 16u; i++) {
         acc[i] = 0.0;
     }
-    for (var k0 = 0u; k0 < kk; k0 += BK) {
+    for (var k0 = split * cp.k_chunk; k0 < kk; k0 += BK) {
         for (var e = 0u; e < 4u; e++) {
             let idx = lid + e * 256u;
             let ka = idx % BK;
@@ -245,7 +251,7 @@ fn conv_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             let q = col0 + lid % 16u + 16u * j;
             if (q < p) {
                 let xs = q / hw;
-                idx_out[(xs * cp.c + g * cg + r) * hw + q % hw] = acc[i * 4u + j];
+                idx_out[split * p * cp.c + (xs * cp.c + g * cg + r) * hw + q % hw] = acc[i * 4u + j];
             }
         }
     }

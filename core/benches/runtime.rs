@@ -87,7 +87,8 @@ fn profile_forward<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize
                 .iter()
                 .map(|&i| vals[i].as_ref().expect("value"))
                 .collect();
-            let (t, c) = (Instant::now(), cpu_ns());
+            let c = cpu_ns();
+            let t = Instant::now();
             let y = adverse::runtime::exec::forward_op(b, &node.op, &ins, shape[0]).expect("op");
             record[ni] += t.elapsed().as_secs_f64();
             sync();

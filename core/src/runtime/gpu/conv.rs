@@ -11,10 +11,12 @@
 //! [`TILE`] output tile of one group's GEMM; the linear workgroup index enumerates (split, group,
 //! row tile, column tile).
 //!
-//! The weight gradient's GEMM is tiny (M x C/g*kh*kw) but reduces over N*oh*ow, which would leave
-//! most of a large GPU idle; it is split along the reduction into a shape-determined number of
-//! chunks whose partial planes are then summed in a fixed order by the reduce kernel, so the
-//! result stays bit-reproducible.
+//! A GEMM with few output tiles and a long reduction would leave most of a large GPU idle: the
+//! weight gradient always (M x C/g*kh*kw, reducing over N*oh*ow), and the forward and input
+//! gradient of a deep layer at a small batch (ResNet's 512-channel 7x7 convolutions at batch 4
+//! have 32 tiles over K = 4608). Every entry is therefore split along the reduction into a
+//! shape-determined number of chunks whose partial planes are then summed in a fixed order by the
+//! reduce kernel, so the result stays bit-reproducible.
 
 use super::context::{Access, Buf, Ctx, Kernel, Params};
 use super::reduce::reduce_axes;
@@ -129,12 +131,30 @@ pub(crate) fn conv2d(
     check(xs, ws, p);
     let [oh, ow] = conv2d_out_hw(xs[2], xs[3], ws[2], ws[3], p);
     let y_shape = [xs[0], ws[0], oh, ow];
-    let y = ctx.alloc(y_shape.iter().product());
     let rows = ws[0] / p.groups;
     let cols = xs[0] * oh * ow;
-    let (pr, groups) = params(xs, ws, [oh, ow], p, bias.is_some(), rows, cols, (0, 1));
-    ctx.dispatch(&FWD, &[], pr, &[x, w, bias.unwrap_or(w), &y], groups);
+    let split = split_k(ws[1] * ws[2] * ws[3], tiles(rows, cols, p.groups));
+    let (pr, groups) = params(xs, ws, [oh, ow], p, bias.is_some(), rows, cols, split);
+    let y = split_output(ctx, split.1, y_shape.iter().product(), |out| {
+        ctx.dispatch(&FWD, &[], pr, &[x, w, bias.unwrap_or(w), out], groups)
+    });
     (y, y_shape)
+}
+
+/// Output tiles of a per-group GEMM of `rows x cols` over `groups` groups.
+fn tiles(rows: usize, cols: usize, groups: usize) -> usize {
+    rows.div_ceil(TILE) * cols.div_ceil(TILE) * groups
+}
+
+/// Runs `dispatch` into one plane of `len`, or into `splits` partial planes then summed in a
+/// fixed order (bit-reproducible).
+fn split_output(ctx: &Ctx, splits: usize, len: usize, dispatch: impl FnOnce(&Buf)) -> Buf {
+    let out = ctx.alloc(splits * len);
+    dispatch(&out);
+    if splits == 1 {
+        return out;
+    }
+    reduce_axes(ctx, &out, &[splits, len], &[true, false], 1.0)
 }
 
 pub(crate) fn conv2d_backward_input(
@@ -154,12 +174,16 @@ pub(crate) fn conv2d_backward_input(
         [x_shape[0], ws[0], oh, ow],
         "conv2d_backward_input dy shape"
     );
-    let dx = ctx.alloc(x_shape.iter().product());
     let rows = x_shape[1] / p.groups;
     let cols = x_shape[0] * x_shape[2] * x_shape[3];
-    let (pr, groups) = params(x_shape, ws, [oh, ow], p, false, rows, cols, (0, 1));
-    ctx.dispatch(&BWD_INPUT, &[], pr, &[dy, w, &dx], groups);
-    dx
+    let split = split_k(
+        ws[0] / p.groups * ws[2] * ws[3],
+        tiles(rows, cols, p.groups),
+    );
+    let (pr, groups) = params(x_shape, ws, [oh, ow], p, false, rows, cols, split);
+    split_output(ctx, split.1, x_shape.iter().product(), |out| {
+        ctx.dispatch(&BWD_INPUT, &[], pr, &[dy, w, out], groups)
+    })
 }
 
 pub(crate) fn conv2d_backward_weight(
@@ -181,17 +205,9 @@ pub(crate) fn conv2d_backward_weight(
     );
     let rows = w_shape[0] / p.groups;
     let cols = w_shape[1] * w_shape[2] * w_shape[3];
-    let split = split_k(
-        xs[0] * oh * ow,
-        rows.div_ceil(TILE) * cols.div_ceil(TILE) * p.groups,
-    );
+    let split = split_k(xs[0] * oh * ow, tiles(rows, cols, p.groups));
     let (pr, groups) = params(xs, w_shape, [oh, ow], p, false, rows, cols, split);
-    let len: usize = w_shape.iter().product();
-    let splits = split.1;
-    let partial = ctx.alloc(splits * len);
-    ctx.dispatch(&BWD_WEIGHT, &[], pr, &[dy, x, &partial], groups);
-    if splits == 1 {
-        return partial;
-    }
-    reduce_axes(ctx, &partial, &[splits, len], &[true, false], 1.0)
+    split_output(ctx, split.1, w_shape.iter().product(), |out| {
+        ctx.dispatch(&BWD_WEIGHT, &[], pr, &[dy, x, out], groups)
+    })
 }

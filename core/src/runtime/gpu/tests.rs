@@ -271,6 +271,18 @@ fn conv_cases() -> Vec<ConvCase> {
             w: [5, 3, 1, 1],
             p: p([2, 2], [0; 4], [1, 1], 1),
         },
+        // One tile per group and a forward reduction of 288: split-K forward (bias once).
+        ConvCase {
+            x: [2, 64, 5, 5],
+            w: [8, 32, 3, 3],
+            p: p([1, 1], [1; 4], [1, 1], 2),
+        },
+        // An input-gradient reduction of 576 over one tile: split-K input gradient, strided.
+        ConvCase {
+            x: [1, 8, 6, 5],
+            w: [64, 8, 3, 3],
+            p: p([2, 2], [1; 4], [1, 1], 1),
+        },
     ]
 }
 
@@ -338,6 +350,9 @@ fn split_k_covers_the_reduction_exactly() {
         "large reductions must split"
     );
     assert_eq!(conv::split_k(1000, 300).1, 1, "enough tiles: no split");
+    // The new cases of `conv_cases` really take the split paths they are there for.
+    assert_eq!(conv::split_k(32 * 9, 2).1, 2, "split-K forward case");
+    assert_eq!(conv::split_k(64 * 9, 1).1, 3, "split-K input-gradient case");
 }
 
 #[test]
