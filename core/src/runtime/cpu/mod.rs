@@ -157,9 +157,15 @@ impl Backend for CpuBackend {
         let solo = parts >= self.threads;
         self.install(|| {
             (0..parts).into_par_iter().for_each(|i| {
-                let outer = IN_SLICE.with(|s| s.replace(solo));
+                // Restores the worker's flag however `f` ends (a panic unwinds through here).
+                struct Restore(bool);
+                impl Drop for Restore {
+                    fn drop(&mut self) {
+                        IN_SLICE.with(|s| s.set(self.0));
+                    }
+                }
+                let _restore = Restore(IN_SLICE.with(|s| s.replace(solo)));
                 f(i);
-                IN_SLICE.with(|s| s.set(outer));
             })
         });
     }
