@@ -4,7 +4,7 @@
 Usage:
   ort_run.py MODEL IN.npy OUT_PREFIX
       writes OUT_PREFIX.<i>.npy for each model output i (float32), input fed to the first input.
-  ort_run.py --bench MODEL --batch B --iters K [--threads T]
+  ort_run.py --bench MODEL --batch B --iters K [--threads T] [--rounds R]  (best round)
       times K forward passes on a random float32 batch and prints JSON {"images_per_s": ...}.
 """
 import json
@@ -40,12 +40,18 @@ def bench(argv):
     inp = sess.get_inputs()[0]
     shape = [batch] + [d for d in inp.shape[1:]]
     x = np.random.RandomState(0).rand(*shape).astype(np.float32)
+    rounds = int(opts.get("--rounds", 5))
     sess.run(None, {inp.name: x})  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        sess.run(None, {inp.name: x})
-    dt = time.perf_counter() - t0
-    print(json.dumps({"images_per_s": batch * iters / dt, "seconds": dt, "batch": batch, "iters": iters}))
+    # The best of several rounds, as the Rust side measures: on a shared machine the mean
+    # carries other tenants' load, which neither side controls.
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            sess.run(None, {inp.name: x})
+        best = min(best, time.perf_counter() - t0)
+    print(json.dumps({"images_per_s": batch * iters / best, "seconds": best, "batch": batch,
+                      "iters": iters, "rounds": rounds}))
 
 
 def main(argv):

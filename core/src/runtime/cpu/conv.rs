@@ -12,6 +12,7 @@ use super::CpuBackend;
 use super::gemm::{MatRef, gemm_f32};
 use super::ops::unary_f32;
 use super::sgemm::{self, PackedA};
+use super::winograd;
 use crate::runtime::backend::{Conv2dParams, Unary};
 use crate::runtime::reference::conv2d_out_hw;
 
@@ -262,6 +263,43 @@ struct Direct {
     offs: Vec<usize>,
 }
 
+/// Test-only switch off the Winograd path, so timings reach the direct path too.
+#[cfg(test)]
+pub(super) static FORCE_NO_WINOGRAD: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// The Winograd path's view of a convolution it takes: 3x3, stride 1, dilation 1, one group,
+/// and the sizes `winograd::applies` accepts.
+fn winograd_shape(gm: &Geom) -> Option<winograd::Shape> {
+    #[cfg(test)]
+    if FORCE_NO_WINOGRAD.load(std::sync::atomic::Ordering::Relaxed)
+        || FORCE_IM2COL.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return None;
+    }
+    if (gm.kh, gm.kw) != (3, 3) || gm.p.stride != [1, 1] || gm.p.dilation != [1, 1] || gm.g != 1 {
+        return None;
+    }
+    let s = winograd::Shape {
+        n: gm.n,
+        c: gm.c,
+        h: gm.h,
+        w: gm.w,
+        m: gm.m,
+        oh: gm.oh,
+        ow: gm.ow,
+        pt: gm.p.pad[0],
+        pl: gm.p.pad[1],
+    };
+    winograd::applies(&s).then_some(s)
+}
+
+/// Whether the Winograd path takes a convolution of these shapes (for tests that must reach it).
+#[cfg(test)]
+pub(super) fn winograd_probe(x: [usize; 4], w: [usize; 4], p: &Conv2dParams) -> bool {
+    winograd_shape(&Geom::new(x, w, p)).is_some()
+}
+
 /// Test-only switch to the im2col path, so timing tests can compare the two in one process.
 #[cfg(test)]
 pub(super) static FORCE_IM2COL: std::sync::atomic::AtomicBool =
@@ -400,7 +438,7 @@ thread_local! {
 /// user overwrites all of it). Reusing it avoids an allocation plus page faults per (sample,
 /// group) in im2col convolutions; the buffer is taken out of the thread-local while in use, so a
 /// nested call (gemm's own parallelism running another task here) just gets a fresh one.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     let mut buf = SCRATCH.with(|c| c.take());
     if buf.len() < len {
         buf.resize(len, 0.0);
@@ -449,6 +487,9 @@ impl CpuBackend {
         }
         if gm.is_depthwise() {
             self.depthwise_forward(&gm, x, w, &mut y);
+        } else if let Some(shape) = winograd_shape(&gm) {
+            self.winograd_forward(shape, &gm, x, w, bias, act, &mut y);
+            return (y, ys);
         } else {
             let (par_tasks, par) = self.conv_plan(gm.n * gm.g, gm.flops());
             let k = gm.k();
@@ -509,6 +550,83 @@ impl CpuBackend {
             epilogue(plane, pw, bias.map(|b| &b[i % gm.m..i % gm.m + 1]), act);
         }
         (y, ys)
+    }
+
+    /// The Winograd forward: tasks are chunks of samples, or, with fewer samples than
+    /// threads, (sample, output-channel range) pairs, each writing its own block of `y`.
+    #[allow(clippy::too_many_arguments)]
+    fn winograd_forward(
+        &self,
+        shape: winograd::Shape,
+        gm: &Geom,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        act: Option<Unary>,
+        y: &mut [f32],
+    ) {
+        if let Some(b) = bias {
+            assert_eq!(b.len(), gm.m, "conv2d bias length");
+        }
+        let pw = gm.p_out();
+        let par = self.parallel(gm.flops());
+        let threads = if par { self.threads } else { 1 };
+        // Ranges of at least 8 channels, so each GEMM keeps a useful height.
+        let splits = if gm.n >= threads {
+            1
+        } else {
+            threads.div_ceil(gm.n).min(gm.m / 8).max(1)
+        };
+        let plan = winograd::Plan::new(shape, w, splits);
+        let relu = act == Some(Unary::Relu);
+        let run = |t: winograd::Task, yb: &mut [f32]| {
+            let (co0, mr) = plan.range(t.range);
+            plan.run(&t, x, yb, bias.map(|b| &b[co0..co0 + mr]), relu);
+            if !relu {
+                epilogue(yb, pw, None, act);
+            }
+        };
+        if plan.ranges() == 1 {
+            // Two chunks per thread, for balance; one chunk when sequential.
+            let chunk = gm.n.div_ceil(2 * threads).max(1);
+            let task = |i: usize, yb: &mut [f32]| {
+                let ns = yb.len() / (gm.m * pw);
+                run(
+                    winograd::Task {
+                        s0: i * chunk,
+                        ns,
+                        range: 0,
+                    },
+                    yb,
+                )
+            };
+            if par {
+                self.install(|| {
+                    y.par_chunks_mut(chunk * gm.m * pw)
+                        .enumerate()
+                        .for_each(|(i, yb)| task(i, yb))
+                });
+            } else {
+                task(0, y);
+            }
+            return;
+        }
+        let mut tasks = Vec::with_capacity(gm.n * plan.ranges());
+        for (ni, mut ys) in y.chunks_mut(gm.m * pw).enumerate() {
+            for r in 0..plan.ranges() {
+                let (head, rest) = ys.split_at_mut(plan.range(r).1 * pw);
+                tasks.push((
+                    winograd::Task {
+                        s0: ni,
+                        ns: 1,
+                        range: r,
+                    },
+                    head,
+                ));
+                ys = rest;
+            }
+        }
+        self.install(|| tasks.into_par_iter().for_each(|(t, yb)| run(t, yb)));
     }
 
     /// Runs `task(i, block_i)` over the `block`-sized chunks of `out`, on the pool when asked.

@@ -11,9 +11,11 @@
 
 mod conv;
 mod gemm;
+mod maxpool2;
 mod ops;
 mod pool;
 mod sgemm;
+mod winograd;
 
 #[cfg(test)]
 mod tests;
@@ -134,6 +136,11 @@ fn dims4(shape: &[usize], what: &str) -> [usize; 4] {
     [shape[0], shape[1], shape[2], shape[3]]
 }
 
+/// Largest batch slice (samples) when a batch is cut for the cache rather than for threads.
+/// Measured on the small CNN, one thread, best of 5 rounds, alternating: forward the same at 64
+/// (one slice), 16 and 8; forward + input gradient 3-5% faster at 16.
+const SLICE_SAMPLES: usize = 16;
+
 impl Backend for CpuBackend {
     type Buf = CpuBuf;
 
@@ -146,7 +153,9 @@ impl Backend for CpuBackend {
     }
 
     fn batch_slices(&self, n: usize) -> usize {
-        self.threads.min(n).max(1)
+        // At least one slice per worker, and slices of at most SLICE_SAMPLES so that a slice's
+        // activations stay in cache from one op to the next.
+        self.threads.max(n.div_ceil(SLICE_SAMPLES)).min(n).max(1)
     }
 
     fn run_slices(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {

@@ -714,25 +714,7 @@ impl CpuBackend {
                     let (top, rest) = dst.split_at_mut(r1);
                     let (top, bot) = (&mut top[r0..r0 + 2 * ow], &mut rest[..2 * ow]);
                     let (xt, xb) = (&plane[r0..r0 + 2 * ow], &plane[r1..r1 + 2 * ow]);
-                    for (ox, &d) in drow.iter().enumerate() {
-                        let v = [xt[2 * ox], xt[2 * ox + 1], xb[2 * ox], xb[2 * ox + 1]];
-                        let mut best = 0;
-                        for i in 1..4 {
-                            best = if v[i] > v[best] { i } else { best };
-                        }
-                        let g = |i: usize| if best == i { d } else { 0.0 };
-                        if tiled {
-                            top[2 * ox] = g(0);
-                            top[2 * ox + 1] = g(1);
-                            bot[2 * ox] = g(2);
-                            bot[2 * ox + 1] = g(3);
-                        } else {
-                            top[2 * ox] += g(0);
-                            top[2 * ox + 1] += g(1);
-                            bot[2 * ox] += g(2);
-                            bot[2 * ox + 1] += g(3);
-                        }
-                    }
+                    super::maxpool2::backward_row(xt, xb, drow, top, bot, !tiled);
                 }
                 return;
             }
@@ -964,17 +946,10 @@ impl PoolWindows {
         let ow = self.cols.len();
         // The ubiquitous 2x2 / stride 2 case: fixed-size pairs, no index arithmetic.
         if self.kernel_2x2_stride_2(kernel) {
-            let sel = |o: f32, v: f32| if v > o { v } else { o };
             for (oy, out) in dst.chunks_exact_mut(ow).enumerate() {
                 let r0 = &plane[2 * oy * self.w..][..2 * ow];
                 let r1 = &plane[(2 * oy + 1) * self.w..][..2 * ow];
-                for ((o, a), b) in out
-                    .iter_mut()
-                    .zip(r0.chunks_exact(2))
-                    .zip(r1.chunks_exact(2))
-                {
-                    *o = sel(sel(sel(a[0], a[1]), b[0]), b[1]);
-                }
+                super::maxpool2::forward_row(r0, r1, out);
             }
             return;
         }

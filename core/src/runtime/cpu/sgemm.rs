@@ -191,6 +191,17 @@ mod x86 {
         let (m, k) = (a.m, a.k);
         let panels = m.div_ceil(MR);
         let (bp, cp, ap) = (b.as_ptr(), c.as_mut_ptr(), a.data.as_ptr());
+        // The column tail's zero-padded strip and its row offsets, made once per call (not per
+        // panel): lanes past `rem` only ever hold earlier columns' values, which no stored lane
+        // depends on.
+        let (mut strip, local) = if n.is_multiple_of(LANES) {
+            (Vec::new(), Vec::new())
+        } else {
+            (
+                vec![0.0f32; KC * LANES],
+                (0..KC).map(|t| t * LANES).collect(),
+            )
+        };
         // Goto's loop order: a KC x MC block of the packed weights stays in L2 while every NR
         // strip of the right operand (KC x 16, in L1) meets its MC/MR panels.
         for t0 in (0..k).step_by(KC) {
@@ -223,6 +234,8 @@ mod x86 {
                                     a_blk,
                                     b_blk.add(off),
                                     rows_off,
+                                    &mut strip,
+                                    &local,
                                     c_blk.add(off),
                                     ldc,
                                     rows,
@@ -344,7 +357,8 @@ mod x86 {
         }
     }
 
-    /// The last `rem < 8` columns: the same reduction through a zero-padded copy of the strip.
+    /// The last `rem < 8` columns: the same reduction through a padded copy of the strip
+    /// (`strip`: `KC` rows of 8, `local[t] = 8 t`).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
@@ -352,18 +366,18 @@ mod x86 {
         a: *const f32,
         b: *const f32,
         offs: &[usize],
+        strip: &mut [f32],
+        local: &[usize],
         c: *mut f32,
         ldc: usize,
         rows: usize,
         rem: usize,
         accumulate: bool,
     ) {
-        let mut strip = [0.0f32; KC * LANES];
         let mut out = [0.0f32; MR * LANES];
-        let local: [usize; KC] = std::array::from_fn(|t| t * LANES);
+        assert!(offs.len() <= KC && strip.len() >= KC * LANES && local.len() >= KC);
         // SAFETY: the caller guarantees `rem` floats at `b + offs[t]` (offs.len() <= KC rows) and
-        // `rows` rows of `rem` floats at `c`; `strip` and `out` are local and sized for KC rows
-        // and MR rows of 8.
+        // `rows` rows of `rem` floats at `c`; `strip` holds KC rows of 8 (asserted), `out` MR.
         unsafe {
             for (t, &o) in offs.iter().enumerate() {
                 std::ptr::copy_nonoverlapping(b.add(o), strip.as_mut_ptr().add(t * LANES), rem);

@@ -754,35 +754,47 @@ fn fast_paths_match_reference() {
         // Max pooling with many ties (values on a coarse grid) and NaNs: the first strict
         // maximum in row-major order wins, forward and backward. 7x9 input: the last row and
         // column belong to no 2x2 window.
-        let xs = [2, 3, 7, 9];
-        let mut x = RefTensor::random(&xs, 80);
-        for v in &mut x.data {
-            *v = (*v * 2.0).round() / 2.0;
-        }
-        x.data[0] = f64::NAN;
-        x.data[12] = f64::NAN;
-        for (kernel, stride, out) in [([2, 2], [2, 2], [3, 4]), ([3, 2], [1, 2], [5, 4])] {
-            let p = pool(PoolKind::Max, kernel, stride, [0; 4], [1, 1], out);
-            let xt = up(&b, &x);
-            let got = b.download(&b.pool2d(&xt, &p));
-            let want = r::pool2d(&x, &p);
-            for (i, (&g, &w)) in got.iter().zip(&want.data).enumerate() {
-                assert!(
-                    (g.is_nan() && w.is_nan()) || g as f64 == w,
-                    "max pool {kernel:?} [{}] at {i}: {g} vs {w}",
-                    b.describe()
+        // Also rows of 19 and 16 windows: the eight-window vector path, its scalar remainder,
+        // and tiled planes (every dx element written, not accumulated); NaNs on each tap.
+        for (xs, kernel, stride, out) in [
+            ([2, 3, 7, 9], [2, 2], [2, 2], [3, 4]),
+            ([2, 3, 7, 9], [3, 2], [1, 2], [5, 4]),
+            ([2, 3, 9, 38], [2, 2], [2, 2], [4, 19]),
+            ([1, 2, 16, 32], [2, 2], [2, 2], [8, 16]),
+        ] {
+            let mut x = RefTensor::random(&xs, 80);
+            for v in &mut x.data {
+                *v = (*v * 2.0).round() / 2.0;
+            }
+            x.data[0] = f64::NAN;
+            x.data[12] = f64::NAN;
+            let w = xs[3];
+            for at in [2 * w + 1, 2 * w + 4, 3 * w + 6, 3 * w + 9, 5 * w + 17] {
+                x.data[at] = f64::NAN;
+            }
+            {
+                let p = pool(PoolKind::Max, kernel, stride, [0; 4], [1, 1], out);
+                let xt = up(&b, &x);
+                let got = b.download(&b.pool2d(&xt, &p));
+                let want = r::pool2d(&x, &p);
+                for (i, (&g, &w)) in got.iter().zip(&want.data).enumerate() {
+                    assert!(
+                        (g.is_nan() && w.is_nan()) || g as f64 == w,
+                        "max pool {kernel:?} [{}] at {i}: {g} vs {w}",
+                        b.describe()
+                    );
+                }
+                let dy = RefTensor::random(&want.shape, 81);
+                let got = b.pool2d_backward(&up(&b, &dy), &xt, &p);
+                let want = r::pool2d_backward(&dy, &x, &p);
+                check(
+                    &b,
+                    &got,
+                    &want,
+                    BWD,
+                    &format!("max pool backward {xs:?} {kernel:?}"),
                 );
             }
-            let dy = RefTensor::random(&want.shape, 81);
-            let got = b.pool2d_backward(&up(&b, &dy), &xt, &p);
-            let want = r::pool2d_backward(&dy, &x, &p);
-            check(
-                &b,
-                &got,
-                &want,
-                BWD,
-                &format!("max pool backward {kernel:?}"),
-            );
         }
 
         // Row broadcasts: [N, K] op [K] and [K] op [N, K], above the parallel threshold.
@@ -803,6 +815,71 @@ fn fast_paths_match_reference() {
                 &r::binary(op, &v, &a),
                 FWD,
                 "row bcast r",
+            );
+        }
+    }
+}
+
+/// The Winograd F(2x2, 3x3) path against the f64 reference, forward (bias, fused ReLU and
+/// another activation) and input gradient (the flipped convolution takes the same path), on
+/// shapes that reach each of its branches: odd output sizes (partial tiles, masked last rows),
+/// two 8-tile lane groups per row (the right-to-left spill order), several blocks per sample,
+/// pads on one side only and pads beyond the kernel's reach, output-channel ranges (fewer
+/// samples than threads) and sample chunks. Each case asserts that the path applies, so the
+/// test cannot silently drift onto another path. Results must also not depend on the thread
+/// count (the reduction order is per element).
+#[test]
+fn winograd_matches_reference() {
+    let cases: Vec<([usize; 4], [usize; 4], Conv2dParams)> = vec![
+        // the demo CNN's second convolution
+        ([8, 16, 14, 14], [32, 16, 3, 3], conv(1, [1; 4], 1, 1)),
+        // odd sizes, asymmetric pads: oh = 13, ow = 11
+        ([10, 6, 13, 11], [9, 6, 3, 3], conv(1, [0, 1, 2, 1], 1, 1)),
+        // no padding, 16 tiles per row (two lane groups)
+        ([4, 8, 30, 34], [8, 8, 3, 3], conv(1, [0; 4], 1, 1)),
+        // one sample: channel ranges on 3 threads; several blocks per sample
+        ([1, 16, 40, 40], [24, 16, 3, 3], conv(1, [1; 4], 1, 1)),
+        ([1, 64, 40, 40], [64, 64, 3, 3], conv(1, [1; 4], 1, 1)),
+        // pads beyond the kernel's reach (all-padding border outputs)
+        ([12, 5, 9, 9], [7, 5, 3, 3], conv(1, [2; 4], 1, 1)),
+    ];
+    let one = CpuBackend::new(Some(1));
+    let three = CpuBackend::new(Some(3));
+    for (ci, (xs, ws, p)) in cases.iter().enumerate() {
+        let gm = super::conv::winograd_probe(*xs, *ws, p);
+        assert!(
+            gm,
+            "case {ci}: the Winograd path does not apply to {xs:?} * {ws:?}"
+        );
+        let x = RefTensor::random(xs, 500 + ci as u64);
+        let w = RefTensor::random(ws, 600 + ci as u64);
+        let bias = RefTensor::random(&[ws[0]], 700 + ci as u64);
+        let y = r::conv2d(&x, &w, Some(&bias), p);
+        let dy = RefTensor::random(&y.shape, 800 + ci as u64);
+        let dx = r::conv2d_backward_input(&dy, &w, p, *xs);
+        let mut runs = Vec::new();
+        for b in [&one, &three] {
+            let (xt, wt, bt) = (up(b, &x), up(b, &w), up(b, &bias));
+            let got = b.conv2d(&xt, &wt, Some(&bt), p);
+            check(b, &got, &y, FWD, &format!("winograd case {ci}"));
+            for act in [Unary::Relu, Unary::Tanh] {
+                let fused = b.conv2d_act(&xt, &wt, Some(&bt), p, act);
+                check(
+                    b,
+                    &fused,
+                    &r::unary(act, &y),
+                    BWD,
+                    &format!("winograd {act:?} {ci}"),
+                );
+            }
+            let got_dx = b.conv2d_backward_input(&up(b, &dy), &wt, p, *xs);
+            check(b, &got_dx, &dx, BWD, &format!("winograd dx {ci}"));
+            runs.push([b.download(&got), b.download(&got_dx)]);
+        }
+        for (k, (a, c)) in runs[0].iter().zip(&runs[1]).enumerate() {
+            assert!(
+                a.iter().zip(c).all(|(u, v)| u.to_bits() == v.to_bits()),
+                "case {ci} output {k}: 1 and 3 threads differ"
             );
         }
     }
@@ -893,9 +970,10 @@ fn fused_inference_equals_taped_forward() {
     assert!(fused_any, "no test model has a fusable Conv -> activation");
 }
 
-/// Timing of the direct (no im2col) convolution against the im2col path, single-threaded
-/// (`ADVERSE_TIMING_THREADS=n` for more), best of many repetitions (`cargo test --release -p adverse --lib conv_timing -- --ignored
-/// --nocapture`). Not a benchmark claim: a tool for tuning on a shared machine.
+/// Timing of the convolution paths, single-threaded (`ADVERSE_TIMING_THREADS=n` for more),
+/// best of many repetitions: Winograd (where it applies), direct (no im2col) and im2col
+/// (`cargo test --release -p adverse --lib conv_timing -- --ignored --nocapture`). Not a
+/// benchmark claim: a tool for tuning on a shared machine.
 #[test]
 #[ignore]
 fn conv_timing() {
@@ -906,13 +984,29 @@ fn conv_timing() {
         .unwrap_or(1);
     let b = CpuBackend::new(Some(threads));
     // (x shape, w shape, pad)
-    let cases: [([usize; 4], [usize; 4], usize); 4] = [
+    let cases: [([usize; 4], [usize; 4], usize); 9] = [
         ([64, 16, 14, 14], [32, 16, 3, 3], 1),
+        ([4, 16, 14, 14], [32, 16, 3, 3], 1),
+        ([2, 16, 14, 14], [32, 16, 3, 3], 1),
+        ([4, 64, 28, 28], [64, 64, 3, 3], 1),
+        ([64, 32, 14, 14], [16, 32, 3, 3], 1),
         ([64, 1, 28, 28], [16, 1, 3, 3], 1),
         ([1, 64, 56, 56], [64, 64, 3, 3], 1),
-        ([1, 256, 14, 14], [256, 256, 3, 3], 1),
+        ([4, 256, 14, 14], [256, 256, 3, 3], 1),
+        ([1, 512, 7, 7], [512, 512, 3, 3], 1),
     ];
-    for (xs, ws, pad) in cases {
+    let set = |mode: usize| {
+        super::conv::FORCE_NO_WINOGRAD.store(mode == 1, Ordering::Relaxed);
+        super::conv::FORCE_IM2COL.store(mode == 2, Ordering::Relaxed);
+    };
+    // `ADVERSE_TIMING_CASE=k`: only case k (for profiling).
+    let only: Option<usize> = std::env::var("ADVERSE_TIMING_CASE")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    for (ci, (xs, ws, pad)) in cases.into_iter().enumerate() {
+        if only.is_some_and(|k| k != ci) {
+            continue;
+        }
         let x = b.upload(&RefTensor::random(&xs, 1).to_f32(), &xs);
         let w = b.upload(&RefTensor::random(&ws, 2).to_f32(), &ws);
         let p = Conv2dParams {
@@ -922,23 +1016,26 @@ fn conv_timing() {
             groups: 1,
         };
         let flops = 2.0 * (xs[0] * ws[0] * xs[2] * xs[3] * ws[1] * ws[2] * ws[3]) as f64;
-        let mut best = [f64::INFINITY; 2];
-        for rep in 0..40 {
-            let im2col = rep % 2 == 1;
-            super::conv::FORCE_IM2COL.store(im2col, Ordering::Relaxed);
+        let mut best = [f64::INFINITY; 3];
+        for rep in 0..600 {
+            let mode = rep % 3;
+            set(mode);
             let t = std::time::Instant::now();
             let y = b.conv2d(&x, &w, None, &p);
             let dt = t.elapsed().as_secs_f64();
             std::hint::black_box(&y);
-            best[im2col as usize] = best[im2col as usize].min(dt);
+            best[mode] = best[mode].min(dt);
         }
-        super::conv::FORCE_IM2COL.store(false, Ordering::Relaxed);
+        set(0);
+        let g = |t: f64| flops / t / 1e9;
         println!(
-            "{xs:?} * {ws:?}: direct {:.3} ms ({:.1} GFLOP/s), im2col {:.3} ms ({:.1} GFLOP/s)",
+            "{xs:?} * {ws:?}: auto {:.3} ms ({:.1} GFLOP/s direct-equivalent), direct {:.3} ms ({:.1}), im2col {:.3} ms ({:.1})",
             best[0] * 1e3,
-            flops / best[0] / 1e9,
+            g(best[0]),
             best[1] * 1e3,
-            flops / best[1] / 1e9
+            g(best[1]),
+            best[2] * 1e3,
+            g(best[2])
         );
     }
 }

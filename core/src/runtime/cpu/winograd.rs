@@ -1,0 +1,476 @@
+//! Winograd F(2x2, 3x3) for 3x3, stride-1, dilation-1, single-group convolutions (Lavin and
+//! Gray 2016, "Fast Algorithms for Convolutional Neural Networks").
+//!
+//! Why: such a convolution spends 36 multiply-adds per 2x2 output tile and channel pair; in
+//! the Winograd domain it spends 16, so the arithmetic that dominates a small CNN's forward
+//! (and its input gradient, which is the same kind of convolution) shrinks by 2.25x. The
+//! transforms are a few additions per tile and channel, vectorised along a row of tiles; the
+//! 16 products per tile are 16 GEMMs (`U_e (m x c) * V_e (c x tiles)`) on the packed-panel
+//! kernel of [`super::sgemm`], over blocks of tiles sized to stay in L2.
+//!
+//! Accuracy: F(2x2, 3x3)'s transforms have coefficients 0, +-1 and 1/2 (applied to the
+//! weights, in f64), so the result differs from direct summation by a few rounding steps
+//! (well inside the 1e-4 the backends are held to; the tests compare against the f64
+//! reference). Larger tiles (F(4x4, 3x3)) would save more but amplify rounding.
+//!
+//! Determinism: every output is reduced in the same order (channels in increasing order
+//! inside each of the 16 products, then the fixed output transform), whatever the block or
+//! thread it falls in.
+
+use super::sgemm::{self, PackedA};
+
+/// Lanes of one AVX register: the transforms work on eight tiles of a row at once.
+const L: usize = 8;
+/// f32s of the transformed input and product blocks (`16 x tiles x (c + m)`): about 384 KiB,
+/// which stays in a core's L2 between the transform that writes it and the GEMM that reads it.
+const BLOCK_FLOATS: usize = 96 << 10;
+/// Fewest tiles in a block.
+const MIN_BLOCK: usize = 32;
+/// Fewest output tiles (all samples) a call needs for the Winograd path, plus one per 128
+/// weight pairs. Measured (one thread): 16 -> 32 channels on 14x14 wins from 2 samples (98
+/// tiles, 1.1x; 196 tiles, 1.2x); 256 -> 256 channels on 14x14 loses at 4 samples (196 tiles,
+/// 0.87x: transforming and packing 65k weight pairs costs about a millisecond).
+const MIN_TILES: usize = 96;
+/// Input planes larger than this (f32s per sample, after padding and de-interleaving) are
+/// left to the direct path: the staged copy of one sample must stay cache-sized.
+const MAX_SAMPLE_FLOATS: usize = 4 << 20;
+
+/// The geometry of one convolution the plan serves.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Shape {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub m: usize,
+    pub oh: usize,
+    pub ow: usize,
+    /// Top and left padding (bottom and right follow from `oh = h + pt + pb - 2`).
+    pub pt: usize,
+    pub pl: usize,
+}
+
+impl Shape {
+    fn th(&self) -> usize {
+        self.oh.div_ceil(2)
+    }
+    fn tw(&self) -> usize {
+        self.ow.div_ceil(2)
+    }
+    /// Rows of the padded input the tiles read (two past the last tile's origin, rounded so
+    /// that a partial last tile reads zeros).
+    fn hp(&self) -> usize {
+        2 * self.th() + 2
+    }
+    /// Lanes of one de-interleaved padded row: every 8-lane group of tiles plus the one-column
+    /// overlap of the next tile.
+    fn lw(&self) -> usize {
+        self.tw().div_ceil(L) * L + L
+    }
+    fn sample_floats(&self) -> usize {
+        self.c * self.hp() * 2 * self.lw()
+    }
+}
+
+/// The weights in the Winograd domain for one range of output channels: 16 packed `mr x c`
+/// matrices (`U_e[co][ci] = (G g G^T)[e]`).
+struct Range {
+    co0: usize,
+    mr: usize,
+    u: Vec<PackedA>,
+}
+
+/// A convolution prepared for the Winograd path: the transformed weights, split into the
+/// output-channel ranges that tasks take.
+pub(super) struct Plan {
+    s: Shape,
+    ranges: Vec<Range>,
+}
+
+/// The plan's unit of work: output samples `s0..s0 + ns` and the channels of range `range`.
+pub(super) struct Task {
+    pub s0: usize,
+    pub ns: usize,
+    pub range: usize,
+}
+
+/// Whether the Winograd path takes this convolution (its caller has checked kernel 3x3, stride
+/// 1, dilation 1 and one group): enough channels on both sides that the transforms are cheap
+/// next to the products, enough tiles in the call to pay for transforming the weights (16
+/// products per weight pair, made once per call; measured: a 256-channel 14x14 convolution
+/// of one sample ran 2.5x slower than the direct path), and AVX2/FMA.
+pub(super) fn applies(s: &Shape) -> bool {
+    s.c >= 4
+        && s.m >= 4
+        && s.n.saturating_mul(s.th()).saturating_mul(s.tw()) >= MIN_TILES + s.c * s.m / 128
+        && s.oh >= 2
+        && s.ow >= 4
+        && s.sample_floats() <= MAX_SAMPLE_FLOATS
+        && sgemm::available()
+}
+
+impl Plan {
+    /// Transforms `w` (`m x c x 3 x 3`) and packs it for `splits` output-channel ranges.
+    pub fn new(s: Shape, w: &[f32], splits: usize) -> Plan {
+        assert_eq!(w.len(), s.m * s.c * 9, "winograd: weight length");
+        // U[e][co][ci] in f64 (the 1/2 factors are exact, the sums are not), rounded once, in
+        // the thread's scratch (a fresh allocation per call cost more in page faults than the
+        // arithmetic).
+        super::conv::with_scratch(16 * s.m * s.c, |u| Plan::packed(s, w, u, splits))
+    }
+
+    fn packed(s: Shape, w: &[f32], u: &mut [f32], splits: usize) -> Plan {
+        for co in 0..s.m {
+            for ci in 0..s.c {
+                let g = &w[(co * s.c + ci) * 9..][..9];
+                let g = |r: usize, k: usize| f64::from(g[r * 3 + k]);
+                // Gg (4 x 3), then (Gg) G^T (4 x 4).
+                let mut gg = [[0.0f64; 3]; 4];
+                for k in 0..3 {
+                    gg[0][k] = g(0, k);
+                    gg[1][k] = 0.5 * (g(0, k) + g(1, k) + g(2, k));
+                    gg[2][k] = 0.5 * (g(0, k) - g(1, k) + g(2, k));
+                    gg[3][k] = g(2, k);
+                }
+                for (p, row) in gg.iter().enumerate() {
+                    let [a, b, c] = *row;
+                    let t = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+                    for (q, &v) in t.iter().enumerate() {
+                        u[((p * 4 + q) * s.m + co) * s.c + ci] = v as f32;
+                    }
+                }
+            }
+        }
+        let splits = splits.clamp(1, s.m);
+        let per = s.m.div_ceil(splits);
+        let ranges = (0..s.m)
+            .step_by(per)
+            .map(|co0| {
+                let mr = per.min(s.m - co0);
+                let u = (0..16)
+                    .map(|e| PackedA::new(mr, s.c, &u[(e * s.m + co0) * s.c..], s.c, 1))
+                    .collect();
+                Range { co0, mr, u }
+            })
+            .collect();
+        Plan { s, ranges }
+    }
+
+    pub fn ranges(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Output channels of range `r`: (first, count).
+    pub fn range(&self, r: usize) -> (usize, usize) {
+        (self.ranges[r].co0, self.ranges[r].mr)
+    }
+
+    /// Computes one task: `x` holds the whole input (`n x c x h x w`), `y` the task's output
+    /// (`ns x mr x oh x ow`, the range's channels of its samples), to which `bias` (the range's
+    /// entries) is added and, if `relu`, the ReLU applied.
+    pub fn run(&self, t: &Task, x: &[f32], y: &mut [f32], bias: Option<&[f32]>, relu: bool) {
+        let s = &self.s;
+        let rg = &self.ranges[t.range];
+        let (mr, c) = (rg.mr, s.c);
+        let (th, tw, pw) = (s.th(), s.tw(), s.oh * s.ow);
+        let plane = s.h * s.w;
+        assert!(
+            x.len() >= (t.s0 + t.ns) * c * plane,
+            "winograd: input too short"
+        );
+        assert_eq!(y.len(), t.ns * mr * pw, "winograd: output length");
+        if let Some(b) = bias {
+            assert_eq!(b.len(), mr, "winograd: bias length");
+        }
+        // A block is `rows` tile rows (`rows * tw` tiles); a group is the samples whose staged
+        // input one block reads: whole samples when they fit a block, else one sample.
+        let per_tile = 16 * (c + mr);
+        // At least MIN_BLOCK tiles, even past the cache budget: narrower GEMMs lose more to
+        // their edges than the cache misses cost (measured on 256 channels).
+        let rows = (BLOCK_FLOATS / per_tile / tw).max(MIN_BLOCK.div_ceil(tw));
+        let group = (rows / th).max(1);
+        let rows = if group > 1 { group * th } else { rows };
+        let ldb = rows * tw + L;
+        let sample = s.sample_floats();
+        let need = group * sample + 16 * ldb * (c + mr);
+        super::conv::with_scratch(need, |buf| {
+            let (xd, rest) = buf.split_at_mut(group * sample);
+            // The padding is zeroed once: `stage` writes only the interior, the same positions
+            // for every sample.
+            xd.fill(0.0);
+            let (v, prod) = rest.split_at_mut(16 * c * ldb);
+            let mut g0 = 0;
+            while g0 < t.ns {
+                let gn = group.min(t.ns - g0);
+                for j in 0..gn {
+                    let xs = &x[(t.s0 + g0 + j) * c * plane..][..c * plane];
+                    stage(s, xs, &mut xd[j * sample..(j + 1) * sample]);
+                }
+                let total = gn * th;
+                let mut r0 = 0;
+                while r0 < total {
+                    let nr = rows.min(total - r0);
+                    // Whole 8-column strips: the columns past the tiles hold leftovers (GEMM
+                    // columns are independent, and their products only reach output lanes that
+                    // are never stored or are overwritten), and the GEMM needs no column tail.
+                    let n8 = (nr * tw).div_ceil(L) * L;
+                    for j in 0..nr {
+                        let (sl, ty) = ((r0 + j) / th, (r0 + j) % th);
+                        let xdj = &xd[sl * sample..(sl + 1) * sample];
+                        input_tiles(s, xdj, ty, v, ldb, j * tw);
+                    }
+                    for (e, ue) in rg.u.iter().enumerate() {
+                        let b = &v[e * c * ldb..(e + 1) * c * ldb];
+                        let p = &mut prod[e * mr * ldb..(e + 1) * mr * ldb];
+                        sgemm::gemm_packed(ue, b, ldb, n8, p, ldb);
+                    }
+                    for j in 0..nr {
+                        let (sl, ty) = ((r0 + j) / th, (r0 + j) % th);
+                        let ys = &mut y[(g0 + sl) * mr * pw..][..mr * pw];
+                        output_tiles(s, prod, mr, ldb, j * tw, ty, ys, bias, relu);
+                    }
+                    r0 += nr;
+                }
+                g0 += gn;
+            }
+        });
+    }
+}
+
+/// Copies one sample (`c x h x w`) into its zero-padded, column-de-interleaved form: for
+/// channel `ci` and padded row `r`, lanes `[0, lw)` hold the even padded columns and
+/// `[lw, 2 lw)` the odd ones, so a row of tiles reads each of its four columns contiguously.
+/// Leaves every other position as it was (zero, from the caller).
+fn stage(s: &Shape, x: &[f32], xd: &mut [f32]) {
+    let (hp, lw) = (s.hp(), s.lw());
+    for ci in 0..s.c {
+        for iy in 0..s.h {
+            let r = iy + s.pt;
+            if r >= hp {
+                break;
+            }
+            let dst = &mut xd[(ci * hp + r) * 2 * lw..][..2 * lw];
+            let src = &x[(ci * s.h + iy) * s.w..][..s.w];
+            for (ix, &val) in src.iter().enumerate() {
+                let col = ix + s.pl;
+                let (half, k) = (col % 2, col / 2);
+                if k < lw {
+                    dst[half * lw + k] = val;
+                }
+            }
+        }
+    }
+}
+
+/// `V_e[ci][t0 + tx] = (B^T d B)[e]` for the tiles of tile row `ty` of one staged sample,
+/// every channel. Writes whole 8-lane groups: up to seven lanes past the row's last tile,
+/// which the next row overwrites (rows are written in order) or the block's `L` spare columns
+/// absorb.
+fn input_tiles(s: &Shape, xd: &[f32], ty: usize, v: &mut [f32], ldb: usize, t0: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `applies` admitted this plan only where AVX2 and FMA are present.
+    unsafe {
+        x86::input_tiles(s, xd, ty, v, ldb, t0)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!(
+        "winograd: applies() is false off x86_64 ({s:?}, {ty}, {ldb}, {t0}, {})",
+        xd.len() + v.len()
+    )
+}
+
+/// `y[co][2ty + a][2tx + b] = (A^T M A)[a][b] + bias[co]` (then ReLU) for the tiles of one
+/// row, every channel of the range, cropped to the output.
+#[allow(clippy::too_many_arguments)]
+fn output_tiles(
+    s: &Shape,
+    prod: &[f32],
+    mr: usize,
+    ldb: usize,
+    t0: usize,
+    ty: usize,
+    y: &mut [f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `input_tiles`.
+    unsafe {
+        x86::output_tiles(s, prod, mr, ldb, t0, ty, y, bias, relu)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!(
+        "winograd: applies() is false off x86_64 ({s:?}, {mr}, {ldb}, {t0}, {ty}, {}, {bias:?}, {relu})",
+        prod.len() + y.len()
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{L, Shape};
+    use std::arch::x86_64::*;
+
+    /// The 1-D transform `B^T x` of four values: (x0 - x2, x1 + x2, x2 - x1, x1 - x3).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn bt(x: [__m256; 4]) -> [__m256; 4] {
+        [
+            _mm256_sub_ps(x[0], x[2]),
+            _mm256_add_ps(x[1], x[2]),
+            _mm256_sub_ps(x[2], x[1]),
+            _mm256_sub_ps(x[1], x[3]),
+        ]
+    }
+
+    /// The 1-D transform `A^T x` of four values: (x0 + x1 + x2, x1 - x2 - x3).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn at(x: [__m256; 4]) -> [__m256; 2] {
+        [
+            _mm256_add_ps(_mm256_add_ps(x[0], x[1]), x[2]),
+            _mm256_sub_ps(_mm256_sub_ps(x[1], x[2]), x[3]),
+        ]
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn input_tiles(
+        s: &Shape,
+        xd: &[f32],
+        ty: usize,
+        v: &mut [f32],
+        ldb: usize,
+        t0: usize,
+    ) {
+        let (hp, lw, tw, c) = (s.hp(), s.lw(), s.tw(), s.c);
+        let groups = tw.div_ceil(L);
+        // Bounds of every access below: rows 2ty..2ty+3 of each channel's staged plane (each
+        // 2 lw long; a load reads lanes up to lw + (groups - 1) L + 1 + 8 <= 2 lw), and 16 c
+        // rows of v at columns t0 .. t0 + groups L.
+        assert!(
+            2 * ty + 4 <= hp && c * hp * 2 * lw <= xd.len(),
+            "winograd: staged input"
+        );
+        assert!(
+            t0 + groups * L <= ldb && 16 * c * ldb <= v.len(),
+            "winograd: V block"
+        );
+        let (xp, vp) = (xd.as_ptr(), v.as_mut_ptr());
+        for ci in 0..c {
+            let base = (ci * hp + 2 * ty) * 2 * lw;
+            for l0 in (0..groups * L).step_by(L) {
+                // SAFETY: within the bounds asserted above.
+                unsafe {
+                    // Row transform of the four input rows: d B, eight tiles per register.
+                    let mut rt = [[_mm256_setzero_ps(); 4]; 4];
+                    for (i, r) in rt.iter_mut().enumerate() {
+                        let ev = xp.add(base + i * 2 * lw + l0);
+                        let od = ev.add(lw);
+                        *r = bt([
+                            _mm256_loadu_ps(ev),
+                            _mm256_loadu_ps(od),
+                            _mm256_loadu_ps(ev.add(1)),
+                            _mm256_loadu_ps(od.add(1)),
+                        ]);
+                    }
+                    // Column transform: B^T (d B).
+                    for q in 0..4 {
+                        let col = bt([rt[0][q], rt[1][q], rt[2][q], rt[3][q]]);
+                        for (p, &val) in col.iter().enumerate() {
+                            _mm256_storeu_ps(vp.add(((p * 4 + q) * c + ci) * ldb + t0 + l0), val);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn output_tiles(
+        s: &Shape,
+        prod: &[f32],
+        mr: usize,
+        ldb: usize,
+        t0: usize,
+        ty: usize,
+        y: &mut [f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+    ) {
+        let (tw, ow, oh) = (s.tw(), s.ow, s.oh);
+        let pw = oh * ow;
+        let groups = tw.div_ceil(L);
+        let rows = if 2 * ty + 1 < oh { 2 } else { 1 };
+        assert!(2 * ty < oh && mr * pw <= y.len(), "winograd: output block");
+        assert!(
+            t0 + groups * L <= ldb && 16 * mr * ldb <= prod.len(),
+            "winograd: product block"
+        );
+        if let Some(b) = bias {
+            assert!(b.len() >= mr, "winograd: bias");
+        }
+        let zero = _mm256_setzero_ps();
+        // Store masks for a partial group: lane i is stored when i < cnt.
+        let mask = |cnt: usize| {
+            let lanes: [i32; L] = std::array::from_fn(|i| if i < cnt { -1 } else { 0 });
+            // SAFETY: `lanes` holds eight i32s.
+            unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) }
+        };
+        let (pp, yp) = (prod.as_ptr(), y.as_mut_ptr());
+        // Groups right to left: only the last group of a row can run past the row's end, and
+        // unmasked, its spill lands on the next rows' first columns, which are written after it
+        // (this row's group 0 for the next row, later calls for the rows below). A spill that
+        // would leave the plane is masked instead (masked stores are slow on some CPUs).
+        for l0 in (0..groups * L).step_by(L).rev() {
+            // Output columns 2 l0 .. 2 l0 + 16, of which `cnt` exist.
+            let cnt = (ow - 2 * l0).min(2 * L);
+            let (m0, m1) = (mask(cnt.min(L)), mask(cnt.saturating_sub(L)));
+            for co in 0..mr {
+                let bv = _mm256_set1_ps(bias.map_or(0.0, |b| b[co]));
+                // SAFETY: rows e * mr + co < 16 mr of the product block at columns below
+                // t0 + groups L <= ldb; output rows 2ty + a < oh, columns masked to < ow.
+                unsafe {
+                    let m = pp.add(co * ldb + t0 + l0);
+                    let e = mr * ldb;
+                    // Column transform A^T M (2 x 4), then the row transform of each row.
+                    let mut cols = [[zero; 4]; 2];
+                    for q in 0..4 {
+                        let [a, b] = at([
+                            _mm256_loadu_ps(m.add(q * e)),
+                            _mm256_loadu_ps(m.add((4 + q) * e)),
+                            _mm256_loadu_ps(m.add((8 + q) * e)),
+                            _mm256_loadu_ps(m.add((12 + q) * e)),
+                        ]);
+                        cols[0][q] = a;
+                        cols[1][q] = b;
+                    }
+                    for (a, col) in cols.iter().enumerate().take(rows) {
+                        let [mut ev, mut od] = at(*col);
+                        ev = _mm256_add_ps(ev, bv);
+                        od = _mm256_add_ps(od, bv);
+                        if relu {
+                            ev = _mm256_max_ps(ev, zero);
+                            od = _mm256_max_ps(od, zero);
+                        }
+                        // Interleave (even, odd) columns: lanes 0-3 then 4-7 of each.
+                        let lo = _mm256_unpacklo_ps(ev, od);
+                        let hi = _mm256_unpackhi_ps(ev, od);
+                        let out = yp.add(co * pw + (2 * ty + a) * ow + 2 * l0);
+                        let first = _mm256_permute2f128_ps::<0x20>(lo, hi);
+                        let second = _mm256_permute2f128_ps::<0x31>(lo, hi);
+                        let row_at = (2 * ty + a) * ow + 2 * l0;
+                        if row_at + 2 * L <= pw {
+                            _mm256_storeu_ps(out, first);
+                            _mm256_storeu_ps(out.add(L), second);
+                        } else {
+                            _mm256_maskstore_ps(out, m0, first);
+                            if cnt > L {
+                                _mm256_maskstore_ps(out.add(L), m1, second);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
