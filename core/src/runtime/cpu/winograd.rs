@@ -13,6 +13,10 @@
 //! (well inside the 1e-4 the backends are held to; the tests compare against the f64
 //! reference). Larger tiles (F(4x4, 3x3)) would save more but amplify rounding.
 //!
+//! Non-finite inputs: a NaN or infinity in an input tile reaches all four outputs of the tiles
+//! that read it (the transforms multiply it by zero coefficients too), where the direct path
+//! confines it to the outputs whose 3x3 window holds it; finite inputs are unaffected.
+//!
 //! Determinism: every output is reduced in the same order (channels in increasing order
 //! inside each of the 16 products, then the fixed output transform), whatever the block or
 //! thread it falls in.
