@@ -82,10 +82,17 @@ impl AuditLog {
             ),
             Err(e) => return Err(io("create", e)),
         };
-        if !try_lock_exclusive(&file).map_err(|e| io("lock", e))? {
-            return Err(AuditError::Locked {
-                path: path.to_path_buf(),
-            });
+        // A lock that is gone within LOCK_PATIENCE was not another writer's: a process forked
+        // by any thread of this one holds copies of its descriptors (close-on-exec, but open
+        // until the child's exec), and with them the lock of a log that was just closed here.
+        let patience = Instant::now() + LOCK_PATIENCE;
+        while !try_lock_exclusive(&file).map_err(|e| io("lock", e))? {
+            if Instant::now() >= patience {
+                return Err(AuditError::Locked {
+                    path: path.to_path_buf(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         if created {
             sync_parent_dir(path);
@@ -315,6 +322,10 @@ fn flush_loop(shared: &Shared, file: &File, delay: std::time::Duration) {
         }
     }
 }
+
+/// How long `open` retries a held lock before reporting [`AuditError::Locked`] (measured: a
+/// test reopening a log it had just closed, while other tests spawned processes, found it held).
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// `flock(LOCK_EX | LOCK_NB)`: `Ok(false)` when another open file holds it. Advisory, and
 /// released by the kernel when the holder dies, so a killed run never blocks the rerun.
