@@ -197,6 +197,9 @@ impl Plan {
         let ldb = rows * tw + L;
         let sample = s.sample_floats();
         let need = group * sample + 16 * ldb * (c + mr);
+        // Row t of each V_e block starts at t * ldb: the same offsets for all 16 products of
+        // every block, so they are made once here rather than per GEMM call.
+        let offs: Vec<usize> = (0..c).map(|t| t * ldb).collect();
         super::conv::with_scratch(need, |buf| {
             let (xd, rest) = buf.split_at_mut(group * sample);
             // The padding is zeroed once: `stage` writes only the interior, the same positions
@@ -226,7 +229,7 @@ impl Plan {
                     for (e, ue) in rg.u.iter().enumerate() {
                         let b = &v[e * c * ldb..(e + 1) * c * ldb];
                         let p = &mut prod[e * mr * ldb..(e + 1) * mr * ldb];
-                        sgemm::gemm_packed(ue, b, ldb, n8, p, ldb);
+                        sgemm::gemm_rows(ue, b, &offs, n8, p, ldb);
                     }
                     for j in 0..nr {
                         let (sl, ty) = ((r0 + j) / th, (r0 + j) % th);
