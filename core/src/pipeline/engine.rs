@@ -802,20 +802,21 @@ pub fn run(p: &Pipeline, o: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summar
                                 audit_error.get_or_insert(e);
                             }
                         }
-                        if let Some(tx) = &completions {
-                            if !pending.is_empty() && (rx_out.is_empty() || pending.len() >= 64) {
-                                match audit.sync() {
-                                    Ok(()) => {
-                                        for c in pending.drain(..) {
-                                            let _ = tx.send(c);
-                                        }
+                        if let Some(tx) = &completions
+                            && !pending.is_empty()
+                            && (rx_out.is_empty() || pending.len() >= 64)
+                        {
+                            match audit.sync() {
+                                Ok(()) => {
+                                    for c in pending.drain(..) {
+                                        let _ = tx.send(c);
                                     }
-                                    Err(e) => {
-                                        // Not durable: the inputs stay claimed and are redone
-                                        // by the next start (which skips what did reach disk).
-                                        pending.clear();
-                                        audit_error.get_or_insert(e.into());
-                                    }
+                                }
+                                Err(e) => {
+                                    // Not durable: the inputs stay claimed and are redone
+                                    // by the next start (which skips what did reach disk).
+                                    pending.clear();
+                                    audit_error.get_or_insert(e.into());
                                 }
                             }
                         }
@@ -923,10 +924,11 @@ fn decode_one(
         Err(e) => return Err(fail("read", format!("{}: {e}", path.display()), None)),
     };
     let sha = sha256_hex(&bytes);
-    if let Some((prev_sha, outs)) = done_before.get(rel) {
-        if *prev_sha == sha && outs.iter().all(|o| setup.output.join(o).is_file()) {
-            return Err(Outcome::Skipped(rel.to_string()));
-        }
+    if let Some((prev_sha, outs)) = done_before.get(rel)
+        && *prev_sha == sha
+        && outs.iter().all(|o| setup.output.join(o).is_file())
+    {
+        return Err(Outcome::Skipped(rel.to_string()));
     }
     let parsed = DicomFile::from_bytes(path, &bytes).and_then(|f| {
         let img = f.decode(limits)?;
@@ -1437,10 +1439,10 @@ fn write_one(
     let n = w.frames.len();
     if w.changed && dicom {
         let out = setup.output.join(&w.d.rel);
-        if let Some(parent) = out.parent() {
-            if let Err(e) = std::fs::create_dir_all(parent) {
-                return Err(fail(&w, "write", format!("{}: {e}", parent.display())));
-            }
+        if let Some(parent) = out.parent()
+            && let Err(e) = std::fs::create_dir_all(parent)
+        {
+            return Err(fail(&w, "write", format!("{}: {e}", parent.display())));
         }
         let opts = DerivedOptions {
             pipeline_id: setup.pipeline_id.clone(),

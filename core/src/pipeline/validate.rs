@@ -215,10 +215,10 @@ fn parent_key(k: &str) -> Option<&str> {
     if k.is_empty() {
         return None;
     }
-    if k.ends_with(']') {
-        if let Some(i) = k.rfind('[') {
-            return Some(&k[..i]);
-        }
+    if k.ends_with(']')
+        && let Some(i) = k.rfind('[')
+    {
+        return Some(&k[..i]);
     }
     Some(k.rfind('.').map_or("", |i| &k[..i]))
 }
@@ -294,13 +294,13 @@ impl Receiver {
                 }
             },
         };
-        if let Some(p) = &path {
-            if !matches!(ev, Event::MappingStart(..)) {
-                // yaml-rust2 markers: line 1-based, column 0-based.
-                self.marks
-                    .entry(p.clone())
-                    .or_insert((m.line(), m.col() + 1));
-            }
+        if let Some(p) = &path
+            && !matches!(ev, Event::MappingStart(..))
+        {
+            // yaml-rust2 markers: line 1-based, column 0-based.
+            self.marks
+                .entry(p.clone())
+                .or_insert((m.line(), m.col() + 1));
         }
         path
     }
@@ -783,14 +783,14 @@ impl Validator {
             for list in ["include", "exclude"] {
                 if let Some(Yaml::Sequence(pats)) = get(input, list) {
                     for (i, pat) in pats.iter().enumerate() {
-                        if let Some(pat) = text(pat) {
-                            if let Err(e) = globset::Glob::new(&pat) {
-                                self.push(
-                                    format!("input.{list}[{i}]"),
-                                    format!("not a valid glob pattern: {e}"),
-                                    Vec::new(),
-                                );
-                            }
+                        if let Some(pat) = text(pat)
+                            && let Err(e) = globset::Glob::new(&pat)
+                        {
+                            self.push(
+                                format!("input.{list}[{i}]"),
+                                format!("not a valid glob pattern: {e}"),
+                                Vec::new(),
+                            );
                         }
                     }
                 }
@@ -798,11 +798,11 @@ impl Validator {
         }
 
         let mut classes: Option<Vec<String>> = None;
-        if let Some(model) = section("model") {
-            if let Some(onnx) = path_at(model, "onnx") {
-                let card = path_at(model, "card");
-                classes = self.check_model(&onnx, card.as_deref());
-            }
+        if let Some(model) = section("model")
+            && let Some(onnx) = path_at(model, "onnx")
+        {
+            let card = path_at(model, "card");
+            classes = self.check_model(&onnx, card.as_deref());
         }
 
         if let Some(labels) = section("labels") {
@@ -810,22 +810,22 @@ impl Validator {
                 self.check_labels_csv(&csv);
             }
             for k in ["all", "target"] {
-                if let (Some(c), Some(n)) = (&classes, get(labels, k).and_then(Yaml::as_u64)) {
-                    if n >= c.len() as u64 {
-                        let choices = c
-                            .iter()
-                            .enumerate()
-                            .map(|(i, name)| format!("{i} ({name})"))
-                            .collect();
-                        self.push(
-                            format!("labels.{k}"),
-                            format!(
-                                "class {n} does not exist: the model has {} classes",
-                                c.len()
-                            ),
-                            choices,
-                        );
-                    }
+                if let (Some(c), Some(n)) = (&classes, get(labels, k).and_then(Yaml::as_u64))
+                    && n >= c.len() as u64
+                {
+                    let choices = c
+                        .iter()
+                        .enumerate()
+                        .map(|(i, name)| format!("{i} ({name})"))
+                        .collect();
+                    self.push(
+                        format!("labels.{k}"),
+                        format!(
+                            "class {n} does not exist: the model has {} classes",
+                            c.len()
+                        ),
+                        choices,
+                    );
                 }
             }
         }

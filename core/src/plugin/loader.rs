@@ -51,12 +51,10 @@ impl SearchPath {
             }
             entries.push(p.clone());
         }
-        if include_env {
-            if let Some(v) = std::env::var_os(ENV_PATH) {
-                entries.extend(
-                    std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty() && p.exists()),
-                );
-            }
+        if include_env && let Some(v) = std::env::var_os(ENV_PATH) {
+            entries.extend(
+                std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty() && p.exists()),
+            );
         }
         Ok(SearchPath { entries })
     }

@@ -612,28 +612,29 @@ pub fn run_files<B: PluginBackend>(
     let mut report = RunReport::default();
     for st in &mut states {
         let mut output = None;
-        if st.error.is_none() && st.changed {
-            if let (Some(src), Some(img)) = (&st.src, &st.image) {
-                let stem = st
-                    .path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "out".into());
-                let out_path = opts.out_dir.join(unique_name(&stem, &mut used));
-                let dopts = DerivedOptions {
-                    pipeline_id: pipeline_id.clone(),
-                    derivation_description: format!(
-                        "adverse {}: plugin {} {} ({}) {params_text}",
-                        env!("CARGO_PKG_VERSION"),
-                        handle.name,
-                        handle.version,
-                        handle.kind
-                    ),
-                };
-                match write_derived(src, img, &dopts, &out_path) {
-                    Ok(info) => output = Some((info.path, info.sha256)),
-                    Err(e) => st.error = Some(e.to_string()),
-                }
+        if st.error.is_none()
+            && st.changed
+            && let (Some(src), Some(img)) = (&st.src, &st.image)
+        {
+            let stem = st
+                .path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "out".into());
+            let out_path = opts.out_dir.join(unique_name(&stem, &mut used));
+            let dopts = DerivedOptions {
+                pipeline_id: pipeline_id.clone(),
+                derivation_description: format!(
+                    "adverse {}: plugin {} {} ({}) {params_text}",
+                    env!("CARGO_PKG_VERSION"),
+                    handle.name,
+                    handle.version,
+                    handle.kind
+                ),
+            };
+            match write_derived(src, img, &dopts, &out_path) {
+                Ok(info) => output = Some((info.path, info.sha256)),
+                Err(e) => st.error = Some(e.to_string()),
             }
         }
         let status = if st.error.is_some() { "failed" } else { "ok" };

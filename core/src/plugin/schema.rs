@@ -160,16 +160,16 @@ fn validate_at(s: &Value, v: &Value, path: &str, out: &mut Vec<Violation>) {
             return fail(format!("must be of type {}, got {v}", names.join(" or ")));
         }
     }
-    if let Some(Value::Array(options)) = obj.get("enum") {
-        if !options.contains(v) {
-            let opts: Vec<String> = options.iter().map(Value::to_string).collect();
-            fail(format!("must be one of {}, got {v}", opts.join(", ")));
-        }
+    if let Some(Value::Array(options)) = obj.get("enum")
+        && !options.contains(v)
+    {
+        let opts: Vec<String> = options.iter().map(Value::to_string).collect();
+        fail(format!("must be one of {}, got {v}", opts.join(", ")));
     }
-    if let Some(c) = obj.get("const") {
-        if c != v {
-            fail(format!("must be {c}, got {v}"));
-        }
+    if let Some(c) = obj.get("const")
+        && c != v
+    {
+        fail(format!("must be {c}, got {v}"));
     }
     if let Some(x) = v.as_f64() {
         let bound = |k: &str| obj.get(k).and_then(Value::as_f64);

@@ -277,6 +277,12 @@ pub trait Backend: Send + Sync {
         1
     }
 
+    /// [`Backend::batch_slices`] for a forward pass alone (no tape kept for a backward pass),
+    /// whose slices can be larger: the default is the same count.
+    fn batch_slices_forward(&self, n: usize) -> usize {
+        self.batch_slices(n)
+    }
+
     /// Calls `f(i)` for every `i < parts`, concurrently where the backend can.
     fn run_slices(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
         (0..parts).for_each(f);

@@ -152,12 +152,12 @@ impl ModelCard {
         if c == 0 || h == 0 || w == 0 {
             return Err(bad(format!("`input` has a zero size: {:?}", raw.input)));
         }
-        if let Some(ch) = raw.channels {
-            if ch != c {
-                return Err(bad(format!(
-                    "`channels: {ch}` disagrees with input channels {c}"
-                )));
-            }
+        if let Some(ch) = raw.channels
+            && ch != c
+        {
+            return Err(bad(format!(
+                "`channels: {ch}` disagrees with input channels {c}"
+            )));
         }
         let p = raw.preprocessing.unwrap_or(PreprocessingCfg {
             rescale: default_auto(),

@@ -153,8 +153,13 @@ impl<B: Backend> Model<B> {
 
     /// The contiguous sample ranges a batch of `n` is cut into when the backend asks for slices
     /// and every op of the graph keeps samples apart (see [`per_sample`]); `None`: one pass.
-    fn slice_ranges(&self, b: &B, n: usize) -> Option<Vec<(usize, usize)>> {
-        let parts = b.batch_slices(n).min(n);
+    fn slice_ranges(&self, b: &B, n: usize, grad: bool) -> Option<Vec<(usize, usize)>> {
+        let parts = if grad {
+            b.batch_slices(n)
+        } else {
+            b.batch_slices_forward(n)
+        }
+        .min(n);
         if parts < 2 || !per_sample(&self.graph) {
             return None;
         }
@@ -253,7 +258,7 @@ impl<B: Backend> Model<B> {
 
     pub fn forward_multi(&self, b: &B, inputs: &[&Tensor<B>]) -> Result<Vec<Tensor<B>>, ExecError> {
         let n = self.check_inputs(inputs)?;
-        if let Some(ranges) = self.slice_ranges(b, n) {
+        if let Some(ranges) = self.slice_ranges(b, n, false) {
             let parts = self.run_sliced(b, inputs, &ranges, |_, ins| self.forward_whole(b, ins))?;
             let outs = parts.iter().map(|p| p.as_slice()).collect::<Vec<_>>();
             return Ok(concat_parts(b, &outs));
@@ -300,7 +305,7 @@ impl<B: Backend> Model<B> {
         // Parameter gradients sum over the batch; only per-sample results are sliced.
         if wrt_params.is_empty() {
             let n = self.check_inputs(inputs)?;
-            if let Some(ranges) = self.slice_ranges(b, n) {
+            if let Some(ranges) = self.slice_ranges(b, n, true) {
                 let parts = self.run_sliced(b, inputs, &ranges, |(s, e), ins| {
                     let dense;
                     let t = match targets {
@@ -524,15 +529,15 @@ pub fn forward_op<B: Backend>(
             if *alpha != 1.0 {
                 y = b.unary(Unary::Affine { a: *alpha, b: 0.0 }, &y);
             }
-            if let Some(c) = ins.get(2) {
-                if *beta != 0.0 {
-                    let c = if *beta != 1.0 {
-                        b.unary(Unary::Affine { a: *beta, b: 0.0 }, c)
-                    } else {
-                        (*c).clone()
-                    };
-                    y = b.binary(super::backend::Binary::Add, &y, &c);
-                }
+            if let Some(c) = ins.get(2)
+                && *beta != 0.0
+            {
+                let c = if *beta != 1.0 {
+                    b.unary(Unary::Affine { a: *beta, b: 0.0 }, c)
+                } else {
+                    (*c).clone()
+                };
+                y = b.binary(super::backend::Binary::Add, &y, &c);
             }
             y
         }

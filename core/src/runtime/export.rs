@@ -193,10 +193,10 @@ pub fn to_model_proto(
     params: Option<&[Vec<f32>]>,
     name: &str,
 ) -> Result<ModelProto, ExportError> {
-    if let Some(p) = params {
-        if p.len() != graph.params.len() {
-            return Err(ExportError::ParamCount(p.len(), graph.params.len()));
-        }
+    if let Some(p) = params
+        && p.len() != graph.params.len()
+    {
+        return Err(ExportError::ParamCount(p.len(), graph.params.len()));
     }
     // Unique ONNX names for every IR value.
     let mut used = HashSet::new();

@@ -497,23 +497,23 @@ pub fn infer(op: &Op, ins: &[&[usize]], n: usize) -> Result<Vec<usize>, ShapeErr
         Op::Conv { .. } => {
             need(2)?;
             let (_, out) = conv_geometry(op, ins[0], ins[1])?;
-            if let Some(b) = ins.get(2) {
-                if *b != [out[1]] {
-                    return Err(bad(format!("Conv bias shape {b:?}, expected [{}]", out[1])));
-                }
+            if let Some(b) = ins.get(2)
+                && *b != [out[1]]
+            {
+                return Err(bad(format!("Conv bias shape {b:?}, expected [{}]", out[1])));
             }
             Ok(out)
         }
         Op::ConvTranspose { .. } => {
             need(2)?;
             let (_, out) = conv_transpose_geometry(op, ins[0], ins[1])?;
-            if let Some(b) = ins.get(2) {
-                if *b != [out[1]] {
-                    return Err(bad(format!(
-                        "ConvTranspose bias shape {b:?}, expected [{}]",
-                        out[1]
-                    )));
-                }
+            if let Some(b) = ins.get(2)
+                && *b != [out[1]]
+            {
+                return Err(bad(format!(
+                    "ConvTranspose bias shape {b:?}, expected [{}]",
+                    out[1]
+                )));
             }
             Ok(out)
         }

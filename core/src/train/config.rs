@@ -308,17 +308,16 @@ impl TrainConfig {
         if c.input_range[0].partial_cmp(&c.input_range[1]) != Some(std::cmp::Ordering::Less) {
             return Err(bad(format!("`input_range` {:?} is empty", c.input_range)));
         }
-        if let Some(a) = &c.adversarial {
-            if !a.eps.0.is_finite()
+        if let Some(a) = &c.adversarial
+            && (!a.eps.0.is_finite()
                 || a.eps.0 <= 0.0
                 || !a.step_size.0.is_finite()
                 || a.step_size.0 <= 0.0
-                || a.steps == 0
-            {
-                return Err(bad(
-                    "adversarial: eps, step_size and steps must be positive".into(),
-                ));
-            }
+                || a.steps == 0)
+        {
+            return Err(bad(
+                "adversarial: eps, step_size and steps must be positive".into(),
+            ));
         }
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {

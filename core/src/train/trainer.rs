@@ -478,10 +478,10 @@ impl<'b, B: Backend> Trainer<'b, B> {
                 } else {
                     self.state.since_best += 1;
                 }
-                if let Some(es) = cfg.early_stopping {
-                    if self.state.since_best >= es.patience {
-                        self.state.stopped_early = true;
-                    }
+                if let Some(es) = cfg.early_stopping
+                    && self.state.since_best >= es.patience
+                {
+                    self.state.stopped_early = true;
                 }
             }
             self.state.history.push(stats.clone());

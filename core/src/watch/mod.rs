@@ -465,13 +465,12 @@ pub fn run(
                 st.processed += 1;
                 if flagged {
                     st.flagged += 1;
-                    if let Some(f) = &s.flagged {
-                        if let Err(e) =
+                    if let Some(f) = &s.flagged
+                        && let Err(e) =
                             route_flagged(&claims, &s.output, f, &rel, output.as_deref())
-                        {
-                            tracing::warn!("{rel}: routing to the flagged folder: {e}");
-                            st.last_error = Some(format!("{rel}: flagged routing: {e}"));
-                        }
+                    {
+                        tracing::warn!("{rel}: routing to the flagged folder: {e}");
+                        st.last_error = Some(format!("{rel}: flagged routing: {e}"));
                     }
                     tracing::info!("{rel}: flagged by a detector ({scores})");
                 }
@@ -572,17 +571,16 @@ pub fn run(
             break;
         }
         // Status.
-        if let Some(every) = s.status_every {
-            if last_status.elapsed() >= every {
-                let fin = st.processed + st.skipped + st.failed;
-                st.rate =
-                    (fin - finished_at_last_status) as f64 / last_status.elapsed().as_secs_f64();
-                finished_at_last_status = fin;
-                last_status = Instant::now();
-                st.in_flight = in_flight.len();
-                st.waiting = tracker.len();
-                report(&st, s.status_file.as_deref(), true);
-            }
+        if let Some(every) = s.status_every
+            && last_status.elapsed() >= every
+        {
+            let fin = st.processed + st.skipped + st.failed;
+            st.rate = (fin - finished_at_last_status) as f64 / last_status.elapsed().as_secs_f64();
+            finished_at_last_status = fin;
+            last_status = Instant::now();
+            st.in_flight = in_flight.len();
+            st.waiting = tracker.len();
+            report(&st, s.status_file.as_deref(), true);
         }
     }
     // Stop: no new claims; the engine finishes everything it was given.

@@ -423,10 +423,10 @@ impl PluginInfo for KdeBu {
                 "dropout must lie in (0, 1), passes be at least 2 and per_class at least 1",
             ));
         }
-        if let Some(b) = p.bandwidth {
-            if !(b.is_finite() && b > 0.0) {
-                return Err(Error::new("bandwidth must be a finite number > 0"));
-            }
+        if let Some(b) = p.bandwidth
+            && !(b.is_finite() && b > 0.0)
+        {
+            return Err(Error::new("bandwidth must be a finite number > 0"));
         }
         let state = match p.common.mode {
             Mode::Detect | Mode::FitLr => Some(load_state::<KdeState>(&p.common.state)?),

@@ -257,10 +257,11 @@ impl Lid {
 
 impl Drop for Lid {
     fn drop(&mut self) {
-        if self.state.is_none() && !self.fit.is_empty() {
-            if let Err(e) = self.finish() {
-                eprintln!("lid: fit failed, no state written: {e}");
-            }
+        if self.state.is_none()
+            && !self.fit.is_empty()
+            && let Err(e) = self.finish()
+        {
+            eprintln!("lid: fit failed, no state written: {e}");
         }
     }
 }

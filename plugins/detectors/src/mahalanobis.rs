@@ -248,10 +248,10 @@ impl PluginInfo for Mahalanobis {
     }
     fn create(p: MahalanobisParams, _host: &Host<'_>) -> Result<Self> {
         p.common.validate()?;
-        if let Some(a) = p.shrinkage {
-            if !(0.0..=1.0).contains(&a) {
-                return Err(Error::new("shrinkage must lie in [0, 1]"));
-            }
+        if let Some(a) = p.shrinkage
+            && !(0.0..=1.0).contains(&a)
+        {
+            return Err(Error::new("shrinkage must lie in [0, 1]"));
         }
         let state = match p.common.mode {
             Mode::Detect => Some(load_state::<MahalanobisState>(&p.common.state)?),
@@ -333,10 +333,11 @@ impl Mahalanobis {
 
 impl Drop for Mahalanobis {
     fn drop(&mut self) {
-        if self.state.is_none() && !self.fit.is_empty() {
-            if let Err(e) = self.finish() {
-                eprintln!("mahalanobis: fit failed, no state written: {e}");
-            }
+        if self.state.is_none()
+            && !self.fit.is_empty()
+            && let Err(e) = self.finish()
+        {
+            eprintln!("mahalanobis: fit failed, no state written: {e}");
         }
     }
 }

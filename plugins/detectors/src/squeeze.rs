@@ -65,13 +65,15 @@ impl Squeezer {
 /// The stored-value interval the bit-depth squeezer quantises: the frame's window, else its
 /// representable range, else (float pixels) the data range.
 pub fn squeeze_range(m: &FrameMeta, data: &[f32]) -> (f64, f64) {
-    if let Some((c, w)) = m.window {
-        if w > 1.0 && m.rescale_slope != 0.0 && m.rescale_slope.is_finite() {
-            // DICOM linear VOI: the window covers [c - 0.5 - (w-1)/2, c - 0.5 + (w-1)/2].
-            let lo = (c - 0.5 - (w - 1.0) / 2.0 - m.rescale_intercept) / m.rescale_slope;
-            let hi = (c - 0.5 + (w - 1.0) / 2.0 - m.rescale_intercept) / m.rescale_slope;
-            return (lo.min(hi), lo.max(hi));
-        }
+    if let Some((c, w)) = m.window
+        && w > 1.0
+        && m.rescale_slope != 0.0
+        && m.rescale_slope.is_finite()
+    {
+        // DICOM linear VOI: the window covers [c - 0.5 - (w-1)/2, c - 0.5 + (w-1)/2].
+        let lo = (c - 0.5 - (w - 1.0) / 2.0 - m.rescale_intercept) / m.rescale_slope;
+        let hi = (c - 0.5 + (w - 1.0) / 2.0 - m.rescale_intercept) / m.rescale_slope;
+        return (lo.min(hi), lo.max(hi));
     }
     if !m.float {
         return m.value_range;
@@ -168,10 +170,10 @@ impl PluginInfo for FeatureSqueezing {
                 squeezers.push(Squeezer::Median(k));
             }
         }
-        if let Some(b) = p.bit_depth {
-            if !(1..=16).contains(&b) {
-                return Err(Error::new(format!("bit_depth {b}: use 1..16")));
-            }
+        if let Some(b) = p.bit_depth
+            && !(1..=16).contains(&b)
+        {
+            return Err(Error::new(format!("bit_depth {b}: use 1..16")));
         }
         if squeezers.is_empty() {
             return Err(Error::new(

@@ -1,4 +1,6 @@
-//! 2x2 / stride-2 max pooling rows, forward and backward, eight windows per AVX2 register.
+//! 2x2 / stride-2 max pooling rows, forward and backward, eight windows per AVX2 register or
+//! sixteen per AVX-512 one (where a row's last windows, or all of a short row's, are loaded and
+//! stored under masks: the small CNN's second pooling has rows of seven).
 //!
 //! Why: after the convolutions these were the largest items of a small CNN's forward and the
 //! largest of its input gradient (a scalar compare-and-select per window). The semantics are the
@@ -8,6 +10,11 @@
 
 /// `out[o] = max of (top[2o], top[2o+1], bot[2o], bot[2o+1])` for `o < out.len()`.
 pub(super) fn forward_row(top: &[f32], bot: &[f32], out: &mut [f32]) {
+    forward_row_isa(top, bot, out, true);
+}
+
+/// [`forward_row`] on the AVX-512 kernel when `wide` (and the CPU has it), else AVX2.
+fn forward_row_isa(top: &[f32], bot: &[f32], out: &mut [f32], wide: bool) {
     let n = out.len();
     assert!(
         top.len() >= 2 * n && bot.len() >= 2 * n,
@@ -15,9 +22,24 @@ pub(super) fn forward_row(top: &[f32], bot: &[f32], out: &mut [f32]) {
     );
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if n >= 8 && super::sgemm::available() {
+    if wide && super::sgemm::avx512() {
+        // SAFETY: AVX-512F is present; the lengths are asserted above.
+        done = unsafe { x86::forward512(top, bot, out) };
+    } else if super::sgemm::available() {
         // SAFETY: AVX2 and FMA are present; the lengths are asserted above.
         done = unsafe { x86::forward(top, bot, out) };
+        if done < n {
+            // The last `n % 8` windows through the same kernel on a padded copy (the scalar
+            // loop mispredicts its data-dependent branches: 13 ns a window).
+            let r = n - done;
+            let (mut t, mut b, mut o) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 8]);
+            t[..2 * r].copy_from_slice(&top[2 * done..2 * n]);
+            b[..2 * r].copy_from_slice(&bot[2 * done..2 * n]);
+            // SAFETY: as above; the copies hold one whole group.
+            unsafe { x86::forward(&t, &b, &mut o) };
+            out[done..].copy_from_slice(&o[..r]);
+            done = n;
+        }
     }
     for o in done..n {
         out[o] = [top[2 * o + 1], bot[2 * o], bot[2 * o + 1]]
@@ -37,6 +59,19 @@ pub(super) fn backward_row(
     gbot: &mut [f32],
     accumulate: bool,
 ) {
+    backward_row_isa(top, bot, dy, gtop, gbot, accumulate, true);
+}
+
+/// [`backward_row`] on the AVX-512 kernel when `wide` (and the CPU has it), else AVX2.
+fn backward_row_isa(
+    top: &[f32],
+    bot: &[f32],
+    dy: &[f32],
+    gtop: &mut [f32],
+    gbot: &mut [f32],
+    accumulate: bool,
+    wide: bool,
+) {
     let n = dy.len();
     assert!(
         top.len() >= 2 * n && bot.len() >= 2 * n && gtop.len() >= 2 * n && gbot.len() >= 2 * n,
@@ -44,9 +79,31 @@ pub(super) fn backward_row(
     );
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if n >= 8 && super::sgemm::available() {
+    if wide && super::sgemm::avx512() {
+        // SAFETY: AVX-512F is present; the lengths are asserted above.
+        done = unsafe { x86::backward512(top, bot, dy, gtop, gbot, accumulate) };
+    } else if super::sgemm::available() {
         // SAFETY: AVX2 and FMA are present; the lengths are asserted above.
         done = unsafe { x86::backward(top, bot, dy, gtop, gbot, accumulate) };
+        if done < n {
+            // The last `n % 8` windows on padded copies, as in `forward_row`.
+            let r = n - done;
+            let (mut t, mut b, mut d) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 8]);
+            let (mut gt, mut gb) = ([0.0f32; 16], [0.0f32; 16]);
+            let span = 2 * done..2 * n;
+            t[..2 * r].copy_from_slice(&top[span.clone()]);
+            b[..2 * r].copy_from_slice(&bot[span.clone()]);
+            d[..r].copy_from_slice(&dy[done..]);
+            if accumulate {
+                gt[..2 * r].copy_from_slice(&gtop[span.clone()]);
+                gb[..2 * r].copy_from_slice(&gbot[span.clone()]);
+            }
+            // SAFETY: as above; the copies hold one whole group.
+            unsafe { x86::backward(&t, &b, &d, &mut gt, &mut gb, accumulate) };
+            gtop[span.clone()].copy_from_slice(&gt[..2 * r]);
+            gbot[span].copy_from_slice(&gb[..2 * r]);
+            done = n;
+        }
     }
     for (o, &d) in dy.iter().enumerate().skip(done) {
         let v = [top[2 * o], top[2 * o + 1], bot[2 * o], bot[2 * o + 1]];
@@ -179,5 +236,182 @@ mod x86 {
             }
         }
         groups * 8
+    }
+
+    /// Even and odd elements of the first `2 cnt` floats at `p` (`cnt <= 16`; lanes past them
+    /// are zero), in order.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn split512(p: *const f32, cnt: usize) -> (__m512, __m512) {
+        let (ma, mb) = masks(2 * cnt);
+        // SAFETY: the caller guarantees 2 cnt readable floats at `p`; the masks cover no more.
+        unsafe {
+            let a = _mm512_maskz_loadu_ps(ma, p);
+            let b = _mm512_maskz_loadu_ps(mb, p.add(16));
+            let ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            (
+                _mm512_permutex2var_ps(a, ev, b),
+                _mm512_permutex2var_ps(a, od, b),
+            )
+        }
+    }
+
+    /// Lane masks of the first `len <= 32` floats of two consecutive registers.
+    #[inline]
+    fn masks(len: usize) -> (__mmask16, __mmask16) {
+        let bits = |l: usize| ((1u32 << l.min(16)) - 1) as __mmask16;
+        (bits(len), bits(len.saturating_sub(16)))
+    }
+
+    /// The four taps of up to sixteen windows, the masks of "this tap beat the best so far",
+    /// and the best.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn taps512(top: *const f32, bot: *const f32, cnt: usize) -> ([__mmask16; 3], __m512) {
+        // SAFETY: as in `split512`, for both rows.
+        let ((t0, t1), (b0, b1)) = unsafe { (split512(top, cnt), split512(bot, cnt)) };
+        let is1 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(t1, t0);
+        let best = _mm512_mask_blend_ps(is1, t0, t1);
+        let is2 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(b0, best);
+        let best = _mm512_mask_blend_ps(is2, best, b0);
+        let is3 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(b1, best);
+        let best = _mm512_mask_blend_ps(is3, best, b1);
+        ([is1, is2, is3], best)
+    }
+
+    /// Every window of the row, sixteen at a time, the last group masked; returns how many.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn forward512(top: &[f32], bot: &[f32], out: &mut [f32]) -> usize {
+        let n = out.len();
+        for o in (0..n).step_by(16) {
+            let cnt = (n - o).min(16);
+            // SAFETY: windows o .. o + cnt read taps below 2 (o + cnt) <= 2 n <= the rows'
+            // lengths, and write outputs below o + cnt <= n.
+            unsafe {
+                let (_, best) = taps512(top.as_ptr().add(2 * o), bot.as_ptr().add(2 * o), cnt);
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(o), masks(cnt).0, best);
+            }
+        }
+        n
+    }
+
+    /// `(lo, hi)` interleaved into the first `2 cnt` floats at `p`: lo0 hi0 lo1 hi1 ...
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn merge512(p: *mut f32, lo: __m512, hi: __m512, cnt: usize, accumulate: bool) {
+        let i0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let i1 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let first = _mm512_permutex2var_ps(lo, i0, hi);
+        let second = _mm512_permutex2var_ps(lo, i1, hi);
+        let (ma, mb) = masks(2 * cnt);
+        // SAFETY: the caller guarantees 2 cnt writable floats at `p`; the masks cover no more.
+        unsafe {
+            for (q, v, m) in [(p, first, ma), (p.add(16), second, mb)] {
+                let v = if accumulate {
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(m, q), v)
+                } else {
+                    v
+                };
+                _mm512_mask_storeu_ps(q, m, v);
+            }
+        }
+    }
+
+    /// The gradient of [`forward512`]; returns how many windows it did (all of them).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn backward512(
+        top: &[f32],
+        bot: &[f32],
+        dy: &[f32],
+        gtop: &mut [f32],
+        gbot: &mut [f32],
+        accumulate: bool,
+    ) -> usize {
+        let n = dy.len();
+        for o in (0..n).step_by(16) {
+            let cnt = (n - o).min(16);
+            // SAFETY: as in `forward512`, for the inputs, `dy` and both gradient rows.
+            unsafe {
+                let ([is1, is2, is3], _) =
+                    taps512(top.as_ptr().add(2 * o), bot.as_ptr().add(2 * o), cnt);
+                let d = _mm512_maskz_loadu_ps(masks(cnt).0, dy.as_ptr().add(o));
+                // The last tap that beat the best so far is the first strict maximum.
+                let w3 = is3;
+                let w2 = is2 & !is3;
+                let w1 = is1 & !(is2 | is3);
+                let w0 = !(is1 | is2 | is3);
+                let g = |w: __mmask16| _mm512_maskz_mov_ps(w, d);
+                let (gt, gb) = (gtop.as_mut_ptr().add(2 * o), gbot.as_mut_ptr().add(2 * o));
+                merge512(gt, g(w0), g(w1), cnt, accumulate);
+                merge512(gb, g(w2), g(w3), cnt, accumulate);
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every row length from 1 to 40 windows (full groups, masked or padded tails, rows
+    /// shorter than a group), values on a coarse grid (ties) with NaNs on every tap position:
+    /// each vector kernel this CPU has against the first-strict-maximum rule, forward and
+    /// backward (overwriting and accumulating).
+    #[test]
+    fn vector_kernels_match_the_scalar_rule() {
+        for n in 1..=40usize {
+            // Three values (many ties within a window) and about one NaN in seventeen, from a
+            // hash of (position, row, length).
+            let val = |i: usize, s: usize| -> f32 {
+                let h = ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ ((s as u64 + 1) << 32)
+                    ^ n as u64)
+                    .wrapping_mul(0xBF58_476D_1CE4_E5B9)
+                    >> 33;
+                if h.is_multiple_of(17) {
+                    f32::NAN
+                } else {
+                    (h % 3) as f32 * 0.5
+                }
+            };
+            let top: Vec<f32> = (0..2 * n).map(|i| val(i, 0)).collect();
+            let bot: Vec<f32> = (0..2 * n).map(|i| val(i, 1)).collect();
+            let dy: Vec<f32> = (0..n).map(|o| o as f32 + 1.0).collect();
+            let winner = |o: usize| {
+                let v = [top[2 * o], top[2 * o + 1], bot[2 * o], bot[2 * o + 1]];
+                (1..4).fold(0, |b, i| if v[i] > v[b] { i } else { b })
+            };
+            let want: Vec<f32> = (0..n)
+                .map(|o| [top[2 * o], top[2 * o + 1], bot[2 * o], bot[2 * o + 1]][winner(o)])
+                .collect();
+            let same = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+            };
+            // The dispatched rows (AVX-512, or AVX2 with its padded tail, or scalar), and the
+            // AVX2 rows on a CPU with AVX-512.
+            for wide in [true, false] {
+                let mut out = vec![-7.0f32; n];
+                super::forward_row_isa(&top, &bot, &mut out, wide);
+                assert!(same(&out, &want), "forward (wide {wide}), {n} windows");
+                for accumulate in [false, true] {
+                    // One spare element past each gradient row, which must stay untouched.
+                    let (mut gt, mut gb) = (vec![1.0f32; 2 * n + 1], vec![1.0f32; 2 * n + 1]);
+                    let (t, b) = (&mut gt[..2 * n], &mut gb[..2 * n]);
+                    super::backward_row_isa(&top, &bot, &dy, t, b, accumulate, wide);
+                    let base = if accumulate { 1.0 } else { 0.0 };
+                    for o in 0..n {
+                        let w = winner(o);
+                        let got = [gt[2 * o], gt[2 * o + 1], gb[2 * o], gb[2 * o + 1]];
+                        for (i, &g) in got.iter().enumerate() {
+                            let e = base + if i == w { dy[o] } else { 0.0 };
+                            assert_eq!(g, e, "backward {wide} {accumulate}, {n} windows, {o}/{i}");
+                        }
+                    }
+                    assert_eq!((gt[2 * n], gb[2 * n]), (1.0, 1.0), "wrote past the row");
+                }
+            }
+        }
     }
 }

@@ -140,6 +140,11 @@ fn dims4(shape: &[usize], what: &str) -> [usize; 4] {
 /// Measured on the small CNN, one thread, best of 5 rounds, alternating: forward the same at 64
 /// (one slice), 16 and 8; forward + input gradient 3-5% faster at 16.
 const SLICE_SAMPLES: usize = 16;
+/// The same for a forward pass alone, which keeps no tape: larger slices read a fully
+/// connected layer's weights (larger than L2 in the small CNN) fewer times. Measured on the
+/// small CNN at batch 64, one thread of an AVX-512 Xeon: forward 3.36 ms in one slice against
+/// 3.44 ms in four; forward + gradient 9.96 ms in four against 10.77 ms in one.
+const FORWARD_SLICE_SAMPLES: usize = 64;
 
 impl Backend for CpuBackend {
     type Buf = CpuBuf;
@@ -156,6 +161,13 @@ impl Backend for CpuBackend {
         // At least one slice per worker, and slices of at most SLICE_SAMPLES so that a slice's
         // activations stay in cache from one op to the next.
         self.threads.max(n.div_ceil(SLICE_SAMPLES)).min(n).max(1)
+    }
+
+    fn batch_slices_forward(&self, n: usize) -> usize {
+        self.threads
+            .max(n.div_ceil(FORWARD_SLICE_SAMPLES))
+            .min(n)
+            .max(1)
     }
 
     fn run_slices(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {

@@ -88,6 +88,19 @@ pub(crate) fn gemm_rows(
     c: &mut [f32],
     ldc: usize,
 ) {
+    gemm_rows_isa(a, b, offs, n, c, ldc, avx512());
+}
+
+/// [`gemm_rows`] on the AVX-512 kernel when `wide` (and the CPU has it), else on the AVX2 one.
+fn gemm_rows_isa(
+    a: &PackedA,
+    b: &[f32],
+    offs: &[usize],
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+    wide: bool,
+) {
     let (m, k) = (a.m, a.k);
     assert_eq!(offs.len(), k, "sgemm: one offset per row of b");
     if m == 0 || n == 0 {
@@ -110,11 +123,41 @@ pub(crate) fn gemm_rows(
     );
     assert!(available(), "sgemm: the CPU lacks AVX2/FMA");
     #[cfg(target_arch = "x86_64")]
+    if wide && avx512() {
+        // SAFETY: AVX-512F is present (checked), and the asserts above bound every access, as
+        // for the AVX2 kernel below; the last vector of a block is loaded and stored masked.
+        unsafe { x86::gemm_rows_avx512(a, b, offs, n, c, ldc) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX2 and FMA are present (asserted), and the asserts above bound every access the
     // kernel makes: `n` elements from each `offs[t]` in `b`, rows `< m` of `c` at columns
     // `< n`, and the packed panels hold `panels * k * MR` elements by construction.
     unsafe {
         x86::gemm_rows_avx2(a, b, offs, n, c, ldc)
+    }
+}
+
+/// Test-only switch to the AVX2 kernels on a CPU with AVX-512, so both are tested there.
+#[cfg(test)]
+pub(crate) static FORCE_AVX2: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the AVX-512 kernels run: twice the lanes per instruction (and per FMA port on the
+/// server cores that have them), and masked loads and stores for column tails. Both kernel
+/// sets reduce every element in the same order, so they give identical results.
+pub(crate) fn avx512() -> bool {
+    #[cfg(test)]
+    if FORCE_AVX2.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -139,6 +182,23 @@ pub(crate) fn gemm_nt(
     c: &mut [f32],
     ldc: usize,
 ) {
+    gemm_nt_isa(m, n, k, a, lda, b, ldb, c, ldc, avx512());
+}
+
+/// [`gemm_nt`] on the AVX-512 kernel when `wide` (and the CPU has it), else on the AVX2 one.
+#[allow(clippy::too_many_arguments)]
+fn gemm_nt_isa(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    wide: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -155,6 +215,25 @@ pub(crate) fn gemm_nt(
         "sgemm_nt: b out of bounds"
     );
     assert!(available(), "sgemm_nt: the CPU lacks AVX2/FMA");
+    #[cfg(target_arch = "x86_64")]
+    if wide && avx512() {
+        // SAFETY: AVX-512F is present (checked); the asserts above bound every access, as for
+        // the AVX2 kernel below (the `k % 16` tail is loaded under a mask).
+        unsafe {
+            x86::gemm_nt_avx512(
+                m,
+                n,
+                k,
+                a.as_ptr(),
+                lda,
+                b.as_ptr(),
+                ldb,
+                c.as_mut_ptr(),
+                ldc,
+            )
+        };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX2 and FMA are present and the asserts above bound every row the kernel reads
     // (k elements of rows < m of a and rows < n of b) and writes (columns < n of rows < m of c).
@@ -267,19 +346,20 @@ mod x86 {
         const BM: usize = 4;
         const BN: usize = 3;
         let kv = k / LANES * LANES;
-        for i0 in (0..m).step_by(BM) {
-            let im = BM.min(m - i0);
-            for j0 in (0..n).step_by(BN) {
-                let jn = BN.min(n - j0);
-                // Rows past the edge repeat the last valid one (computed, not stored).
-                let ar: [*const f32; BM] = std::array::from_fn(|r| {
-                    // SAFETY: row i0 + min(r, im - 1) < m.
-                    unsafe { a.add((i0 + r.min(im - 1)) * lda) }
-                });
-                let br: [*const f32; BN] = std::array::from_fn(|q| {
-                    // SAFETY: row j0 + min(q, jn - 1) < n.
-                    unsafe { b.add((j0 + q.min(jn - 1)) * ldb) }
-                });
+        // Blocks of `b`'s rows outermost: they stay in L1 while every row of `a` (a batch of
+        // samples, L2-sized) meets them, so a weight matrix larger than L2 (a fully connected
+        // layer's) is read from memory once per call, not once per block of samples.
+        for j0 in (0..n).step_by(BN) {
+            let jn = BN.min(n - j0);
+            for i0 in (0..m).step_by(BM) {
+                let im = BM.min(m - i0);
+                // SAFETY: rows i0 + min(r, im - 1) < m of a and j0 + min(q, jn - 1) < n of b.
+                let (ar, br) = unsafe {
+                    (
+                        block_rows::<BM>(a, i0, im, lda),
+                        block_rows::<BN>(b, j0, jn, ldb),
+                    )
+                };
                 // SAFETY: every load is at t + 8 <= kv <= k within a row the caller bounds.
                 unsafe {
                     let mut acc = [[_mm256_setzero_ps(); BN]; BM];
@@ -304,6 +384,247 @@ mod x86 {
                             }
                             *c.add((i0 + r) * ldc + j0 + q) = sum;
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pointers to rows `first .. first + N` of a matrix (row stride `stride`), where rows past
+    /// the `valid` ones repeat the last valid one (computed, not stored).
+    ///
+    /// # Safety
+    /// Rows `first .. first + valid` (`valid >= 1`) must lie within the allocation at `p`.
+    #[inline(always)]
+    unsafe fn block_rows<const N: usize>(
+        p: *const f32,
+        first: usize,
+        valid: usize,
+        stride: usize,
+    ) -> [*const f32; N] {
+        // SAFETY: row first + min(r, valid - 1) is one of the valid rows (the caller's bound).
+        std::array::from_fn(|r| unsafe { p.add((first + r.min(valid - 1)) * stride) })
+    }
+
+    /// The AVX-512 twin of [`gemm_nt_avx2`]: sixteen lanes, a 4 x 4 block of dot products,
+    /// the `k % 16` tail loaded under a mask (zeros past `k`), so each element is the sum of
+    /// sixteen lane sums over `k` in steps of sixteen, added in a fixed tree.
+    ///
+    /// See [`super::gemm_nt`], whose asserts are this function's preconditions.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm_nt_avx512(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        const W: usize = 16;
+        const BM: usize = 4;
+        const BN: usize = 4;
+        let kv = k / W * W;
+        let tail: __mmask16 = ((1u32 << (k - kv)) - 1) as __mmask16;
+        // Blocks of `b`'s rows outermost: they stay in L1 while every row of `a` (a batch of
+        // samples, L2-sized) meets them, so a weight matrix larger than L2 (a fully connected
+        // layer's) is read from memory once per call, not once per block of samples.
+        for j0 in (0..n).step_by(BN) {
+            let jn = BN.min(n - j0);
+            for i0 in (0..m).step_by(BM) {
+                let im = BM.min(m - i0);
+                // SAFETY: rows i0 + min(r, im - 1) < m of a and j0 + min(q, jn - 1) < n of b.
+                let (ar, br) = unsafe {
+                    (
+                        block_rows::<BM>(a, i0, im, lda),
+                        block_rows::<BN>(b, j0, jn, ldb),
+                    )
+                };
+                // SAFETY: full loads end at t + 16 <= kv <= k, the masked one reads lanes
+                // below k only, within rows the caller bounds.
+                unsafe {
+                    let mut acc = [[_mm512_setzero_ps(); BN]; BM];
+                    let mut step = |t: usize, mask: __mmask16| {
+                        let bv: [__m512; BN] =
+                            std::array::from_fn(|q| _mm512_maskz_loadu_ps(mask, br[q].add(t)));
+                        for r in 0..BM {
+                            let av = _mm512_maskz_loadu_ps(mask, ar[r].add(t));
+                            for q in 0..BN {
+                                acc[r][q] = _mm512_fmadd_ps(av, bv[q], acc[r][q]);
+                            }
+                        }
+                    };
+                    for t in (0..kv).step_by(W) {
+                        step(t, !0);
+                    }
+                    if kv < k {
+                        step(kv, tail);
+                    }
+                    for r in 0..im {
+                        for q in 0..jn {
+                            let mut l = [0.0f32; W];
+                            _mm512_storeu_ps(l.as_mut_ptr(), acc[r][q]);
+                            let h: [f32; 8] = std::array::from_fn(|i| l[i] + l[i + 8]);
+                            let sum =
+                                ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]));
+                            *c.add((i0 + r) * ldc + j0 + q) = sum;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 twin of [`gemm_rows_avx2`]: the same loop nest and reduction order, blocks
+    /// of up to 32 columns (two 16-lane registers) by two panels (24 accumulators), the last
+    /// register of a block loaded and stored under a mask, so no column tail needs a padded
+    /// copy. (Four registers by one panel measured slower: their `KC x 64` strip of `b`
+    /// overflows L1.)
+    ///
+    /// See [`super::gemm_rows`], whose asserts are this function's preconditions.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gemm_rows_avx512(
+        a: &PackedA,
+        b: &[f32],
+        offs: &[usize],
+        n: usize,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        const W: usize = 16;
+        const NR5: usize = 2 * W;
+        let (m, k) = (a.m, a.k);
+        let panels = m.div_ceil(MR);
+        let (bp, cp, ap) = (b.as_ptr(), c.as_mut_ptr(), a.data.as_ptr());
+        for t0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - t0);
+            let acc = t0 > 0;
+            let rows_off = &offs[t0..t0 + kc];
+            for p0 in (0..panels).step_by(MC_PANELS) {
+                let p1 = panels.min(p0 + MC_PANELS);
+                for j0 in (0..n).step_by(NR5) {
+                    let nb = NR5.min(n - j0);
+                    let nv = nb.div_ceil(W);
+                    let rem = nb - (nv - 1) * W;
+                    let mask: __mmask16 = if rem == W { !0 } else { (1 << rem) - 1 };
+                    // Panels in pairs: twelve rows share each load of `b` (24 accumulators),
+                    // which halves the loads per multiply-add that bound the six-row kernel.
+                    let mut p = p0;
+                    while p < p1 {
+                        let pair = p + 1 < p1;
+                        let rows =
+                            MR.min(m - p * MR) + if pair { MR.min(m - (p + 1) * MR) } else { 0 };
+                        // SAFETY (all calls): as in `gemm_rows_avx2`, for panel p (and p + 1 <
+                        // panels when paired: its rows follow panel p's in `c`); the last
+                        // register covers only the `rem` columns its mask enables.
+                        unsafe {
+                            let a0 = ap.add((p * k + t0) * MR);
+                            let b_blk = bp.add(j0);
+                            let c_blk = cp.add(p * MR * ldc + j0);
+                            if pair {
+                                let a = [a0, ap.add(((p + 1) * k + t0) * MR)];
+                                match nv {
+                                    2 => micro512::<2, 2>(
+                                        a, b_blk, rows_off, c_blk, ldc, rows, acc, mask,
+                                    ),
+                                    _ => micro512::<2, 1>(
+                                        a, b_blk, rows_off, c_blk, ldc, rows, acc, mask,
+                                    ),
+                                }
+                            } else {
+                                match nv {
+                                    2 => micro512::<1, 2>(
+                                        [a0],
+                                        b_blk,
+                                        rows_off,
+                                        c_blk,
+                                        ldc,
+                                        rows,
+                                        acc,
+                                        mask,
+                                    ),
+                                    _ => micro512::<1, 1>(
+                                        [a0],
+                                        b_blk,
+                                        rows_off,
+                                        c_blk,
+                                        ldc,
+                                        rows,
+                                        acc,
+                                        mask,
+                                    ),
+                                }
+                            }
+                        }
+                        p += if pair { 2 } else { 1 };
+                    }
+                }
+            }
+        }
+    }
+
+    /// One `P*MR x NV*16` block (`P` packed panels, whose rows follow each other in `c`)
+    /// whose last register holds the columns of `mask`:
+    /// `c[r][j] (+)= sum_t a[t*MR + r] * b[offs[t] + j]`, rows `< rows` stored.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro512<const P: usize, const NV: usize>(
+        a: [*const f32; P],
+        b: *const f32,
+        offs: &[usize],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        accumulate: bool,
+        mask: __mmask16,
+    ) {
+        const W: usize = 16;
+        // SAFETY: the caller guarantees offs.len()*MR readable floats at each `a[i]`, (NV-1)*16
+        // floats plus the masked lanes of the last register at `b + offs[t]` for every t, and
+        // `rows` rows of as many floats at `c` (stride ldc); masked-off lanes are neither read
+        // nor written.
+        unsafe {
+            let mut acc = [[[_mm512_setzero_ps(); NV]; MR]; P];
+            for (t, &o) in offs.iter().enumerate() {
+                let brow = b.add(o);
+                let mut bv = [_mm512_setzero_ps(); NV];
+                for (v, x) in bv.iter_mut().enumerate() {
+                    *x = if v + 1 < NV {
+                        _mm512_loadu_ps(brow.add(v * W))
+                    } else {
+                        _mm512_maskz_loadu_ps(mask, brow.add(v * W))
+                    };
+                }
+                for (pa, accp) in a.iter().zip(acc.iter_mut()) {
+                    let arow = pa.add(t * MR);
+                    for (r, accr) in accp.iter_mut().enumerate() {
+                        let av = _mm512_set1_ps(*arow.add(r));
+                        for v in 0..NV {
+                            accr[v] = _mm512_fmadd_ps(av, bv[v], accr[v]);
+                        }
+                    }
+                }
+            }
+            for (pi, accp) in acc.iter().enumerate() {
+                for (r, accr) in accp.iter().enumerate() {
+                    let row = pi * MR + r;
+                    if row >= rows {
+                        break;
+                    }
+                    let crow = c.add(row * ldc);
+                    for (v, &x) in accr.iter().enumerate() {
+                        let dst = crow.add(v * W);
+                        let m = if v + 1 < NV { !0 } else { mask };
+                        let val = if accumulate {
+                            _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), x)
+                        } else {
+                            x
+                        };
+                        _mm512_mask_storeu_ps(dst, m, val);
                     }
                 }
             }
@@ -450,16 +771,33 @@ mod tests {
             (16, 8, 385),
             (6, 16, 256),
             (12, 33, 257),
+            (6, 64, 20),
+            (13, 129, 17),
+            (7, 838, 9),
         ] {
             let (ldb, ldc) = (n + 3, n + 1);
             let (a, b) = (operand(m * k, 0), operand(k * ldb, 1));
-            let mut c = vec![f32::NAN; m * ldc];
-            gemm_packed(&PackedA::new(m, k, &a, k, 1), &b, ldb, n, &mut c, ldc);
-            assert_product(&c, ldc, (m, n, k), |i, j| {
-                (0..k)
-                    .map(|t| a[i * k + t] as f64 * b[t * ldb + j] as f64)
-                    .sum()
-            });
+            let pa = PackedA::new(m, k, &a, k, 1);
+            let offs: Vec<usize> = (0..k).map(|t| t * ldb).collect();
+            // Both instruction sets where the CPU has AVX-512 (the same code twice elsewhere);
+            // they reduce in the same order, so their results are identical.
+            let mut outs = Vec::new();
+            for wide in [false, true] {
+                let mut c = vec![f32::NAN; m * ldc];
+                gemm_rows_isa(&pa, &b, &offs, n, &mut c, ldc, wide);
+                assert_product(&c, ldc, (m, n, k), |i, j| {
+                    (0..k)
+                        .map(|t| a[i * k + t] as f64 * b[t * ldb + j] as f64)
+                        .sum()
+                });
+                outs.push(c);
+            }
+            let bits = |c: &[f32]| c.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&outs[0]),
+                bits(&outs[1]),
+                "{m}x{n}x{k}: AVX2 vs AVX-512"
+            );
         }
     }
 
@@ -469,16 +807,28 @@ mod tests {
             eprintln!("no AVX2/FMA: the kernel is not used on this CPU");
             return;
         }
-        for &(m, n, k) in &[(1, 1, 1), (4, 3, 8), (5, 7, 9), (64, 64, 1568), (9, 10, 31)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (4, 3, 8),
+            (5, 7, 9),
+            (64, 64, 1568),
+            (9, 10, 31),
+            (16, 128, 1568),
+            (3, 5, 16),
+            (6, 9, 47),
+        ] {
             let (lda, ldb, ldc) = (k + 2, k + 1, n + 1);
             let (a, b) = (operand(m * lda, 0), operand(n * ldb, 1));
-            let mut c = vec![f32::NAN; m * ldc];
-            gemm_nt(m, n, k, &a, lda, &b, ldb, &mut c, ldc);
-            assert_product(&c, ldc, (m, n, k), |i, j| {
-                (0..k)
-                    .map(|t| a[i * lda + t] as f64 * b[j * ldb + t] as f64)
-                    .sum()
-            });
+            // Both instruction sets where the CPU has AVX-512 (their lane sums differ).
+            for wide in [false, true] {
+                let mut c = vec![f32::NAN; m * ldc];
+                gemm_nt_isa(m, n, k, &a, lda, &b, ldb, &mut c, ldc, wide);
+                assert_product(&c, ldc, (m, n, k), |i, j| {
+                    (0..k)
+                        .map(|t| a[i * lda + t] as f64 * b[j * ldb + t] as f64)
+                        .sum()
+                });
+            }
         }
     }
 
@@ -513,6 +863,8 @@ mod timing {
     fn kernel_speed() {
         for &(m, n, k) in &[
             (6usize, 16usize, 256usize),
+            (6, 32, 64),
+            (12, 32, 64),
             (6, 64, 256),
             (96, 256, 256),
             (36, 208, 144),

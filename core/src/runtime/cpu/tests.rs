@@ -845,6 +845,16 @@ fn winograd_matches_reference() {
     ];
     let one = CpuBackend::new(Some(1));
     let three = CpuBackend::new(Some(3));
+    // Where the AVX-512 GEMM runs, few channels go to the direct path; the demo CNN's
+    // convolution then does, and the path itself is still tested on every case below.
+    if super::sgemm::avx512() {
+        let (xs, ws, p) = &cases[0];
+        assert!(
+            !super::conv::winograd_probe(*xs, *ws, p),
+            "16 x 32 channels on AVX-512"
+        );
+    }
+    super::winograd::FEW_PAIRS.with(|f| f.set(true));
     for (ci, (xs, ws, p)) in cases.iter().enumerate() {
         let gm = super::conv::winograd_probe(*xs, *ws, p);
         assert!(
@@ -1038,4 +1048,72 @@ fn conv_timing() {
             g(best[2])
         );
     }
+}
+
+/// A whole model's forward (and forward + input gradient), best of many rounds, on the AVX-512
+/// kernels (where the CPU has them) and on the AVX2 ones, alternating: `ADVERSE_TIMING_MODEL=
+/// file.onnx` (input `[batch, ...]` from the file, batch `ADVERSE_TIMING_BATCH`, default 64),
+/// `cargo test --release -p adverse --lib model_timing -- --ignored --nocapture`. A tuning
+/// tool, not a benchmark claim.
+#[test]
+#[ignore]
+fn model_timing() {
+    use crate::runtime::exec::Model;
+    use crate::runtime::loss::LossSpec;
+    use std::sync::atomic::Ordering;
+    let Some(path) = std::env::var_os("ADVERSE_TIMING_MODEL") else {
+        eprintln!("set ADVERSE_TIMING_MODEL");
+        return;
+    };
+    let batch: usize = std::env::var("ADVERSE_TIMING_BATCH")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64);
+    let threads: usize = std::env::var("ADVERSE_TIMING_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let grad = std::env::var_os("ADVERSE_TIMING_GRAD").is_some();
+    let b = CpuBackend::new(Some(threads));
+    let graph = crate::runtime::onnx::load(std::path::Path::new(&path)).expect("import");
+    // The input's batch-1 shape, batch first.
+    let mut shape = graph.values[graph.inputs[0]].shape.clone();
+    shape[0] = batch;
+    let model = Model::new(&b, graph);
+    let len: usize = shape.iter().product();
+    let x = b.upload(&RefTensor::random(&shape, 1).to_f32()[..len], &shape);
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i % 2).collect();
+    let step = || {
+        if grad {
+            let (_, g, _) = model
+                .loss_and_input_grad(
+                    &b,
+                    &x,
+                    LossSpec::CrossEntropy { targeted: false },
+                    &LossTargets::Classes(&labels),
+                )
+                .expect("grad");
+            std::hint::black_box(b.download(&g));
+        } else {
+            let o = model.forward(&b, &x).expect("forward");
+            std::hint::black_box(b.download(&o[0]));
+        }
+    };
+    let mut best = [f64::INFINITY; 2];
+    for rep in 0..400 {
+        let avx2 = rep % 2 == 1;
+        super::sgemm::FORCE_AVX2.store(avx2, Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        step();
+        best[usize::from(avx2)] = best[usize::from(avx2)].min(t.elapsed().as_secs_f64());
+    }
+    super::sgemm::FORCE_AVX2.store(false, Ordering::Relaxed);
+    println!(
+        "{shape:?} {}: {:.3} ms ({:.0} images/s) with AVX-512 where present, {:.3} ms ({:.0}) AVX2",
+        if grad { "forward+grad" } else { "forward" },
+        best[0] * 1e3,
+        batch as f64 / best[0],
+        best[1] * 1e3,
+        batch as f64 / best[1]
+    );
 }

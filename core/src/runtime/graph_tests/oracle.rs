@@ -173,6 +173,12 @@ fn batch_slices_give_the_whole_batch_results() {
     let (_, list) = models();
     let (one, three) = (CpuBackend::new(Some(1)), CpuBackend::new(Some(3)));
     assert_eq!((one.batch_slices(5), three.batch_slices(5)), (1, 3));
+    assert_eq!(
+        (one.batch_slices_forward(5), three.batch_slices_forward(5)),
+        (1, 3)
+    );
+    // One thread: a forward pass of 64 in one slice, a gradient pass in slices of 16.
+    assert_eq!((one.batch_slices_forward(64), one.batch_slices(64)), (1, 4));
     let close = |a: &[f32], b: &[f32], what: &str| {
         let e = rel_err(a, b);
         assert!(e <= 1e-5, "{what}: sliced vs whole relative error {e:.3e}");
