@@ -1,4 +1,5 @@
-//! A register-blocked f32 GEMM (AVX2 + FMA) for the shapes convolutions produce: a weight
+//! A register-blocked f32 GEMM (AVX2 + FMA, or AVX-512 where the CPU has it: see [`avx512`])
+//! for the shapes convolutions produce: a weight
 //! matrix with tens to hundreds of rows, packed once per call and reused for every sample,
 //! times an im2col matrix (or an input plane) read in place.
 //!
@@ -8,7 +9,7 @@
 //! (panels of [`MR`] rows, interleaved by reduction index, so each step broadcasts from one
 //! contiguous line) and the right operand is read where it lies; a 6 x 16 block of the product
 //! lives in twelve registers through the whole reduction (blocked by [`KC`] so that the right
-//! operand's strip stays in L1).
+//! operand's strip stays in L1); with AVX-512, a 12 x 32 block (two panels) in twenty-four.
 //!
 //! Determinism: every output element is reduced in increasing `k` order (one fused
 //! multiply-add per step, KC blocks in order), independent of threads and of the position of
