@@ -392,7 +392,8 @@ impl Direct {
 /// `wp`), plus `bias` and, with `relu`, ReLU, in one pass of masked 16-lane loads and stores:
 /// per row copies of a few dozen bytes cost more in `memcpy` calls than in data (the demo CNN's
 /// 14-wide rows), and the separate epilogue pass read the plane again. The ReLU is computed as
-/// the scalar `f32::max(v, 0.0)` compiles (`max(0, v)`, NaN to 0), so the result is the same.
+/// the scalar `unary_f32(Relu, v)` (`v.max(0.0)`) compiles (`max(0, v)`, NaN to 0), so the
+/// result is the same as the epilogue's (the fused-vs-unfused tests compare them bit for bit).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn copy_plane_avx512(
@@ -510,15 +511,18 @@ fn epilogue_avx2(yb: &mut [f32], pw: usize, bias: Option<&[f32]>, act: Option<Un
 
 #[inline(always)]
 fn epilogue_body(yb: &mut [f32], pw: usize, bias: Option<&[f32]>, act: Option<Unary>) {
+    // ReLU has its own arms so that the operator match leaves the loop and the loop vectorises.
     match (bias, act) {
         (None, None) => {}
-        (None, Some(Unary::Relu)) => yb.iter_mut().for_each(|v| *v = v.max(0.0)),
+        (None, Some(Unary::Relu)) => yb.iter_mut().for_each(|v| *v = unary_f32(Unary::Relu, *v)),
         (None, Some(op)) => yb.iter_mut().for_each(|v| *v = unary_f32(op, *v)),
         (Some(b), act) => {
             for (plane, &bv) in yb.chunks_mut(pw).zip(b) {
                 match act {
                     None => plane.iter_mut().for_each(|v| *v += bv),
-                    Some(Unary::Relu) => plane.iter_mut().for_each(|v| *v = (*v + bv).max(0.0)),
+                    Some(Unary::Relu) => plane
+                        .iter_mut()
+                        .for_each(|v| *v = unary_f32(Unary::Relu, *v + bv)),
                     Some(op) => plane.iter_mut().for_each(|v| *v = unary_f32(op, *v + bv)),
                 }
             }

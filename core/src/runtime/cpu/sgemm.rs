@@ -430,9 +430,7 @@ mod x86 {
         const BN: usize = 4;
         let kv = k / W * W;
         let tail: __mmask16 = ((1u32 << (k - kv)) - 1) as __mmask16;
-        // Blocks of `b`'s rows outermost: they stay in L1 while every row of `a` (a batch of
-        // samples, L2-sized) meets them, so a weight matrix larger than L2 (a fully connected
-        // layer's) is read from memory once per call, not once per block of samples.
+        // The loop order of `gemm_nt_avx2`: blocks of `b`'s rows outermost.
         for j0 in (0..n).step_by(BN) {
             let jn = BN.min(n - j0);
             for i0 in (0..m).step_by(BM) {
@@ -525,43 +523,62 @@ mod x86 {
                             let a0 = ap.add((p * k + t0) * MR);
                             let b_blk = bp.add(j0);
                             let c_blk = cp.add(p * MR * ldc + j0);
+                            let blk = Block512 {
+                                b: b_blk,
+                                offs: rows_off,
+                                c: c_blk,
+                                ldc,
+                                rows,
+                                accumulate: acc,
+                                mask,
+                            };
                             if pair {
-                                let a = [a0, ap.add(((p + 1) * k + t0) * MR)];
-                                match nv {
-                                    2 => micro512::<2, 2>(
-                                        a, b_blk, rows_off, c_blk, ldc, rows, acc, mask,
-                                    ),
-                                    _ => micro512::<2, 1>(
-                                        a, b_blk, rows_off, c_blk, ldc, rows, acc, mask,
-                                    ),
-                                }
+                                blk.run([a0, ap.add(((p + 1) * k + t0) * MR)], nv);
                             } else {
-                                match nv {
-                                    2 => micro512::<1, 2>(
-                                        [a0],
-                                        b_blk,
-                                        rows_off,
-                                        c_blk,
-                                        ldc,
-                                        rows,
-                                        acc,
-                                        mask,
-                                    ),
-                                    _ => micro512::<1, 1>(
-                                        [a0],
-                                        b_blk,
-                                        rows_off,
-                                        c_blk,
-                                        ldc,
-                                        rows,
-                                        acc,
-                                        mask,
-                                    ),
-                                }
+                                blk.run([a0], nv);
                             }
                         }
                         p += if pair { 2 } else { 1 };
                     }
+                }
+            }
+        }
+    }
+
+    /// The operands of one [`micro512`] call but its panels and register count.
+    struct Block512<'a> {
+        b: *const f32,
+        offs: &'a [usize],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        accumulate: bool,
+        mask: __mmask16,
+    }
+
+    impl Block512<'_> {
+        /// [`micro512`] on panels `a` with `nv` (1 or 2) registers of columns.
+        ///
+        /// # Safety
+        /// As [`micro512`]'s, for `nv` registers.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run<const P: usize>(&self, a: [*const f32; P], nv: usize) {
+            let Block512 {
+                b,
+                offs,
+                c,
+                ldc,
+                rows,
+                accumulate,
+                mask,
+            } = *self;
+            // SAFETY: the caller's guarantees are micro512's.
+            unsafe {
+                if nv == 2 {
+                    micro512::<P, 2>(a, b, offs, c, ldc, rows, accumulate, mask);
+                } else {
+                    micro512::<P, 1>(a, b, offs, c, ldc, rows, accumulate, mask);
                 }
             }
         }
