@@ -12,6 +12,7 @@ use super::CpuBackend;
 use super::gemm::{MatRef, gemm_f32};
 use super::ops::unary_f32;
 use super::sgemm::{self, PackedA};
+use super::wcache::{Form, Weights};
 use super::winograd;
 use crate::runtime::backend::{Conv2dParams, Unary};
 use crate::runtime::reference::conv2d_out_hw;
@@ -270,7 +271,7 @@ pub(super) static FORCE_NO_WINOGRAD: std::sync::atomic::AtomicBool =
 
 /// The Winograd path's view of a convolution it takes: 3x3, stride 1, dilation 1, one group,
 /// and the sizes `winograd::applies` accepts.
-fn winograd_shape(gm: &Geom) -> Option<winograd::Shape> {
+fn winograd_shape(gm: &Geom, cached: bool) -> Option<winograd::Shape> {
     #[cfg(test)]
     if FORCE_NO_WINOGRAD.load(std::sync::atomic::Ordering::Relaxed)
         || FORCE_IM2COL.load(std::sync::atomic::Ordering::Relaxed)
@@ -291,13 +292,13 @@ fn winograd_shape(gm: &Geom) -> Option<winograd::Shape> {
         pt: gm.p.pad[0],
         pl: gm.p.pad[1],
     };
-    winograd::applies(&s).then_some(s)
+    winograd::applies(&s, cached).then_some(s)
 }
 
 /// Whether the Winograd path takes a convolution of these shapes (for tests that must reach it).
 #[cfg(test)]
 pub(super) fn winograd_probe(x: [usize; 4], w: [usize; 4], p: &Conv2dParams) -> bool {
-    winograd_shape(&Geom::new(x, w, p)).is_some()
+    winograd_shape(&Geom::new(x, w, p), false).is_some()
 }
 
 /// Test-only switch to the im2col path, so timing tests can compare the two in one process.
@@ -437,7 +438,9 @@ fn copy_plane_avx512(
 /// `dy` padded by `(kh-1)*dh - pt` (top; likewise each side) convolved with `w'[ci][mo][ky][kx]
 /// = w[mo][ci][kh-1-ky][kw-1-kx]` (per group). None where the direct path would not take it or a
 /// padding exceeds the kernel's reach (the adjoint would need cropping).
-fn transposed_as_conv(gm: &Geom, w: &[f32]) -> Option<(Vec<f32>, [usize; 4], Conv2dParams)> {
+/// The geometry of a stride-1 convolution's input gradient as a convolution (weights shape
+/// and parameters), where the direct path takes it (see [`flip_weights`] for its weights).
+fn transposed_as_conv(gm: &Geom) -> Option<([usize; 4], Conv2dParams)> {
     if gm.p.stride != [1, 1] {
         return None;
     }
@@ -460,6 +463,12 @@ fn transposed_as_conv(gm: &Geom, w: &[f32]) -> Option<(Vec<f32>, [usize; 4], Con
     // The flipped convolution has the same kernel and groups, so the direct path's own test
     // (depthwise, pointwise, block size, CPU features) decides, before any weight is copied.
     Direct::plan(&Geom::new([gm.n, gm.m, gm.oh, gm.ow], ws, &p))?;
+    Some((ws, p))
+}
+
+/// The weights of [`transposed_as_conv`]: flipped in space, input and output channels swapped
+/// within each group.
+fn flip_weights(gm: &Geom, w: &[f32]) -> Vec<f32> {
     let (kk, k) = (gm.kh * gm.kw, gm.k());
     let mut wt = vec![0.0f32; gm.c * gm.mg * kk];
     for gi in 0..gm.g {
@@ -473,7 +482,7 @@ fn transposed_as_conv(gm: &Geom, w: &[f32]) -> Option<(Vec<f32>, [usize; 4], Con
             }
         }
     }
-    Some((wt, ws, p))
+    wt
 }
 
 /// Bias then activation over one (sample, group) output block (`mg` planes of `pw`), while it
@@ -570,7 +579,7 @@ impl CpuBackend {
         &self,
         x: &[f32],
         xs: [usize; 4],
-        w: &[f32],
+        wts: Weights<'_>,
         ws: [usize; 4],
         bias: Option<&[f32]>,
         p: &Conv2dParams,
@@ -579,6 +588,7 @@ impl CpuBackend {
         let gm = Geom::new(xs, ws, p);
         let ys = [gm.n, gm.m, gm.oh, gm.ow];
         let pw = gm.p_out();
+        let w = wts.data;
         // The depthwise loop accumulates; the GEMM path writes every element.
         let mut y = if gm.is_depthwise() {
             self.out_zeroed(gm.n * gm.m * pw)
@@ -590,27 +600,42 @@ impl CpuBackend {
         }
         if gm.is_depthwise() {
             self.depthwise_forward(&gm, x, w, &mut y);
-        } else if let Some(shape) = winograd_shape(&gm) {
-            self.winograd_forward(shape, &gm, x, w, bias, act, &mut y);
+        } else if let Some(shape) = winograd_shape(&gm, wts.id.is_some()) {
+            self.winograd_forward(shape, &gm, x, wts, bias, act, &mut y);
             return (y, ys);
         } else {
             let (par_tasks, par) = self.conv_plan(gm.n * gm.g, gm.flops());
             let k = gm.k();
             let xblock = gm.cg * gm.h * gm.w;
             // The direct path, with the weights of each group packed once for every sample.
-            let direct = Direct::plan(&gm).map(|d| {
-                let packed: Vec<PackedA> = (0..gm.g)
-                    .map(|gi| {
-                        PackedA::new(gm.mg, k, &w[gi * gm.mg * k..(gi + 1) * gm.mg * k], k, 1)
+            let direct = Direct::plan(&gm);
+            // The weights of each group packed once for every sample, for the packed-panel
+            // kernel (the direct path, and the im2col and pointwise products run in one task).
+            let small_k = !gm.is_pointwise() && k <= DIRECT_MAX_K;
+            let packed = (sgemm::available()
+                && (direct.is_some() || (matches!(par, Parallelism::None) && !small_k)))
+                .then(|| {
+                    let form = Form::ConvPacked {
+                        flipped: wts.flipped,
+                    };
+                    wts.derive(&self.weights, form, || {
+                        (0..gm.g)
+                            .map(|gi| {
+                                let wg = &w[gi * gm.mg * k..(gi + 1) * gm.mg * k];
+                                PackedA::new(gm.mg, k, wg, k, 1)
+                            })
+                            .collect::<Vec<_>>()
                     })
-                    .collect();
-                (d, packed)
-            });
+                });
             let task = |t: usize, yb: &mut [f32]| {
                 let (ni, gi) = (t / gm.g, t % gm.g);
                 let xg = &x[(ni * gm.c + gi * gm.cg) * gm.h * gm.w..][..xblock];
                 let wg = &w[gi * gm.mg * k..(gi + 1) * gm.mg * k];
                 let run = |col: &[f32], yb: &mut [f32]| {
+                    if let Some(packed) = &packed {
+                        sgemm::gemm_packed(&packed[gi], col, pw, pw, yb, pw);
+                        return;
+                    }
                     gemm_f32(
                         gm.mg,
                         pw,
@@ -624,7 +649,7 @@ impl CpuBackend {
                     )
                 };
                 let bias_g = bias.map(|b| &b[gi * gm.mg..(gi + 1) * gm.mg]);
-                if let Some((d, packed)) = &direct {
+                if let (Some(d), Some(packed)) = (&direct, &packed) {
                     d.run(&gm, &packed[gi], xg, yb, bias_g, act);
                     return;
                 } else if gm.is_pointwise() {
@@ -665,7 +690,7 @@ impl CpuBackend {
         shape: winograd::Shape,
         gm: &Geom,
         x: &[f32],
-        w: &[f32],
+        wts: Weights<'_>,
         bias: Option<&[f32]>,
         act: Option<Unary>,
         y: &mut [f32],
@@ -682,7 +707,14 @@ impl CpuBackend {
         } else {
             threads.div_ceil(gm.n).min(gm.m / 8).max(1)
         };
-        let plan = winograd::Plan::new(shape, w, splits);
+        let form = Form::Winograd {
+            flipped: wts.flipped,
+            splits,
+        };
+        let u = wts.derive(&self.weights, form, || {
+            winograd::Transformed::new(gm.m, gm.c, wts.data, splits)
+        });
+        let plan = winograd::Plan::new(shape, u);
         let relu = act == Some(Unary::Relu);
         let run = |t: winograd::Task, yb: &mut [f32]| {
             let (co0, mr) = plan.range(t.range);
@@ -795,23 +827,30 @@ impl CpuBackend {
         &self,
         dy: &[f32],
         dys: &[usize],
-        w: &[f32],
+        wts: Weights<'_>,
         ws: [usize; 4],
         p: &Conv2dParams,
         xs: [usize; 4],
     ) -> Vec<f32> {
+        let w = wts.data;
         let gm = Geom::new(xs, ws, p);
         assert_eq!(
             dys,
             [gm.n, gm.m, gm.oh, gm.ow],
             "conv2d_backward_input dy shape"
         );
-        if let Some((wt, wts, pt)) = transposed_as_conv(&gm, w) {
+        if let Some((wst, pt)) = transposed_as_conv(&gm) {
             // A stride-1 convolution's input gradient is itself a stride-1 convolution (of dy,
             // with the weights flipped and their channel axes swapped), which the direct path
             // computes without col2im.
+            let wt = wts.derive(&self.weights, Form::Flipped, || flip_weights(&gm, w));
+            let flipped = Weights {
+                data: &wt,
+                id: wts.id,
+                flipped: true,
+            };
             let dys4 = [gm.n, gm.m, gm.oh, gm.ow];
-            let (dx, dxs) = self.conv2d_impl(dy, dys4, &wt, wts, None, &pt, None);
+            let (dx, dxs) = self.conv2d_impl(dy, dys4, flipped, wst, None, &pt, None);
             debug_assert_eq!(dxs, xs);
             return dx;
         }

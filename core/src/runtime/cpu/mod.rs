@@ -15,6 +15,7 @@ mod maxpool2;
 mod ops;
 mod pool;
 mod sgemm;
+mod wcache;
 mod winograd;
 
 #[cfg(test)]
@@ -48,6 +49,8 @@ pub struct CpuBackend {
     threads: usize,
     /// Recycled output buffers (see `pool`).
     bufs: Arc<BufPool>,
+    /// Weights in the forms the kernels read (see `wcache`).
+    weights: wcache::WeightCache,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -70,6 +73,7 @@ impl CpuBackend {
                 pool: None,
                 threads: 1,
                 bufs: Arc::default(),
+                weights: Default::default(),
             };
         }
         match rayon::ThreadPoolBuilder::new()
@@ -81,6 +85,7 @@ impl CpuBackend {
                 pool: Some(pool),
                 threads: want,
                 bufs: Arc::default(),
+                weights: Default::default(),
             },
             Err(e) => {
                 tracing::warn!("cpu backend: could not start {want} threads ({e}); using 1");
@@ -88,6 +93,7 @@ impl CpuBackend {
                     pool: None,
                     threads: 1,
                     bufs: Arc::default(),
+                    weights: Default::default(),
                 }
             }
         }
@@ -274,7 +280,7 @@ impl Backend for CpuBackend {
         let (data, shape) = self.conv2d_impl(
             &x.buf,
             dims4(&x.shape, "conv2d x"),
-            &w.buf,
+            wcache::Weights::of(&w.buf),
             dims4(&w.shape, "conv2d w"),
             bias.map(|b| &b.buf[..]),
             p,
@@ -294,7 +300,7 @@ impl Backend for CpuBackend {
         let (data, shape) = self.conv2d_impl(
             &x.buf,
             dims4(&x.shape, "conv2d x"),
-            &w.buf,
+            wcache::Weights::of(&w.buf),
             dims4(&w.shape, "conv2d w"),
             bias.map(|b| &b.buf[..]),
             p,
@@ -313,7 +319,7 @@ impl Backend for CpuBackend {
         let data = self.conv2d_backward_input_impl(
             &dy.buf,
             &dy.shape,
-            &w.buf,
+            wcache::Weights::of(&w.buf),
             dims4(&w.shape, "conv2d w"),
             p,
             x_shape,
@@ -346,7 +352,14 @@ impl Backend for CpuBackend {
         trans_a: bool,
         trans_b: bool,
     ) -> Tensor<Self> {
-        let (data, shape) = self.matmul_impl(&a.buf, &a.shape, &b.buf, &b.shape, trans_a, trans_b);
+        let (data, shape) = self.matmul_impl(
+            &a.buf,
+            &a.shape,
+            wcache::Weights::of(&b.buf),
+            &b.shape,
+            trans_a,
+            trans_b,
+        );
         self.wrap(data, &shape)
     }
 

@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::gemm::{MatRef, gemm_f32};
 use super::sgemm::{self, PackedA};
+use super::wcache::{Form, Weights};
 use super::{CpuBackend, ELEM_CHUNK};
 use crate::runtime::backend::{
     Binary, Loss, Norm, PadMode, Pool2dParams, PoolKind, ReduceOp, ResizeParams, Unary,
@@ -551,11 +552,12 @@ impl CpuBackend {
         &self,
         a: &[f32],
         ash: &[usize],
-        b: &[f32],
+        bw: Weights<'_>,
         bsh: &[usize],
         trans_a: bool,
         trans_b: bool,
     ) -> (Vec<f32>, Vec<usize>) {
+        let b = bw.data;
         let out_shape = matmul_out_shape(ash, bsh, trans_a, trans_b);
         let r = out_shape.len();
         let (m, n) = (out_shape[r - 2], out_shape[r - 1]);
@@ -604,6 +606,22 @@ impl CpuBackend {
         // setup and thread hand-off at this size.
         let mid = batches == 1 && (1 << 16..1 << 25).contains(&flops) && sgemm::available();
         if mid && trans_b && !trans_a {
+            if m >= sgemm::MR && n >= 16 && bw.id.is_some() && bsh.len() == 2 {
+                // A weight matrix (PyTorch's Linear): transposed once and kept, then the
+                // panel kernel (rows of `a` packed per call, `b^T` read by rows of n).
+                let bt = bw.derive(&self.weights, Form::Transposed, || {
+                    let mut t = vec![0.0f32; k * n];
+                    for (j, row) in b.chunks_exact(k).take(n).enumerate() {
+                        for (ti, &v) in row.iter().enumerate() {
+                            t[ti * n + j] = v;
+                        }
+                    }
+                    t
+                });
+                let pa = PackedA::new(m, k, a, k, 1);
+                sgemm::gemm_packed(&pa, &bt, n, n, &mut out, n);
+                return (out, out_shape);
+            }
             // Both operands by rows of k: dot products, nothing packed.
             sgemm::gemm_nt(m, n, k, a, k, b, k, &mut out, n);
             return (out, out_shape);
@@ -656,11 +674,11 @@ impl CpuBackend {
         let win = PoolWindows::new(h, w, p);
         let mut y = self.out_dirty(n * c * oh * ow);
         let work = y.len() * p.kernel[0] * p.kernel[1];
-        let full = p.kind == PoolKind::Max && win.all_full(p);
+        let rows_of_taps = p.kind == PoolKind::Max && p.dilation == [1, 1];
         self.blocks(&mut y, oh * ow, work, |pl, dst| {
             let plane = &x[pl * h * w..(pl + 1) * h * w];
-            if full {
-                win.max_full(plane, p.kernel, dst);
+            if rows_of_taps {
+                win.max_rows(plane, p, dst);
                 return;
             }
             for oy in 0..oh {
@@ -920,7 +938,7 @@ impl PoolWindows {
     }
 
     /// Whether every window has all its taps inside the input (no padding reached, no
-    /// dilation): the case [`PoolWindows::max_full`] handles.
+    /// dilation).
     fn all_full(&self, p: &Pool2dParams) -> bool {
         self.dil == [1, 1]
             && self.rows.iter().all(|r| r.count == p.kernel[0])
@@ -938,14 +956,16 @@ impl PoolWindows {
         self.kernel_2x2_stride_2(p.kernel)
     }
 
-    /// Max pooling of one plane when every window is full: tap by tap over whole output rows
-    /// (branch-free selects the compiler can keep in registers) instead of window by window.
-    /// Same result as [`PoolWindows::argmax`]: each output sees its taps in row-major order and
-    /// keeps the first strictly greater value.
-    fn max_full(&self, plane: &[f32], kernel: [usize; 2], dst: &mut [f32]) {
+    /// Max pooling of one plane without dilation: tap by tap over the output columns whose
+    /// windows are full (branch-free selects the compiler can keep in registers) instead of
+    /// window by window; the columns cut by padding (a few at each end: ResNet's 3x3 / stride 2
+    /// / pad 1 pooling) window by window. Same result as [`PoolWindows::argmax`]: each output
+    /// sees its valid taps in row-major order and keeps the first strictly greater value.
+    fn max_rows(&self, plane: &[f32], p: &Pool2dParams, dst: &mut [f32]) {
+        let kernel = p.kernel;
         let ow = self.cols.len();
         // The ubiquitous 2x2 / stride 2 case: fixed-size pairs, no index arithmetic.
-        if self.kernel_2x2_stride_2(kernel) {
+        if self.all_full(p) && self.kernel_2x2_stride_2(kernel) {
             for (oy, out) in dst.chunks_exact_mut(ow).enumerate() {
                 let r0 = &plane[2 * oy * self.w..][..2 * ow];
                 let r1 = &plane[(2 * oy + 1) * self.w..][..2 * ow];
@@ -953,17 +973,35 @@ impl PoolWindows {
             }
             return;
         }
+        // The full columns: one range (windows move one way along the axis).
+        let full = |c: &AxisWindow| c.count == kernel[1];
+        let c0 = self.cols.iter().position(full).unwrap_or(ow);
+        let c1 = self.cols.iter().rposition(full).map_or(c0, |i| i + 1);
+        let (c0, c1) = if self.cols[c0..c1].iter().all(full) {
+            (c0, c1)
+        } else {
+            (0, 0)
+        };
         for (oy, r) in self.rows.iter().enumerate() {
             let out = &mut dst[oy * ow..(oy + 1) * ow];
-            for ty in 0..kernel[0] {
+            for ox in (0..c0).chain(c1..ow) {
+                out[ox] = self.argmax(plane, oy, ox).map_or(0.0, |i| plane[i]);
+            }
+            if r.count == 0 {
+                // An empty window row (all padding): argmax's 0 for every column.
+                out[c0..c1].fill(0.0);
+                continue;
+            }
+            let (out, cols) = (&mut out[c0..c1], &self.cols[c0..c1]);
+            for ty in 0..r.count {
                 let row = &plane[(r.first + ty) * self.w..(r.first + ty + 1) * self.w];
                 for tx in 0..kernel[1] {
                     if ty == 0 && tx == 0 {
-                        for (o, c) in out.iter_mut().zip(&self.cols) {
+                        for (o, c) in out.iter_mut().zip(cols) {
                             *o = row[c.first];
                         }
                     } else {
-                        for (o, c) in out.iter_mut().zip(&self.cols) {
+                        for (o, c) in out.iter_mut().zip(cols) {
                             let v = row[c.first + tx];
                             *o = if v > *o { v } else { *o };
                         }

@@ -115,6 +115,27 @@ impl CpuBuf {
     }
 }
 
+/// A weak handle on a buffer: its identity (the allocation, which this keeps from being
+/// reused) without keeping its storage alive.
+pub(crate) struct BufRef(std::sync::Weak<Block>);
+
+impl BufRef {
+    /// Whether `b` is the buffer this handle was made from.
+    pub(crate) fn is(&self, b: &CpuBuf) -> bool {
+        std::ptr::eq(self.0.as_ptr(), Arc::as_ptr(&b.0))
+    }
+
+    pub(crate) fn alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
+
+impl CpuBuf {
+    pub(crate) fn weak(&self) -> BufRef {
+        BufRef(Arc::downgrade(&self.0))
+    }
+}
+
 impl std::ops::Deref for CpuBuf {
     type Target = [f32];
     fn deref(&self) -> &[f32] {

@@ -142,6 +142,8 @@ fn matmul_matches_reference() {
         // mid-size single products: plain (packed kernel), both transposed (gemm crate)
         (vec![50, 40], vec![40, 60], false, false),
         (vec![60, 30], vec![50, 60], true, true),
+        // a Linear layer's weights ([out, in], trans_b): transposed once and cached
+        (vec![40, 300], vec![48, 300], false, true),
     ];
     for b in backends() {
         for (ci, (ash, bsh, ta, tb)) in cases.iter().enumerate() {
@@ -220,10 +222,25 @@ fn pool_matches_reference() {
             [3, 16, 32, 32],
             pool(avg_in, [3, 3], [2, 2], [1; 4], [1, 1], [17, 17]),
         ),
+        // padded max pooling with ceil-mode windows cut at the far edge, asymmetric pads
+        (
+            [2, 3, 7, 9],
+            pool(PoolKind::Max, [3, 3], [2, 2], [1, 1, 1, 1], [1, 1], [4, 5]),
+        ),
+        (
+            [2, 3, 8, 7],
+            pool(PoolKind::Max, [2, 3], [1, 2], [0, 2, 1, 0], [1, 1], [8, 4]),
+        ),
     ];
     for b in backends() {
         for (ci, (xs, p)) in cases.iter().enumerate() {
-            let x = RefTensor::random(xs, ci as u64);
+            let mut x = RefTensor::random(xs, ci as u64);
+            if p.kind == PoolKind::Max {
+                // Quarter steps: many windows hold ties, which the first maximum must break.
+                x.data
+                    .iter_mut()
+                    .for_each(|v| *v = (*v * 4.0).round() / 4.0);
+            }
             let want = r::pool2d(&x, p);
             let xt = up(&b, &x);
             check(
@@ -895,6 +912,86 @@ fn winograd_matches_reference() {
     }
 }
 
+/// The forms derived from a weight tensor (packed panels, Winograd-domain weights, flipped
+/// weights, a transposed Linear matrix) are made on the first call and reused: later calls
+/// give bit-identical results, equal to forms made afresh, and the cache lets go of a
+/// tensor's forms once it is dropped.
+#[test]
+fn cached_weight_forms_give_the_same_results() {
+    use super::wcache::Weights;
+    let cases: Vec<([usize; 4], [usize; 4], Conv2dParams)> = vec![
+        // direct (the demo CNN's second convolution)
+        ([8, 16, 14, 14], [32, 16, 3, 3], conv(1, [1; 4], 1, 1)),
+        // im2col with stride 2 and a 7x7 kernel (ResNet's stem, smaller)
+        ([2, 3, 30, 30], [16, 3, 7, 7], conv(2, [3; 4], 1, 1)),
+        // pointwise
+        ([2, 32, 12, 12], [24, 32, 1, 1], Conv2dParams::default()),
+        // Winograd, many channels
+        ([4, 64, 12, 12], [64, 64, 3, 3], conv(1, [1; 4], 1, 1)),
+    ];
+    let b = CpuBackend::new(Some(1));
+    for (ci, (xs, ws, p)) in cases.iter().enumerate() {
+        let x = RefTensor::random(xs, 900 + ci as u64);
+        let w = RefTensor::random(ws, 910 + ci as u64);
+        let (xt, wt) = (up(&b, &x), up(&b, &w));
+        let first = b.download(&b.conv2d(&xt, &wt, None, p));
+        let cached = b.download(&b.conv2d(&xt, &wt, None, p));
+        let (fresh, _) = b.conv2d_impl(
+            &xt.buf,
+            *xs,
+            Weights::transient(&wt.buf),
+            *ws,
+            None,
+            p,
+            None,
+        );
+        let want = r::conv2d(&x, &w, None, p);
+        assert_close(&first, &want, FWD, &format!("case {ci}"));
+        for (what, v) in [("second call", &cached), ("fresh forms", &fresh)] {
+            assert!(
+                first
+                    .iter()
+                    .zip(v.iter())
+                    .all(|(u, v)| u.to_bits() == v.to_bits()),
+                "case {ci}: {what} differs from the first call"
+            );
+        }
+        let dyr = RefTensor::random(&want.shape, 920 + ci as u64);
+        let dy = up(&b, &dyr);
+        let dx1 = b.download(&b.conv2d_backward_input(&dy, &wt, p, *xs));
+        let dx2 = b.download(&b.conv2d_backward_input(&dy, &wt, p, *xs));
+        assert!(
+            dx1.iter()
+                .zip(&dx2)
+                .all(|(u, v)| u.to_bits() == v.to_bits()),
+            "case {ci}: the input gradient's second call differs"
+        );
+        assert_close(
+            &dx1,
+            &r::conv2d_backward_input(&dyr, &w, p, *xs),
+            BWD,
+            &format!("case {ci} dx"),
+        );
+    }
+    let held = b.weights.len();
+    assert!(held > 0, "the forms of live tensors are kept");
+    // A Linear layer over a batch: the transposed weights, then the same result again.
+    let (x, w) = (
+        RefTensor::random(&[32, 200], 930),
+        RefTensor::random(&[64, 200], 931),
+    );
+    let (xt, wt) = (up(&b, &x), up(&b, &w));
+    let y1 = b.download(&b.matmul(&xt, &wt, false, true));
+    let y2 = b.download(&b.matmul(&xt, &wt, false, true));
+    assert_close(&y1, &r::matmul(&x, &w, false, true), FWD, "linear");
+    assert_eq!(y1, y2, "linear: second call");
+    // Every weight tensor above is dropped now but the last; the next insertion sweeps.
+    drop(wt);
+    let w3 = up(&b, &RefTensor::random(&[64, 200], 932));
+    b.matmul(&xt, &w3, false, true);
+    assert_eq!(b.weights.len(), 1, "only the live tensor's form is kept");
+}
+
 /// Recycled buffers: outputs taken "dirty" are fully overwritten and accumulating kernels get
 /// zeroed storage, whatever the buffers held before.
 #[test]
@@ -1099,20 +1196,31 @@ fn model_timing() {
             std::hint::black_box(b.download(&o[0]));
         }
     };
+    // `ADVERSE_TIMING_AB=strip`: alternate the GEMM's strip copy instead of the instruction set.
+    let ab = std::env::var("ADVERSE_TIMING_AB").unwrap_or_default();
+    let flag: &std::sync::atomic::AtomicBool = match ab.as_str() {
+        "strip" => &super::sgemm::NO_STRIP,
+        _ => &super::sgemm::FORCE_AVX2,
+    };
+    let reps: usize = std::env::var("ADVERSE_TIMING_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(400);
     let mut best = [f64::INFINITY; 2];
-    for rep in 0..400 {
-        let avx2 = rep % 2 == 1;
-        super::sgemm::FORCE_AVX2.store(avx2, Ordering::Relaxed);
+    for rep in 0..reps {
+        let b_side = rep % 2 == 1;
+        flag.store(b_side, Ordering::Relaxed);
         let t = std::time::Instant::now();
         step();
-        best[usize::from(avx2)] = best[usize::from(avx2)].min(t.elapsed().as_secs_f64());
+        best[usize::from(b_side)] = best[usize::from(b_side)].min(t.elapsed().as_secs_f64());
     }
-    super::sgemm::FORCE_AVX2.store(false, Ordering::Relaxed);
+    flag.store(false, Ordering::Relaxed);
     println!(
-        "{shape:?} {}: {:.3} ms ({:.0} images/s) with AVX-512 where present, {:.3} ms ({:.0}) AVX2",
+        "{shape:?} {}: A {:.3} ms ({:.0} images/s), B ({}) {:.3} ms ({:.0})",
         if grad { "forward+grad" } else { "forward" },
         best[0] * 1e3,
         batch as f64 / best[0],
+        if ab.is_empty() { "avx2" } else { &ab },
         best[1] * 1e3,
         batch as f64 / best[1]
     );

@@ -90,11 +90,17 @@ struct Range {
     u: Vec<PackedA>,
 }
 
-/// A convolution prepared for the Winograd path: the transformed weights, split into the
-/// output-channel ranges that tasks take.
+/// Weights in the Winograd domain, split into the output-channel ranges that tasks take
+/// (made once per weight tensor: see `wcache`).
+pub(super) struct Transformed {
+    c: usize,
+    ranges: Vec<Range>,
+}
+
+/// A convolution prepared for the Winograd path: its shape and transformed weights.
 pub(super) struct Plan {
     s: Shape,
-    ranges: Vec<Range>,
+    u: std::sync::Arc<Transformed>,
 }
 
 /// The plan's unit of work: output samples `s0..s0 + ns` and the channels of range `range`.
@@ -109,11 +115,15 @@ pub(super) struct Task {
 /// next to the products, enough tiles in the call to pay for transforming the weights (16
 /// products per weight pair, made once per call; measured: a 256-channel 14x14 convolution
 /// of one sample ran 2.5x slower than the direct path), and AVX2/FMA.
-pub(super) fn applies(s: &Shape) -> bool {
+///
+/// `cached`: the transformed weights are kept between calls (the weights are a tensor), so
+/// only the first call pays for the transform and the tile count need not cover it.
+pub(super) fn applies(s: &Shape, cached: bool) -> bool {
+    let transform = if cached { 0 } else { s.c * s.m / 128 };
     s.c >= 4
         && s.m >= 4
         && (s.c * s.m >= MIN_PAIRS_WIDE || !sgemm::avx512() || few_pairs_forced())
-        && s.n.saturating_mul(s.th()).saturating_mul(s.tw()) >= MIN_TILES + s.c * s.m / 128
+        && s.n.saturating_mul(s.th()).saturating_mul(s.tw()) >= MIN_TILES + transform
         && s.oh >= 2
         && s.ow >= 4
         && s.sample_floats() <= MAX_SAMPLE_FLOATS
@@ -136,17 +146,18 @@ fn few_pairs_forced() -> bool {
     false
 }
 
-impl Plan {
+impl Transformed {
     /// Transforms `w` (`m x c x 3 x 3`) and packs it for `splits` output-channel ranges.
-    pub fn new(s: Shape, w: &[f32], splits: usize) -> Plan {
-        assert_eq!(w.len(), s.m * s.c * 9, "winograd: weight length");
+    pub fn new(m: usize, c: usize, w: &[f32], splits: usize) -> Transformed {
+        assert_eq!(w.len(), m * c * 9, "winograd: weight length");
         // U[e][co][ci] in f64 (the 1/2 factors are exact, the sums are not), rounded once, in
         // the thread's scratch (a fresh allocation per call cost more in page faults than the
         // arithmetic).
-        super::conv::with_scratch(16 * s.m * s.c, |u| Plan::packed(s, w, u, splits))
+        super::conv::with_scratch(16 * m * c, |u| Transformed::packed(m, c, w, u, splits))
     }
 
-    fn packed(s: Shape, w: &[f32], u: &mut [f32], splits: usize) -> Plan {
+    fn packed(m: usize, c: usize, w: &[f32], u: &mut [f32], splits: usize) -> Transformed {
+        let s = Dims { m, c };
         for co in 0..s.m {
             for ci in 0..s.c {
                 let g = &w[(co * s.c + ci) * 9..][..9];
@@ -180,16 +191,34 @@ impl Plan {
                 Range { co0, mr, u }
             })
             .collect();
-        Plan { s, ranges }
+        Transformed { c, ranges }
+    }
+}
+
+/// The channel counts [`Transformed::packed`] reads.
+struct Dims {
+    m: usize,
+    c: usize,
+}
+
+impl Plan {
+    pub fn new(s: Shape, u: std::sync::Arc<Transformed>) -> Plan {
+        assert_eq!(u.c, s.c, "winograd: weights of another shape");
+        assert_eq!(
+            u.ranges.last().map(|r| r.co0 + r.mr),
+            Some(s.m),
+            "winograd: weights of another shape"
+        );
+        Plan { s, u }
     }
 
     pub fn ranges(&self) -> usize {
-        self.ranges.len()
+        self.u.ranges.len()
     }
 
     /// Output channels of range `r`: (first, count).
     pub fn range(&self, r: usize) -> (usize, usize) {
-        (self.ranges[r].co0, self.ranges[r].mr)
+        (self.u.ranges[r].co0, self.u.ranges[r].mr)
     }
 
     /// Computes one task: `x` holds the whole input (`n x c x h x w`), `y` the task's output
@@ -197,7 +226,7 @@ impl Plan {
     /// entries) is added and, if `relu`, the ReLU applied.
     pub fn run(&self, t: &Task, x: &[f32], y: &mut [f32], bias: Option<&[f32]>, relu: bool) {
         let s = &self.s;
-        let rg = &self.ranges[t.range];
+        let rg = &self.u.ranges[t.range];
         let (mr, c) = (rg.mr, s.c);
         let (th, tw, pw) = (s.th(), s.tw(), s.oh * s.ow);
         let plane = s.h * s.w;
