@@ -859,6 +859,9 @@ fn winograd_matches_reference() {
         ([1, 64, 40, 40], [64, 64, 3, 3], conv(1, [1; 4], 1, 1)),
         // pads beyond the kernel's reach (all-padding border outputs)
         ([12, 5, 9, 9], [7, 5, 3, 3], conv(1, [2; 4], 1, 1)),
+        // ResNet's last stage in small: 7x7 planes (4 x 4 tiles, the last row and column
+        // half outside), 64 tiles in all, taken because the transformed weights are kept
+        ([4, 32, 7, 7], [40, 32, 3, 3], conv(1, [1; 4], 1, 1)),
     ];
     let one = CpuBackend::new(Some(1));
     let three = CpuBackend::new(Some(3));
