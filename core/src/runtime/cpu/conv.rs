@@ -150,7 +150,7 @@ fn im2col(gm: &Geom, xg: &[f32], col: &mut [f32]) {
                         }
                     } else {
                         for (j, d) in dst[ox0..ox1].iter_mut().enumerate() {
-                            *d = src[ix0 as usize + j * sw];
+                            *d = src[ix0u + j * sw];
                         }
                     }
                 }
@@ -452,10 +452,9 @@ fn copy_plane_avx512(
 /// The input gradient of a stride-1, non-depthwise convolution as a forward convolution:
 /// `dx[ci][iy][ix] = sum dy[mo][iy + pt - ky*dh][ix + pl - kx*dw] * w[mo][ci][ky][kx]`, i.e.
 /// `dy` padded by `(kh-1)*dh - pt` (top; likewise each side) convolved with `w'[ci][mo][ky][kx]
-/// = w[mo][ci][kh-1-ky][kw-1-kx]` (per group). None where the direct path would not take it or a
+/// = w[mo][ci][kh-1-ky][kw-1-kx]` (per group; made by [`flip_weights`]). Returns the weight shape
+/// and parameters of that convolution; None where the direct path would not take it or a
 /// padding exceeds the kernel's reach (the adjoint would need cropping).
-/// The geometry of a stride-1 convolution's input gradient as a convolution (weights shape
-/// and parameters), where the direct path takes it (see [`flip_weights`] for its weights).
 fn transposed_as_conv(gm: &Geom) -> Option<([usize; 4], Conv2dParams)> {
     if gm.p.stride != [1, 1] {
         return None;
@@ -623,7 +622,6 @@ impl CpuBackend {
             let (par_tasks, par) = self.conv_plan(gm.n * gm.g, gm.flops());
             let k = gm.k();
             let xblock = gm.cg * gm.h * gm.w;
-            // The direct path, with the weights of each group packed once for every sample.
             let direct = Direct::plan(&gm);
             // The weights of each group packed once for every sample, for the packed-panel
             // kernel (the direct path, and the im2col and pointwise products run in one task).
@@ -633,6 +631,8 @@ impl CpuBackend {
                 .then(|| {
                     let form = Form::ConvPacked {
                         flipped: wts.flipped,
+                        ws,
+                        groups: gm.g,
                     };
                     wts.derive(&self.weights, form, || {
                         (0..gm.g)
@@ -725,6 +725,7 @@ impl CpuBackend {
         };
         let form = Form::Winograd {
             flipped: wts.flipped,
+            ws: [gm.m, gm.c, 3, 3],
             splits,
         };
         let u = wts.derive(&self.weights, form, || {
@@ -859,7 +860,8 @@ impl CpuBackend {
             // A stride-1 convolution's input gradient is itself a stride-1 convolution (of dy,
             // with the weights flipped and their channel axes swapped), which the direct path
             // computes without col2im.
-            let wt = wts.derive(&self.weights, Form::Flipped, || flip_weights(&gm, w));
+            let form = Form::Flipped { ws, groups: gm.g };
+            let wt = wts.derive(&self.weights, form, || flip_weights(&gm, w));
             let flipped = Weights {
                 data: &wt,
                 id: wts.id,

@@ -609,7 +609,7 @@ impl CpuBackend {
             if m >= sgemm::MR && n >= 16 && bw.id.is_some() && bsh.len() == 2 {
                 // A weight matrix (PyTorch's Linear): transposed once and kept, then the
                 // panel kernel (rows of `a` packed per call, `b^T` read by rows of n).
-                let bt = bw.derive(&self.weights, Form::Transposed, || {
+                let bt = bw.derive(&self.weights, Form::Transposed { n, k }, || {
                     let mut t = vec![0.0f32; k * n];
                     for (j, row) in b.chunks_exact(k).take(n).enumerate() {
                         for (ti, &v) in row.iter().enumerate() {

@@ -988,8 +988,38 @@ fn cached_weight_forms_give_the_same_results() {
     let y2 = b.download(&b.matmul(&xt, &wt, false, true));
     assert_close(&y1, &r::matmul(&x, &w, false, true), FWD, "linear");
     assert_eq!(y1, y2, "linear: second call");
+    // The same buffer read as another shape (Reshape shares it) gets its own forms: a
+    // 128 x 100 Linear matrix, and 64 x 64 x 3 x 3 convolution weights as 128 x 32 x 3 x 3 in
+    // two groups (packed panels of another height and length).
+    let w2 = w.reshape(&[128, 100]);
+    let x2 = RefTensor::random(&[32, 100], 933);
+    let y3 = b.matmul(&up(&b, &x2), &wt.reshape(&[128, 100]), false, true);
+    assert_close(
+        &b.download(&y3),
+        &r::matmul(&x2, &w2, false, true),
+        FWD,
+        "reshaped linear",
+    );
+    let (xs, ws) = ([2, 64, 10, 10], [64, 64, 3, 3]);
+    let (xc, wc) = (RefTensor::random(&xs, 934), RefTensor::random(&ws, 935));
+    let (xct, wct) = (up(&b, &xc), up(&b, &wc));
+    let p1 = conv(1, [1; 4], 1, 1);
+    let p2 = conv(1, [1; 4], 1, 2);
+    let wc2 = wc.reshape(&[128, 32, 3, 3]);
+    for (wr, wt_r, p) in [
+        (&wc, wct.clone(), &p1),
+        (&wc2, wct.reshape(&[128, 32, 3, 3]), &p2),
+    ] {
+        let got = b.conv2d(&xct, &wt_r, None, p);
+        assert_close(
+            &b.download(&got),
+            &r::conv2d(&xc, wr, None, p),
+            FWD,
+            "reshaped conv",
+        );
+    }
     // Every weight tensor above is dropped now but the last; the next insertion sweeps.
-    drop(wt);
+    drop((wt, wct));
     let w3 = up(&b, &RefTensor::random(&[64, 200], 932));
     b.matmul(&xt, &w3, false, true);
     assert_eq!(b.weights.len(), 1, "only the live tensor's form is kept");

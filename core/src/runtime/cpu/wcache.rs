@@ -17,18 +17,28 @@ use std::sync::{Arc, Mutex};
 
 use super::pool::{BufRef, CpuBuf};
 
-/// A derived form of a weight tensor; with the tensor's identity, the cache key.
+/// A derived form of a weight tensor; with the tensor's identity, the cache key. Each form
+/// names the shape it reads the buffer as: tensors reshaped from one another share their
+/// buffer (`Tensor::reshape`), and their forms differ.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Form {
-    /// Convolution weights packed per group for the panel kernel (`flipped`: of the
-    /// input gradient's flipped, channel-swapped weights).
-    ConvPacked { flipped: bool },
-    /// Winograd-domain weights split into `splits` output-channel ranges.
-    Winograd { flipped: bool, splits: usize },
-    /// The input gradient's flipped, channel-swapped weights.
-    Flipped,
-    /// A matrix operand transposed (`k x n` rows from `n x k`).
-    Transposed,
+    /// Convolution weights of shape `ws` packed per group for the panel kernel (`flipped`:
+    /// of the input gradient's flipped, channel-swapped weights).
+    ConvPacked {
+        flipped: bool,
+        ws: [usize; 4],
+        groups: usize,
+    },
+    /// Winograd-domain weights of shape `ws` split into `splits` output-channel ranges.
+    Winograd {
+        flipped: bool,
+        ws: [usize; 4],
+        splits: usize,
+    },
+    /// The input gradient's flipped, channel-swapped weights, from weights of shape `ws`.
+    Flipped { ws: [usize; 4], groups: usize },
+    /// An `n x k` matrix operand transposed (`k x n`).
+    Transposed { n: usize, k: usize },
 }
 
 struct Entry {
@@ -129,6 +139,11 @@ mod tests {
 
     #[test]
     fn a_form_is_made_once_per_live_buffer_and_dropped_with_it() {
+        const TR: Form = Form::Transposed { n: 1, k: 2 };
+        const FL: Form = Form::Flipped {
+            ws: [1, 1, 1, 2],
+            groups: 1,
+        };
         let home = Arc::new(BufPool::default());
         let cache = WeightCache::default();
         let a = CpuBuf::new(vec![1.0, 2.0], &home);
@@ -137,27 +152,30 @@ mod tests {
             made.set(made.get() + 1);
             b.iter().sum::<f32>()
         };
-        assert_eq!(*cache.get(&a, Form::Transposed, || sum(&a)), 3.0);
-        assert_eq!(*cache.get(&a, Form::Transposed, || sum(&a)), 3.0);
+        assert_eq!(*cache.get(&a, TR, || sum(&a)), 3.0);
+        assert_eq!(*cache.get(&a, TR, || sum(&a)), 3.0);
         assert_eq!(made.get(), 1, "the second call is a hit");
-        // Another form of the same buffer is another entry.
-        cache.get(&a, Form::Flipped, || sum(&a));
+        // Another form of the same buffer is another entry, and so is the same form read as
+        // another shape (a reshaped tensor shares its buffer).
+        cache.get(&a, FL, || sum(&a));
         assert_eq!(made.get(), 2);
+        cache.get(&a, Form::Transposed { n: 2, k: 1 }, || sum(&a));
+        assert_eq!(made.get(), 3);
         // A buffer with the same contents but another identity is not a hit: the key is the
         // tensor, not its data (which the cache never reads).
         let b = CpuBuf::new(vec![1.0, 2.0], &home);
-        cache.get(&b, Form::Transposed, || sum(&b));
-        assert_eq!(made.get(), 3);
+        cache.get(&b, TR, || sum(&b));
+        assert_eq!(made.get(), 4);
         // Dropping `a` returns its storage to the pool; a new buffer made from it (different
         // contents, possibly the same storage) must not see a's forms, and a's entries go.
         drop(a);
         let c = CpuBuf::new(vec![5.0; 2], &home);
-        let c_sum = *cache.get(&c, Form::Transposed, || {
+        let c_sum = *cache.get(&c, TR, || {
             made.set(made.get() + 1);
             -1.0
         });
         assert_eq!(c_sum, -1.0);
-        assert_eq!(made.get(), 4);
+        assert_eq!(made.get(), 5);
         assert_eq!(cache.len(), 2, "b's and c's entries; a's were removed");
     }
 }

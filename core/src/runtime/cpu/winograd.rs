@@ -118,7 +118,7 @@ pub(super) struct Task {
 /// Whether the Winograd path takes this convolution (its caller has checked kernel 3x3, stride
 /// 1, dilation 1 and one group): enough channels on both sides that the transforms are cheap
 /// next to the products, enough tiles in the call to pay for transforming the weights (16
-/// products per weight pair, made once per call; measured: a 256-channel 14x14 convolution
+/// products per weight pair, made once per call where not cached; measured: a 256-channel 14x14 convolution
 /// of one sample ran 2.5x slower than the direct path), and AVX2/FMA.
 ///
 /// `cached`: the transformed weights are kept between calls (the weights are a tensor), so
@@ -167,10 +167,9 @@ impl Transformed {
     }
 
     fn packed(m: usize, c: usize, w: &[f32], u: &mut [f32], splits: usize) -> Transformed {
-        let s = Dims { m, c };
-        for co in 0..s.m {
-            for ci in 0..s.c {
-                let g = &w[(co * s.c + ci) * 9..][..9];
+        for co in 0..m {
+            for ci in 0..c {
+                let g = &w[(co * c + ci) * 9..][..9];
                 let g = |r: usize, k: usize| f64::from(g[r * 3 + k]);
                 // Gg (4 x 3), then (Gg) G^T (4 x 4).
                 let mut gg = [[0.0f64; 3]; 4];
@@ -181,34 +180,28 @@ impl Transformed {
                     gg[3][k] = g(2, k);
                 }
                 for (p, row) in gg.iter().enumerate() {
-                    let [a, b, c] = *row;
-                    let t = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+                    let [g0, g1, g2] = *row;
+                    let t = [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2];
                     for (q, &v) in t.iter().enumerate() {
-                        u[((p * 4 + q) * s.m + co) * s.c + ci] = v as f32;
+                        u[((p * 4 + q) * m + co) * c + ci] = v as f32;
                     }
                 }
             }
         }
-        let splits = splits.clamp(1, s.m);
-        let per = s.m.div_ceil(splits);
-        let ranges = (0..s.m)
+        let splits = splits.clamp(1, m);
+        let per = m.div_ceil(splits);
+        let ranges = (0..m)
             .step_by(per)
             .map(|co0| {
-                let mr = per.min(s.m - co0);
+                let mr = per.min(m - co0);
                 let u = (0..16)
-                    .map(|e| PackedA::new(mr, s.c, &u[(e * s.m + co0) * s.c..], s.c, 1))
+                    .map(|e| PackedA::new(mr, c, &u[(e * m + co0) * c..], c, 1))
                     .collect();
                 Range { co0, mr, u }
             })
             .collect();
         Transformed { c, ranges }
     }
-}
-
-/// The channel counts [`Transformed::packed`] reads.
-struct Dims {
-    m: usize,
-    c: usize,
 }
 
 impl Plan {
