@@ -342,6 +342,21 @@ pub trait Backend: Send + Sync {
     ) -> Tensor<Self> {
         self.unary(act, &self.conv2d(x, w, bias, p))
     }
+    /// `pool2d(act(conv2d(x, w, bias)))`: the executor's inference-only fusion of a Conv, its
+    /// activation and a pooling that is the activation's only consumer, so a backend can pool
+    /// the activation while it is in cache instead of writing it out and reading it back. The
+    /// default runs the primitives.
+    fn conv2d_act_pool(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        p: &Conv2dParams,
+        act: Unary,
+        pool: &Pool2dParams,
+    ) -> Tensor<Self> {
+        self.pool2d(&self.conv2d_act(x, w, bias, p, act), pool)
+    }
     /// Gradient w.r.t. x (this is also ConvTranspose's forward, with `x_shape` its output shape).
     fn conv2d_backward_input(
         &self,

@@ -8,7 +8,7 @@
 
 use super::autodiff;
 use super::backend::{Backend, LossTargets, ReduceOp, Tensor, Unary};
-use super::ir::{Graph, Op, ReshapeRule, ValueId, ValueKind};
+use super::ir::{Graph, Node, Op, ReshapeRule, ValueId, ValueKind};
 use super::loss::{self, LossSpec};
 use super::shape::{self, ShapeError};
 
@@ -216,10 +216,11 @@ impl<B: Backend> Model<B> {
         } else {
             conv_act_fusions(g)
         };
-        let mut skip_next = false;
+        let mut skip = 0;
         for (ni, node) in g.nodes.iter().enumerate() {
-            if std::mem::take(&mut skip_next) {
+            if skip > 0 {
                 // Computed together with the Conv before it.
+                skip -= 1;
                 continue;
             }
             let ins: Vec<&Tensor<B>> = node
@@ -227,12 +228,13 @@ impl<B: Backend> Model<B> {
                 .iter()
                 .map(|&i| vals[i].as_ref().expect("value computed before use"))
                 .collect();
-            if let Some(&Some(act)) = fuse.get(ni) {
-                let act_node = &g.nodes[ni + 1];
-                let y = forward_conv_act(b, &node.op, &ins, n, act)
+            if let Some(&Some(f)) = fuse.get(ni) {
+                let last = &g.nodes[ni + f.covers()];
+                let pool = f.pool.then_some(&last.op);
+                let y = forward_conv_act(b, &node.op, &ins, n, f.act, pool)
                     .map_err(|e| e.at_node(&node.name))?;
-                vals[act_node.output] = Some(y);
-                skip_next = true;
+                vals[last.output] = Some(y);
+                skip = f.covers();
             } else {
                 let y = forward_op(b, &node.op, &ins, n).map_err(|e| e.at_node(&node.name))?;
                 vals[node.output] = Some(y);
@@ -430,28 +432,50 @@ pub(crate) fn per_sample(g: &Graph) -> bool {
         })
 }
 
-/// Inference-only fusions: `Some(act)` at a Conv node whose output feeds only the very next
+/// An inference-only fusion starting at a Conv node (see [`conv_act_fusions`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct ConvFusion {
+    /// The activation node right after the Conv.
+    pub act: Unary,
+    /// The node after the activation is a Pool that is the activation's only consumer: the
+    /// three run as one [`Backend::conv2d_act_pool`].
+    pub pool: bool,
+}
+
+impl ConvFusion {
+    /// How many nodes after the Conv the fusion computes.
+    fn covers(&self) -> usize {
+        1 + usize::from(self.pool)
+    }
+}
+
+/// Inference-only fusions: `Some` at a Conv node whose output feeds only the very next
 /// node, an elementwise activation, and is not a graph output (so nothing else ever needs the
-/// pre-activation value). The pair then runs as one [`Backend::conv2d_act`].
-pub(crate) fn conv_act_fusions(g: &Graph) -> Vec<Option<Unary>> {
+/// pre-activation value). The pair then runs as one [`Backend::conv2d_act`]; where the
+/// activation's output in turn feeds only the next node, a Pool, and is not a graph output,
+/// the three run as one [`Backend::conv2d_act_pool`].
+pub(crate) fn conv_act_fusions(g: &Graph) -> Vec<Option<ConvFusion>> {
     let mut uses = vec![0usize; g.values.len()];
     for n in &g.nodes {
         for &i in &n.inputs {
             uses[i] += 1;
         }
     }
+    // `next` reads only `node`'s output, nothing else reads it, and it is not a graph output.
+    let only_consumer = |node: &Node, next: &Node| {
+        next.inputs == [node.output] && uses[node.output] == 1 && !g.outputs.contains(&node.output)
+    };
     g.nodes
         .iter()
         .enumerate()
         .map(|(ni, node)| {
             let next = g.nodes.get(ni + 1)?;
             match (&node.op, &next.op) {
-                (Op::Conv { .. }, Op::Unary(act))
-                    if next.inputs == [node.output]
-                        && uses[node.output] == 1
-                        && !g.outputs.contains(&node.output) =>
-                {
-                    Some(*act)
+                (Op::Conv { .. }, Op::Unary(act)) if only_consumer(node, next) => {
+                    let pool = g.nodes.get(ni + 2).is_some_and(|after| {
+                        matches!(after.op, Op::Pool { .. }) && only_consumer(next, after)
+                    });
+                    Some(ConvFusion { act: *act, pool })
                 }
                 _ => None,
             }
@@ -460,18 +484,26 @@ pub(crate) fn conv_act_fusions(g: &Graph) -> Vec<Option<Unary>> {
 }
 
 /// A Conv node followed by `act`, validated like [`forward_op`] validates the Conv alone (an
-/// elementwise activation keeps the shape).
+/// elementwise activation keeps the shape), and with `pool` the Pool node after it, validated
+/// on the activation's shape.
 fn forward_conv_act<B: Backend>(
     b: &B,
     op: &Op,
     ins: &[&Tensor<B>],
     n: usize,
     act: Unary,
+    pool: Option<&Op>,
 ) -> Result<Tensor<B>, ShapeError> {
     let shapes: Vec<&[usize]> = ins.iter().map(|t| t.shape.as_slice()).collect();
-    shape::infer(op, &shapes, n)?;
+    let y_shape = shape::infer(op, &shapes, n)?;
     let (p, _) = shape::conv_geometry(op, &ins[0].shape, &ins[1].shape)?;
-    Ok(b.conv2d_act(ins[0], ins[1], ins.get(2).copied(), &p, act))
+    match pool {
+        None => Ok(b.conv2d_act(ins[0], ins[1], ins.get(2).copied(), &p, act)),
+        Some(pool_op) => {
+            let (pp, _) = shape::pool_geometry(pool_op, &y_shape)?;
+            Ok(b.conv2d_act_pool(ins[0], ins[1], ins.get(2).copied(), &p, act, &pp))
+        }
+    }
 }
 
 fn last_uses(g: &Graph) -> Vec<usize> {

@@ -14,7 +14,7 @@ use super::ops::unary_f32;
 use super::sgemm::{self, PackedA};
 use super::wcache::{Form, Weights};
 use super::winograd;
-use crate::runtime::backend::{Conv2dParams, Unary};
+use crate::runtime::backend::{Conv2dParams, Pool2dParams, PoolKind, Unary};
 use crate::runtime::reference::conv2d_out_hw;
 
 /// Everything derived from the shapes that the three kernels share.
@@ -270,9 +270,19 @@ const DIRECT_MAX_PLANE: usize = 16 << 10;
 /// by `ci * hp * wp + ky * dh * wp + kx * dw`, read in place by [`sgemm::gemm_rows`]. The
 /// `wp - ow` extra columns per output row are dropped when the block is copied out. This reads
 /// a few KiB per sample where im2col would write `k` copies of it.
+///
+/// Neighbouring rows share their padding columns: a row is `pl` zeros, its `w` values and
+/// `wp - w - pl` zeros, with `wp = w + max(pl, pr)` (more where the padding exceeds the
+/// kernel's reach), so a window reaching past a row's right end reads the next row's leading
+/// zeros (and past the last plane, `slack` zeros).
+/// With `pl = pr = 1` that is one computed-and-dropped column per output row instead of two:
+/// the demo CNN's 14-wide second convolution computes 209 columns per plane, not 222.
 struct Direct {
     wp: usize,
     plane: usize,
+    /// Zeros after the last plane (`pl + pr - (wp - w)`): what a window of its last row
+    /// reads past it.
+    slack: usize,
     /// Wide output columns: `(oh - 1) * wp + ow` (the last row needs no padding columns), which
     /// keeps the last reduction row's reads inside the buffer.
     wide: usize,
@@ -317,6 +327,11 @@ pub(super) fn winograd_probe(x: [usize; 4], w: [usize; 4], p: &Conv2dParams) -> 
     winograd_shape(&Geom::new(x, w, p), true).is_some()
 }
 
+/// Test-only switch off the pooled copy-out, so timings compare it with the separate steps.
+#[cfg(test)]
+pub(super) static NO_FUSED_POOL: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Test-only switch to the im2col path, so timing tests can compare the two in one process.
 #[cfg(test)]
 pub(super) static FORCE_IM2COL: std::sync::atomic::AtomicBool =
@@ -338,7 +353,13 @@ impl Direct {
             return None;
         }
         let [pt, pl, pb, pr] = gm.p.pad;
-        let (hp, wp) = (gm.h + pt + pb, gm.w + pl + pr);
+        // Zero columns between rows: at least each side's padding, and enough that an output
+        // row (`ow = w + pl + pr - (kw - 1) dw`) fits in `wp` where the padding exceeds the
+        // kernel's reach.
+        let zc = pl
+            .max(pr)
+            .max((pl + pr).saturating_sub((gm.kw - 1) * gm.p.dilation[1]));
+        let (hp, wp) = (gm.h + pt + pb, gm.w + zc);
         let plane = hp * wp;
         if gm.cg.checked_mul(plane)? > DIRECT_MAX_PLANE {
             return None;
@@ -355,6 +376,7 @@ impl Direct {
         Some(Direct {
             wp,
             plane,
+            slack: pl + pr - zc,
             wide: (gm.oh - 1) * wp + gm.ow,
             offs,
         })
@@ -362,7 +384,10 @@ impl Direct {
 
     /// `yb (mg x oh*ow) = act(w_g * x_g + bias)` for one (sample, group) block `xg`
     /// (`cg x h x w`); the bias (the group's entries) and activation are applied to each output
-    /// plane as it is copied out, while it is in L1.
+    /// plane as it is copied out, while it is in L1. With `pool2` (act ReLU), `yb`
+    /// (`mg x (oh/2)*(ow/2)`) is the 2x2 / stride-2 max pooling of that instead, so the
+    /// full-size activation is never written (see [`CpuBackend::conv2d_act_maxpool2`]).
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         gm: &Geom,
@@ -371,8 +396,9 @@ impl Direct {
         yb: &mut [f32],
         bias: Option<&[f32]>,
         act: Option<Unary>,
+        pool2: bool,
     ) {
-        let xlen = gm.cg * self.plane;
+        let xlen = gm.cg * self.plane + self.slack;
         with_scratch(xlen + gm.mg * self.wide, |buf| {
             let (xpad, ywide) = buf.split_at_mut(xlen);
             xpad.fill(0.0);
@@ -384,6 +410,15 @@ impl Direct {
                 }
             }
             sgemm::gemm_rows(a, xpad, &self.offs, self.wide, ywide, self.wide);
+            if pool2 {
+                debug_assert_eq!(act, Some(Unary::Relu), "pooled copy-out: ReLU only");
+                let (ph, pw) = (gm.oh / 2, gm.ow / 2);
+                for (mo, plane) in yb.chunks_exact_mut(ph * pw).take(gm.mg).enumerate() {
+                    let src = &ywide[mo * self.wide..(mo + 1) * self.wide];
+                    super::maxpool2::relu_pool_plane(src, self.wp, plane, pw, bias.map(|b| b[mo]));
+                }
+                return;
+            }
             let pw = gm.p_out();
             #[cfg(target_arch = "x86_64")]
             if sgemm::avx512() && matches!(act, None | Some(Unary::Relu)) {
@@ -590,6 +625,9 @@ impl CpuBackend {
         }
     }
 
+    /// `act(conv(x, w) + bias)` (the output and its shape), through the cheapest of the
+    /// depthwise, Winograd, direct, pointwise and im2col paths.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn conv2d_impl(
         &self,
         x: &[f32],
@@ -600,22 +638,79 @@ impl CpuBackend {
         p: &Conv2dParams,
         act: Option<Unary>,
     ) -> (Vec<f32>, [usize; 4]) {
+        self.conv2d_core(x, Geom::new(xs, ws, p), wts, bias, act, false)
+    }
+
+    /// `pool(act(conv(x, w) + bias))` where `act` is ReLU and `pool` the 2x2 / stride-2 max
+    /// pooling without padding (the small CNNs' pattern), computed from each sample's output
+    /// planes while they are in cache, so the full-size activation is never written and read
+    /// back: on the small CNN the first convolution's output is 3.2 MB a batch of 64, three
+    /// times this core's L2. `None` for other activations and poolings, and where the direct
+    /// path does not take the convolution (the caller then runs the steps one by one).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn conv2d_act_maxpool2(
+        &self,
+        x: &[f32],
+        xs: [usize; 4],
+        wts: Weights<'_>,
+        ws: [usize; 4],
+        bias: Option<&[f32]>,
+        p: &Conv2dParams,
+        act: Unary,
+        pool: &Pool2dParams,
+    ) -> Option<(Vec<f32>, [usize; 4])> {
         let gm = Geom::new(xs, ws, p);
-        let ys = [gm.n, gm.m, gm.oh, gm.ow];
+        let pooled = act == Unary::Relu
+            && pool.kind == PoolKind::Max
+            && pool.kernel == [2, 2]
+            && pool.stride == [2, 2]
+            && pool.pad == [0; 4]
+            && pool.dilation == [1, 1]
+            && pool.out_hw == [gm.oh / 2, gm.ow / 2];
+        #[cfg(test)]
+        if NO_FUSED_POOL.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        if !pooled || gm.is_depthwise() || winograd_shape(&gm, wts.id.is_some()).is_some() {
+            return None;
+        }
+        Direct::plan(&gm)?;
+        Some(self.conv2d_core(x, gm, wts, bias, Some(Unary::Relu), true))
+    }
+
+    fn conv2d_core(
+        &self,
+        x: &[f32],
+        gm: Geom,
+        wts: Weights<'_>,
+        bias: Option<&[f32]>,
+        act: Option<Unary>,
+        pool2: bool,
+    ) -> (Vec<f32>, [usize; 4]) {
+        let ws = [gm.m, gm.cg, gm.kh, gm.kw];
         let pw = gm.p_out();
+        // Each output plane's size (pooled or not).
+        let (ys, out_pw) = if pool2 {
+            (
+                [gm.n, gm.m, gm.oh / 2, gm.ow / 2],
+                (gm.oh / 2) * (gm.ow / 2),
+            )
+        } else {
+            ([gm.n, gm.m, gm.oh, gm.ow], pw)
+        };
         let w = wts.data;
         // The depthwise loop accumulates; the GEMM path writes every element.
         let mut y = if gm.is_depthwise() {
             self.out_zeroed(gm.n * gm.m * pw)
         } else {
-            self.out_dirty(gm.n * gm.m * pw)
+            self.out_dirty(gm.n * gm.m * out_pw)
         };
         if y.is_empty() {
             return (y, ys);
         }
         if gm.is_depthwise() {
             self.depthwise_forward(&gm, x, w, &mut y);
-        } else if let Some(shape) = winograd_shape(&gm, wts.id.is_some()) {
+        } else if let Some(shape) = winograd_shape(&gm, wts.id.is_some()).filter(|_| !pool2) {
             self.winograd_forward(shape, &gm, x, wts, bias, act, &mut y);
             return (y, ys);
         } else {
@@ -643,6 +738,10 @@ impl CpuBackend {
                             .collect::<Vec<_>>()
                     })
                 });
+            assert!(
+                !pool2 || (direct.is_some() && packed.is_some()),
+                "conv2d: pooled copy-out without the direct path"
+            );
             let task = |t: usize, yb: &mut [f32]| {
                 let (ni, gi) = (t / gm.g, t % gm.g);
                 let xg = &x[(ni * gm.c + gi * gm.cg) * gm.h * gm.w..][..xblock];
@@ -666,7 +765,7 @@ impl CpuBackend {
                 };
                 let bias_g = bias.map(|b| &b[gi * gm.mg..(gi + 1) * gm.mg]);
                 if let (Some(d), Some(packed)) = (&direct, &packed) {
-                    d.run(&gm, &packed[gi], xg, yb, bias_g, act);
+                    d.run(&gm, &packed[gi], xg, yb, bias_g, act, pool2);
                     return;
                 } else if gm.is_pointwise() {
                     run(xg, yb);
@@ -686,7 +785,7 @@ impl CpuBackend {
             if let Some(b) = bias {
                 assert_eq!(b.len(), gm.m, "conv2d bias length");
             }
-            self.run_blocks(&mut y, gm.mg * pw, par_tasks, par, task);
+            self.run_blocks(&mut y, gm.mg * out_pw, par_tasks, par, task);
             return (y, ys);
         }
         if let Some(b) = bias {

@@ -48,6 +48,64 @@ fn forward_row_isa(top: &[f32], bot: &[f32], out: &mut [f32], wide: bool) {
     }
 }
 
+/// The 2x2 / stride-2 max pooling of `relu(v + bias)` over a plane whose rows lie `wp` apart
+/// in `src` (`out`: rows of `pw`, as many as it holds), for a convolution whose ReLU and
+/// pooling are fused into its copy-out. Equal to the ReLU written out and pooled by
+/// [`forward_row`] (NaN to 0; the sign of a zero may differ, as the windows' zeros may come
+/// in another order): after the ReLU there is no NaN, so the order of the comparisons does
+/// not matter, and the vector kernel takes the two rows' maxima first and the pairs' after,
+/// two shuffles per sixteen windows instead of four.
+pub(super) fn relu_pool_plane(
+    src: &[f32],
+    wp: usize,
+    out: &mut [f32],
+    pw: usize,
+    bias: Option<f32>,
+) {
+    relu_pool_plane_isa(src, wp, out, pw, bias, true);
+}
+
+fn relu_pool_plane_isa(
+    src: &[f32],
+    wp: usize,
+    out: &mut [f32],
+    pw: usize,
+    bias: Option<f32>,
+    wide: bool,
+) {
+    if pw == 0 {
+        return;
+    }
+    let ph = out.len() / pw;
+    assert!(
+        out.len() == ph * pw
+            && 2 * pw <= wp
+            && (ph == 0 || (2 * ph - 1) * wp + 2 * pw <= src.len()),
+        "relu_pool_plane: bounds"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if wide && super::sgemm::avx512() {
+        // SAFETY: AVX-512F is present; the bounds are asserted above.
+        unsafe { x86::relu_pool_plane512(src, wp, out, pw, bias) };
+        return;
+    }
+    // Elsewhere: each row pair's taps through the ReLU into a stack block, then the plain rows.
+    let f = |v: f32| bias.map_or(v, |b| v + b).max(0.0);
+    const B: usize = 64;
+    let (mut t, mut b) = ([0.0f32; 2 * B], [0.0f32; 2 * B]);
+    for (py, row) in out.chunks_exact_mut(pw).enumerate() {
+        let (top, bot) = (&src[2 * py * wp..], &src[(2 * py + 1) * wp..]);
+        for o0 in (0..pw).step_by(B) {
+            let r = (pw - o0).min(B);
+            for i in 0..2 * r {
+                t[i] = f(top[2 * o0 + i]);
+                b[i] = f(bot[2 * o0 + i]);
+            }
+            forward_row_isa(&t[..2 * r], &b[..2 * r], &mut row[o0..o0 + r], wide);
+        }
+    }
+}
+
 /// The gradient of [`forward_row`]: `dy[o]` goes to the winning tap of window `o` and zero to
 /// the other three (`gtop`, `gbot`: the two input rows' gradients, overwritten or, with
 /// `accumulate`, added to).
@@ -271,6 +329,14 @@ mod x86 {
     unsafe fn taps512(top: *const f32, bot: *const f32, cnt: usize) -> ([__mmask16; 3], __m512) {
         // SAFETY: as in `split512`, for both rows.
         let ((t0, t1), (b0, b1)) = unsafe { (split512(top, cnt), split512(bot, cnt)) };
+        best4(t0, t1, b0, b1)
+    }
+
+    /// The first-strict-maximum fold of four taps: the masks of "this tap beat the best so
+    /// far" and the best.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn best4(t0: __m512, t1: __m512, b0: __m512, b1: __m512) -> ([__mmask16; 3], __m512) {
         let is1 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(t1, t0);
         let best = _mm512_mask_blend_ps(is1, t0, t1);
         let is2 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(b0, best);
@@ -294,6 +360,51 @@ mod x86 {
             }
         }
         n
+    }
+
+    /// See `relu_pool_plane` (which checks the bounds).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn relu_pool_plane512(
+        src: &[f32],
+        wp: usize,
+        out: &mut [f32],
+        pw: usize,
+        bias: Option<f32>,
+    ) {
+        let (bv, z) = (_mm512_set1_ps(bias.unwrap_or(0.0)), _mm512_setzero_ps());
+        let ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let ph = out.len() / pw;
+        for py in 0..ph {
+            for o in (0..pw).step_by(16) {
+                let cnt = (pw - o).min(16);
+                let (ma, mb) = masks(2 * cnt);
+                // SAFETY: the row pair's taps 2 o .. 2 (o + cnt) <= 2 pw lie inside `src` and
+                // the outputs o .. o + cnt inside `out` (the caller's bounds); masked-off lanes
+                // are neither read nor written.
+                unsafe {
+                    let top = src.as_ptr().add(2 * py * wp + 2 * o);
+                    let bot = top.add(wp);
+                    // max(v + b, 0): MAXPS returns its second operand for a NaN.
+                    let f = |p: *const f32, m: __mmask16| {
+                        let v = _mm512_maskz_loadu_ps(m, p);
+                        let v = if bias.is_some() {
+                            _mm512_add_ps(v, bv)
+                        } else {
+                            v
+                        };
+                        _mm512_max_ps(v, z)
+                    };
+                    let lo = _mm512_max_ps(f(top, ma), f(bot, ma));
+                    let hi = _mm512_max_ps(f(top.add(16), mb), f(bot.add(16), mb));
+                    let best = _mm512_max_ps(
+                        _mm512_permutex2var_ps(lo, ev, hi),
+                        _mm512_permutex2var_ps(lo, od, hi),
+                    );
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add(py * pw + o), masks(cnt).0, best);
+                }
+            }
+        }
     }
 
     /// `(lo, hi)` interleaved into the first `2 cnt` floats at `p`: lo0 hi0 lo1 hi1 ...
@@ -353,6 +464,54 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    /// The fused ReLU + pooling of a plane (rows `wp` apart, bias or none) against the ReLU
+    /// written out and pooled by `forward_row`, on both vector kernels: equal as floats, NaN
+    /// taps (which the ReLU maps to 0) and signed zeros included, and nothing written past
+    /// the plane.
+    #[test]
+    fn fused_relu_pooling_equals_relu_then_pooling() {
+        for pw in [1usize, 3, 7, 14, 16, 17, 40] {
+            for extra in [0usize, 1, 5] {
+                let wp = 2 * pw + extra;
+                let ph = 3;
+                let len = (2 * ph - 1) * wp + 2 * pw;
+                let src: Vec<f32> = (0..len)
+                    .map(|i| match (i * 7 + pw) % 11 {
+                        0 => f32::NAN,
+                        1 => -0.0,
+                        2 => 0.0,
+                        r => (r as f32 - 6.0) * 0.25,
+                    })
+                    .collect();
+                for bias in [None, Some(0.5f32), Some(-0.25)] {
+                    let relu = |v: f32| bias.map_or(v, |b| v + b).max(0.0);
+                    let mut want = vec![0.0f32; ph * pw];
+                    for (py, row) in want.chunks_exact_mut(pw).enumerate() {
+                        let top: Vec<f32> = src[2 * py * wp..][..2 * pw]
+                            .iter()
+                            .map(|&v| relu(v))
+                            .collect();
+                        let bot: Vec<f32> = src[(2 * py + 1) * wp..][..2 * pw]
+                            .iter()
+                            .map(|&v| relu(v))
+                            .collect();
+                        super::forward_row_isa(&top, &bot, row, false);
+                    }
+                    for wide in [true, false] {
+                        let mut out = vec![-9.0f32; ph * pw + 1];
+                        super::relu_pool_plane_isa(&src, wp, &mut out[..ph * pw], pw, bias, wide);
+                        assert_eq!(
+                            out[..ph * pw],
+                            want[..],
+                            "pw {pw} wp {wp} bias {bias:?} wide {wide}"
+                        );
+                        assert_eq!(out[ph * pw], -9.0, "wrote past the plane");
+                    }
+                }
+            }
+        }
+    }
+
     /// Every row length from 1 to 40 windows (full groups, masked or padded tails, rows
     /// shorter than a group), values on a coarse grid (ties) with NaNs on every tap position:
     /// each vector kernel this CPU has against the first-strict-maximum rule, forward and

@@ -309,6 +309,30 @@ impl Backend for CpuBackend {
         self.wrap(data, &shape)
     }
 
+    fn conv2d_act_pool(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        p: &Conv2dParams,
+        act: Unary,
+        pool: &Pool2dParams,
+    ) -> Tensor<Self> {
+        if let Some((data, shape)) = self.conv2d_act_maxpool2(
+            &x.buf,
+            dims4(&x.shape, "conv2d x"),
+            wcache::Weights::of(&w.buf),
+            dims4(&w.shape, "conv2d w"),
+            bias.map(|b| &b.buf[..]),
+            p,
+            act,
+            pool,
+        ) {
+            return self.wrap(data, &shape);
+        }
+        self.pool2d(&self.conv2d_act(x, w, bias, p, act), pool)
+    }
+
     fn conv2d_backward_input(
         &self,
         dy: &Tensor<Self>,

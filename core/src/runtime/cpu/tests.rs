@@ -743,6 +743,11 @@ fn fast_paths_match_reference() {
         // GEMM path (K = 144) with the fused epilogue, and depthwise
         ([2, 16, 14, 14], [32, 16, 3, 3], conv(1, [1; 4], 1, 1)),
         ([2, 6, 7, 7], [6, 1, 3, 3], conv(1, [1; 4], 1, 6)),
+        // the direct path's shared padding columns: unequal sides (two zero columns between
+        // rows, two after the last plane), and padding past a 1x1 kernel's reach (rows of
+        // w + pl + pr)
+        ([2, 3, 6, 5], [4, 3, 1, 3], conv(1, [1, 2, 1, 3], 1, 1)),
+        ([2, 2, 4, 4], [3, 2, 1, 1], conv(1, [1; 4], 1, 1)),
     ];
     let acts = [Unary::Relu, Unary::LeakyRelu { alpha: 0.1 }, Unary::Tanh];
     for b in backends() {
@@ -761,6 +766,56 @@ fn fast_paths_match_reference() {
                 // Fused = unfused, bit for bit (same kernels, same order).
                 let sep = b.unary(act, &b.conv2d(&xt, &wt, Some(&bt), p));
                 assert_eq!(b.download(&got), b.download(&sep), "{what} vs unfused");
+                // Conv + activation + pooling (fused in the copy-out for ReLU and 2x2 / 2 max
+                // pooling where the direct path runs, else the steps): equal to the steps as
+                // floats, and to the reference.
+                let [oh, ow] = [y.shape[2], y.shape[3]];
+                for pp in [
+                    pool(
+                        PoolKind::Max,
+                        [2, 2],
+                        [2, 2],
+                        [0; 4],
+                        [1, 1],
+                        [oh / 2, ow / 2],
+                    ),
+                    pool(
+                        PoolKind::Max,
+                        [3, 3],
+                        [2, 2],
+                        [1; 4],
+                        [1, 1],
+                        [oh.div_ceil(2), ow.div_ceil(2)],
+                    ),
+                ] {
+                    let got = b.conv2d_act_pool(&xt, &wt, Some(&bt), p, act, &pp);
+                    let what = format!("{what}, pool {:?}", pp.kernel);
+                    check(&b, &got, &r::pool2d(&r::unary(act, &y), &pp), BWD, &what);
+                    assert_eq!(
+                        b.download(&got),
+                        b.download(&b.pool2d(&sep, &pp)),
+                        "{what} vs steps"
+                    );
+                    // The fused path runs where it should (cases 0 and 3 take the direct path
+                    // on any CPU with the packed kernel) and nowhere else.
+                    let fused = b
+                        .conv2d_act_maxpool2(
+                            &x.to_f32(),
+                            *xs,
+                            super::wcache::Weights::of(&wt.buf),
+                            *ws,
+                            None,
+                            p,
+                            act,
+                            &pp,
+                        )
+                        .is_some();
+                    let pattern = act == Unary::Relu && pp.kernel == [2, 2];
+                    assert!(fused <= pattern, "{what}: fused");
+                    if pattern && matches!(ci, 0 | 3) && super::sgemm::available() {
+                        assert!(fused, "{what}: not fused");
+                    }
+                }
             }
             let dy = RefTensor::random(&y.shape, 70 + ci as u64);
             let got = b.conv2d_backward_input(&up(&b, &dy), &wt, p, *xs);
@@ -1075,17 +1130,20 @@ fn recycled_buffers_do_not_leak_stale_values() {
     }
 }
 
-/// The executor's inference-only Conv + activation fusion: it fires on the test models that
-/// have the pattern, and the fused forward equals the unfused (taped) run bit for bit.
+/// The executor's inference-only Conv + activation (+ Pool) fusions: they fire on the test
+/// models that have the patterns, and the fused forward equals the unfused (taped) run (as
+/// floats: a fused ReLU + max pooling may give a zero of the other sign).
 #[test]
 fn fused_inference_equals_taped_forward() {
     use crate::runtime::exec::{Model, conv_act_fusions};
     let (_, models) = crate::runtime::graph_tests::models();
-    let mut fused_any = false;
+    let (mut fused_any, mut pooled_any) = (false, false);
     for b in backends() {
         for m in models {
             let graph = crate::runtime::onnx::load(&m.path).expect("import");
-            fused_any |= conv_act_fusions(&graph).iter().any(Option::is_some);
+            let fusions = conv_act_fusions(&graph);
+            fused_any |= fusions.iter().any(Option::is_some);
+            pooled_any |= fusions.iter().flatten().any(|f| f.pool);
             let model = Model::new(&b, graph);
             let mut shape = m.input_shape.clone();
             shape[0] = 3;
@@ -1108,6 +1166,10 @@ fn fused_inference_equals_taped_forward() {
         }
     }
     assert!(fused_any, "no test model has a fusable Conv -> activation");
+    assert!(
+        pooled_any,
+        "no test model has a fusable Conv -> activation -> Pool"
+    );
 }
 
 /// Timing of the convolution paths, single-threaded (`ADVERSE_TIMING_THREADS=n` for more),
@@ -1233,6 +1295,7 @@ fn model_timing() {
     let ab = std::env::var("ADVERSE_TIMING_AB").unwrap_or_default();
     let flag: &std::sync::atomic::AtomicBool = match ab.as_str() {
         "strip" => &super::sgemm::NO_STRIP,
+        "pool" => &super::conv::NO_FUSED_POOL,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")
