@@ -646,24 +646,35 @@ mod x86 {
                 accumulate,
                 mask,
             } = *self;
-            // SAFETY: the caller's guarantees are micro512's.
-            unsafe {
-                if nv == 2 {
-                    micro512::<P, 2>(a, b, offs, c, ldc, rows, accumulate, mask);
-                } else {
-                    micro512::<P, 1>(a, b, offs, c, ldc, rows, accumulate, mask);
-                }
+            // The last panel's rows that are in the product: a partial panel (16 or 32 rows are
+            // 2 2/3 and 5 1/3 panels of six) computes only those, which spares the demo CNN's
+            // convolutions an eighth of their multiply-adds.
+            let last = rows.saturating_sub((P - 1) * MR).clamp(1, MR);
+            macro_rules! go {
+                ($nv:literal) => {
+                    match last {
+                        1 => micro512::<P, $nv, 1>(a, b, offs, c, ldc, rows, accumulate, mask),
+                        2 => micro512::<P, $nv, 2>(a, b, offs, c, ldc, rows, accumulate, mask),
+                        3 => micro512::<P, $nv, 3>(a, b, offs, c, ldc, rows, accumulate, mask),
+                        4 => micro512::<P, $nv, 4>(a, b, offs, c, ldc, rows, accumulate, mask),
+                        5 => micro512::<P, $nv, 5>(a, b, offs, c, ldc, rows, accumulate, mask),
+                        _ => micro512::<P, $nv, MR>(a, b, offs, c, ldc, rows, accumulate, mask),
+                    }
+                };
             }
+            // SAFETY: the caller's guarantees are micro512's.
+            unsafe { if nv == 2 { go!(2) } else { go!(1) } }
         }
     }
 
     /// One `P*MR x NV*16` block (`P` packed panels, whose rows follow each other in `c`)
     /// whose last register holds the columns of `mask`:
-    /// `c[r][j] (+)= sum_t a[t*MR + r] * b[offs[t] + j]`, rows `< rows` stored.
+    /// `c[r][j] (+)= sum_t a[t*MR + r] * b[offs[t] + j]`, rows `< rows` stored; of the last
+    /// panel only the first `LAST` rows are computed (`rows <= (P - 1) * MR + LAST`).
     #[inline]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn micro512<const P: usize, const NV: usize>(
+    unsafe fn micro512<const P: usize, const NV: usize, const LAST: usize>(
         a: [*const f32; P],
         b: *const f32,
         offs: &[usize],
@@ -678,6 +689,9 @@ mod x86 {
         // floats plus the masked lanes of the last register at `b + offs[t]` for every t, and
         // `rows` rows of as many floats at `c` (stride ldc); masked-off lanes are neither read
         // nor written.
+        debug_assert!(rows <= (P - 1) * MR + LAST, "micro512: rows past LAST");
+        // Rows computed in panel `pi`.
+        let height = |pi: usize| if pi + 1 == P { LAST } else { MR };
         unsafe {
             let mut acc = [[[_mm512_setzero_ps(); NV]; MR]; P];
             for (t, &o) in offs.iter().enumerate() {
@@ -690,9 +704,9 @@ mod x86 {
                         _mm512_maskz_loadu_ps(mask, brow.add(v * W))
                     };
                 }
-                for (pa, accp) in a.iter().zip(acc.iter_mut()) {
+                for (pi, (pa, accp)) in a.iter().zip(acc.iter_mut()).enumerate() {
                     let arow = pa.add(t * MR);
-                    for (r, accr) in accp.iter_mut().enumerate() {
+                    for (r, accr) in accp.iter_mut().enumerate().take(height(pi)) {
                         let av = _mm512_set1_ps(*arow.add(r));
                         for v in 0..NV {
                             accr[v] = _mm512_fmadd_ps(av, bv[v], accr[v]);
@@ -871,6 +885,15 @@ mod tests {
             (50, 45, 300),
             (100, 17, 70),
             (48, 32, 5),
+            // A partial last panel of every height, alone and paired (the AVX-512 kernel
+            // computes only its rows).
+            (2, 40, 7),
+            (3, 17, 5),
+            (9, 40, 7),
+            (10, 17, 30),
+            (11, 33, 12),
+            (14, 16, 6),
+            (15, 20, 11),
         ] {
             let (ldb, ldc) = (n + 3, n + 1);
             let (a, b) = (operand(m * k, 0), operand(k * ldb, 1));
