@@ -31,8 +31,53 @@ const MC_PANELS: usize = 16;
 /// register of `b`, which 4 panel pairs amortise (measured: 6 panels, the demo CNN's 32 x 222
 /// x 144 product, lost 8% to it; 11 panels, ResNet-18's 64 x 3136 x 576, gained 1.4x).
 const STRIP_COPY_PANELS: usize = 8;
-/// Reduction block: a `KC x NR` strip of the right operand (16 KiB) stays in L1.
-const KC: usize = 256;
+/// Longest reduction block: a `KC x 32` strip of the right operand (the AVX-512 kernel's;
+/// 16 KiB) stays in L1 beside the panels' lines. At 256 (a 32 KiB strip, all of L1) the
+/// products with long reductions ran 10-20% slower (ResNet's 256 x 196 x 2304: 86 against 102
+/// GFLOP/s; the demo CNN's Linear layer, 64 x 128 x 1568: 88 against 101).
+const KC: usize = 128;
+/// The reduction block the buffers are sized for: `KC`, or the longer blocks a timing A/B
+/// run switches to (`LONG_K`).
+const KC_ALLOC: usize = 2 * KC;
+
+/// The longest reduction block: `KC` (`2 KC` in a timing run's B side).
+fn kc_max() -> usize {
+    #[cfg(test)]
+    if LONG_K.load(std::sync::atomic::Ordering::Relaxed) {
+        return KC_ALLOC;
+    }
+    KC
+}
+
+/// The reduction blocks `(t0, kc)` of a `k`-long reduction: as few as `KC` allows, of equal
+/// lengths (144 is two blocks of 72, not 128 and 16, whose second block would spend as much on
+/// loading and storing the accumulators as on multiply-adds). Both kernels block the same way,
+/// so they add in the same order.
+fn k_blocks(k: usize) -> impl Iterator<Item = (usize, usize)> {
+    let kc = kc_max();
+    let nb = k.div_ceil(kc).max(1);
+    let (base, extra) = (k / nb, k % nb);
+    #[cfg(test)]
+    let unbalanced = UNBALANCED_K.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    let unbalanced = false;
+    (0..nb).map(move |i| {
+        if unbalanced {
+            (i * kc, kc.min(k - i * kc))
+        } else {
+            (i * base + i.min(extra), base + usize::from(i < extra))
+        }
+    })
+}
+
+/// Test-only switch to blocks of `2 KC`, for the timing tool's A/B runs.
+#[cfg(test)]
+pub(crate) static LONG_K: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Test-only switch to blocks of `KC` and a remainder, for the timing tool's A/B runs.
+#[cfg(test)]
+pub(crate) static UNBALANCED_K: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Whether this CPU runs the kernel (callers fall back to the `gemm` crate otherwise).
 pub(crate) fn available() -> bool {
@@ -288,7 +333,7 @@ fn gemm_nt_isa(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{KC, LANES, MC_PANELS, MR, NR, PackedA};
+    use super::{KC_ALLOC, LANES, MC_PANELS, MR, NR, PackedA};
     use std::arch::x86_64::*;
 
     /// See [`super::gemm_rows`], whose asserts are this function's preconditions.
@@ -311,14 +356,13 @@ mod x86 {
             (Vec::new(), Vec::new())
         } else {
             (
-                vec![0.0f32; KC * LANES],
-                (0..KC).map(|t| t * LANES).collect(),
+                vec![0.0f32; KC_ALLOC * LANES],
+                (0..KC_ALLOC).map(|t| t * LANES).collect(),
             )
         };
         // Goto's loop order: a KC x MC block of the packed weights stays in L2 while every NR
-        // strip of the right operand (KC x 16, in L1) meets its MC/MR panels.
-        for t0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - t0);
+        // strip of the right operand (at most KC x 16, in L1) meets its MC/MR panels.
+        for (t0, kc) in super::k_blocks(k) {
             let acc = t0 > 0;
             let rows_off = &offs[t0..t0 + kc];
             for p0 in (0..panels).step_by(MC_PANELS) {
@@ -531,10 +575,10 @@ mod x86 {
         let (m, k) = (a.m, a.k);
         let panels = m.div_ceil(MR);
         let (bp, cp, ap) = (b.as_ptr(), c.as_mut_ptr(), a.data.as_ptr());
-        const STRIP_OFFS: [usize; KC] = {
-            let mut o = [0; KC];
+        const STRIP_OFFS: [usize; KC_ALLOC] = {
+            let mut o = [0; KC_ALLOC];
             let mut i = 0;
-            while i < KC {
+            while i < KC_ALLOC {
                 o[i] = i * NR5;
                 i += 1;
             }
@@ -544,10 +588,9 @@ mod x86 {
         let mut strip = Vec::new();
         let copy = panels.min(MC_PANELS) >= super::STRIP_COPY_PANELS && !super::no_strip();
         if copy {
-            strip = vec![0.0f32; KC.min(k) * NR5];
+            strip = vec![0.0f32; KC_ALLOC.min(k) * NR5];
         }
-        for t0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - t0);
+        for (t0, kc) in super::k_blocks(k) {
             let acc = t0 > 0;
             let rows_off = &offs[t0..t0 + kc];
             for p0 in (0..panels).step_by(MC_PANELS) {
@@ -564,7 +607,7 @@ mod x86 {
                     let (bsrc, boffs) = if copy && p1 - p0 >= super::STRIP_COPY_PANELS {
                         for (i, &o) in rows_off.iter().enumerate() {
                             // SAFETY: row `o` holds `nb` floats from `j0` (the caller's bounds);
-                            // the strip buffer holds KC rows of NR5.
+                            // the strip buffer holds KC_ALLOC rows of NR5.
                             unsafe {
                                 let src = bp.add(o + j0);
                                 let dst = strip.as_mut_ptr().add(i * NR5);
@@ -784,7 +827,7 @@ mod x86 {
     }
 
     /// The last `rem < 8` columns: the same reduction through a padded copy of the strip
-    /// (`strip`: `KC` rows of 8, `local[t] = 8 t`).
+    /// (`strip`: `KC_ALLOC` rows of 8, `local[t] = 8 t`).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
@@ -801,9 +844,12 @@ mod x86 {
         accumulate: bool,
     ) {
         let mut out = [0.0f32; MR * LANES];
-        assert!(offs.len() <= KC && strip.len() >= KC * LANES && local.len() >= KC);
-        // SAFETY: the caller guarantees `rem` floats at `b + offs[t]` (offs.len() <= KC rows) and
-        // `rows` rows of `rem` floats at `c`; `strip` holds KC rows of 8 (asserted), `out` MR.
+        assert!(
+            offs.len() <= KC_ALLOC && strip.len() >= KC_ALLOC * LANES && local.len() >= KC_ALLOC
+        );
+        // SAFETY: the caller guarantees `rem` floats at `b + offs[t]` (offs.len() <= KC_ALLOC
+        // rows) and `rows` rows of `rem` floats at `c`; `strip` holds KC_ALLOC rows of 8
+        // (asserted), `out` MR.
         unsafe {
             for (t, &o) in offs.iter().enumerate() {
                 std::ptr::copy_nonoverlapping(b.add(o), strip.as_mut_ptr().add(t * LANES), rem);
@@ -995,6 +1041,8 @@ mod timing {
             (64, 12544, 147),
             (128, 784, 576),
             (64, 3136, 576),
+            // the demo CNN's first Linear layer (batch 64)
+            (64, 128, 1568),
         ] {
             // `ADVERSE_TIMING_M=64`: only the shapes of that height (for profiling).
             if std::env::var("ADVERSE_TIMING_M").is_ok_and(|v| v != m.to_string()) {
@@ -1005,16 +1053,29 @@ mod timing {
             let mut c = vec![0.0f32; m * n];
             let pa = PackedA::new(m, k, &a, k, 1);
             let mut best = [f64::INFINITY; 2];
+            // `ADVERSE_TIMING_AB=kblocks`: alternate the balanced reduction blocks with blocks
+            // of KC and a remainder; `=kc`: with blocks of 2 KC; otherwise the strip copy.
+            let ab = std::env::var("ADVERSE_TIMING_AB").unwrap_or_default();
             let reps = (2_000_000_000 / (2 * m * n * k)).clamp(5, 2000);
             for i in 0..2 * reps {
-                NO_STRIP.store(i % 2 == 1, std::sync::atomic::Ordering::Relaxed);
+                let flag = match ab.as_str() {
+                    "kblocks" => &UNBALANCED_K,
+                    "kc" => &LONG_K,
+                    _ => &NO_STRIP,
+                };
+                flag.store(i % 2 == 1, std::sync::atomic::Ordering::Relaxed);
                 let t = std::time::Instant::now();
                 gemm_packed(&pa, &b, n, n, &mut c, n);
                 best[i % 2] = best[i % 2].min(t.elapsed().as_secs_f64());
             }
             println!(
-                "{m}x{n}x{k}: {:.1} GFLOP/s (no strip copy {:.1})",
+                "{m}x{n}x{k}: {:.1} GFLOP/s (B, {}: {:.1})",
                 (2 * m * n * k) as f64 / best[0] / 1e9,
+                match ab.as_str() {
+                    "kblocks" => "unbalanced k blocks",
+                    "kc" => "k blocks of 256",
+                    _ => "no strip copy",
+                },
                 (2 * m * n * k) as f64 / best[1] / 1e9
             );
         }

@@ -1296,6 +1296,7 @@ fn model_timing() {
     let flag: &std::sync::atomic::AtomicBool = match ab.as_str() {
         "strip" => &super::sgemm::NO_STRIP,
         "pool" => &super::conv::NO_FUSED_POOL,
+        "kc" => &super::sgemm::LONG_K,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")
