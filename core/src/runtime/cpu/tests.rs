@@ -748,6 +748,9 @@ fn fast_paths_match_reference() {
         // w + pl + pr)
         ([2, 3, 6, 5], [4, 3, 1, 3], conv(1, [1, 2, 1, 3], 1, 1)),
         ([2, 2, 4, 4], [3, 2, 1, 1], conv(1, [1; 4], 1, 1)),
+        // an im2col block too large to make in one piece (147 x 3600): made and multiplied
+        // 14 output rows at a time, the last chunk short
+        ([1, 3, 120, 120], [8, 3, 7, 7], conv(2, [3; 4], 1, 1)),
     ];
     let acts = [Unary::Relu, Unary::LeakyRelu { alpha: 0.1 }, Unary::Tanh];
     for b in backends() {
@@ -1186,7 +1189,7 @@ fn conv_timing() {
         .unwrap_or(1);
     let b = CpuBackend::new(Some(threads));
     // (x shape, w shape, pad)
-    let cases: [([usize; 4], [usize; 4], usize); 9] = [
+    let cases: [([usize; 4], [usize; 4], usize); 11] = [
         ([64, 16, 14, 14], [32, 16, 3, 3], 1),
         ([4, 16, 14, 14], [32, 16, 3, 3], 1),
         ([2, 16, 14, 14], [32, 16, 3, 3], 1),
@@ -1196,6 +1199,8 @@ fn conv_timing() {
         ([1, 64, 56, 56], [64, 64, 3, 3], 1),
         ([4, 256, 14, 14], [256, 256, 3, 3], 1),
         ([1, 512, 7, 7], [512, 512, 3, 3], 1),
+        ([4, 512, 7, 7], [512, 512, 3, 3], 1),
+        ([2, 512, 7, 7], [512, 512, 3, 3], 1),
     ];
     let set = |mode: usize| {
         super::conv::FORCE_NO_WINOGRAD.store(mode == 1, Ordering::Relaxed);
@@ -1266,6 +1271,14 @@ fn model_timing() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     let grad = std::env::var_os("ADVERSE_TIMING_GRAD").is_some();
+    if std::env::var_os("ADVERSE_TIMING_FTZ").is_some() {
+        #[allow(deprecated)]
+        // SAFETY: sets this thread's flush-to-zero and denormals-are-zero bits only.
+        unsafe {
+            use std::arch::x86_64::{_mm_getcsr, _mm_setcsr};
+            _mm_setcsr(_mm_getcsr() | 0x8040);
+        }
+    }
     let b = CpuBackend::new(Some(threads));
     let graph = crate::runtime::onnx::load(std::path::Path::new(&path)).expect("import");
     // The input's batch-1 shape, batch first.
@@ -1297,6 +1310,8 @@ fn model_timing() {
         "strip" => &super::sgemm::NO_STRIP,
         "pool" => &super::conv::NO_FUSED_POOL,
         "kc" => &super::sgemm::LONG_K,
+        "nowino" => &super::conv::FORCE_NO_WINOGRAD,
+        "chunk" => &super::conv::NO_IM2COL_CHUNK,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")
