@@ -1271,14 +1271,6 @@ fn model_timing() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     let grad = std::env::var_os("ADVERSE_TIMING_GRAD").is_some();
-    if std::env::var_os("ADVERSE_TIMING_FTZ").is_some() {
-        #[allow(deprecated)]
-        // SAFETY: sets this thread's flush-to-zero and denormals-are-zero bits only.
-        unsafe {
-            use std::arch::x86_64::{_mm_getcsr, _mm_setcsr};
-            _mm_setcsr(_mm_getcsr() | 0x8040);
-        }
-    }
     let b = CpuBackend::new(Some(threads));
     let graph = crate::runtime::onnx::load(std::path::Path::new(&path)).expect("import");
     // The input's batch-1 shape, batch first.
