@@ -692,6 +692,8 @@ impl CpuBackend {
         Some(self.conv2d_core(x, gm, wts, bias, Some(Unary::Relu), true))
     }
 
+    /// The two above: with `pool2`, the caller has checked that the direct path takes `gm`
+    /// (the only path that pools in its copy-out).
     fn conv2d_core(
         &self,
         x: &[f32],
