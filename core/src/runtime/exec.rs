@@ -230,7 +230,7 @@ impl<B: Backend> Model<B> {
                 .collect();
             if let Some(&Some(f)) = fuse.get(ni) {
                 let last = &g.nodes[ni + f.covers()];
-                let pool = f.pool.then_some(&last.op);
+                let pool = f.pool.then_some(last);
                 let y = forward_conv_act(b, &node.op, &ins, n, f.act, pool)
                     .map_err(|e| e.at_node(&node.name))?;
                 vals[last.output] = Some(y);
@@ -485,22 +485,23 @@ pub(crate) fn conv_act_fusions(g: &Graph) -> Vec<Option<ConvFusion>> {
 
 /// A Conv node followed by `act`, validated like [`forward_op`] validates the Conv alone (an
 /// elementwise activation keeps the shape), and with `pool` the Pool node after it, validated
-/// on the activation's shape.
+/// on the activation's shape (its errors name it, not the Conv).
 fn forward_conv_act<B: Backend>(
     b: &B,
     op: &Op,
     ins: &[&Tensor<B>],
     n: usize,
     act: Unary,
-    pool: Option<&Op>,
+    pool: Option<&Node>,
 ) -> Result<Tensor<B>, ShapeError> {
     let shapes: Vec<&[usize]> = ins.iter().map(|t| t.shape.as_slice()).collect();
     let y_shape = shape::infer(op, &shapes, n)?;
     let (p, _) = shape::conv_geometry(op, &ins[0].shape, &ins[1].shape)?;
     match pool {
         None => Ok(b.conv2d_act(ins[0], ins[1], ins.get(2).copied(), &p, act)),
-        Some(pool_op) => {
-            let (pp, _) = shape::pool_geometry(pool_op, &y_shape)?;
+        Some(pool) => {
+            let (pp, _) =
+                shape::pool_geometry(&pool.op, &y_shape).map_err(|e| e.at_node(&pool.name))?;
             Ok(b.conv2d_act_pool(ins[0], ins[1], ins.get(2).copied(), &p, act, &pp))
         }
     }

@@ -653,6 +653,7 @@ impl CpuBackend {
         act: Option<Unary>,
     ) -> (Vec<f32>, [usize; 4]) {
         self.conv2d_core(x, Geom::new(xs, ws, p), wts, bias, act, false)
+            .expect("conv2d_core declines only a pooled copy-out")
     }
 
     /// `pool(act(conv(x, w) + bias))` where `act` is ReLU and `pool` the 2x2 / stride-2 max
@@ -685,15 +686,14 @@ impl CpuBackend {
         if NO_FUSED_POOL.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
-        if !pooled || gm.is_depthwise() || winograd_shape(&gm, wts.id.is_some()).is_some() {
+        if !pooled {
             return None;
         }
-        Direct::plan(&gm)?;
-        Some(self.conv2d_core(x, gm, wts, bias, Some(Unary::Relu), true))
+        self.conv2d_core(x, gm, wts, bias, Some(Unary::Relu), true)
     }
 
-    /// The two above: with `pool2`, the caller has checked that the direct path takes `gm`
-    /// (the only path that pools in its copy-out).
+    /// The two above. With `pool2`, `None` where the path chosen for `gm` is not the direct
+    /// one (the only path that pools in its copy-out); without, always `Some`.
     fn conv2d_core(
         &self,
         x: &[f32],
@@ -702,7 +702,22 @@ impl CpuBackend {
         bias: Option<&[f32]>,
         act: Option<Unary>,
         pool2: bool,
-    ) -> (Vec<f32>, [usize; 4]) {
+    ) -> Option<(Vec<f32>, [usize; 4])> {
+        // The path: depthwise, Winograd, or a GEMM path (the direct one where it applies;
+        // `Direct::plan` refuses depthwise convolutions).
+        let winograd = if gm.is_depthwise() {
+            None
+        } else {
+            winograd_shape(&gm, wts.id.is_some())
+        };
+        let direct = if winograd.is_some() {
+            None
+        } else {
+            Direct::plan(&gm)
+        };
+        if pool2 && direct.is_none() {
+            return None;
+        }
         let ws = [gm.m, gm.cg, gm.kh, gm.kw];
         let pw = gm.p_out();
         // Each output plane's size (pooled or not).
@@ -722,18 +737,17 @@ impl CpuBackend {
             self.out_dirty(gm.n * gm.m * out_pw)
         };
         if y.is_empty() {
-            return (y, ys);
+            return Some((y, ys));
         }
         if gm.is_depthwise() {
             self.depthwise_forward(&gm, x, w, &mut y);
-        } else if let Some(shape) = winograd_shape(&gm, wts.id.is_some()).filter(|_| !pool2) {
+        } else if let Some(shape) = winograd {
             self.winograd_forward(shape, &gm, x, wts, bias, act, &mut y);
-            return (y, ys);
+            return Some((y, ys));
         } else {
             let (par_tasks, par) = self.conv_plan(gm.n * gm.g, gm.flops());
             let k = gm.k();
             let xblock = gm.cg * gm.h * gm.w;
-            let direct = Direct::plan(&gm);
             // The weights of each group packed once for every sample, for the packed-panel
             // kernel (the direct path, and the im2col and pointwise products run in one task).
             let small_k = !gm.is_pointwise() && k <= DIRECT_MAX_K;
@@ -754,10 +768,6 @@ impl CpuBackend {
                             .collect::<Vec<_>>()
                     })
                 });
-            assert!(
-                !pool2 || (direct.is_some() && packed.is_some()),
-                "conv2d: pooled copy-out without the direct path"
-            );
             let chunked = k * pw > IM2COL_CHUNK_FLOATS;
             #[cfg(test)]
             let chunked = chunked && !NO_IM2COL_CHUNK.load(std::sync::atomic::Ordering::Relaxed);
@@ -783,6 +793,8 @@ impl CpuBackend {
                     )
                 };
                 let bias_g = bias.map(|b| &b[gi * gm.mg..(gi + 1) * gm.mg]);
+                // With `pool2` this branch is taken: `direct` is some (checked above), and so
+                // is `packed` (`Direct::plan` requires the packed kernel).
                 if let (Some(d), Some(packed)) = (&direct, &packed) {
                     d.run(&gm, &packed[gi], xg, yb, bias_g, act, pool2);
                     return;
@@ -819,7 +831,7 @@ impl CpuBackend {
                 assert_eq!(b.len(), gm.m, "conv2d bias length");
             }
             self.run_blocks(&mut y, gm.mg * out_pw, par_tasks, par, task);
-            return (y, ys);
+            return Some((y, ys));
         }
         if let Some(b) = bias {
             assert_eq!(b.len(), gm.m, "conv2d bias length");
@@ -827,7 +839,7 @@ impl CpuBackend {
         for (i, plane) in y.chunks_mut(pw).enumerate() {
             epilogue(plane, pw, bias.map(|b| &b[i % gm.m..i % gm.m + 1]), act);
         }
-        (y, ys)
+        Some((y, ys))
     }
 
     /// The Winograd forward: tasks are chunks of samples, or, with fewer samples than
