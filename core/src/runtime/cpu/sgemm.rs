@@ -1058,6 +1058,11 @@ mod timing {
             (64, 3136, 576),
             // the demo CNN's first Linear layer (batch 64)
             (64, 128, 1568),
+            // ResNet-18's Winograd products at batch 4, one per block (m x tiles x c)
+            (64, 56, 64),
+            (128, 48, 128),
+            (256, 40, 256),
+            (512, 32, 512),
         ] {
             // `ADVERSE_TIMING_M=64`: only the shapes of that height (for profiling).
             if std::env::var("ADVERSE_TIMING_M").is_ok_and(|v| v != m.to_string()) {

@@ -1304,6 +1304,7 @@ fn model_timing() {
         "kc" => &super::sgemm::LONG_K,
         "nowino" => &super::conv::FORCE_NO_WINOGRAD,
         "chunk" => &super::conv::NO_IM2COL_CHUNK,
+        "skew" => &super::winograd::NO_SKEW,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")

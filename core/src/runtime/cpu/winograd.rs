@@ -251,7 +251,9 @@ impl Plan {
         let rows = if group > 1 { group * th } else { rows };
         let ldb = rows * tw + L;
         let sample = s.sample_floats();
-        let need = group * sample + 16 * ldb * (c + mr);
+        // The 16 planes of V (and of the products) at a skewed stride: see `plane_stride`.
+        let (vs, ps) = (plane_stride(c * ldb), plane_stride(mr * ldb));
+        let need = group * sample + 16 * (vs + ps);
         // Row t of each V_e block starts at t * ldb: the same offsets for all 16 products of
         // every block, so they are made once here rather than per GEMM call.
         let offs: Vec<usize> = (0..c).map(|t| t * ldb).collect();
@@ -260,7 +262,7 @@ impl Plan {
             // The padding is zeroed once: `stage` writes only the interior, the same positions
             // for every sample.
             xd.fill(0.0);
-            let (v, prod) = rest.split_at_mut(16 * c * ldb);
+            let (v, prod) = rest.split_at_mut(16 * vs);
             let mut g0 = 0;
             while g0 < t.ns {
                 let gn = group.min(t.ns - g0);
@@ -279,17 +281,17 @@ impl Plan {
                     for j in 0..nr {
                         let (sl, ty) = ((r0 + j) / th, (r0 + j) % th);
                         let xdj = &xd[sl * sample..(sl + 1) * sample];
-                        input_tiles(s, xdj, ty, v, ldb, j * tw);
+                        input_tiles(s, xdj, ty, v, ldb, vs, j * tw);
                     }
                     for (e, ue) in rg.u.iter().enumerate() {
-                        let b = &v[e * c * ldb..(e + 1) * c * ldb];
-                        let p = &mut prod[e * mr * ldb..(e + 1) * mr * ldb];
+                        let b = &v[e * vs..][..c * ldb];
+                        let p = &mut prod[e * ps..][..mr * ldb];
                         sgemm::gemm_rows(ue, b, &offs, n8, p, ldb);
                     }
                     for j in 0..nr {
                         let (sl, ty) = ((r0 + j) / th, (r0 + j) % th);
                         let ys = &mut y[(g0 + sl) * mr * pw..][..mr * pw];
-                        output_tiles(s, prod, mr, ldb, j * tw, ty, ys, bias, relu);
+                        output_tiles(s, prod, mr, ldb, ps, j * tw, ty, ys, bias, relu);
                     }
                     r0 += nr;
                 }
@@ -298,6 +300,25 @@ impl Plan {
         });
     }
 }
+
+/// The distance (f32s) between two of the 16 planes of `len` f32s that the transforms write
+/// or read together: an odd number of cache lines. Why: the input transform stores one row
+/// to each of the 16 planes per channel, and the output transform loads one from each; at a
+/// stride that is a multiple of 4 KiB (64 channels of 64 tiles, 512 of 40) all 16 fall in one
+/// L1 set of 8 ways and evict each other. An odd line count spreads them over 16 sets.
+fn plane_stride(len: usize) -> usize {
+    #[cfg(test)]
+    if NO_SKEW.load(std::sync::atomic::Ordering::Relaxed) {
+        return len;
+    }
+    let lines = len.div_ceil(16);
+    (lines | 1) * 16
+}
+
+/// Test-only switch back to unskewed planes, for timing A/B runs.
+#[cfg(test)]
+pub(super) static NO_SKEW: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Copies one sample (`c x h x w`) into its zero-padded, column-de-interleaved form: for
 /// channel `ci` and padded row `r`, lanes `[0, lw)` hold the even padded columns and
@@ -341,15 +362,15 @@ fn stage(s: &Shape, x: &[f32], xd: &mut [f32]) {
 /// every channel. Writes whole 8-lane groups: up to seven lanes past the row's last tile,
 /// which the next row overwrites (rows are written in order) or the block's `L` spare columns
 /// absorb.
-fn input_tiles(s: &Shape, xd: &[f32], ty: usize, v: &mut [f32], ldb: usize, t0: usize) {
+fn input_tiles(s: &Shape, xd: &[f32], ty: usize, v: &mut [f32], ldb: usize, vs: usize, t0: usize) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `applies` admitted this plan only where AVX2 and FMA are present.
     unsafe {
-        x86::input_tiles(s, xd, ty, v, ldb, t0)
+        x86::input_tiles(s, xd, ty, v, ldb, vs, t0)
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!(
-        "winograd: applies() is false off x86_64 ({s:?}, {ty}, {ldb}, {t0}, {})",
+        "winograd: applies() is false off x86_64 ({s:?}, {ty}, {ldb}, {vs}, {t0}, {})",
         xd.len() + v.len()
     )
 }
@@ -362,6 +383,7 @@ fn output_tiles(
     prod: &[f32],
     mr: usize,
     ldb: usize,
+    ps: usize,
     t0: usize,
     ty: usize,
     y: &mut [f32],
@@ -371,11 +393,11 @@ fn output_tiles(
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as in `input_tiles`.
     unsafe {
-        x86::output_tiles(s, prod, mr, ldb, t0, ty, y, bias, relu)
+        x86::output_tiles(s, prod, mr, ldb, ps, t0, ty, y, bias, relu)
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!(
-        "winograd: applies() is false off x86_64 ({s:?}, {mr}, {ldb}, {t0}, {ty}, {}, {bias:?}, {relu})",
+        "winograd: applies() is false off x86_64 ({s:?}, {mr}, {ldb}, {ps}, {t0}, {ty}, {}, {bias:?}, {relu})",
         prod.len() + y.len()
     )
 }
@@ -414,19 +436,20 @@ mod x86 {
         ty: usize,
         v: &mut [f32],
         ldb: usize,
+        vs: usize,
         t0: usize,
     ) {
         let (hp, lw, tw, c) = (s.hp(), s.lw(), s.tw(), s.c);
         let groups = tw.div_ceil(L);
         // Bounds of every access below: rows 2ty..2ty+3 of each channel's staged plane (each
-        // 2 lw long; a load reads lanes up to lw + (groups - 1) L + 1 + 8 <= 2 lw), and 16 c
-        // rows of v at columns t0 .. t0 + groups L.
+        // 2 lw long; a load reads lanes up to lw + (groups - 1) L + 1 + 8 <= 2 lw), and c rows
+        // of each of v's 16 planes (vs apart) at columns t0 .. t0 + groups L.
         assert!(
             2 * ty + 4 <= hp && c * hp * 2 * lw <= xd.len(),
             "winograd: staged input"
         );
         assert!(
-            t0 + groups * L <= ldb && 16 * c * ldb <= v.len(),
+            t0 + groups * L <= ldb && c * ldb <= vs && 15 * vs + c * ldb <= v.len(),
             "winograd: V block"
         );
         let (xp, vp) = (xd.as_ptr(), v.as_mut_ptr());
@@ -451,7 +474,7 @@ mod x86 {
                     for q in 0..4 {
                         let col = bt([rt[0][q], rt[1][q], rt[2][q], rt[3][q]]);
                         for (p, &val) in col.iter().enumerate() {
-                            _mm256_storeu_ps(vp.add(((p * 4 + q) * c + ci) * ldb + t0 + l0), val);
+                            _mm256_storeu_ps(vp.add((p * 4 + q) * vs + ci * ldb + t0 + l0), val);
                         }
                     }
                 }
@@ -466,6 +489,7 @@ mod x86 {
         prod: &[f32],
         mr: usize,
         ldb: usize,
+        ps: usize,
         t0: usize,
         ty: usize,
         y: &mut [f32],
@@ -478,7 +502,7 @@ mod x86 {
         let rows = if 2 * ty + 1 < oh { 2 } else { 1 };
         assert!(2 * ty < oh && mr * pw <= y.len(), "winograd: output block");
         assert!(
-            t0 + groups * L <= ldb && 16 * mr * ldb <= prod.len(),
+            t0 + groups * L <= ldb && mr * ldb <= ps && 15 * ps + mr * ldb <= prod.len(),
             "winograd: product block"
         );
         if let Some(b) = bias {
@@ -502,11 +526,11 @@ mod x86 {
             let (m0, m1) = (mask(cnt.min(L)), mask(cnt.saturating_sub(L)));
             for co in 0..mr {
                 let bv = _mm256_set1_ps(bias.map_or(0.0, |b| b[co]));
-                // SAFETY: rows e * mr + co < 16 mr of the product block at columns below
-                // t0 + groups L <= ldb; output rows 2ty + a < oh, columns masked to < ow.
+                // SAFETY: row co < mr of each of the 16 product planes (ps apart) at columns
+                // below t0 + groups L <= ldb; output rows 2ty + a < oh, columns masked to < ow.
                 unsafe {
                     let m = pp.add(co * ldb + t0 + l0);
-                    let e = mr * ldb;
+                    let e = ps;
                     // Column transform A^T M (2 x 4), then the row transform of each row.
                     let mut cols = [[zero; 4]; 2];
                     for q in 0..4 {
