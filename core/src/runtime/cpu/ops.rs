@@ -993,8 +993,16 @@ impl PoolWindows {
                 continue;
             }
             let (out, cols) = (&mut out[c0..c1], &self.cols[c0..c1]);
+            // 3-wide windows two apart (ResNet's 3x3 / stride 2): a vector row fold.
+            let s2 = kernel[1] == 3
+                && self.dil[1] == 1
+                && cols.windows(2).all(|w| w[1].first == w[0].first + 2);
             for ty in 0..r.count {
                 let row = &plane[(r.first + ty) * self.w..(r.first + ty + 1) * self.w];
+                if s2 && let Some(c) = cols.first() {
+                    super::maxpool2::fold_row3s2(&row[c.first..], out, ty == 0);
+                    continue;
+                }
                 for tx in 0..kernel[1] {
                     if ty == 0 && tx == 0 {
                         for (o, c) in out.iter_mut().zip(cols) {
