@@ -1054,6 +1054,8 @@ mod timing {
             (512, 98, 4608),
             (512, 196, 4608),
             (64, 12544, 147),
+            // the stem's product per im2col chunk (128K floats / 147 rows)
+            (64, 891, 147),
             (128, 784, 576),
             (64, 3136, 576),
             // the demo CNN's first Linear layer (batch 64)

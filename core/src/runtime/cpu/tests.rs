@@ -1189,7 +1189,7 @@ fn conv_timing() {
         .unwrap_or(1);
     let b = CpuBackend::new(Some(threads));
     // (x shape, w shape, pad)
-    let cases: [([usize; 4], [usize; 4], usize); 11] = [
+    let cases: [([usize; 4], [usize; 4], usize); 12] = [
         ([64, 16, 14, 14], [32, 16, 3, 3], 1),
         ([4, 16, 14, 14], [32, 16, 3, 3], 1),
         ([2, 16, 14, 14], [32, 16, 3, 3], 1),
@@ -1201,6 +1201,8 @@ fn conv_timing() {
         ([1, 512, 7, 7], [512, 512, 3, 3], 1),
         ([4, 512, 7, 7], [512, 512, 3, 3], 1),
         ([2, 512, 7, 7], [512, 512, 3, 3], 1),
+        // ResNet-18's stem at batch 4 (stride 2: the pad 3 marks it)
+        ([4, 3, 224, 224], [64, 3, 7, 7], 3),
     ];
     let set = |mode: usize| {
         super::conv::FORCE_NO_WINOGRAD.store(mode == 1, Ordering::Relaxed);
@@ -1216,13 +1218,15 @@ fn conv_timing() {
         }
         let x = b.upload(&RefTensor::random(&xs, 1).to_f32(), &xs);
         let w = b.upload(&RefTensor::random(&ws, 2).to_f32(), &ws);
+        let st = if pad == 3 { 2 } else { 1 };
         let p = Conv2dParams {
-            stride: [1, 1],
+            stride: [st, st],
             pad: [pad; 4],
             dilation: [1, 1],
             groups: 1,
         };
-        let flops = 2.0 * (xs[0] * ws[0] * xs[2] * xs[3] * ws[1] * ws[2] * ws[3]) as f64;
+        let flops =
+            2.0 * (xs[0] * ws[0] * xs[2] * xs[3] * ws[1] * ws[2] * ws[3]) as f64 / (st * st) as f64;
         let mut best = [f64::INFINITY; 3];
         for rep in 0..600 {
             let mode = rep % 3;
