@@ -451,6 +451,50 @@ mod x86 {
         let ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
         let ph = out.len() / pw;
+        // max(v + b, 0): MAXPS returns its second operand for a NaN.
+        let f = |p: *const f32, m: __mmask16| {
+            // SAFETY: the callers below read only taps inside `src` (masked-off lanes are not
+            // read).
+            let v = unsafe { _mm512_maskz_loadu_ps(m, p) };
+            let v = if bias.is_some() {
+                _mm512_add_ps(v, bv)
+            } else {
+                v
+            };
+            _mm512_max_ps(v, z)
+        };
+        if pw <= 8 {
+            // Rows of up to eight windows (the small CNN's second pooling has seven): two rows
+            // per register, their windows compressed together, half the instructions per row.
+            let m = masks(2 * pw).0;
+            let row = |py: usize| {
+                // SAFETY: row pair py's taps 2 py wp .. + 2 pw and the same a row of `wp`
+                // below lie inside `src` (the caller's bounds).
+                let top = unsafe { src.as_ptr().add(2 * py * wp) };
+                _mm512_max_ps(f(top, m), f(top.wrapping_add(wp), m))
+            };
+            for py in (0..ph).step_by(2) {
+                let two = py + 1 < ph;
+                let a = row(py);
+                let b = if two { row(py + 1) } else { z };
+                // Lanes 0..8 the first row's windows, 8..16 the second's.
+                let best = _mm512_max_ps(
+                    _mm512_permutex2var_ps(a, ev, b),
+                    _mm512_permutex2var_ps(a, od, b),
+                );
+                let keep = masks(pw).0 | if two { masks(pw).0 << 8 } else { 0 };
+                let n = if two { 2 * pw } else { pw };
+                // SAFETY: outputs py pw .. py pw + n lie inside `out` (the caller's bounds).
+                unsafe {
+                    _mm512_mask_storeu_ps(
+                        out.as_mut_ptr().add(py * pw),
+                        masks(n).0,
+                        _mm512_maskz_compress_ps(keep, best),
+                    );
+                }
+            }
+            return;
+        }
         for py in 0..ph {
             for o in (0..pw).step_by(16) {
                 let cnt = (pw - o).min(16);
@@ -461,16 +505,6 @@ mod x86 {
                 unsafe {
                     let top = src.as_ptr().add(2 * py * wp + 2 * o);
                     let bot = top.add(wp);
-                    // max(v + b, 0): MAXPS returns its second operand for a NaN.
-                    let f = |p: *const f32, m: __mmask16| {
-                        let v = _mm512_maskz_loadu_ps(m, p);
-                        let v = if bias.is_some() {
-                            _mm512_add_ps(v, bv)
-                        } else {
-                            v
-                        };
-                        _mm512_max_ps(v, z)
-                    };
                     let lo = _mm512_max_ps(f(top, ma), f(bot, ma));
                     let hi = _mm512_max_ps(f(top.add(16), mb), f(bot.add(16), mb));
                     let best = _mm512_max_ps(
@@ -546,10 +580,12 @@ mod tests {
     /// the plane.
     #[test]
     fn fused_relu_pooling_equals_relu_then_pooling() {
-        for pw in [1usize, 3, 7, 14, 16, 17, 40] {
+        for (pw, ph) in [1usize, 3, 7, 8, 9, 14, 16, 17, 40]
+            .into_iter()
+            .flat_map(|pw| [1usize, 2, 3, 4].map(|ph| (pw, ph)))
+        {
             for extra in [0usize, 1, 5] {
                 let wp = 2 * pw + extra;
-                let ph = 3;
                 let len = (2 * ph - 1) * wp + 2 * pw;
                 let src: Vec<f32> = (0..len)
                     .map(|i| match (i * 7 + pw) % 11 {
