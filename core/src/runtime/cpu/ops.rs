@@ -877,6 +877,12 @@ struct PoolWindows {
     cols: Vec<AxisWindow>,
 }
 
+/// Test-only switch back to the scalar loop for 3-wide, stride-2 max pooling windows, for
+/// timing A/B runs.
+#[cfg(test)]
+pub(super) static SCALAR_FOLD: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 impl PoolWindows {
     fn new(h: usize, w: usize, p: &Pool2dParams) -> PoolWindows {
         let axis = |n_out: usize, k: usize, s: usize, d: usize, p0: usize, p1: usize, n: usize| {
@@ -997,6 +1003,8 @@ impl PoolWindows {
             let s2 = kernel[1] == 3
                 && self.dil[1] == 1
                 && cols.windows(2).all(|w| w[1].first == w[0].first + 2);
+            #[cfg(test)]
+            let s2 = s2 && !SCALAR_FOLD.load(std::sync::atomic::Ordering::Relaxed);
             for ty in 0..r.count {
                 let row = &plane[(r.first + ty) * self.w..(r.first + ty + 1) * self.w];
                 if s2 && let Some(c) = cols.first() {

@@ -1309,6 +1309,7 @@ fn model_timing() {
         "nowino" => &super::conv::FORCE_NO_WINOGRAD,
         "chunk" => &super::conv::NO_IM2COL_CHUNK,
         "skew" => &super::winograd::NO_SKEW,
+        "fold" => &super::ops::SCALAR_FOLD,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")
