@@ -7,6 +7,10 @@
 //! scalar path's exactly: each window's taps in row-major order, the first strictly greater
 //! value wins (`>` is false for NaN, so a leading NaN stays and a later one never wins), and
 //! the backward sends the gradient to that tap only.
+//!
+//! Also here: the row fold of 3-wide, stride-2 windows (ResNet's 3x3 / stride 2 pooling) and
+//! the 2x2 pooling fused into a convolution's copy-out, both on the same de-interleaving
+//! shuffles.
 
 /// `out[o] = max of (top[2o], top[2o+1], bot[2o], bot[2o+1])` for `o < out.len()`.
 pub(super) fn forward_row(top: &[f32], bot: &[f32], out: &mut [f32]) {
@@ -403,7 +407,7 @@ mod x86 {
         let n = out.len();
         for o in (0..n).step_by(16) {
             let cnt = (n - o).min(16);
-            // SAFETY: windows o .. o + cnt read taps 2 o .. 2 (o + cnt) + 1 <= 2 n < row.len()
+            // SAFETY: windows o .. o + cnt read taps 2 o ..= 2 (o + cnt) <= 2 n < row.len()
             // and write outputs o .. o + cnt (the caller's bounds); masked-off lanes are
             // neither read nor written.
             unsafe {
@@ -468,8 +472,8 @@ mod x86 {
             // per register, their windows compressed together, half the instructions per row.
             let m = masks(2 * pw).0;
             let row = |py: usize| {
-                // SAFETY: row pair py's taps 2 py wp .. + 2 pw and the same a row of `wp`
-                // below lie inside `src` (the caller's bounds).
+                // SAFETY: output row py reads 2 pw floats from 2 py wp and as many one row (`wp`)
+                // below, inside `src` (the caller's bounds).
                 let top = unsafe { src.as_ptr().add(2 * py * wp) };
                 _mm512_max_ps(f(top, m), f(top.wrapping_add(wp), m))
             };
