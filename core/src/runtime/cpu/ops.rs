@@ -988,6 +988,13 @@ impl PoolWindows {
         } else {
             (0, 0)
         };
+        let cols = &self.cols[c0..c1];
+        // 3-wide windows two apart (ResNet's 3x3 / stride 2): a vector row fold.
+        let s2 = kernel[1] == 3
+            && self.dil[1] == 1
+            && cols.windows(2).all(|w| w[1].first == w[0].first + 2);
+        #[cfg(test)]
+        let s2 = s2 && !SCALAR_FOLD.load(std::sync::atomic::Ordering::Relaxed);
         for (oy, r) in self.rows.iter().enumerate() {
             let out = &mut dst[oy * ow..(oy + 1) * ow];
             for ox in (0..c0).chain(c1..ow) {
@@ -998,13 +1005,7 @@ impl PoolWindows {
                 out[c0..c1].fill(0.0);
                 continue;
             }
-            let (out, cols) = (&mut out[c0..c1], &self.cols[c0..c1]);
-            // 3-wide windows two apart (ResNet's 3x3 / stride 2): a vector row fold.
-            let s2 = kernel[1] == 3
-                && self.dil[1] == 1
-                && cols.windows(2).all(|w| w[1].first == w[0].first + 2);
-            #[cfg(test)]
-            let s2 = s2 && !SCALAR_FOLD.load(std::sync::atomic::Ordering::Relaxed);
+            let out = &mut out[c0..c1];
             for ty in 0..r.count {
                 let row = &plane[(r.first + ty) * self.w..(r.first + ty + 1) * self.w];
                 if s2 && let Some(c) = cols.first() {

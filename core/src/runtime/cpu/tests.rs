@@ -1188,21 +1188,21 @@ fn conv_timing() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     let b = CpuBackend::new(Some(threads));
-    // (x shape, w shape, pad)
-    let cases: [([usize; 4], [usize; 4], usize); 12] = [
-        ([64, 16, 14, 14], [32, 16, 3, 3], 1),
-        ([4, 16, 14, 14], [32, 16, 3, 3], 1),
-        ([2, 16, 14, 14], [32, 16, 3, 3], 1),
-        ([4, 64, 28, 28], [64, 64, 3, 3], 1),
-        ([64, 32, 14, 14], [16, 32, 3, 3], 1),
-        ([64, 1, 28, 28], [16, 1, 3, 3], 1),
-        ([1, 64, 56, 56], [64, 64, 3, 3], 1),
-        ([4, 256, 14, 14], [256, 256, 3, 3], 1),
-        ([1, 512, 7, 7], [512, 512, 3, 3], 1),
-        ([4, 512, 7, 7], [512, 512, 3, 3], 1),
-        ([2, 512, 7, 7], [512, 512, 3, 3], 1),
-        // ResNet-18's stem at batch 4 (stride 2: the pad 3 marks it)
-        ([4, 3, 224, 224], [64, 3, 7, 7], 3),
+    // (x shape, w shape, pad, stride)
+    let cases: [([usize; 4], [usize; 4], usize, usize); 12] = [
+        ([64, 16, 14, 14], [32, 16, 3, 3], 1, 1),
+        ([4, 16, 14, 14], [32, 16, 3, 3], 1, 1),
+        ([2, 16, 14, 14], [32, 16, 3, 3], 1, 1),
+        ([4, 64, 28, 28], [64, 64, 3, 3], 1, 1),
+        ([64, 32, 14, 14], [16, 32, 3, 3], 1, 1),
+        ([64, 1, 28, 28], [16, 1, 3, 3], 1, 1),
+        ([1, 64, 56, 56], [64, 64, 3, 3], 1, 1),
+        ([4, 256, 14, 14], [256, 256, 3, 3], 1, 1),
+        ([1, 512, 7, 7], [512, 512, 3, 3], 1, 1),
+        ([4, 512, 7, 7], [512, 512, 3, 3], 1, 1),
+        ([2, 512, 7, 7], [512, 512, 3, 3], 1, 1),
+        // ResNet-18's stem at batch 4
+        ([4, 3, 224, 224], [64, 3, 7, 7], 3, 2),
     ];
     let set = |mode: usize| {
         super::conv::FORCE_NO_WINOGRAD.store(mode == 1, Ordering::Relaxed);
@@ -1212,13 +1212,12 @@ fn conv_timing() {
     let only: Option<usize> = std::env::var("ADVERSE_TIMING_CASE")
         .ok()
         .and_then(|s| s.parse().ok());
-    for (ci, (xs, ws, pad)) in cases.into_iter().enumerate() {
+    for (ci, (xs, ws, pad, st)) in cases.into_iter().enumerate() {
         if only.is_some_and(|k| k != ci) {
             continue;
         }
         let x = b.upload(&RefTensor::random(&xs, 1).to_f32(), &xs);
         let w = b.upload(&RefTensor::random(&ws, 2).to_f32(), &ws);
-        let st = if pad == 3 { 2 } else { 1 };
         let p = Conv2dParams {
             stride: [st, st],
             pad: [pad; 4],
