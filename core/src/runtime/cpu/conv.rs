@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::CpuBackend;
 use super::gemm::{MatRef, gemm_f32};
+use super::lanes;
 use super::ops::unary_f32;
 use super::sgemm::{self, PackedA};
 use super::wcache::{Form, Weights};
@@ -292,6 +293,8 @@ struct Direct {
     /// keeps the last reduction row's reads inside the buffer.
     wide: usize,
     offs: Vec<usize>,
+    /// Whether the lane kernel ([`lanes`]) computes the product, not the panel kernel.
+    lanes: bool,
 }
 
 /// Test-only switch off the Winograd path, so timings reach the direct path too.
@@ -393,6 +396,7 @@ impl Direct {
             slack: pl + pr - zc,
             wide: (gm.oh - 1) * wp + gm.ow,
             offs,
+            lanes: lanes::applies(gm.mg),
         })
     }
 
@@ -453,6 +457,76 @@ impl Direct {
         });
     }
 }
+
+impl Direct {
+    /// [`Direct::run`] on the lane kernel: the product position-major, then transposed into
+    /// the planes by [`lanes::copy_out`] (with the pooling, or the bias and a ReLU).
+    #[allow(clippy::too_many_arguments)]
+    fn run_lanes(
+        &self,
+        gm: &Geom,
+        a: &lanes::LanePacked,
+        xg: &[f32],
+        yb: &mut [f32],
+        bias: Option<&[f32]>,
+        act: Option<Unary>,
+        pool2: bool,
+    ) {
+        // Output rows a few at a time, the product's block (at most LANE_CHUNK_FLOATS) in L1
+        // between its writing and the copy-out's reading; an even count where pooled.
+        let ld = a.ld();
+        let mut rows = (LANE_CHUNK_FLOATS / (ld * self.wp)).clamp(2, gm.oh.max(2));
+        if pool2 {
+            rows &= !1;
+        }
+        let chunk = a.padded((rows - 1) * self.wp + gm.ow);
+        // The last chunk's whole blocks read up to a block past the last window: zeros.
+        let xlen = gm.cg * self.plane + self.slack + a.padded(1);
+        let relu = act == Some(Unary::Relu);
+        debug_assert!(!pool2 || relu, "pooled copy-out: ReLU only");
+        let (plane, width) = if pool2 {
+            ((gm.oh / 2) * (gm.ow / 2), gm.ow / 2)
+        } else {
+            (gm.p_out(), gm.ow)
+        };
+        with_scratch(xlen + chunk * ld, |buf| {
+            let (xpad, ywide) = buf.split_at_mut(xlen);
+            xpad.fill(0.0);
+            let [pt, pl, _, _] = gm.p.pad;
+            for ci in 0..gm.cg {
+                for iy in 0..gm.h {
+                    let src = &xg[(ci * gm.h + iy) * gm.w..][..gm.w];
+                    xpad[ci * self.plane + (iy + pt) * self.wp + pl..][..gm.w].copy_from_slice(src);
+                }
+            }
+            for r0 in (0..gm.oh).step_by(rows) {
+                let r1 = (r0 + rows).min(gm.oh);
+                let npos = (r1 - r0 - 1) * self.wp + gm.ow;
+                lanes::product(a, &xpad[r0 * self.wp..], &self.offs, npos, ywide);
+                let q0 = if pool2 { r0 / 2 * width } else { r0 * width };
+                lanes::copy_out(
+                    a,
+                    ywide,
+                    self.wp,
+                    r1 - r0,
+                    gm.ow,
+                    plane,
+                    bias,
+                    relu,
+                    pool2,
+                    &mut yb[q0..],
+                );
+            }
+            if !(relu || act.is_none()) {
+                let pw = gm.p_out();
+                epilogue(&mut yb[..gm.mg * pw], pw, None, act);
+            }
+        });
+    }
+}
+
+/// Largest block of the lane kernel's product (f32s) made at once: 16 KiB, half of L1.
+const LANE_CHUNK_FLOATS: usize = 4 << 10;
 
 /// One output plane (`dst`: rows of `ow`) from the direct path's wide product (`src`: rows of
 /// `wp`), plus `bias` and, with `relu`, ReLU, in one pass of masked 16-lane loads and stores:
@@ -751,7 +825,24 @@ impl CpuBackend {
             // The weights of each group packed once for every sample, for the packed-panel
             // kernel (the direct path, and the im2col and pointwise products run in one task).
             let small_k = !gm.is_pointwise() && k <= DIRECT_MAX_K;
+            let lane_direct = direct.as_ref().is_some_and(|d| d.lanes);
+            let lane_w = lane_direct.then(|| {
+                let form = Form::ConvLanes {
+                    flipped: wts.flipped,
+                    ws,
+                    groups: gm.g,
+                };
+                wts.derive(&self.weights, form, || {
+                    (0..gm.g)
+                        .map(|gi| {
+                            let wg = &w[gi * gm.mg * k..(gi + 1) * gm.mg * k];
+                            lanes::LanePacked::new(gm.mg, k, wg)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            });
             let packed = (sgemm::available()
+                && !lane_direct
                 && (direct.is_some() || (matches!(par, Parallelism::None) && !small_k)))
                 .then(|| {
                     let form = Form::ConvPacked {
@@ -793,9 +884,13 @@ impl CpuBackend {
                     )
                 };
                 let bias_g = bias.map(|b| &b[gi * gm.mg..(gi + 1) * gm.mg]);
-                // With `pool2` this branch is taken: `direct` is some (checked above), and so
-                // is `packed` (`Direct::plan` requires the packed kernel).
-                if let (Some(d), Some(packed)) = (&direct, &packed) {
+                // With `pool2` one of the first two branches is taken: `direct` is some
+                // (checked above), and so is `lane_w` (where `d.lanes`) or `packed` (else:
+                // `Direct::plan` requires the packed kernel).
+                if let (Some(d), Some(lw)) = (&direct, &lane_w) {
+                    d.run_lanes(&gm, &lw[gi], xg, yb, bias_g, act, pool2);
+                    return;
+                } else if let (Some(d), Some(packed)) = (&direct, &packed) {
                     d.run(&gm, &packed[gi], xg, yb, bias_g, act, pool2);
                     return;
                 } else if gm.is_pointwise() {

@@ -11,6 +11,7 @@
 
 mod conv;
 mod gemm;
+mod lanes;
 mod maxpool2;
 mod ops;
 mod pool;

@@ -53,7 +53,7 @@ fn kc_max() -> usize {
 /// lengths (144 is two blocks of 72, not 128 and 16, whose second block would spend as much on
 /// loading and storing the accumulators as on multiply-adds). Both kernels block the same way,
 /// so they add in the same order.
-fn k_blocks(k: usize) -> impl Iterator<Item = (usize, usize)> {
+pub(super) fn k_blocks(k: usize) -> impl Iterator<Item = (usize, usize)> {
     let kc = kc_max();
     let nb = k.div_ceil(kc).max(1);
     let (base, extra) = (k / nb, k % nb);

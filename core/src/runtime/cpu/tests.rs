@@ -1207,6 +1207,7 @@ fn conv_timing() {
     let set = |mode: usize| {
         super::conv::FORCE_NO_WINOGRAD.store(mode == 1, Ordering::Relaxed);
         super::conv::FORCE_IM2COL.store(mode == 2, Ordering::Relaxed);
+        super::lanes::NO_LANES.store(mode == 1, Ordering::Relaxed);
     };
     // `ADVERSE_TIMING_CASE=k`: only case k (for profiling).
     let only: Option<usize> = std::env::var("ADVERSE_TIMING_CASE")
@@ -1309,6 +1310,7 @@ fn model_timing() {
         "chunk" => &super::conv::NO_IM2COL_CHUNK,
         "skew" => &super::winograd::NO_SKEW,
         "fold" => &super::ops::SCALAR_FOLD,
+        "lanes" => &super::lanes::NO_LANES,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")

@@ -29,6 +29,12 @@ pub(super) enum Form {
         ws: [usize; 4],
         groups: usize,
     },
+    /// Convolution weights of shape `ws` packed per group for the lane kernel.
+    ConvLanes {
+        flipped: bool,
+        ws: [usize; 4],
+        groups: usize,
+    },
     /// Winograd-domain weights of shape `ws` split into `splits` output-channel ranges.
     Winograd {
         flipped: bool,

@@ -1,0 +1,596 @@
+//! The direct convolution with output channels in the vector lanes (AVX-512): for the narrow
+//! layers (16 or 32 output channels per group) of the small CNNs.
+//!
+//! Why: the panel kernel ([`super::sgemm`]) puts output channels in rows of six and output
+//! positions in registers of sixteen, so the demo CNN's second convolution (32 channels, 14 x
+//! 14) computed 36 rows for 32 and 224 columns for the 209 of its wide plane: 1.29 products per
+//! useful one. Here a block is `R` output positions by one or two registers of channels: each
+//! reduction step loads the step's weights for all the channels (one or two registers, packed
+//! once per layer) and broadcasts `R` consecutive input values, read in place from the padded
+//! plane (`offs` as in `conv::Direct`). 16 and 32 channels fill their registers exactly, and the
+//! positions waste at most `R - 1` per plane.
+//!
+//! The product comes out position-major (`y[p * ld + channel]`). The copy-out transposes it,
+//! sixteen positions by sixteen channels at a time, into the channel planes the executor uses,
+//! adding the bias and the ReLU on the way, or taking the 2x2 / stride-2 max pooling of the
+//! ReLU first (positions in registers make the pooling a maximum of four loads).
+//!
+//! Determinism: each output element is reduced in increasing `k` order, in the same reduction
+//! blocks as the panel kernels ([`super::sgemm::k_blocks`]; one fused multiply-add per step from
+//! zero, the blocks' sums added in order), so the results equal theirs bit for bit.
+
+/// Channels per register.
+const W: usize = 16;
+/// Positions per block with one register of channels (24 accumulators).
+const R1: usize = 24;
+/// Positions per block with two registers of channels (24 accumulators).
+const R2: usize = 12;
+
+/// Whether the lane kernel takes a convolution with `mg` output channels per group: AVX-512,
+/// and registers of channels at least 7/8 full (16, 15, 29-32 channels).
+pub(super) fn applies(mg: usize) -> bool {
+    #[cfg(test)]
+    if NO_LANES.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    (1..=2 * W).contains(&mg) && 8 * (mg.div_ceil(W) * W - mg) <= mg && super::sgemm::avx512()
+}
+
+/// Test-only switch off the lane kernel, so tests and timings reach the panel kernel too.
+#[cfg(test)]
+pub(super) static NO_LANES: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Weights `mg x k` packed by reduction step: `data[(t * mv + v) * 16 + l]` is channel
+/// `v * 16 + l` at step `t` (zero past `mg`).
+pub(super) struct LanePacked {
+    data: Vec<f32>,
+    mg: usize,
+    k: usize,
+    mv: usize,
+}
+
+impl LanePacked {
+    /// Packs `w` (`mg` rows of `k`).
+    pub fn new(mg: usize, k: usize, w: &[f32]) -> LanePacked {
+        assert!(
+            mg <= 2 * W && w.len() >= mg * k,
+            "lanes: at most 32 channels, and the weights too short"
+        );
+        let mv = mg.div_ceil(W).max(1);
+        let mut data = vec![0.0f32; k * mv * W];
+        for (i, row) in w.chunks_exact(k.max(1)).take(mg).enumerate() {
+            for (t, &v) in row.iter().enumerate().take(k) {
+                data[t * mv * W + i] = v;
+            }
+        }
+        LanePacked { data, mg, k, mv }
+    }
+
+    /// Floats per position in the product (`ld` of [`product`]).
+    pub fn ld(&self) -> usize {
+        self.mv * W
+    }
+
+    /// Positions a product of `npos` computes (whole blocks): the input must hold that many
+    /// from each offset, and the output that many rows.
+    pub fn padded(&self, npos: usize) -> usize {
+        npos.next_multiple_of(self.block())
+    }
+
+    fn block(&self) -> usize {
+        if self.mv == 1 { R1 } else { R2 }
+    }
+}
+
+/// `y[p * ld + c] = sum_t w[c][t] * x[offs[t] + p]` for positions `p < a.padded(npos)` and all
+/// `ld` lanes (the lanes past `mg` are zero).
+///
+/// Panics where a read or write would leave its slice, or the CPU lacks AVX-512.
+pub(super) fn product(a: &LanePacked, x: &[f32], offs: &[usize], npos: usize, y: &mut [f32]) {
+    assert_eq!(offs.len(), a.k, "lanes: one offset per reduction step");
+    let np = a.padded(npos);
+    if np == 0 {
+        return;
+    }
+    assert!(
+        offs.iter()
+            .all(|&o| o.checked_add(np).is_some_and(|e| e <= x.len()))
+            && y.len() >= np * a.ld(),
+        "lanes: product out of bounds"
+    );
+    assert!(super::sgemm::avx512(), "lanes: the CPU lacks AVX-512");
+    if a.k == 0 {
+        y[..np * a.ld()].fill(0.0);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is present (asserted); the asserts above bound every read (`np`
+    // positions from each offset) and write (`np` rows of `ld`), and the packed weights hold
+    // `k * ld` floats by construction.
+    unsafe {
+        x86::product512(a, x, offs, np, y)
+    }
+}
+
+/// Rows of the planes of one (sample, group) block from the position-major product `y` (rows
+/// of `ld` = 16 `mv`, position `oy * wp + ox` for output `(oy, ox)`, `oh` rows): `out[c *
+/// stride + oy * ow + ox] = act(y + bias[c])`, or with `pool2` (ReLU only) `out[c * stride +
+/// py * (ow/2) + px]` = the maximum of the ReLU over the 2x2 window at `(2 py, 2 px)`.
+///
+/// The ReLU is the copy-out's (`conv::copy_plane_avx512`): NaN to 0, the sign of a zero kept.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn copy_out(
+    a: &LanePacked,
+    y: &[f32],
+    wp: usize,
+    oh: usize,
+    ow: usize,
+    stride: usize,
+    bias: Option<&[f32]>,
+    relu: bool,
+    pool2: bool,
+    out: &mut [f32],
+) {
+    let (h, w) = if pool2 { (oh / 2, ow / 2) } else { (oh, ow) };
+    let plane = h * w;
+    if plane == 0 || a.mg == 0 {
+        return;
+    }
+    assert!(!pool2 || relu, "lanes: pooled copy-out after ReLU only");
+    // The last position read: the bottom-right tap of the last window, or the last output.
+    let last = if pool2 {
+        (2 * h - 1) * wp + 2 * w - 1
+    } else {
+        (h - 1) * wp + w - 1
+    };
+    assert!(
+        w <= wp
+            && (!pool2 || 2 * w <= wp)
+            && (last + 1) * a.ld() <= y.len()
+            && plane <= stride
+            && out.len() >= (a.mg - 1) * stride + plane
+            && bias.is_none_or(|b| b.len() >= a.mg),
+        "lanes: copy-out out of bounds"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is present (a `LanePacked` is used only where `applies`); every position
+    // read is at most `last` (asserted inside `y`), every write is inside one of the `mg` planes.
+    unsafe {
+        x86::copy_out512(a, y, wp, w, plane, stride, bias, relu, pool2, out)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{LanePacked, R1, R2, W};
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX-512F; the bounds [`super::product`] asserts, with `np` a multiple of the block.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn product512(
+        a: &LanePacked,
+        x: &[f32],
+        offs: &[usize],
+        np: usize,
+        y: &mut [f32],
+    ) {
+        let (xp, yp, wp) = (x.as_ptr(), y.as_mut_ptr(), a.data.as_ptr());
+        let ld = a.ld();
+        for (t0, kc) in super::super::sgemm::k_blocks(a.k) {
+            let offs = &offs[t0..t0 + kc];
+            // SAFETY (both loops): block `p0` reads positions `p0 .. p0 + R` from each offset
+            // and writes rows `p0 .. p0 + R` of `y`, all `< np` (the caller's bounds); the
+            // weights of steps `t0 .. t0 + kc` are inside the packed data.
+            unsafe {
+                let w = wp.add(t0 * ld);
+                if a.mv == 1 {
+                    for p0 in (0..np).step_by(R1) {
+                        block::<R1, 1>(w, xp.add(p0), offs, yp.add(p0 * ld), t0 > 0);
+                    }
+                } else {
+                    for p0 in (0..np).step_by(R2) {
+                        block::<R2, 2>(w, xp.add(p0), offs, yp.add(p0 * ld), t0 > 0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `R` positions by `MV` registers of channels, for the reduction steps of `offs`:
+    /// `y[r * 16 MV + c] (+)= sum_i w[i * 16 MV + c] * x[offs[i] + r]`.
+    ///
+    /// # Safety
+    /// AVX-512F; `x + offs[i]` readable for `R` floats, `w` for `offs.len() * 16 MV`, `y` for
+    /// `R * 16 MV`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block<const R: usize, const MV: usize>(
+        w: *const f32,
+        x: *const f32,
+        offs: &[usize],
+        y: *mut f32,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's bounds.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); MV]; R];
+            for (i, &o) in offs.iter().enumerate() {
+                let mut wv = [_mm512_setzero_ps(); MV];
+                for (v, r) in wv.iter_mut().enumerate() {
+                    *r = _mm512_loadu_ps(w.add((i * MV + v) * W));
+                }
+                let xr = x.add(o);
+                for (r, accr) in acc.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*xr.add(r));
+                    for v in 0..MV {
+                        accr[v] = _mm512_fmadd_ps(b, wv[v], accr[v]);
+                    }
+                }
+            }
+            for (r, accr) in acc.iter().enumerate() {
+                for (v, &s) in accr.iter().enumerate() {
+                    let d = y.add((r * MV + v) * W);
+                    let val = if accumulate {
+                        _mm512_add_ps(_mm512_loadu_ps(d), s)
+                    } else {
+                        s
+                    };
+                    _mm512_storeu_ps(d, val);
+                }
+            }
+        }
+    }
+
+    /// `r[j][i]` becomes `r[i][j]`: unpacks of floats and of pairs transpose each 4 x 4 block
+    /// of 128-bit lanes, two rounds of lane shuffles move the blocks.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn transpose16(r: &mut [__m512; 16]) {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let i = 4 * g;
+            t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+            t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+            t[i + 2] = _mm512_unpacklo_ps(r[i + 2], r[i + 3]);
+            t[i + 3] = _mm512_unpackhi_ps(r[i + 2], r[i + 3]);
+        }
+        // u[4g + c], 128-bit lane l: rows 4g .. 4g+4 of column 4l + c.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let i = 4 * g;
+            let (a0, a1) = (_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2]));
+            let (b0, b1) = (_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3]));
+            u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a1));
+            u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a1));
+            u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b0, b1));
+            u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b0, b1));
+        }
+        // Output row 4l + c takes lane l of u[4g + c] into its lane g.
+        for c in 0..4 {
+            let a = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let b = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+            let a2 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let b2 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+            r[c] = _mm512_shuffle_f32x4::<0x88>(a, a2);
+            r[8 + c] = _mm512_shuffle_f32x4::<0xdd>(a, a2);
+            r[4 + c] = _mm512_shuffle_f32x4::<0x88>(b, b2);
+            r[12 + c] = _mm512_shuffle_f32x4::<0xdd>(b, b2);
+        }
+    }
+
+    /// See [`super::copy_out`]; `w` and `plane` are the output planes' width and size (of the
+    /// rows written).
+    ///
+    /// # Safety
+    /// AVX-512F and the bounds `copy_out` asserts.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn copy_out512(
+        a: &LanePacked,
+        y: &[f32],
+        wp: usize,
+        w: usize,
+        plane: usize,
+        stride: usize,
+        bias: Option<&[f32]>,
+        relu: bool,
+        pool2: bool,
+        out: &mut [f32],
+    ) {
+        // SAFETY (all): the caller's guarantees.
+        unsafe {
+            match (pool2, relu, bias.is_some()) {
+                (true, _, true) => {
+                    copy_out_t::<true, true, true>(a, y, wp, w, plane, stride, bias, out)
+                }
+                (true, _, false) => {
+                    copy_out_t::<true, true, false>(a, y, wp, w, plane, stride, bias, out)
+                }
+                (false, true, true) => {
+                    copy_out_t::<false, true, true>(a, y, wp, w, plane, stride, bias, out)
+                }
+                (false, true, false) => {
+                    copy_out_t::<false, true, false>(a, y, wp, w, plane, stride, bias, out)
+                }
+                (false, false, true) => {
+                    copy_out_t::<false, false, true>(a, y, wp, w, plane, stride, bias, out)
+                }
+                (false, false, false) => {
+                    copy_out_t::<false, false, false>(a, y, wp, w, plane, stride, bias, out)
+                }
+            }
+        }
+    }
+
+    /// [`copy_out512`] for one combination of pooling, ReLU and bias. Sixteen outputs at a
+    /// time: their positions first (the plane's first past its end, so every register is
+    /// computed without branches and the stores' masks drop the extras), then
+    /// each output's channels as one register, then the transpose into the planes.
+    ///
+    /// # Safety
+    /// As [`copy_out512`]'s.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn copy_out_t<const POOL: bool, const RELU: bool, const BIAS: bool>(
+        a: &LanePacked,
+        y: &[f32],
+        wp: usize,
+        w: usize,
+        plane: usize,
+        stride: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let ld = a.ld();
+        let z = _mm512_setzero_ps();
+        let (yp, op) = (y.as_ptr(), out.as_mut_ptr());
+        // Where output q's (first) tap is, in floats from `y`, for the next sixteen outputs.
+        let mut at = [0usize; W];
+        for v in 0..a.mv {
+            let nch = W.min(a.mg - v * W);
+            let cmask = ((1u32 << nch) - 1) as __mmask16;
+            let bv = match bias {
+                // SAFETY: the bias holds `mg` values (asserted by the caller); lanes past them
+                // are not read.
+                Some(b) if BIAS => unsafe { _mm512_maskz_loadu_ps(cmask, b.as_ptr().add(v * W)) },
+                _ => z,
+            };
+            let yv = yp.wrapping_add(v * W);
+            // The tap at float offset `o` (a position times `ld`) with the bias and the ReLU:
+            // pooled, `max(s, 0)` (NaN to 0; a zero's sign may change, as in the scalar
+            // pooling); else the copy-out's ReLU, which keeps the sign of a zero.
+            let f = |o: usize| {
+                // SAFETY: the caller's bounds: every position read is at most `last`.
+                let mut s = unsafe { _mm512_loadu_ps(yv.add(o)) };
+                if BIAS {
+                    s = _mm512_add_ps(s, bv);
+                }
+                if POOL {
+                    _mm512_max_ps(s, z)
+                } else if RELU {
+                    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(s, s);
+                    _mm512_mask_blend_ps(nan, _mm512_max_ps(z, s), z)
+                } else {
+                    s
+                }
+            };
+            let (mut qy, mut qx) = (0, 0);
+            let (step, row) = if POOL {
+                (2 * ld, 2 * wp * ld)
+            } else {
+                (ld, wp * ld)
+            };
+            let mut rowbase = 0;
+            for q0 in (0..plane).step_by(W) {
+                let n = W.min(plane - q0);
+                for (j, o) in at.iter_mut().enumerate() {
+                    if j < n {
+                        *o = rowbase + qx * step;
+                        qx += 1;
+                        if qx == w {
+                            (qx, qy) = (0, qy + 1);
+                            rowbase = qy * row;
+                        }
+                    } else {
+                        // The first output's taps: inside `y`, and never stored.
+                        *o = 0;
+                    }
+                }
+                let mut r = [z; W];
+                for (rj, &o) in r.iter_mut().zip(at.iter()) {
+                    *rj = if POOL {
+                        let d = wp * ld;
+                        _mm512_max_ps(
+                            _mm512_max_ps(f(o), f(o + ld)),
+                            _mm512_max_ps(f(o + d), f(o + d + ld)),
+                        )
+                    } else {
+                        f(o)
+                    };
+                }
+                transpose16(&mut r);
+                let m = ((1u32 << n) - 1) as __mmask16;
+                for (c, &rc) in r.iter().enumerate().take(nch) {
+                    // SAFETY: plane `v * 16 + c < mg`, positions `q0 .. q0 + n <= plane <=
+                    // stride`.
+                    unsafe {
+                        let d = op.add((v * W + c) * stride + q0);
+                        if n == W {
+                            _mm512_storeu_ps(d, rc);
+                        } else {
+                            _mm512_mask_storeu_ps(d, m, rc);
+                        }
+                    };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn transpose16_transposes() {
+        if !crate::runtime::cpu::sgemm::avx512() {
+            eprintln!("no AVX-512 on this CPU: the lane kernel is not used here");
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::*;
+            let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+            // SAFETY: AVX-512F is present (checked); every load and store is of 16 floats
+            // inside the 256.
+            unsafe {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (i, ri) in r.iter_mut().enumerate() {
+                    *ri = _mm512_loadu_ps(m.as_ptr().add(16 * i));
+                }
+                x86::transpose16(&mut r);
+                let mut t = vec![0.0f32; 256];
+                for (i, ri) in r.iter().enumerate() {
+                    _mm512_storeu_ps(t.as_mut_ptr().add(16 * i), *ri);
+                }
+                for i in 0..16 {
+                    for j in 0..16 {
+                        assert_eq!(t[16 * i + j], m[16 * j + i], "({i}, {j})");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The product against a float64 sum over the same taps, and bit for bit against the panel
+    /// kernel (same reduction order), at channel counts that fill one or two registers or
+    /// part of them, reductions shorter and longer than a block, and positions not a multiple
+    /// of the block.
+    #[test]
+    fn product_matches_reference_and_panel_kernel() {
+        if !crate::runtime::cpu::sgemm::avx512() {
+            eprintln!("no AVX-512 on this CPU: the lane kernel is not used here");
+            return;
+        }
+        for &(mg, k, npos) in &[
+            (16, 9, 811),
+            (32, 144, 209),
+            (32, 300, 50),
+            (15, 20, 7),
+            (30, 1, 25),
+            (5, 33, 40),
+        ] {
+            let w = rand(mg * k, mg as u64 * 7 + k as u64);
+            let a = LanePacked::new(mg, k, &w);
+            let np = a.padded(npos);
+            // Row t of the right operand starts at 3 t (overlapping rows, as in the direct path).
+            let offs: Vec<usize> = (0..k).map(|t| 3 * t).collect();
+            let x = rand(3 * k + np, npos as u64);
+            let mut y = vec![f32::NAN; np * a.ld()];
+            product(&a, &x, &offs, npos, &mut y);
+            let panel = crate::runtime::cpu::sgemm::PackedA::new(mg, k, &w, k, 1);
+            let mut c = vec![0.0f32; mg * npos];
+            crate::runtime::cpu::sgemm::gemm_rows(&panel, &x, &offs, npos, &mut c, npos);
+            for p in 0..npos {
+                for ch in 0..a.ld() {
+                    let got = y[p * a.ld() + ch];
+                    if ch >= mg {
+                        assert_eq!(got, 0.0, "lane past mg");
+                        continue;
+                    }
+                    let want: f64 = (0..k)
+                        .map(|t| w[ch * k + t] as f64 * x[offs[t] + p] as f64)
+                        .sum();
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "mg {mg} k {k}: ({p}, {ch}) {got} vs {want}"
+                    );
+                    assert_eq!(
+                        got.to_bits(),
+                        c[ch * npos + p].to_bits(),
+                        "mg {mg} k {k}: ({p}, {ch}) differs from the panel kernel"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The copy-out against the plain loops: bias, ReLU (NaN to 0) and the pooled form, for
+    /// planes whose size is not a multiple of 16 and channel counts past one register.
+    #[test]
+    fn copy_out_matches_plain_loops() {
+        if !crate::runtime::cpu::sgemm::avx512() {
+            eprintln!("no AVX-512 on this CPU: the lane kernel is not used here");
+            return;
+        }
+        for &(mg, oh, ow, wp) in &[
+            (16, 28, 28, 29),
+            (32, 14, 14, 15),
+            (30, 5, 7, 9),
+            (15, 1, 3, 3),
+        ] {
+            let a = LanePacked::new(mg, 1, &vec![0.0; mg]);
+            let ld = a.ld();
+            let npos = (oh - 1) * wp + ow;
+            let mut y = rand(npos * ld, mg as u64 + 99);
+            y[ld + 1] = f32::NAN;
+            let bias = rand(mg, 5);
+            for (relu, pool2, with_bias) in [
+                (false, false, true),
+                (true, false, true),
+                (true, false, false),
+                (true, true, true),
+                (true, true, false),
+            ] {
+                let (h, w) = if pool2 { (oh / 2, ow / 2) } else { (oh, ow) };
+                let mut out = vec![f32::NAN; mg * h * w];
+                let b = with_bias.then_some(&bias[..]);
+                copy_out(&a, &y, wp, oh, ow, h * w, b, relu, pool2, &mut out);
+                let f = |p: usize, c: usize| {
+                    let v = b.map_or(y[p * ld + c], |b| y[p * ld + c] + b[c]);
+                    if relu && (v.is_nan() || v < 0.0) {
+                        0.0
+                    } else {
+                        v
+                    }
+                };
+                for c in 0..mg {
+                    for i in 0..h {
+                        for j in 0..w {
+                            let want = if pool2 {
+                                let p = 2 * i * wp + 2 * j;
+                                f(p, c)
+                                    .max(f(p + 1, c))
+                                    .max(f(p + wp, c))
+                                    .max(f(p + wp + 1, c))
+                            } else {
+                                f(i * wp + j, c)
+                            };
+                            let got = out[(c * h + i) * w + j];
+                            assert!(
+                                got == want || (got.is_nan() && want.is_nan()),
+                                "mg {mg} {oh}x{ow} relu {relu} pool {pool2}: ({c}, {i}, {j}) {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
