@@ -355,7 +355,8 @@ pub(super) static FORCE_IM2COL: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
 impl Direct {
-    fn plan(gm: &Geom) -> Option<Direct> {
+    /// `pooled`: where the copy-out takes the 2x2 pooling (it decides the kernel).
+    fn plan(gm: &Geom, pooled: bool) -> Option<Direct> {
         #[cfg(test)]
         if FORCE_IM2COL.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
@@ -396,7 +397,7 @@ impl Direct {
             slack: pl + pr - zc,
             wide: (gm.oh - 1) * wp + gm.ow,
             offs,
-            lanes: lanes::applies(gm.mg),
+            lanes: lanes::applies(gm.mg, pooled),
         })
     }
 
@@ -600,7 +601,7 @@ fn transposed_as_conv(gm: &Geom) -> Option<([usize; 4], Conv2dParams)> {
     let ws = [gm.c, gm.mg, gm.kh, gm.kw];
     // The flipped convolution has the same kernel and groups, so the direct path's own test
     // (depthwise, pointwise, block size, CPU features) decides, before any weight is copied.
-    Direct::plan(&Geom::new([gm.n, gm.m, gm.oh, gm.ow], ws, &p))?;
+    Direct::plan(&Geom::new([gm.n, gm.m, gm.oh, gm.ow], ws, &p), false)?;
     Some((ws, p))
 }
 
@@ -787,7 +788,7 @@ impl CpuBackend {
         let direct = if winograd.is_some() {
             None
         } else {
-            Direct::plan(&gm)
+            Direct::plan(&gm, pool2)
         };
         if pool2 && direct.is_none() {
             return None;

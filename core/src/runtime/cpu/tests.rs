@@ -748,6 +748,12 @@ fn fast_paths_match_reference() {
         // w + pl + pr)
         ([2, 3, 6, 5], [4, 3, 1, 3], conv(1, [1, 2, 1, 3], 1, 1)),
         ([2, 2, 4, 4], [3, 2, 1, 1], conv(1, [1; 4], 1, 1)),
+        // the lane kernel: 30 channels per group (two groups; a register and 14/16 of
+        // another), odd output sizes for the pooling, and 15 channels (one register, pooled
+        // only); 32 channels over more than one block of output rows
+        ([2, 4, 9, 11], [60, 2, 3, 3], conv(1, [1; 4], 1, 2)),
+        ([1, 3, 11, 13], [15, 3, 3, 3], conv(1, [1, 0, 1, 2], 1, 1)),
+        ([1, 2, 40, 30], [32, 2, 3, 3], conv(1, [1; 4], 1, 1)),
         // an im2col block too large to make in one piece (147 x 3600): made and multiplied
         // 14 output rows at a time, the last chunk short
         ([1, 3, 120, 120], [8, 3, 7, 7], conv(2, [3; 4], 1, 1)),
