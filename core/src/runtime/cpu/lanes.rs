@@ -38,7 +38,10 @@ pub(super) fn applies(mg: usize, pooled: bool) -> bool {
     if NO_LANES.load(std::sync::atomic::Ordering::Relaxed) {
         return false;
     }
-    (1..=2 * W).contains(&mg) && (pooled || mg > W) && 8 * (mg.div_ceil(W) * W - mg) <= mg && super::sgemm::avx512()
+    (1..=2 * W).contains(&mg)
+        && (pooled || mg > W)
+        && 8 * (mg.div_ceil(W) * W - mg) <= mg
+        && super::sgemm::avx512()
 }
 
 /// Test-only switch off the lane kernel, so tests and timings reach the panel kernel too.
