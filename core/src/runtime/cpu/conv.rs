@@ -420,14 +420,7 @@ impl Direct {
         let xlen = gm.cg * self.plane + self.slack;
         with_scratch(xlen + gm.mg * self.wide, |buf| {
             let (xpad, ywide) = buf.split_at_mut(xlen);
-            xpad.fill(0.0);
-            let [pt, pl, _, _] = gm.p.pad;
-            for ci in 0..gm.cg {
-                for iy in 0..gm.h {
-                    let src = &xg[(ci * gm.h + iy) * gm.w..][..gm.w];
-                    xpad[ci * self.plane + (iy + pt) * self.wp + pl..][..gm.w].copy_from_slice(src);
-                }
-            }
+            self.pad_input(gm, xg, xpad);
             sgemm::gemm_rows(a, xpad, &self.offs, self.wide, ywide, self.wide);
             if pool2 {
                 debug_assert_eq!(act, Some(Unary::Relu), "pooled copy-out: ReLU only");
@@ -473,56 +466,68 @@ impl Direct {
         act: Option<Unary>,
         pool2: bool,
     ) {
-        // Output rows a few at a time, the product's block (at most LANE_CHUNK_FLOATS) in L1
-        // between its writing and the copy-out's reading; an even count where pooled.
-        let ld = a.ld();
-        let mut rows = (LANE_CHUNK_FLOATS / (ld * self.wp)).clamp(2, gm.oh.max(2));
         if pool2 {
-            rows &= !1;
+            debug_assert_eq!(act, Some(Unary::Relu), "pooled copy-out: ReLU only");
+            self.run_lanes_pooled(gm, a, xg, yb, bias);
+            return;
         }
+        // Output rows a few at a time, the product's block (at most LANE_CHUNK_FLOATS) in L1
+        // between its writing and the copy-out's reading.
+        let ld = a.ld();
+        let rows = (LANE_CHUNK_FLOATS / (ld * self.wp)).clamp(1, gm.oh.max(1));
         let chunk = a.padded((rows - 1) * self.wp + gm.ow);
         // The last chunk's whole blocks read up to a block past the last window: zeros.
         let xlen = gm.cg * self.plane + self.slack + a.padded(1);
         let relu = act == Some(Unary::Relu);
-        debug_assert!(!pool2 || relu, "pooled copy-out: ReLU only");
-        let (plane, width) = if pool2 {
-            ((gm.oh / 2) * (gm.ow / 2), gm.ow / 2)
-        } else {
-            (gm.p_out(), gm.ow)
-        };
+        let pw = gm.p_out();
         with_scratch(xlen + chunk * ld, |buf| {
             let (xpad, ywide) = buf.split_at_mut(xlen);
-            xpad.fill(0.0);
-            let [pt, pl, _, _] = gm.p.pad;
-            for ci in 0..gm.cg {
-                for iy in 0..gm.h {
-                    let src = &xg[(ci * gm.h + iy) * gm.w..][..gm.w];
-                    xpad[ci * self.plane + (iy + pt) * self.wp + pl..][..gm.w].copy_from_slice(src);
-                }
-            }
+            self.pad_input(gm, xg, xpad);
             for r0 in (0..gm.oh).step_by(rows) {
                 let r1 = (r0 + rows).min(gm.oh);
                 let npos = (r1 - r0 - 1) * self.wp + gm.ow;
                 lanes::product(a, &xpad[r0 * self.wp..], &self.offs, npos, ywide);
-                let q0 = if pool2 { r0 / 2 * width } else { r0 * width };
-                lanes::copy_out(
-                    a,
-                    ywide,
-                    self.wp,
-                    r1 - r0,
-                    gm.ow,
-                    plane,
-                    bias,
-                    relu,
-                    pool2,
-                    &mut yb[q0..],
-                );
+                let out = &mut yb[r0 * gm.ow..];
+                lanes::copy_out(a, ywide, self.wp, r1 - r0, gm.ow, pw, bias, relu, out);
             }
             if !(relu || act.is_none()) {
-                let pw = gm.p_out();
                 epilogue(&mut yb[..gm.mg * pw], pw, None, act);
             }
         });
+    }
+}
+
+impl Direct {
+    /// [`Direct::run_lanes`] with the ReLU and the 2x2 pooling: pooled in the kernel's
+    /// registers ([`lanes::pooled_product`]), then transposed into the planes.
+    fn run_lanes_pooled(
+        &self,
+        gm: &Geom,
+        a: &lanes::LanePacked,
+        xg: &[f32],
+        yb: &mut [f32],
+        bias: Option<&[f32]>,
+    ) {
+        let xlen = gm.cg * self.plane + self.slack;
+        let (ph, pw) = (gm.oh / 2, gm.ow / 2);
+        with_scratch(xlen + ph * pw * a.ld(), |buf| {
+            let (xpad, pooled) = buf.split_at_mut(xlen);
+            self.pad_input(gm, xg, xpad);
+            lanes::pooled_product(a, xpad, &self.offs, self.wp, ph, pw, bias, pooled);
+            lanes::copy_out(a, pooled, pw, ph, pw, ph * pw, None, false, yb);
+        });
+    }
+
+    /// `xpad`: the block `xg` in the padded planes, zeros around.
+    fn pad_input(&self, gm: &Geom, xg: &[f32], xpad: &mut [f32]) {
+        xpad.fill(0.0);
+        let [pt, pl, _, _] = gm.p.pad;
+        for ci in 0..gm.cg {
+            for iy in 0..gm.h {
+                let src = &xg[(ci * gm.h + iy) * gm.w..][..gm.w];
+                xpad[ci * self.plane + (iy + pt) * self.wp + pl..][..gm.w].copy_from_slice(src);
+            }
+        }
     }
 }
 

@@ -1246,7 +1246,7 @@ fn conv_timing() {
         set(0);
         let g = |t: f64| flops / t / 1e9;
         println!(
-            "{xs:?} * {ws:?}: auto {:.3} ms ({:.1} GFLOP/s direct-equivalent), direct {:.3} ms ({:.1}), im2col {:.3} ms ({:.1})",
+            "{xs:?} * {ws:?}: auto {:.3} ms ({:.1} GFLOP/s direct-equivalent), direct on the panel kernel {:.3} ms ({:.1}), im2col {:.3} ms ({:.1})",
             best[0] * 1e3,
             g(best[0]),
             best[1] * 1e3,
