@@ -5,6 +5,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::gemm::{MatRef, gemm_f32};
+use super::lanes;
 use super::sgemm::{self, PackedA};
 use super::wcache::{Form, Weights};
 use super::{CpuBackend, ELEM_CHUNK};
@@ -618,8 +619,12 @@ impl CpuBackend {
                     }
                     t
                 });
-                let pa = PackedA::new(m, k, a, k, 1);
-                sgemm::gemm_packed(&pa, &bt, n, n, &mut out, n);
+                if lanes::applies_gemm() {
+                    lanes::gemm(m, n, k, a, &bt, &mut out);
+                } else {
+                    let pa = PackedA::new(m, k, a, k, 1);
+                    sgemm::gemm_packed(&pa, &bt, n, n, &mut out, n);
+                }
                 return (out, out_shape);
             }
             // Both operands by rows of k: dot products, nothing packed.

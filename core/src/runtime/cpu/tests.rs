@@ -1317,6 +1317,7 @@ fn model_timing() {
         "skew" => &super::winograd::NO_SKEW,
         "fold" => &super::ops::SCALAR_FOLD,
         "lanes" => &super::lanes::NO_LANES,
+        "lanegemm" => &super::lanes::NO_LANE_GEMM,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")
