@@ -1,5 +1,7 @@
 //! Convolution forward and both adjoints: im2col + GEMM (1x1 convolutions skip im2col; depthwise
-//! convolutions use a direct loop, where GEMM with one output row would waste its blocking).
+//! convolutions use a direct loop, where GEMM with one output row would waste its blocking;
+//! stride-1 convolutions read their padded input in place, on the panel GEMM or, for 16 or 32
+//! output channels, on the lane kernel of [`super::lanes`]).
 //!
 //! Work is split by disjoint output blocks ((sample, group) for the forward and the input
 //! gradient, group for the weight gradient), so every output element is produced by exactly one
