@@ -64,6 +64,13 @@ impl Geom {
             p: *p,
         }
     }
+    /// Each group's weights (of `w`) in a kernel's form.
+    fn per_group<T>(&self, w: &[f32], f: impl Fn(&[f32]) -> T) -> Vec<T> {
+        let len = self.mg * self.k();
+        (0..self.g)
+            .map(|gi| f(&w[gi * len..(gi + 1) * len]))
+            .collect()
+    }
     /// Rows of the im2col matrix (the GEMM reduction length).
     fn k(&self) -> usize {
         self.cg * self.kh * self.kw
@@ -455,8 +462,9 @@ impl Direct {
 }
 
 impl Direct {
-    /// [`Direct::run`] on the lane kernel: the product position-major, then transposed into
-    /// the planes by [`lanes::copy_out`] (with the pooling, or the bias and a ReLU).
+    /// [`Direct::run`] on the lane kernel: the product position-major, a few output rows at a
+    /// time, transposed into the planes by [`lanes::copy_out`] with the bias and a ReLU (other
+    /// activations after); pooled, see [`Direct::run_lanes_pooled`].
     #[allow(clippy::too_many_arguments)]
     fn run_lanes(
         &self,
@@ -497,9 +505,7 @@ impl Direct {
             }
         });
     }
-}
 
-impl Direct {
     /// [`Direct::run_lanes`] with the ReLU and the 2x2 pooling: pooled in the kernel's
     /// registers ([`lanes::pooled_product`]), then transposed into the planes.
     fn run_lanes_pooled(
@@ -841,12 +847,7 @@ impl CpuBackend {
                     groups: gm.g,
                 };
                 wts.derive(&self.weights, form, || {
-                    (0..gm.g)
-                        .map(|gi| {
-                            let wg = &w[gi * gm.mg * k..(gi + 1) * gm.mg * k];
-                            lanes::LanePacked::new(gm.mg, k, wg)
-                        })
-                        .collect::<Vec<_>>()
+                    gm.per_group(w, |wg| lanes::LanePacked::new(gm.mg, k, wg))
                 })
             });
             let packed = (sgemm::available()
@@ -859,12 +860,7 @@ impl CpuBackend {
                         groups: gm.g,
                     };
                     wts.derive(&self.weights, form, || {
-                        (0..gm.g)
-                            .map(|gi| {
-                                let wg = &w[gi * gm.mg * k..(gi + 1) * gm.mg * k];
-                                PackedA::new(gm.mg, k, wg, k, 1)
-                            })
-                            .collect::<Vec<_>>()
+                        gm.per_group(w, |wg| PackedA::new(gm.mg, k, wg, k, 1))
                     })
                 });
             let chunked = k * pw > IM2COL_CHUNK_FLOATS;

@@ -762,24 +762,39 @@ mod x86 {
 mod tests {
     use super::*;
 
+    /// Whether the lane kernels run on this CPU (they are used only with AVX-512; the tests
+    /// say so where they cannot run).
+    fn avx512_here() -> bool {
+        let here = crate::runtime::cpu::sgemm::avx512();
+        if !here {
+            eprintln!("no AVX-512 on this CPU: the lane kernels are not used here");
+        }
+        here
+    }
+
     fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        crate::runtime::reference::RefTensor::random(&[n], seed).to_f32()
+    }
+
+    /// `got` within `tol` (relative) of the float64 `want`, and equal to the panel kernel's
+    /// `panel` bit for bit (the same reduction order).
+    fn check(got: f32, want: f64, panel: f32, tol: f64, what: &dyn Fn() -> String) {
+        assert!(
+            (got as f64 - want).abs() <= tol * (1.0 + want.abs()),
+            "{}: {got} vs {want}",
+            what()
+        );
+        assert_eq!(
+            got.to_bits(),
+            panel.to_bits(),
+            "{}: differs from the panel kernel",
+            what()
+        );
     }
 
     #[test]
     fn transpose16_transposes() {
-        if !crate::runtime::cpu::sgemm::avx512() {
-            eprintln!("no AVX-512 on this CPU: the lane kernel is not used here");
+        if !avx512_here() {
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -813,8 +828,7 @@ mod tests {
     /// of the block.
     #[test]
     fn product_matches_reference_and_panel_kernel() {
-        if !crate::runtime::cpu::sgemm::avx512() {
-            eprintln!("no AVX-512 on this CPU: the lane kernel is not used here");
+        if !avx512_here() {
             return;
         }
         for &(mg, k, npos) in &[
@@ -846,15 +860,8 @@ mod tests {
                     let want: f64 = (0..k)
                         .map(|t| w[ch * k + t] as f64 * x[offs[t] + p] as f64)
                         .sum();
-                    assert!(
-                        (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "mg {mg} k {k}: ({p}, {ch}) {got} vs {want}"
-                    );
-                    assert_eq!(
-                        got.to_bits(),
-                        c[ch * npos + p].to_bits(),
-                        "mg {mg} k {k}: ({p}, {ch}) differs from the panel kernel"
-                    );
+                    let what = || format!("mg {mg} k {k}: ({p}, {ch})");
+                    check(got, want, c[ch * npos + p], 1e-5, &what);
                 }
             }
         }
@@ -865,8 +872,7 @@ mod tests {
     /// widths that end in every shorter block (1-7 windows against blocks of 7 or 3).
     #[test]
     fn pooled_product_equals_product_then_pooled_copy_out() {
-        if !crate::runtime::cpu::sgemm::avx512() {
-            eprintln!("no AVX-512 on this CPU: the lane kernel is not used here");
+        if !avx512_here() {
             return;
         }
         for &(mg, k) in &[(16, 9), (15, 40), (32, 144), (30, 300), (32, 1)] {
@@ -917,8 +923,7 @@ mod tests {
     /// or a partial group of four, and reductions of one to three blocks.
     #[test]
     fn gemm_matches_reference_and_panel_kernel() {
-        if !crate::runtime::cpu::sgemm::avx512() {
-            eprintln!("no AVX-512 on this CPU: the lane kernel is not used here");
+        if !avx512_here() {
             return;
         }
         for &(m, n, k) in &[
@@ -941,15 +946,9 @@ mod tests {
                         .map(|t| a[i * k + t] as f64 * bt[t * n + j] as f64)
                         .sum();
                     let got = c[i * n + j];
-                    assert!(
-                        (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "{m}x{n}x{k}: ({i}, {j}) {got} vs {want}"
-                    );
-                    assert_eq!(
-                        got.to_bits(),
-                        c2[i * n + j].to_bits(),
-                        "{m}x{n}x{k}: ({i}, {j})"
-                    );
+                    check(got, want, c2[i * n + j], 1e-4, &|| {
+                        format!("{m}x{n}x{k}: ({i}, {j})")
+                    });
                 }
             }
         }
@@ -959,8 +958,7 @@ mod tests {
     /// planes whose size is not a multiple of 16 and channel counts past one register.
     #[test]
     fn copy_out_matches_plain_loops() {
-        if !crate::runtime::cpu::sgemm::avx512() {
-            eprintln!("no AVX-512 on this CPU: the lane kernel is not used here");
+        if !avx512_here() {
             return;
         }
         for &(mg, oh, ow, wp) in &[
