@@ -25,6 +25,9 @@ const W: usize = 16;
 const R1: usize = 24;
 /// Positions per block with two registers of channels (24 accumulators).
 const R2: usize = 12;
+/// Positions per block with three or four registers (24 accumulators at four).
+const R3: usize = 8;
+const R4: usize = 6;
 
 /// Whether the lane kernel takes a convolution with `mg` output channels per group, `pooled`
 /// where its copy-out takes the 2x2 pooling: AVX-512, registers of channels at least 7/8 full
@@ -42,6 +45,18 @@ pub(super) fn applies(mg: usize, pooled: bool) -> bool {
         && (pooled || mg > W)
         && 8 * (mg.div_ceil(W) * W - mg) <= mg
         && super::sgemm::avx512()
+}
+
+/// Whether the lane kernel takes a strided convolution (no direct path) with `mg` output
+/// channels per group, an output row per product ([`product_strided`]): AVX-512, stride 2, and
+/// three or four full registers of channels (48 or 64: ResNet's 7x7 stem, for which im2col made
+/// 147 x 12544 floats per sample; at batch 4 on one core 9.7 against 16.3-16.7 ms).
+pub(super) fn applies_strided(mg: usize, stride: [usize; 2]) -> bool {
+    #[cfg(test)]
+    if NO_LANES.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    stride == [2, 2] && (mg == 48 || mg == 64) && super::sgemm::avx512()
 }
 
 /// Whether [`gemm`] runs: AVX-512 (and not switched off by a test).
@@ -78,8 +93,8 @@ impl LanePacked {
     /// Packs `w` (`mg` rows of `k`).
     pub fn new(mg: usize, k: usize, w: &[f32]) -> LanePacked {
         assert!(
-            mg <= 2 * W && w.len() >= mg * k,
-            "lanes: at most 32 channels, and the weights too short"
+            mg <= 4 * W && w.len() >= mg * k,
+            "lanes: at most 64 channels, and the weights too short"
         );
         let mv = mg.div_ceil(W).max(1);
         let mut data = vec![0.0f32; k * mv * W];
@@ -103,7 +118,7 @@ impl LanePacked {
     }
 
     fn block(&self) -> usize {
-        if self.mv == 1 { R1 } else { R2 }
+        [R1, R2, R3, R4][self.mv - 1]
     }
 }
 
@@ -112,14 +127,28 @@ impl LanePacked {
 ///
 /// Panics where a read or write would leave its slice, or the CPU lacks AVX-512.
 pub(super) fn product(a: &LanePacked, x: &[f32], offs: &[usize], npos: usize, y: &mut [f32]) {
+    product_strided(a, x, offs, 1, npos, y);
+}
+
+/// [`product`] with the positions `s` (1 or 2) input columns apart: `y[p * ld + c] = sum_t
+/// w[c][t] * x[offs[t] + s p]`, for one output row of a strided convolution.
+pub(super) fn product_strided(
+    a: &LanePacked,
+    x: &[f32],
+    offs: &[usize],
+    s: usize,
+    npos: usize,
+    y: &mut [f32],
+) {
     assert_eq!(offs.len(), a.k, "lanes: one offset per reduction step");
+    assert!(s == 1 || s == 2, "lanes: position stride 1 or 2");
     let np = a.padded(npos);
     if np == 0 {
         return;
     }
     assert!(
         offs.iter()
-            .all(|&o| o.checked_add(np).is_some_and(|e| e <= x.len()))
+            .all(|&o| o.checked_add(s * (np - 1)).is_some_and(|e| e < x.len()))
             && y.len() >= np * a.ld(),
         "lanes: product out of bounds"
     );
@@ -133,7 +162,7 @@ pub(super) fn product(a: &LanePacked, x: &[f32], offs: &[usize], npos: usize, y:
     // positions from each offset) and write (`np` rows of `ld`), and the packed weights hold
     // `k * ld` floats by construction.
     unsafe {
-        x86::product512(a, x, offs, np, y)
+        x86::product512(a, x, offs, s, np, y)
     }
 }
 
@@ -261,7 +290,7 @@ pub(super) fn copy_out(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{G1, G2, GR, GV, LanePacked, R1, R2, W};
+    use super::{G1, G2, GR, GV, LanePacked, R1, R2, R3, R4, W};
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -271,6 +300,7 @@ mod x86 {
         a: &LanePacked,
         x: &[f32],
         offs: &[usize],
+        s: usize,
         np: usize,
         y: &mut [f32],
     ) {
@@ -278,20 +308,29 @@ mod x86 {
         let ld = a.ld();
         for (t0, kc) in super::super::sgemm::k_blocks(a.k) {
             let offs = &offs[t0..t0 + kc];
-            // SAFETY (both loops): block `p0` reads positions `p0 .. p0 + R` from each offset
-            // and writes rows `p0 .. p0 + R` of `y`, all `< np` (the caller's bounds); the
-            // weights of steps `t0 .. t0 + kc` are inside the packed data.
-            unsafe {
-                let w = wp.add(t0 * ld);
-                if a.mv == 1 {
-                    for p0 in (0..np).step_by(R1) {
-                        block::<R1, 1>(w, xp.add(p0), offs, yp.add(p0 * ld), t0 > 0);
+            let w = wp.wrapping_add(t0 * ld);
+            macro_rules! run {
+                ($r:expr, $mv:literal, $s:literal) => {
+                    for p0 in (0..np).step_by($r) {
+                        // SAFETY: block `p0` reads positions `p0 .. p0 + R` (input columns `s`
+                        // apart) from each offset and writes rows `p0 .. p0 + R` of `y`, all
+                        // `< np` (the caller's bounds); the weights of steps `t0 .. t0 + kc`
+                        // are inside the packed data.
+                        unsafe {
+                            block::<$r, $mv, $s>(w, xp.add($s * p0), offs, yp.add(p0 * ld), t0 > 0)
+                        };
                     }
-                } else {
-                    for p0 in (0..np).step_by(R2) {
-                        block::<R2, 2>(w, xp.add(p0), offs, yp.add(p0 * ld), t0 > 0);
-                    }
-                }
+                };
+            }
+            match (a.mv, s) {
+                (1, 1) => run!(R1, 1, 1),
+                (2, 1) => run!(R2, 2, 1),
+                (3, 1) => run!(R3, 3, 1),
+                (4, 1) => run!(R4, 4, 1),
+                (1, _) => run!(R1, 1, 2),
+                (2, _) => run!(R2, 2, 2),
+                (3, _) => run!(R3, 3, 2),
+                (_, _) => run!(R4, 4, 2),
             }
         }
     }
@@ -558,14 +597,14 @@ mod x86 {
     }
 
     /// `R` positions by `MV` registers of channels, for the reduction steps of `offs`:
-    /// `y[r * 16 MV + c] (+)= sum_i w[i * 16 MV + c] * x[offs[i] + r]`.
+    /// `y[r * 16 MV + c] (+)= sum_i w[i * 16 MV + c] * x[offs[i] + S r]`.
     ///
     /// # Safety
-    /// AVX-512F; `x + offs[i]` readable for `R` floats, `w` for `offs.len() * 16 MV`, `y` for
-    /// `R * 16 MV`.
+    /// AVX-512F; `x + offs[i]` readable for `S (R - 1) + 1` floats, `w` for `offs.len() * 16
+    /// MV`, `y` for `R * 16 MV`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn block<const R: usize, const MV: usize>(
+    unsafe fn block<const R: usize, const MV: usize, const S: usize>(
         w: *const f32,
         x: *const f32,
         offs: &[usize],
@@ -582,7 +621,7 @@ mod x86 {
                 }
                 let xr = x.add(o);
                 for (r, accr) in acc.iter_mut().enumerate() {
-                    let b = _mm512_set1_ps(*xr.add(r));
+                    let b = _mm512_set1_ps(*xr.add(S * r));
                     for v in 0..MV {
                         accr[v] = _mm512_fmadd_ps(b, wv[v], accr[v]);
                     }

@@ -754,6 +754,10 @@ fn fast_paths_match_reference() {
         ([2, 4, 9, 11], [60, 2, 3, 3], conv(1, [1; 4], 1, 2)),
         ([1, 3, 11, 13], [15, 3, 3, 3], conv(1, [1, 0, 1, 2], 1, 1)),
         ([1, 2, 40, 30], [32, 2, 3, 3], conv(1, [1; 4], 1, 1)),
+        // the strided lane kernel (48 or 64 channels, stride 2): a small ResNet stem, and
+        // asymmetric pads with odd sizes
+        ([1, 3, 30, 26], [64, 3, 7, 7], conv(2, [3; 4], 1, 1)),
+        ([2, 2, 17, 19], [48, 2, 3, 3], conv(2, [1, 0, 2, 1], 1, 1)),
         // an im2col block too large to make in one piece (147 x 3600): made and multiplied
         // 14 output rows at a time, the last chunk short
         ([1, 3, 120, 120], [8, 3, 7, 7], conv(2, [3; 4], 1, 1)),
