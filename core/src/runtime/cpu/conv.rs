@@ -71,6 +71,11 @@ impl Geom {
             .map(|gi| f(&w[gi * len..(gi + 1) * len]))
             .collect()
     }
+    /// The input plane's size with all its padding.
+    fn padded_hw(&self) -> (usize, usize) {
+        let [pt, pl, pb, pr] = self.p.pad;
+        (self.h + pt + pb, self.w + pl + pr)
+    }
     /// Rows of the im2col matrix (the GEMM reduction length).
     fn k(&self) -> usize {
         self.cg * self.kh * self.kw
@@ -391,21 +396,12 @@ impl Direct {
         if gm.cg.checked_mul(plane)? > DIRECT_MAX_PLANE {
             return None;
         }
-        let (dh, dw) = (gm.p.dilation[0], gm.p.dilation[1]);
-        let mut offs = Vec::with_capacity(gm.k());
-        for ci in 0..gm.cg {
-            for ky in 0..gm.kh {
-                for kx in 0..gm.kw {
-                    offs.push(ci * plane + ky * dh * wp + kx * dw);
-                }
-            }
-        }
         Some(Direct {
             wp,
             plane,
             slack: pl + pr - zc,
             wide: (gm.oh - 1) * wp + gm.ow,
-            offs,
+            offs: tap_offsets(gm, plane, wp),
             lanes: lanes::applies(gm.mg, pooled),
         })
     }
@@ -459,9 +455,7 @@ impl Direct {
             }
         });
     }
-}
 
-impl Direct {
     /// [`Direct::run`] on the lane kernel: the product position-major, a few output rows at a
     /// time, transposed into the planes by [`lanes::copy_out`] with the bias and a ReLU (other
     /// activations after); pooled, see [`Direct::run_lanes_pooled`].
@@ -528,15 +522,36 @@ impl Direct {
 
     /// `xpad`: the block `xg` in the padded planes, zeros around.
     fn pad_input(&self, gm: &Geom, xg: &[f32], xpad: &mut [f32]) {
-        xpad.fill(0.0);
-        let [pt, pl, _, _] = gm.p.pad;
-        for ci in 0..gm.cg {
-            for iy in 0..gm.h {
-                let src = &xg[(ci * gm.h + iy) * gm.w..][..gm.w];
-                xpad[ci * self.plane + (iy + pt) * self.wp + pl..][..gm.w].copy_from_slice(src);
+        pad_planes(gm, xg, xpad, self.plane, self.wp);
+    }
+}
+
+/// `xpad`: the (sample, group) block `xg` in padded planes of `plane` floats with rows `wp`
+/// apart (the top and left padding before each plane's first row and column), zeros around.
+fn pad_planes(gm: &Geom, xg: &[f32], xpad: &mut [f32], plane: usize, wp: usize) {
+    xpad.fill(0.0);
+    let [pt, pl, _, _] = gm.p.pad;
+    for ci in 0..gm.cg {
+        for iy in 0..gm.h {
+            let src = &xg[(ci * gm.h + iy) * gm.w..][..gm.w];
+            xpad[ci * plane + (iy + pt) * wp + pl..][..gm.w].copy_from_slice(src);
+        }
+    }
+}
+
+/// Where each reduction step `(ci, ky, kx)` reads, from an output position's first tap, in
+/// padded planes of `plane` floats with rows `wp` apart: the direct paths' `offs`.
+fn tap_offsets(gm: &Geom, plane: usize, wp: usize) -> Vec<usize> {
+    let (dh, dw) = (gm.p.dilation[0], gm.p.dilation[1]);
+    let mut offs = Vec::with_capacity(gm.k());
+    for ci in 0..gm.cg {
+        for ky in 0..gm.kh {
+            for kx in 0..gm.kw {
+                offs.push(ci * plane + ky * dh * wp + kx * dw);
             }
         }
     }
+    offs
 }
 
 /// Output rows of a strided convolution on the lane kernel transposed together: the
@@ -562,15 +577,10 @@ fn strided_lanes(
     bias: Option<&[f32]>,
     act: Option<Unary>,
 ) {
-    let [pt, pl, pb, pr] = gm.p.pad;
     let [sh, sw] = gm.p.stride;
-    let (hp, wp) = (gm.h + pt + pb, gm.w + pl + pr);
+    let (hp, wp) = gm.padded_hw();
     let plane = hp * wp;
-    let offs: Vec<usize> = (0..gm.cg)
-        .flat_map(|ci| {
-            (0..gm.kh).flat_map(move |ky| (0..gm.kw).map(move |kx| ci * plane + ky * wp + kx))
-        })
-        .collect();
+    let offs = tap_offsets(gm, plane, wp);
     let np = a.padded(gm.ow);
     // A row's whole blocks read up to `np` positions from its first: zeros past the planes.
     let max_off = offs.last().copied().unwrap_or(0);
@@ -580,13 +590,7 @@ fn strided_lanes(
     let rows = STRIDED_ROWS.min(gm.oh.max(1));
     with_scratch(xlen + rows * np * a.ld(), |buf| {
         let (xpad, yrows) = buf.split_at_mut(xlen);
-        xpad.fill(0.0);
-        for ci in 0..gm.cg {
-            for iy in 0..gm.h {
-                let src = &xg[(ci * gm.h + iy) * gm.w..][..gm.w];
-                xpad[ci * plane + (iy + pt) * wp + pl..][..gm.w].copy_from_slice(src);
-            }
-        }
+        pad_planes(gm, xg, xpad, plane, wp);
         for r0 in (0..gm.oh).step_by(rows) {
             let r1 = (r0 + rows).min(gm.oh);
             for oy in r0..r1 {
@@ -907,8 +911,10 @@ impl CpuBackend {
                 && !gm.is_pointwise()
                 && gm.p.dilation == [1, 1]
                 && lanes::applies_strided(gm.mg, gm.p.stride)
-                && gm.cg * (gm.h + gm.p.pad[0] + gm.p.pad[2]) * (gm.w + gm.p.pad[1] + gm.p.pad[3])
-                    <= STRIDED_MAX_FLOATS;
+                && {
+                    let (hp, wp) = gm.padded_hw();
+                    gm.cg * hp * wp <= STRIDED_MAX_FLOATS
+                };
             let lane_direct = direct.as_ref().is_some_and(|d| d.lanes) || strided;
             let lane_w = lane_direct.then(|| {
                 let form = Form::ConvLanes {
