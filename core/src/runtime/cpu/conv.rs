@@ -312,6 +312,17 @@ struct Direct {
 }
 
 /// Test-only switch off the Winograd path, so timings reach the direct path too.
+/// Test-only switch back to two Winograd chunks when sequential, for timing A/B runs.
+#[cfg(test)]
+pub(super) static TWO_CHUNKS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+/// Whether a test asked for two sequential Winograd chunks (always false outside tests).
+fn two_chunks() -> bool {
+    #[cfg(test)]
+    return TWO_CHUNKS.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    false
+}
 #[cfg(test)]
 pub(super) static FORCE_NO_WINOGRAD: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
@@ -1064,7 +1075,11 @@ impl CpuBackend {
         };
         if plan.ranges() == 1 {
             // Two chunks per thread, for balance; one chunk when sequential.
-            let chunk = gm.n.div_ceil(2 * threads).max(1);
+            let chunk = if !par && !two_chunks() {
+                gm.n
+            } else {
+                gm.n.div_ceil(2 * threads).max(1)
+            };
             let task = |i: usize, yb: &mut [f32]| {
                 let ns = yb.len() / (gm.m * pw);
                 run(

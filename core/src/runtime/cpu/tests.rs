@@ -1199,7 +1199,7 @@ fn conv_timing() {
         .unwrap_or(1);
     let b = CpuBackend::new(Some(threads));
     // (x shape, w shape, pad, stride)
-    let cases: [([usize; 4], [usize; 4], usize, usize); 12] = [
+    let cases: [([usize; 4], [usize; 4], usize, usize); 15] = [
         ([64, 16, 14, 14], [32, 16, 3, 3], 1, 1),
         ([4, 16, 14, 14], [32, 16, 3, 3], 1, 1),
         ([2, 16, 14, 14], [32, 16, 3, 3], 1, 1),
@@ -1213,12 +1213,18 @@ fn conv_timing() {
         ([2, 512, 7, 7], [512, 512, 3, 3], 1, 1),
         // ResNet-18's stem at batch 4
         ([4, 3, 224, 224], [64, 3, 7, 7], 3, 2),
+        ([4, 64, 56, 56], [128, 64, 3, 3], 1, 2),
+        ([4, 128, 28, 28], [256, 128, 3, 3], 1, 2),
+        ([4, 256, 14, 14], [512, 256, 3, 3], 1, 2),
     ];
     let set = |mode: usize| {
         super::conv::FORCE_NO_WINOGRAD.store(mode == 1, Ordering::Relaxed);
         super::conv::FORCE_IM2COL.store(mode == 2, Ordering::Relaxed);
         super::lanes::NO_LANES.store(mode == 1, Ordering::Relaxed);
     };
+    // `ADVERSE_TIMING_FLUSH=1`: evict the caches (a 64 MiB sweep) before every call, as a
+    // model's other layers do between calls of one layer.
+    let mut flush = std::env::var_os("ADVERSE_TIMING_FLUSH").map(|_| vec![0u32; 16 << 20]);
     // `ADVERSE_TIMING_CASE=k`: only case k (for profiling).
     let only: Option<usize> = std::env::var("ADVERSE_TIMING_CASE")
         .ok()
@@ -1238,9 +1244,21 @@ fn conv_timing() {
         let flops =
             2.0 * (xs[0] * ws[0] * xs[2] * xs[3] * ws[1] * ws[2] * ws[3]) as f64 / (st * st) as f64;
         let mut best = [f64::INFINITY; 3];
+        // `ADVERSE_TIMING_AUTO=1`: the auto path only (for profiling it).
+        let modes = if std::env::var_os("ADVERSE_TIMING_AUTO").is_some() {
+            1
+        } else {
+            3
+        };
         for rep in 0..600 {
-            let mode = rep % 3;
+            let mode = rep % modes;
             set(mode);
+            if let Some(f) = flush.as_mut() {
+                for (i, v) in f.iter_mut().enumerate().step_by(16) {
+                    *v = v.wrapping_add(i as u32);
+                }
+                std::hint::black_box(&f);
+            }
             let t = std::time::Instant::now();
             let y = b.conv2d(&x, &w, None, &p);
             let dt = t.elapsed().as_secs_f64();
@@ -1322,6 +1340,8 @@ fn model_timing() {
         "fold" => &super::ops::SCALAR_FOLD,
         "lanes" => &super::lanes::NO_LANES,
         "lanegemm" => &super::lanes::NO_LANE_GEMM,
+        "rowblocks" => &super::winograd::ROW_BLOCKS,
+        "twochunks" => &super::conv::TWO_CHUNKS,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")

@@ -28,8 +28,11 @@ const L: usize = 8;
 /// f32s of the transformed input and product blocks (`16 x tiles x (c + m)`): about 384 KiB,
 /// which stays in a core's L2 between the transform that writes it and the GEMM that reads it.
 const BLOCK_FLOATS: usize = 96 << 10;
-/// Fewest tiles in a block.
-const MIN_BLOCK: usize = 32;
+/// Tiles in a block are a multiple of this: the AVX-512 GEMM's column block (two registers).
+/// Why: a block's last, narrower column block runs the one-register kernel, which spends a
+/// load per multiply-add row and ran at about half the speed; blocks of whole tile rows left one
+/// in most blocks (35 tiles at 256 channels on 14x14, 42 at 128 on 28x28).
+const BLOCK_ALIGN: usize = 32;
 /// Fewest output tiles (all samples) a call needs for the Winograd path, plus one per 128
 /// weight pairs. Measured (one thread): 16 -> 32 channels on 14x14 wins from 2 samples (98
 /// tiles, 1.1x; 196 tiles, 1.2x); 256 -> 256 channels on 14x14 loses at 4 samples (196 tiles,
@@ -241,15 +244,16 @@ impl Plan {
         if let Some(b) = bias {
             assert_eq!(b.len(), mr, "winograd: bias length");
         }
-        // A block is `rows` tile rows (`rows * tw` tiles); a group is the samples whose staged
-        // input one block reads: whole samples when they fit a block, else one sample.
+        // A block is `nb` consecutive tiles of the group's tile rows (a block may start and end
+        // inside a row); a group is the samples whose staged input the blocks read: whole
+        // samples when they fit a block, else one sample.
         let per_tile = 16 * (c + mr);
-        // At least MIN_BLOCK tiles, even past the cache budget: narrower GEMMs lose more to
+        let spt = th * tw;
+        // At least BLOCK_ALIGN tiles, even past the cache budget: narrower GEMMs lose more to
         // their edges than the cache misses cost (measured on 256 channels).
-        let rows = (BLOCK_FLOATS / per_tile / tw).max(MIN_BLOCK.div_ceil(tw));
-        let group = (rows / th).max(1);
-        let rows = if group > 1 { group * th } else { rows };
-        let ldb = rows * tw + L;
+        let nb = block_tiles(per_tile, tw);
+        let group = (nb / spt).max(1);
+        let ldb = nb + L;
         let sample = s.sample_floats();
         // The 16 planes of V (and of the products) at a skewed stride: see `plane_stride`.
         let (vs, ps) = (plane_stride(c * ldb), plane_stride(mr * ldb));
@@ -270,35 +274,75 @@ impl Plan {
                     let xs = &x[(t.s0 + g0 + j) * c * plane..][..c * plane];
                     stage(s, xs, &mut xd[j * sample..(j + 1) * sample]);
                 }
-                let total = gn * th;
-                let mut r0 = 0;
-                while r0 < total {
-                    let nr = rows.min(total - r0);
+                let total = gn * spt;
+                let mut b0 = 0;
+                while b0 < total {
+                    let nbk = nb.min(total - b0);
                     // Whole 8-column strips: the columns past the tiles hold leftovers (GEMM
                     // columns are independent, and their products only reach output lanes that
                     // are never stored or are overwritten), and the GEMM needs no column tail.
-                    let n8 = (nr * tw).div_ceil(L) * L;
-                    for j in 0..nr {
-                        let (sl, ty) = ((r0 + j) / th, (r0 + j) % th);
+                    let n8 = nbk.div_ceil(L) * L;
+                    for r in row_spans(b0, nbk, tw) {
+                        let (sl, ty) = (r.row / th, r.row % th);
                         let xdj = &xd[sl * sample..(sl + 1) * sample];
-                        input_tiles(s, xdj, ty, v, ldb, vs, j * tw);
+                        input_tiles(s, xdj, ty, r.tx, v, ldb, vs, r.col);
                     }
                     for (e, ue) in rg.u.iter().enumerate() {
                         let b = &v[e * vs..][..c * ldb];
                         let p = &mut prod[e * ps..][..mr * ldb];
                         sgemm::gemm_rows(ue, b, &offs, n8, p, ldb);
                     }
-                    for j in 0..nr {
-                        let (sl, ty) = ((r0 + j) / th, (r0 + j) % th);
+                    for r in row_spans(b0, nbk, tw) {
+                        let (sl, ty) = (r.row / th, r.row % th);
                         let ys = &mut y[(g0 + sl) * mr * pw..][..mr * pw];
-                        output_tiles(s, prod, mr, ldb, ps, j * tw, ty, ys, bias, relu);
+                        output_tiles(s, prod, mr, ldb, ps, r.col, ty, r.tx, ys, bias, relu);
                     }
-                    r0 += nr;
+                    b0 += nbk;
                 }
                 g0 += gn;
             }
         });
     }
+}
+
+/// Tiles per block for `per_tile` f32s of transformed inputs and products per tile: as many
+/// as [`BLOCK_FLOATS`] holds, in whole [`BLOCK_ALIGN`]s, at least one.
+fn block_tiles(per_tile: usize, tw: usize) -> usize {
+    #[cfg(test)]
+    if ROW_BLOCKS.load(std::sync::atomic::Ordering::Relaxed) {
+        // The earlier rule, for timing A/B runs: whole tile rows, at least 32 tiles.
+        return (BLOCK_FLOATS / per_tile / tw).max(32usize.div_ceil(tw)) * tw;
+    }
+    #[cfg(not(test))]
+    let _ = tw;
+    (BLOCK_FLOATS / per_tile / BLOCK_ALIGN).max(1) * BLOCK_ALIGN
+}
+
+/// Test-only switch back to blocks of whole tile rows, for timing A/B runs.
+#[cfg(test)]
+pub(super) static ROW_BLOCKS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// The part of one tile row that a block holds: tiles `tx` of row `row` (counted over the
+/// group's samples), at block columns `col..`.
+struct RowSpan {
+    row: usize,
+    tx: std::ops::Range<usize>,
+    col: usize,
+}
+
+/// The tile rows (of `tw` tiles) that tiles `b0..b0 + nb` of a group fall in, in order.
+fn row_spans(b0: usize, nb: usize, tw: usize) -> impl Iterator<Item = RowSpan> {
+    let end = b0 + nb;
+    (b0 / tw..end.div_ceil(tw)).map(move |row| {
+        let start = row * tw;
+        let tx = b0.max(start) - start..end.min(start + tw) - start;
+        RowSpan {
+            row,
+            col: start + tx.start - b0,
+            tx,
+        }
+    })
 }
 
 /// The distance (f32s) between two of the 16 planes of `len` f32s that the transforms write
@@ -358,25 +402,36 @@ fn stage(s: &Shape, x: &[f32], xd: &mut [f32]) {
     }
 }
 
-/// `V_e[ci][t0 + tx] = (B^T d B)[e]` for the tiles of tile row `ty` of one staged sample,
-/// every channel. Writes whole 8-lane groups: up to seven lanes past the row's last tile,
-/// which the next row overwrites (rows are written in order) or the block's `L` spare columns
-/// absorb.
-fn input_tiles(s: &Shape, xd: &[f32], ty: usize, v: &mut [f32], ldb: usize, vs: usize, t0: usize) {
+/// `V_e[ci][t0 + j] = (B^T d B)[e]` for tiles `tx.start + j` of tile row `ty` of one staged
+/// sample, every channel. Writes whole 8-lane groups: up to seven lanes past the span's last
+/// tile, which the next span overwrites (spans are written in order) or the block's `L` spare
+/// columns absorb.
+#[allow(clippy::too_many_arguments)]
+fn input_tiles(
+    s: &Shape,
+    xd: &[f32],
+    ty: usize,
+    tx: std::ops::Range<usize>,
+    v: &mut [f32],
+    ldb: usize,
+    vs: usize,
+    t0: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `applies` admitted this plan only where AVX2 and FMA are present.
     unsafe {
-        x86::input_tiles(s, xd, ty, v, ldb, vs, t0)
+        x86::input_tiles(s, xd, ty, tx, v, ldb, vs, t0)
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!(
-        "winograd: applies() is false off x86_64 ({s:?}, {ty}, {ldb}, {vs}, {t0}, {})",
+        "winograd: applies() is false off x86_64 ({s:?}, {ty}, {tx:?}, {ldb}, {vs}, {t0}, {})",
         xd.len() + v.len()
     )
 }
 
-/// `y[co][2ty + a][2tx + b] = (A^T M A)[a][b] + bias[co]` (then ReLU) for the tiles of one
-/// row, every channel of the range, cropped to the output.
+/// `y[co][2ty + a][2tx + b] = (A^T M A)[a][b] + bias[co]` (then ReLU) for tiles `tx` of one
+/// row (product columns `t0..`), every channel of the range, cropped to the output. May also
+/// write the outputs of up to seven tiles past the span, which a later span overwrites.
 #[allow(clippy::too_many_arguments)]
 fn output_tiles(
     s: &Shape,
@@ -386,6 +441,7 @@ fn output_tiles(
     ps: usize,
     t0: usize,
     ty: usize,
+    tx: std::ops::Range<usize>,
     y: &mut [f32],
     bias: Option<&[f32]>,
     relu: bool,
@@ -393,11 +449,11 @@ fn output_tiles(
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as in `input_tiles`.
     unsafe {
-        x86::output_tiles(s, prod, mr, ldb, ps, t0, ty, y, bias, relu)
+        x86::output_tiles(s, prod, mr, ldb, ps, t0, ty, tx, y, bias, relu)
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!(
-        "winograd: applies() is false off x86_64 ({s:?}, {mr}, {ldb}, {ps}, {t0}, {ty}, {}, {bias:?}, {relu})",
+        "winograd: applies() is false off x86_64 ({s:?}, {mr}, {ldb}, {ps}, {t0}, {ty}, {tx:?}, {}, {bias:?}, {relu})",
         prod.len() + y.len()
     )
 }
@@ -430,20 +486,25 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn input_tiles(
         s: &Shape,
         xd: &[f32],
         ty: usize,
+        tx: std::ops::Range<usize>,
         v: &mut [f32],
         ldb: usize,
         vs: usize,
         t0: usize,
     ) {
         let (hp, lw, tw, c) = (s.hp(), s.lw(), s.tw(), s.c);
-        let groups = tw.div_ceil(L);
+        let groups = tx.len().div_ceil(L);
+        let x0 = tx.start;
         // Bounds of every access below: rows 2ty..2ty+3 of each channel's staged plane (each
-        // 2 lw long; a load reads lanes up to lw + (groups - 1) L + 1 + 8 <= 2 lw), and c rows
-        // of each of v's 16 planes (vs apart) at columns t0 .. t0 + groups L.
+        // 2 lw long; a load reads lanes up to lw + x0 + (groups - 1) L + 1 + 8 <= 2 lw, as
+        // x0 + groups L <= tx.end + 7 <= tw + 7 < lw), and c rows of each of v's 16 planes (vs
+        // apart) at columns t0 .. t0 + groups L.
+        assert!(tx.end <= tw && x0 + groups * L < lw, "winograd: tile span");
         assert!(
             2 * ty + 4 <= hp && c * hp * 2 * lw <= xd.len(),
             "winograd: staged input"
@@ -461,7 +522,7 @@ mod x86 {
                     // Row transform of the four input rows: d B, eight tiles per register.
                     let mut rt = [[_mm256_setzero_ps(); 4]; 4];
                     for (i, r) in rt.iter_mut().enumerate() {
-                        let ev = xp.add(base + i * 2 * lw + l0);
+                        let ev = xp.add(base + i * 2 * lw + x0 + l0);
                         let od = ev.add(lw);
                         *r = bt([
                             _mm256_loadu_ps(ev),
@@ -492,13 +553,16 @@ mod x86 {
         ps: usize,
         t0: usize,
         ty: usize,
+        tx: std::ops::Range<usize>,
         y: &mut [f32],
         bias: Option<&[f32]>,
         relu: bool,
     ) {
-        let (tw, ow, oh) = (s.tw(), s.ow, s.oh);
+        let (ow, oh) = (s.ow, s.oh);
         let pw = oh * ow;
-        let groups = tw.div_ceil(L);
+        let groups = tx.len().div_ceil(L);
+        let x0 = tx.start;
+        assert!(tx.end <= s.tw(), "winograd: tile span");
         let rows = if 2 * ty + 1 < oh { 2 } else { 1 };
         assert!(2 * ty < oh && mr * pw <= y.len(), "winograd: output block");
         assert!(
@@ -516,13 +580,14 @@ mod x86 {
             unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) }
         };
         let (pp, yp) = (prod.as_ptr(), y.as_mut_ptr());
-        // Groups right to left: only the last group of a row can run past the row's end, and
-        // unmasked, its spill lands on the next rows' first columns, which are written after it
-        // (this row's group 0 for the next row, later calls for the rows below). A spill that
-        // would leave the plane is masked instead (masked stores are slow on some CPUs).
+        // Groups right to left: only the last group of a span can run past the span's end, and
+        // unmasked, its spill lands on the row's later tiles or the next rows' first columns,
+        // which are written after it (this span's group 0 for the next row, later spans for the
+        // rest). A spill that would leave the plane, or reach columns that an earlier span
+        // wrote, is masked instead (masked stores are slow on some CPUs).
         for l0 in (0..groups * L).step_by(L).rev() {
-            // Output columns 2 l0 .. 2 l0 + 16, of which `cnt` exist.
-            let cnt = (ow - 2 * l0).min(2 * L);
+            // Output columns 2 (x0 + l0) .. + 16, of which `cnt` exist.
+            let cnt = (ow - 2 * (x0 + l0)).min(2 * L);
             let (m0, m1) = (mask(cnt.min(L)), mask(cnt.saturating_sub(L)));
             for co in 0..mr {
                 let bv = _mm256_set1_ps(bias.map_or(0.0, |b| b[co]));
@@ -554,11 +619,14 @@ mod x86 {
                         // Interleave (even, odd) columns: lanes 0-3 then 4-7 of each.
                         let lo = _mm256_unpacklo_ps(ev, od);
                         let hi = _mm256_unpackhi_ps(ev, od);
-                        let out = yp.add(co * pw + (2 * ty + a) * ow + 2 * l0);
+                        let out = yp.add(co * pw + (2 * ty + a) * ow + 2 * (x0 + l0));
                         let first = _mm256_permute2f128_ps::<0x20>(lo, hi);
                         let second = _mm256_permute2f128_ps::<0x31>(lo, hi);
-                        let row_at = (2 * ty + a) * ow + 2 * l0;
-                        if row_at + 2 * L <= pw {
+                        let row_at = (2 * ty + a) * ow + 2 * (x0 + l0);
+                        // Past the row's end, the spill of a span that starts inside the row
+                        // would land on the next output row's first columns, which an earlier
+                        // span wrote: masked.
+                        if row_at + 2 * L <= pw && (x0 == 0 || cnt == 2 * L) {
                             _mm256_storeu_ps(out, first);
                             _mm256_storeu_ps(out.add(L), second);
                         } else {
@@ -568,6 +636,31 @@ mod x86 {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_spans;
+
+    /// The spans of a block are its tiles, in order, each inside one tile row, at consecutive
+    /// block columns from 0: what the transforms' write order and spill rules rely on.
+    #[test]
+    fn row_spans_cover_the_block_in_order() {
+        for tw in [1, 4, 7, 20, 28] {
+            for b0 in [0, 1, 3, 7, 32, 45] {
+                for nb in [1, 8, 32, 33, 64] {
+                    let mut next = b0;
+                    for r in row_spans(b0, nb, tw) {
+                        assert!(!r.tx.is_empty() && r.tx.end <= tw, "{tw} {b0} {nb}");
+                        assert_eq!(r.row * tw + r.tx.start, next, "{tw} {b0} {nb}");
+                        assert_eq!(r.col, next - b0, "{tw} {b0} {nb}");
+                        next += r.tx.len();
+                    }
+                    assert_eq!(next, b0 + nb, "{tw} {b0} {nb}");
                 }
             }
         }
