@@ -758,9 +758,17 @@ fn fast_paths_match_reference() {
         // asymmetric pads with odd sizes
         ([1, 3, 30, 26], [64, 3, 7, 7], conv(2, [3; 4], 1, 1)),
         ([2, 2, 17, 19], [48, 2, 3, 3], conv(2, [1, 0, 2, 1], 1, 1)),
-        // an im2col block too large to make in one piece (147 x 3600): made and multiplied
-        // 14 output rows at a time, the last chunk short
-        ([1, 3, 120, 120], [8, 3, 7, 7], conv(2, [3; 4], 1, 1)),
+        // an im2col block too large to make in one piece (147 x 1600, stride 3): made and
+        // multiplied a few output rows at a time, the last chunk short
+        ([1, 3, 120, 120], [8, 3, 7, 7], conv(3, [3; 4], 1, 1)),
+        // the stride-2 direct path on phase planes: odd sizes, asymmetric pads (an odd top and
+        // left pad change which phase a row or column lands in), a 5x5 kernel with groups, a
+        // 2x2 kernel without padding, and ResNet's 3x3 downsampling shape in small
+        ([2, 5, 15, 17], [24, 5, 3, 3], conv(2, [1; 4], 1, 1)),
+        ([1, 3, 16, 13], [20, 3, 3, 3], conv(2, [0, 1, 2, 0], 1, 1)),
+        ([2, 6, 12, 11], [12, 3, 5, 5], conv(2, [2, 1, 2, 2], 1, 2)),
+        ([1, 4, 10, 10], [16, 4, 2, 2], conv(2, [0; 4], 1, 1)),
+        ([1, 16, 14, 14], [32, 16, 3, 3], conv(2, [1; 4], 1, 1)),
     ];
     let acts = [Unary::Relu, Unary::LeakyRelu { alpha: 0.1 }, Unary::Tanh];
     for b in backends() {
@@ -1342,6 +1350,7 @@ fn model_timing() {
         "lanegemm" => &super::lanes::NO_LANE_GEMM,
         "rowblocks" => &super::winograd::ROW_BLOCKS,
         "twochunks" => &super::conv::TWO_CHUNKS,
+        "phases" => &super::conv::NO_PHASES,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")
