@@ -1351,6 +1351,7 @@ fn model_timing() {
         "rowblocks" => &super::winograd::ROW_BLOCKS,
         "twochunks" => &super::conv::TWO_CHUNKS,
         "phases" => &super::conv::NO_PHASES,
+        "mintiles" => &super::winograd::OLD_MIN_TILES,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")
