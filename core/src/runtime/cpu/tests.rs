@@ -1207,7 +1207,7 @@ fn conv_timing() {
         .unwrap_or(1);
     let b = CpuBackend::new(Some(threads));
     // (x shape, w shape, pad, stride)
-    let cases: [([usize; 4], [usize; 4], usize, usize); 15] = [
+    let cases: [([usize; 4], [usize; 4], usize, usize); 18] = [
         ([64, 16, 14, 14], [32, 16, 3, 3], 1, 1),
         ([4, 16, 14, 14], [32, 16, 3, 3], 1, 1),
         ([2, 16, 14, 14], [32, 16, 3, 3], 1, 1),
@@ -1224,6 +1224,10 @@ fn conv_timing() {
         ([4, 64, 56, 56], [128, 64, 3, 3], 1, 2),
         ([4, 128, 28, 28], [256, 128, 3, 3], 1, 2),
         ([4, 256, 14, 14], [512, 256, 3, 3], 1, 2),
+        // its 1x1 / stride-2 downsampling convolutions
+        ([4, 64, 56, 56], [128, 64, 1, 1], 0, 2),
+        ([4, 128, 28, 28], [256, 128, 1, 1], 0, 2),
+        ([4, 256, 14, 14], [512, 256, 1, 1], 0, 2),
     ];
     let set = |mode: usize| {
         super::conv::FORCE_NO_WINOGRAD.store(mode == 1, Ordering::Relaxed);
