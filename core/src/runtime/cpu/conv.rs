@@ -469,9 +469,11 @@ impl Direct {
             }
         }
         let wide = (gm.oh - 1) * wq + gm.ow;
-        // The last tap's reads end inside the last phase plane (`2 (ow - 1) + kw <= wp`), but
-        // the wide product's last row starts past a plane's end for the last channel's taps.
-        let end = offs.last().copied().unwrap_or(0) + wide;
+        // Every tap's reads stay inside its phase plane (rows `oy + ky / 2 < hq`, columns
+        // `ox + kx / 2 < wq`); the furthest read (the offsets are not in increasing order: the
+        // phase varies fastest) bounds the buffer all the same, so `gemm_rows`'s bounds hold
+        // whatever the geometry.
+        let end = offs.iter().max().copied().unwrap_or(0) + wide;
         let total = (gm.cg * plane).max(end);
         if total > PHASES_MAX_FLOATS {
             return None;
