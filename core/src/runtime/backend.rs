@@ -409,6 +409,18 @@ pub trait Backend: Send + Sync {
     ) -> Tensor<Self>;
     /// NumPy broadcasting; output shape is the broadcast of both.
     fn binary(&self, op: Binary, a: &Tensor<Self>, b: &Tensor<Self>) -> Tensor<Self>;
+    /// `act(binary(a, b))`: the executor's inference-only fusion of an elementwise Binary and
+    /// the activation that is its only consumer (a residual block's Add and ReLU), so a backend
+    /// can make one pass over the data instead of two, with one output instead of two.
+    fn binary_act(
+        &self,
+        op: Binary,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        act: Unary,
+    ) -> Tensor<Self> {
+        self.unary(act, &self.binary(op, a, b))
+    }
     /// Sum `x` down to `shape` over broadcast axes (adjoint of [`Backend::broadcast_to`]).
     fn reduce_sum_to(&self, x: &Tensor<Self>, shape: &[usize]) -> Tensor<Self>;
 

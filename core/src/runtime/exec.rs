@@ -7,7 +7,7 @@
 //! `runtime::shape`, the same code import validated the model with.
 
 use super::autodiff;
-use super::backend::{Backend, LossTargets, ReduceOp, Tensor, Unary};
+use super::backend::{Backend, Binary, LossTargets, ReduceOp, Tensor, Unary};
 use super::ir::{Graph, Node, Op, ReshapeRule, ValueId, ValueKind};
 use super::loss::{self, LossSpec};
 use super::shape::{self, ShapeError};
@@ -211,10 +211,10 @@ impl<B: Backend> Model<B> {
             vals[p.value] = Some(self.params[i].clone());
         }
         let last_use = if keep_all { Vec::new() } else { last_uses(g) };
-        let fuse = if keep_all {
-            Vec::new()
+        let (fuse, binary_acts) = if keep_all {
+            (Vec::new(), Vec::new())
         } else {
-            conv_act_fusions(g)
+            (conv_act_fusions(g), binary_act_fusions(g))
         };
         let mut skip = 0;
         for (ni, node) in g.nodes.iter().enumerate() {
@@ -235,6 +235,12 @@ impl<B: Backend> Model<B> {
                     .map_err(|e| e.at_node(&node.name))?;
                 vals[last.output] = Some(y);
                 skip = f.covers();
+            } else if let (Op::Binary(op), Some(&Some(act))) = (&node.op, binary_acts.get(ni)) {
+                let next = &g.nodes[ni + 1];
+                let y =
+                    forward_binary_act(b, *op, &ins, n, act).map_err(|e| e.at_node(&node.name))?;
+                vals[next.output] = Some(y);
+                skip = 1;
             } else {
                 let y = forward_op(b, &node.op, &ins, n).map_err(|e| e.at_node(&node.name))?;
                 vals[node.output] = Some(y);
@@ -455,12 +461,7 @@ impl ConvFusion {
 /// activation's output in turn feeds only the next node, a Pool, and is not a graph output,
 /// the three run as one [`Backend::conv2d_act_pool`].
 pub(crate) fn conv_act_fusions(g: &Graph) -> Vec<Option<ConvFusion>> {
-    let mut uses = vec![0usize; g.values.len()];
-    for n in &g.nodes {
-        for &i in &n.inputs {
-            uses[i] += 1;
-        }
-    }
+    let uses = value_uses(g);
     // `next` reads only `node`'s output, nothing else reads it, and it is not a graph output.
     let only_consumer = |node: &Node, next: &Node| {
         next.inputs == [node.output] && uses[node.output] == 1 && !g.outputs.contains(&node.output)
@@ -481,6 +482,64 @@ pub(crate) fn conv_act_fusions(g: &Graph) -> Vec<Option<ConvFusion>> {
             }
         })
         .collect()
+}
+
+/// Inference-only fusions: `Some(act)` at a Binary node whose output feeds only the very next
+/// node, an elementwise activation `act`, and is not a graph output: a residual block's Add and
+/// ReLU, which then run as one [`Backend::binary_act`] (one pass over the data, not two).
+pub(crate) fn binary_act_fusions(g: &Graph) -> Vec<Option<Unary>> {
+    #[cfg(test)]
+    if NO_BINARY_ACT.load(std::sync::atomic::Ordering::Relaxed) {
+        return Vec::new();
+    }
+    let uses = value_uses(g);
+    g.nodes
+        .iter()
+        .enumerate()
+        .map(|(ni, node)| {
+            let next = g.nodes.get(ni + 1)?;
+            match (&node.op, &next.op) {
+                (Op::Binary(_), Op::Unary(act))
+                    if next.inputs == [node.output]
+                        && uses[node.output] == 1
+                        && !g.outputs.contains(&node.output) =>
+                {
+                    Some(*act)
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Test-only switch off the Binary + activation fusion, for the timing tool's A/B runs.
+#[cfg(test)]
+pub(crate) static NO_BINARY_ACT: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// How many node inputs read each value.
+fn value_uses(g: &Graph) -> Vec<usize> {
+    let mut uses = vec![0usize; g.values.len()];
+    for n in &g.nodes {
+        for &i in &n.inputs {
+            uses[i] += 1;
+        }
+    }
+    uses
+}
+
+/// A Binary node followed by `act`, validated like [`forward_op`] validates the Binary alone
+/// (an elementwise activation keeps the shape).
+fn forward_binary_act<B: Backend>(
+    b: &B,
+    op: Binary,
+    ins: &[&Tensor<B>],
+    n: usize,
+    act: Unary,
+) -> Result<Tensor<B>, ShapeError> {
+    let shapes: Vec<&[usize]> = ins.iter().map(|t| t.shape.as_slice()).collect();
+    shape::infer(&Op::Binary(op), &shapes, n)?;
+    Ok(b.binary_act(op, ins[0], ins[1], act))
 }
 
 /// A Conv node followed by `act`, validated like [`forward_op`] validates the Conv alone (an

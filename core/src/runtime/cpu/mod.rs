@@ -433,6 +433,29 @@ impl Backend for CpuBackend {
         self.wrap(data, &shape)
     }
 
+    fn binary_act(
+        &self,
+        op: Binary,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        act: Unary,
+    ) -> Tensor<Self> {
+        // Same shapes (a residual Add): one pass, each element as the two ops compute it.
+        // Anything broadcast keeps the two passes.
+        if a.shape != b.shape {
+            return self.unary(act, &self.binary(op, a, b));
+        }
+        let (x, y) = (&a.buf[..a.len()], &b.buf[..b.len()]);
+        let data = match (op, act) {
+            // Monomorphised for the common pair, so the loop vectorises.
+            (Binary::Add, Unary::Relu) => self.map2(x, y, |u, v| (u + v).max(0.0)),
+            _ => self.map2(x, y, move |u, v| {
+                ops::unary_f32(act, ops::binary_f32(op, u, v))
+            }),
+        };
+        self.wrap(data, &a.shape)
+    }
+
     fn reduce_sum_to(&self, x: &Tensor<Self>, shape: &[usize]) -> Tensor<Self> {
         if x.shape == shape {
             return x.clone();

@@ -1271,7 +1271,7 @@ pub(super) fn unary_derivative_f32(op: Unary, x: f32, y: f32) -> f32 {
 }
 
 #[inline(always)]
-fn binary_f32(op: Binary, a: f32, b: f32) -> f32 {
+pub(super) fn binary_f32(op: Binary, a: f32, b: f32) -> f32 {
     match op {
         Binary::Add => a + b,
         Binary::Sub => a - b,

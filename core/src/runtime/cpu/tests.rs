@@ -1151,20 +1151,21 @@ fn recycled_buffers_do_not_leak_stale_values() {
     }
 }
 
-/// The executor's inference-only Conv + activation (+ Pool) fusions: they fire on the test
-/// models that have the patterns, and the fused forward equals the unfused (taped) run (as
+/// The executor's inference-only Conv + activation (+ Pool) and Binary + activation fusions:
+/// they fire on the test models that have the patterns, and the fused forward equals the unfused (taped) run (as
 /// floats: a fused ReLU + max pooling may give a zero of the other sign).
 #[test]
 fn fused_inference_equals_taped_forward() {
-    use crate::runtime::exec::{Model, conv_act_fusions};
+    use crate::runtime::exec::{Model, binary_act_fusions, conv_act_fusions};
     let (_, models) = crate::runtime::graph_tests::models();
-    let (mut fused_any, mut pooled_any) = (false, false);
+    let (mut fused_any, mut pooled_any, mut binary_any) = (false, false, false);
     for b in backends() {
         for m in models {
             let graph = crate::runtime::onnx::load(&m.path).expect("import");
             let fusions = conv_act_fusions(&graph);
             fused_any |= fusions.iter().any(Option::is_some);
             pooled_any |= fusions.iter().flatten().any(|f| f.pool);
+            binary_any |= binary_act_fusions(&graph).iter().any(Option::is_some);
             let model = Model::new(&b, graph);
             let mut shape = m.input_shape.clone();
             shape[0] = 3;
@@ -1190,6 +1191,10 @@ fn fused_inference_equals_taped_forward() {
     assert!(
         pooled_any,
         "no test model has a fusable Conv -> activation -> Pool"
+    );
+    assert!(
+        binary_any,
+        "no test model has a fusable Binary -> activation (a residual Add -> ReLU)"
     );
 }
 
@@ -1340,6 +1345,7 @@ fn model_timing() {
             std::hint::black_box(b.download(&o[0]));
         }
     };
+    static NO_SWITCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     // `ADVERSE_TIMING_AB=strip`: alternate the GEMM's strip copy instead of the instruction set.
     let ab = std::env::var("ADVERSE_TIMING_AB").unwrap_or_default();
     let flag: &std::sync::atomic::AtomicBool = match ab.as_str() {
@@ -1356,6 +1362,9 @@ fn model_timing() {
         "twochunks" => &super::conv::TWO_CHUNKS,
         "phases" => &super::conv::NO_PHASES,
         "mintiles" => &super::winograd::OLD_MIN_TILES,
+        // Both sides the same: for profiling the default paths alone.
+        "none" => &NO_SWITCH,
+        "binact" => &crate::runtime::exec::NO_BINARY_ACT,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")
@@ -1380,4 +1389,44 @@ fn model_timing() {
         best[1] * 1e3,
         batch as f64 / best[1]
     );
+}
+
+/// `binary_act` is `unary(act, binary(op, a, b))` element for element: the one-pass Add + ReLU,
+/// the generic one-pass body for other pairs, and the two-pass fallback under broadcasting
+/// (bit-equal: each element goes through the same two float operations).
+#[test]
+fn binary_act_equals_binary_then_unary() {
+    use crate::runtime::backend::Binary;
+    let pairs = [
+        (Binary::Add, Unary::Relu),
+        (Binary::Sub, Unary::LeakyRelu { alpha: 0.1 }),
+        (Binary::Mul, Unary::Sigmoid),
+        (Binary::Max, Unary::Tanh),
+    ];
+    let shapes: [(&[usize], &[usize]); 3] = [
+        (&[2, 3, 5, 7], &[2, 3, 5, 7]),
+        (&[2, 3, 5, 7], &[1, 3, 1, 1]),
+        (&[4, 9], &[1]),
+    ];
+    for b in backends() {
+        for (ash, bsh) in shapes {
+            let x = up(&b, &RefTensor::random(ash, 3));
+            let y = up(&b, &RefTensor::random(bsh, 4));
+            for (op, act) in pairs {
+                let got = b.binary_act(op, &x, &y, act);
+                let want = b.unary(act, &b.binary(op, &x, &y));
+                assert_eq!(got.shape, want.shape, "{op:?} {act:?} {ash:?} {bsh:?}");
+                assert_eq!(
+                    b.download(&got),
+                    b.download(&want),
+                    "{op:?} {act:?} {ash:?} {bsh:?} [{}]",
+                    b.describe()
+                );
+                // It could fail: ReLU zeroes some of these sums.
+                if op == Binary::Add && act == Unary::Relu && ash == bsh {
+                    assert!(b.download(&got).contains(&0.0));
+                }
+            }
+        }
+    }
 }
