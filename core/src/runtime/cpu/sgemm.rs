@@ -10,8 +10,8 @@
 //! contiguous line) and the right operand is read where it lies; a 6 x 16 block of the product
 //! lives in twelve registers through the whole reduction (blocked by [`KC`] so that the right
 //! operand's strip stays in L1); with AVX-512, a 12 x 32 block (two panels) in twenty-four,
-//! and a strip that many panels read is first copied to a contiguous buffer (see
-//! [`STRIP_COPY_PANELS`]).
+//! and a strip that many panels read, from rows far apart, is first copied to a contiguous
+//! buffer (see [`STRIP_COPY_PANELS`] and [`STRIP_NEAR_BYTES`]).
 //!
 //! Determinism: every output element is reduced in increasing `k` order (one fused
 //! multiply-add per step, KC blocks in order), independent of threads and of the position of
@@ -31,6 +31,14 @@ const MC_PANELS: usize = 16;
 /// register of `b`, which 4 panel pairs amortise (measured: 6 panels, the demo CNN's 32 x 222
 /// x 144 product, lost 8% to it; 11 panels, ResNet-18's 64 x 3136 x 576, gained 1.4x).
 const STRIP_COPY_PANELS: usize = 8;
+/// Widest span (bytes, from the first float of a reduction block's nearest row of `b` to the
+/// end of its furthest) whose strips are read in place rather than copied: one L1's worth.
+/// Rows that close together cannot crowd a few L1 sets the way rows a multiple of 1 KiB apart
+/// in a large matrix do, so the copy only costs. Measured in a standalone copy of this kernel
+/// (one thread, alternating runs): the Winograd products (16 products of c x c x 32 tiles, rows
+/// of `b` 40 floats apart) rose from 90-96 to 95-105 GFLOP/s at 64 channels, 90-99 to 104-105
+/// at 128, 94-102 to 108-111 at 256 and 80-84 to 86-92 at 512.
+const STRIP_NEAR_BYTES: usize = 32 << 10;
 /// Longest reduction block: a `KC x 32` strip of the right operand (the AVX-512 kernel's;
 /// 16 KiB) stays in L1 beside the panels' lines. At 256 (a 32 KiB strip, all of L1) the
 /// products with long reductions ran 10-20% slower (ResNet's 256 x 196 x 2304: 86 against 102
@@ -227,6 +235,19 @@ pub(crate) static FORCE_AVX2: std::sync::atomic::AtomicBool =
 #[cfg(test)]
 pub(crate) static NO_STRIP: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
+/// Test-only switch to copying strips however close their rows (the earlier rule), for the
+/// timing tool's A/B runs.
+#[cfg(test)]
+pub(crate) static COPY_NEAR: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+/// Whether a test switched [`COPY_NEAR`] on (always false outside tests).
+fn copy_near() -> bool {
+    #[cfg(test)]
+    return COPY_NEAR.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    false
+}
+
 /// Whether a test turned the strip copy off (always false outside tests).
 fn no_strip() -> bool {
     #[cfg(test)]
@@ -597,15 +618,17 @@ mod x86 {
             }
             o
         };
-        // Allocated (and zeroed) only where a strip is copied: small products call this often.
+        // Allocated (and zeroed) at the first strip copied: small products call this often.
         let mut strip = Vec::new();
         let copy = panels.min(MC_PANELS) >= super::STRIP_COPY_PANELS && !super::no_strip();
-        if copy {
-            strip = vec![0.0f32; KC_ALLOC.min(k) * NR5];
-        }
         for (t0, kc) in super::k_blocks(k) {
             let acc = t0 > 0;
             let rows_off = &offs[t0..t0 + kc];
+            let far = {
+                let lo = rows_off.iter().min().copied().unwrap_or(0);
+                let hi = rows_off.iter().max().copied().unwrap_or(0);
+                (hi - lo + NR5) * 4 > super::STRIP_NEAR_BYTES || super::copy_near()
+            };
             for p0 in (0..panels).step_by(MC_PANELS) {
                 let p1 = panels.min(p0 + MC_PANELS);
                 for j0 in (0..n).step_by(NR5) {
@@ -617,7 +640,10 @@ mod x86 {
                     // it: rows of `b` whose distance is a multiple of 1 KiB or so (an im2col
                     // matrix of 3136 or 12544 columns) fall into a few L1 sets, and re-reading
                     // them from L2 stalled the kernel (31 against 60 GFLOP/s).
-                    let (bsrc, boffs) = if copy && p1 - p0 >= super::STRIP_COPY_PANELS {
+                    let (bsrc, boffs) = if copy && far && p1 - p0 >= super::STRIP_COPY_PANELS {
+                        if strip.is_empty() {
+                            strip = vec![0.0f32; KC_ALLOC.min(k) * NR5];
+                        }
                         for (i, &o) in rows_off.iter().enumerate() {
                             // SAFETY: row `o` holds `nb` floats from `j0` (the caller's bounds);
                             // the strip buffer holds KC_ALLOC rows of NR5.
@@ -938,9 +964,9 @@ mod tests {
             (6, 64, 20),
             (13, 129, 17),
             (7, 838, 9),
-            // Eight panels and more: the AVX-512 kernel copies each strip of `b` first (full
-            // and masked registers, two KC blocks; 100 rows: a second row block of 1 panel
-            // reads `b` in place).
+            // Eight panels and more: the AVX-512 kernel copies each strip of `b` first where
+            // the rows are far apart (the second `ldb` below; full and masked registers, two
+            // KC blocks; 100 rows: a second row block of 1 panel reads `b` in place).
             (50, 45, 300),
             (100, 17, 70),
             (48, 32, 5),
@@ -954,29 +980,33 @@ mod tests {
             (14, 16, 6),
             (15, 20, 11),
         ] {
-            let (ldb, ldc) = (n + 3, n + 1);
-            let (a, b) = (operand(m * k, 0), operand(k * ldb, 1));
-            let pa = PackedA::new(m, k, &a, k, 1);
-            let offs: Vec<usize> = (0..k).map(|t| t * ldb).collect();
-            // Both instruction sets where the CPU has AVX-512 (the same code twice elsewhere);
-            // they reduce in the same order, so their results are identical.
-            let mut outs = Vec::new();
-            for wide in [false, true] {
-                let mut c = vec![f32::NAN; m * ldc];
-                gemm_rows_isa(&pa, &b, &offs, n, &mut c, ldc, wide);
-                assert_product(&c, ldc, (m, n, k), |i, j| {
-                    (0..k)
-                        .map(|t| a[i * k + t] as f64 * b[t * ldb + j] as f64)
-                        .sum()
-                });
-                outs.push(c);
+            // Rows of `b` near each other (read in place) and far apart (copied strip by strip
+            // where there are enough panels: see STRIP_NEAR_BYTES).
+            for ldb in [n + 3, n + 300] {
+                let ldc = n + 1;
+                let (a, b) = (operand(m * k, 0), operand(k * ldb, 1));
+                let pa = PackedA::new(m, k, &a, k, 1);
+                let offs: Vec<usize> = (0..k).map(|t| t * ldb).collect();
+                // Both instruction sets where the CPU has AVX-512 (the same code twice elsewhere);
+                // they reduce in the same order, so their results are identical.
+                let mut outs = Vec::new();
+                for wide in [false, true] {
+                    let mut c = vec![f32::NAN; m * ldc];
+                    gemm_rows_isa(&pa, &b, &offs, n, &mut c, ldc, wide);
+                    assert_product(&c, ldc, (m, n, k), |i, j| {
+                        (0..k)
+                            .map(|t| a[i * k + t] as f64 * b[t * ldb + j] as f64)
+                            .sum()
+                    });
+                    outs.push(c);
+                }
+                let bits = |c: &[f32]| c.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&outs[0]),
+                    bits(&outs[1]),
+                    "{m}x{n}x{k}: AVX2 vs AVX-512"
+                );
             }
-            let bits = |c: &[f32]| c.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(&outs[0]),
-                bits(&outs[1]),
-                "{m}x{n}x{k}: AVX2 vs AVX-512"
-            );
         }
     }
 
