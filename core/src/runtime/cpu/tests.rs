@@ -1364,6 +1364,8 @@ fn model_timing() {
         "mintiles" => &super::winograd::OLD_MIN_TILES,
         // Both sides the same: for profiling the default paths alone.
         "none" => &NO_SWITCH,
+        "winorows" => &super::winograd::UNALIGNED_ROWS,
+        "unaligned" => &super::sgemm::UNALIGNED_STRIP,
         "copynear" => &super::sgemm::COPY_NEAR,
         "binact" => &crate::runtime::exec::NO_BINARY_ACT,
         _ => &super::sgemm::FORCE_AVX2,
