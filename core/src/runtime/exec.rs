@@ -462,10 +462,7 @@ impl ConvFusion {
 /// the three run as one [`Backend::conv2d_act_pool`].
 pub(crate) fn conv_act_fusions(g: &Graph) -> Vec<Option<ConvFusion>> {
     let uses = value_uses(g);
-    // `next` reads only `node`'s output, nothing else reads it, and it is not a graph output.
-    let only_consumer = |node: &Node, next: &Node| {
-        next.inputs == [node.output] && uses[node.output] == 1 && !g.outputs.contains(&node.output)
-    };
+    let only_consumer = |node: &Node, next: &Node| only_consumer(g, &uses, node, next);
     g.nodes
         .iter()
         .enumerate()
@@ -499,11 +496,7 @@ pub(crate) fn binary_act_fusions(g: &Graph) -> Vec<Option<Unary>> {
         .map(|(ni, node)| {
             let next = g.nodes.get(ni + 1)?;
             match (&node.op, &next.op) {
-                (Op::Binary(_), Op::Unary(act))
-                    if next.inputs == [node.output]
-                        && uses[node.output] == 1
-                        && !g.outputs.contains(&node.output) =>
-                {
+                (Op::Binary(_), Op::Unary(act)) if only_consumer(g, &uses, node, next) => {
                     Some(*act)
                 }
                 _ => None,
@@ -516,6 +509,12 @@ pub(crate) fn binary_act_fusions(g: &Graph) -> Vec<Option<Unary>> {
 #[cfg(test)]
 pub(crate) static NO_BINARY_ACT: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
+
+/// `next` reads only `node`'s output, nothing else reads it (`uses`: [`value_uses`]), and it is
+/// not a graph output: what a fusion needs to never write `node`'s output.
+fn only_consumer(g: &Graph, uses: &[usize], node: &Node, next: &Node) -> bool {
+    next.inputs == [node.output] && uses[node.output] == 1 && !g.outputs.contains(&node.output)
+}
 
 /// How many node inputs read each value.
 fn value_uses(g: &Graph) -> Vec<usize> {
