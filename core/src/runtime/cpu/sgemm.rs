@@ -249,15 +249,21 @@ fn copy_near() -> bool {
 }
 
 /// Floats from `p` to the next 64-byte boundary (0 to 15), where a register's load or store
-/// touches one cache line, not two: the strip copy's rows start there. Measured in a standalone
-/// copy of this kernel, on Winograd-shaped products with rows of `b` 48 floats apart: 121-128
-/// GFLOP/s with the rows on line boundaries, 90-103 with them 32 bytes off.
-fn line_lead(p: *const f32) -> usize {
+/// touches one cache line, not two. Measured in a standalone copy of this kernel, on
+/// Winograd-shaped products with rows of `b` 48 floats apart: 121-128 GFLOP/s with the rows on
+/// line boundaries, 90-103 with them 32 bytes off.
+pub(super) fn line_lead(p: *const f32) -> usize {
+    (16 - (p as usize / 4) % 16) % 16
+}
+
+/// Where the strip copy's rows start in a buffer at `p`: on a line ([`line_lead`]), unless a
+/// timing A/B run switched that off.
+fn strip_lead(p: *const f32) -> usize {
     #[cfg(test)]
     if UNALIGNED_STRIP.load(std::sync::atomic::Ordering::Relaxed) {
         return 0;
     }
-    (16 - (p as usize / 4) % 16) % 16
+    line_lead(p)
 }
 
 /// Test-only switch to strips wherever the allocator puts them, for the timing tool's A/B runs.
@@ -642,7 +648,8 @@ mod x86 {
         for (t0, kc) in super::k_blocks(k) {
             let acc = t0 > 0;
             let rows_off = &offs[t0..t0 + kc];
-            let far = {
+            // Only looked at where a strip may be copied: small products call this often.
+            let far = copy && {
                 let lo = rows_off.iter().min().copied().unwrap_or(0);
                 let hi = rows_off.iter().max().copied().unwrap_or(0);
                 (hi - lo + NR5) * 4 > super::STRIP_NEAR_BYTES || super::copy_near()
@@ -658,11 +665,11 @@ mod x86 {
                     // it: rows of `b` whose distance is a multiple of 1 KiB or so (an im2col
                     // matrix of 3136 or 12544 columns) fall into a few L1 sets, and re-reading
                     // them from L2 stalled the kernel (31 against 60 GFLOP/s).
-                    let (bsrc, boffs) = if copy && far && p1 - p0 >= super::STRIP_COPY_PANELS {
+                    let (bsrc, boffs) = if far && p1 - p0 >= super::STRIP_COPY_PANELS {
                         if strip.is_empty() {
                             // A register's worth more, to start the rows on a 64-byte line.
                             strip = vec![0.0f32; KC_ALLOC.min(k) * NR5 + W];
-                            lead = super::line_lead(strip.as_ptr());
+                            lead = super::strip_lead(strip.as_ptr());
                         }
                         for (i, &o) in rows_off.iter().enumerate() {
                             // SAFETY: row `o` holds `nb` floats from `j0` (the caller's bounds);

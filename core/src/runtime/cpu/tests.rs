@@ -1152,8 +1152,9 @@ fn recycled_buffers_do_not_leak_stale_values() {
 }
 
 /// The executor's inference-only Conv + activation (+ Pool) and Binary + activation fusions:
-/// they fire on the test models that have the patterns, and the fused forward equals the unfused (taped) run (as
-/// floats: a fused ReLU + max pooling may give a zero of the other sign).
+/// they fire on the test models that have the patterns, and the fused forward equals the
+/// unfused (taped) run (as floats: a fused ReLU + max pooling may give a zero of the other
+/// sign).
 #[test]
 fn fused_inference_equals_taped_forward() {
     use crate::runtime::exec::{Model, binary_act_fusions, conv_act_fusions};
@@ -1425,7 +1426,8 @@ fn binary_act_equals_binary_then_unary() {
                     "{op:?} {act:?} {ash:?} {bsh:?} [{}]",
                     b.describe()
                 );
-                // It could fail: ReLU zeroes some of these sums.
+                // The ReLU clamps some of these sums, so the one-pass loop's clamp is
+                // compared too.
                 if op == Binary::Add && act == Unary::Relu && ash == bsh {
                     assert!(b.download(&got).contains(&0.0));
                 }

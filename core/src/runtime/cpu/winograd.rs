@@ -281,7 +281,7 @@ impl Plan {
             xd.fill(0.0);
             // The planes start on a 64-byte line (their strides are whole lines).
             let lead = if aligned_rows() {
-                (16 - (rest.as_ptr() as usize / 4) % 16) % 16
+                sgemm::line_lead(rest.as_ptr())
             } else {
                 0
             };
