@@ -452,7 +452,7 @@ impl Direct {
             || gm.kh < 2
             || gm.kw < 2
             || pooled
-            || lanes::applies_strided(gm.mg, gm.p.stride)
+            || strided_chunk(gm).is_some()
         {
             return None;
         }
@@ -615,15 +615,22 @@ impl Direct {
 
 /// `xpad`: the (sample, group) block `xg` in padded planes of `plane` floats with rows `wp`
 /// apart (the top and left padding before each plane's first row and column), zeros around.
+///
+/// Every float is written once, rows in order (a fill then a copy of each row moved the
+/// buffer twice: 13% of a ResNet-18 3x3 / stride-2 layer, whose padded input is 3.4 MB).
 fn pad_planes(gm: &Geom, xg: &[f32], xpad: &mut [f32], plane: usize, wp: usize) {
-    xpad.fill(0.0);
     let [pt, pl, _, _] = gm.p.pad;
+    let mut at = 0;
     for ci in 0..gm.cg {
+        let p0 = ci * plane;
         for iy in 0..gm.h {
-            let src = &xg[(ci * gm.h + iy) * gm.w..][..gm.w];
-            xpad[ci * plane + (iy + pt) * wp + pl..][..gm.w].copy_from_slice(src);
+            let start = p0 + (iy + pt) * wp + pl;
+            xpad[at..start].fill(0.0);
+            xpad[start..start + gm.w].copy_from_slice(&xg[(ci * gm.h + iy) * gm.w..][..gm.w]);
+            at = start + gm.w;
         }
     }
+    xpad[at..].fill(0.0);
 }
 
 /// `xpad`: the block `xg` zero-padded and split into phase planes of `pq` floats with rows
@@ -666,56 +673,36 @@ fn tap_offsets(gm: &Geom, plane: usize, wp: usize) -> Vec<usize> {
     offs
 }
 
-/// Output rows of a strided convolution on the lane kernel transposed together: the
-/// transpose writes every channel's plane, and a row at a time (64 planes, 448 bytes each)
-/// ran the stem's copy-out at a third of the product's speed; 8 rows took the stem from 12.4 to
-/// 9.7 ms at batch 4 (16 rows: 9.7).
-const STRIDED_ROWS: usize = 8;
+/// Largest padded input (f32s, all samples) of a stride-2 convolution on the lane kernel
+/// (64 MiB); larger ones take the im2col path.
+const STRIDED_MAX_FLOATS: usize = 16 << 20;
 
-/// Largest padded input block (f32s) of a strided convolution on the lane kernel (16 MiB);
-/// larger ones take the im2col path.
-const STRIDED_MAX_FLOATS: usize = 4 << 20;
+/// Most output positions [`CpuBackend::strided_forward`] passes through the product at once:
+/// 1020 positions of 64 channels (255 KiB) stay in L2, which holds the partial sums between
+/// reduction blocks, beside the input. Smaller planes stack several samples (ResNet-18's
+/// 256 -> 512 layer: four samples of 7 x 7, 4.1 against 4.6 ms at batch 4 one sample at a time,
+/// whose 49 positions each pass every block of weights); larger ones go a few rows at a time
+/// (its stem: 9 rows of 112).
+const STRIDED_POSITIONS: usize = 1020;
 
-/// `yb (mg x oh*ow) = act(w_g * x_g + bias)` for one (sample, group) block of a strided
-/// convolution, on the lane kernel: each output row's product (positions `stride` input
-/// columns apart, read in place from the padded planes), then [`STRIDED_ROWS`] rows at a time
-/// transposed into the planes with the bias and a ReLU (other activations after). No im2col
-/// matrix: the stem of ResNet-18 made 7.4 MB of it per sample.
-fn strided_lanes(
-    gm: &Geom,
-    a: &lanes::LanePacked,
-    xg: &[f32],
-    yb: &mut [f32],
-    bias: Option<&[f32]>,
-    act: Option<Unary>,
-) {
-    let [sh, sw] = gm.p.stride;
+/// The output channels per chunk with which [`CpuBackend::strided_forward`] takes a
+/// convolution (see [`lanes::strided_chunk`]), if it does: every stride-2 convolution of 48 or
+/// 64 channels a chunk (any padding, dilation or groups) whose padded input fits
+/// [`STRIDED_MAX_FLOATS`], except 1x1 kernels. Those read one input value in four, each step
+/// from another plane: with the input out of cache (as in a model), ResNet-18's 1x1 /
+/// stride-2 layers took 1.76 / 1.49 / 0.81 ms here against 1.41 / 0.86 / 0.93 ms subsampled
+/// into a matrix for the panel kernel (batch 4, one core).
+fn strided_chunk(gm: &Geom) -> Option<usize> {
     let (hp, wp) = gm.padded_hw();
-    let plane = hp * wp;
-    let offs = tap_offsets(gm, plane, wp);
-    let np = a.padded(gm.ow);
-    // A row's whole blocks read up to `np` positions from its first: zeros past the planes.
-    let max_off = offs.last().copied().unwrap_or(0);
-    let xlen = (gm.cg * plane).max((gm.oh - 1) * sh * wp + max_off + sw * (np - 1) + 1);
-    let pw = gm.p_out();
-    let relu = act == Some(Unary::Relu);
-    let rows = STRIDED_ROWS.min(gm.oh.max(1));
-    with_scratch(xlen + rows * np * a.ld(), |buf| {
-        let (xpad, yrows) = buf.split_at_mut(xlen);
-        pad_planes(gm, xg, xpad, plane, wp);
-        for r0 in (0..gm.oh).step_by(rows) {
-            let r1 = (r0 + rows).min(gm.oh);
-            for oy in r0..r1 {
-                let yrow = &mut yrows[(oy - r0) * np * a.ld()..];
-                lanes::product_strided(a, &xpad[oy * sh * wp..], &offs, sw, gm.ow, yrow);
-            }
-            let out = &mut yb[r0 * gm.ow..];
-            lanes::copy_out(a, yrows, np, r1 - r0, gm.ow, pw, bias, relu, out);
-        }
-    });
-    if !(relu || act.is_none()) {
-        epilogue(&mut yb[..gm.mg * pw], pw, None, act);
-    }
+    lanes::strided_chunk(gm.mg, gm.p.stride).filter(|_| {
+        gm.kh * gm.kw > 1
+            && gm
+                .n
+                .saturating_mul(gm.c)
+                .saturating_mul(hp)
+                .saturating_mul(wp)
+                <= STRIDED_MAX_FLOATS
+    })
 }
 
 /// Largest block of the lane kernel's product (f32s) made at once: 16 KiB, half of L1.
@@ -873,22 +860,31 @@ fn epilogue_body(yb: &mut [f32], pw: usize, bias: Option<&[f32]>, act: Option<Un
 /// Largest im2col scratch (in f32s) a thread keeps between calls; bigger ones are freed after use.
 const SCRATCH_KEEP: usize = 8 << 20;
 
+/// Scratch buffers a thread keeps between calls.
+const SCRATCH_BUFFERS: usize = 4;
+
 thread_local! {
-    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with a per-thread scratch buffer of `len` f32s whose contents are unspecified (every
 /// user overwrites all of it). Reusing it avoids an allocation plus page faults per (sample,
-/// group) in im2col convolutions; the buffer is taken out of the thread-local while in use, so a
-/// nested call (gemm's own parallelism running another task here) just gets a fresh one.
+/// group) in im2col convolutions. The buffers are a stack: a nested call (the strided path's
+/// product inside its padded input, or gemm's own parallelism running another task here)
+/// takes the next one, and each goes back where it came from, so nested calls reuse theirs too.
 pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buf = SCRATCH.with(|c| c.take());
+    let mut buf = SCRATCH.with(|c| c.borrow_mut().pop()).unwrap_or_default();
     if buf.len() < len {
         buf.resize(len, 0.0);
     }
     let r = f(&mut buf[..len]);
     if buf.len() <= SCRATCH_KEEP {
-        SCRATCH.with(|c| c.set(buf));
+        SCRATCH.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.len() < SCRATCH_BUFFERS {
+                c.push(buf);
+            }
+        });
     }
     r
 }
@@ -1011,6 +1007,9 @@ impl CpuBackend {
         } else if let Some(shape) = winograd {
             self.winograd_forward(shape, &gm, x, wts, bias, act, &mut y);
             return Some((y, ys));
+        } else if let Some(chunk) = direct.is_none().then(|| strided_chunk(&gm)).flatten() {
+            self.strided_forward(&gm, chunk, x, wts, bias, act, &mut y);
+            return Some((y, ys));
         } else {
             let (par_tasks, par) = self.conv_plan(gm.n * gm.g, gm.flops());
             let k = gm.k();
@@ -1018,21 +1017,13 @@ impl CpuBackend {
             // The weights of each group packed once for every sample, for the packed-panel
             // kernel (the direct path, and the im2col and pointwise products run in one task).
             let small_k = !gm.is_pointwise() && k <= DIRECT_MAX_K;
-            // A strided convolution on the lane kernel, a row at a time (ResNet's stem).
-            let strided = direct.is_none()
-                && !gm.is_pointwise()
-                && gm.p.dilation == [1, 1]
-                && lanes::applies_strided(gm.mg, gm.p.stride)
-                && {
-                    let (hp, wp) = gm.padded_hw();
-                    gm.cg * hp * wp <= STRIDED_MAX_FLOATS
-                };
-            let lane_direct = direct.as_ref().is_some_and(|d| d.lanes) || strided;
+            let lane_direct = direct.as_ref().is_some_and(|d| d.lanes);
             let lane_w = lane_direct.then(|| {
                 let form = Form::ConvLanes {
                     flipped: wts.flipped,
                     ws,
                     groups: gm.g,
+                    chunk: gm.mg,
                 };
                 wts.derive(&self.weights, form, || {
                     gm.per_group(w, |wg| lanes::LanePacked::new(gm.mg, k, wg))
@@ -1081,9 +1072,6 @@ impl CpuBackend {
                 // `Direct::plan` requires the packed kernel).
                 if let (Some(d), Some(lw)) = (&direct, &lane_w) {
                     d.run_lanes(&gm, &lw[gi], xg, yb, bias_g, act, pool2);
-                    return;
-                } else if let Some(lw) = lane_w.as_ref().filter(|_| strided) {
-                    strided_lanes(&gm, &lw[gi], xg, yb, bias_g, act);
                     return;
                 } else if let (Some(d), Some(packed)) = (&direct, &packed) {
                     d.run(&gm, &packed[gi], xg, yb, bias_g, act, pool2);
@@ -1219,6 +1207,142 @@ impl CpuBackend {
             }
         }
         self.install(|| tasks.into_par_iter().for_each(|(t, yb)| run(t, yb)));
+    }
+
+    /// A stride-2 convolution on the lane kernel ([`lanes::product_at`]): the input padded once
+    /// (all samples; read in place where there is no padding), then tasks of (samples, group,
+    /// chunk of `chunk` output channels), each passing up to [`STRIDED_POSITIONS`] output
+    /// positions at a time (several samples' planes, or a few rows of one) through the
+    /// product and transposing them into the output planes with the bias and a ReLU (other
+    /// activations after). No im2col matrix (ResNet's stem made 7.4 MB of it per sample) and
+    /// no phase planes: the broadcast inputs may lie anywhere.
+    #[allow(clippy::too_many_arguments)]
+    fn strided_forward(
+        &self,
+        gm: &Geom,
+        chunk: usize,
+        x: &[f32],
+        wts: Weights<'_>,
+        bias: Option<&[f32]>,
+        act: Option<Unary>,
+        y: &mut [f32],
+    ) {
+        if let Some(b) = bias {
+            assert_eq!(b.len(), gm.m, "conv2d bias length");
+        }
+        let (k, pw) = (gm.k(), gm.p_out());
+        let nc = gm.mg / chunk;
+        let form = Form::ConvLanes {
+            flipped: wts.flipped,
+            ws: [gm.m, gm.cg, gm.kh, gm.kw],
+            groups: gm.g,
+            chunk,
+        };
+        // Chunk `c` of group `gi` at `gi * nc + c`.
+        let lw = wts.derive(&self.weights, form, || {
+            let len = chunk * k;
+            wts.data
+                .chunks_exact(len)
+                .take(gm.g * nc)
+                .map(|wc| lanes::LanePacked::new(chunk, k, wc))
+                .collect::<Vec<_>>()
+        });
+        let [sh, sw] = gm.p.stride;
+        let (hp, wp) = gm.padded_hw();
+        let plane = hp * wp;
+        let offs = tap_offsets(gm, plane, wp);
+        let relu = act == Some(Unary::Relu);
+        // Samples per task: as many whole planes as fit the product's positions.
+        let per = (STRIDED_POSITIONS / pw.max(1)).clamp(1, gm.n);
+        let (xblock, pblock) = (gm.h * gm.w, gm.cg * plane);
+        let block = lw[0].padded(1);
+        let mut body = |xin: &[f32]| {
+            // Each task's output: one slice of `chunk` planes per sample.
+            let mut tasks: Vec<(usize, usize, Vec<&mut [f32]>)> = Vec::new();
+            let mut samples: Vec<_> = y.chunks_mut(gm.m * pw).map(Some).collect();
+            for s0 in (0..gm.n).step_by(per) {
+                let s1 = (s0 + per).min(gm.n);
+                let mut outs: Vec<Vec<&mut [f32]>> = (0..gm.g * nc).map(|_| Vec::new()).collect();
+                for ys in samples[s0..s1].iter_mut() {
+                    let ys = ys.take().expect("each sample once");
+                    for (o, yc) in outs.iter_mut().zip(ys.chunks_mut(chunk * pw)) {
+                        o.push(yc);
+                    }
+                }
+                for (gc, o) in outs.into_iter().enumerate() {
+                    tasks.push((s0, gc, o));
+                }
+            }
+            let task = |(s0, gc, mut outs): (usize, usize, Vec<&mut [f32]>)| {
+                let (gi, c) = (gc / nc, gc % nc);
+                let a = &lw[gc];
+                let bias_c = bias.map(|b| &b[gi * gm.mg + c * chunk..][..chunk]);
+                // Pieces: the samples' whole planes (several, or one that fits), or rows
+                // `r0..r1` of one sample's.
+                let rows = if outs.len() > 1 {
+                    gm.oh
+                } else {
+                    (STRIDED_POSITIONS / gm.ow).clamp(1, gm.oh)
+                };
+                let cap = (outs.len() * rows * gm.ow).next_multiple_of(block);
+                let mut pos = Vec::with_capacity(cap);
+                with_scratch(cap * a.ld(), |prod| {
+                    for r0 in (0..gm.oh).step_by(rows) {
+                        let r1 = (r0 + rows).min(gm.oh);
+                        pos.clear();
+                        for j in 0..outs.len() {
+                            let base = ((s0 + j) * gm.g + gi) * pblock;
+                            for oy in r0..r1 {
+                                let row = base + oy * sh * wp;
+                                pos.extend((0..gm.ow).map(|ox| row + ox * sw));
+                            }
+                        }
+                        let n = pos.len();
+                        let last = pos[n - 1];
+                        pos.resize(n.next_multiple_of(block), last);
+                        lanes::product_at(a, xin, &offs, &pos, prod);
+                        let per_piece = (r1 - r0) * gm.ow;
+                        for (j, out) in outs.iter_mut().enumerate() {
+                            lanes::copy_out(
+                                a,
+                                &prod[j * per_piece * a.ld()..],
+                                gm.ow,
+                                r1 - r0,
+                                gm.ow,
+                                pw,
+                                bias_c,
+                                relu,
+                                &mut out[r0 * gm.ow..],
+                            );
+                        }
+                    }
+                });
+                if !(relu || act.is_none()) {
+                    for out in outs {
+                        epilogue(out, pw, None, act);
+                    }
+                }
+            };
+            if self.parallel(gm.flops()) && tasks.len() > 1 {
+                self.install(|| tasks.into_par_iter().for_each(task));
+            } else {
+                tasks.into_iter().for_each(task);
+            }
+        };
+        if gm.p.pad == [0; 4] {
+            // The planes are the input's own (`hp x wp` = `h x w`).
+            body(x);
+        } else {
+            with_scratch(gm.n * gm.g * pblock, |xpad| {
+                for (xb, pb) in x
+                    .chunks_exact(gm.cg * xblock)
+                    .zip(xpad.chunks_exact_mut(pblock))
+                {
+                    pad_planes(gm, xb, pb, plane, wp);
+                }
+                body(xpad);
+            });
+        }
     }
 
     /// Runs `task(i, block_i)` over the `block`-sized chunks of `out`, on the pool when asked.

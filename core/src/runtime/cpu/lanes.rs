@@ -47,17 +47,32 @@ pub(super) fn applies(mg: usize, pooled: bool) -> bool {
         && super::sgemm::avx512()
 }
 
-/// Whether the lane kernel takes a strided convolution (no direct path) with `mg` output
-/// channels per group, an output row per product ([`product_strided`]): AVX-512, stride 2, and
-/// three or four full registers of channels (48 or 64: ResNet's 7x7 stem, for which im2col made
-/// 147 x 12544 floats per sample; at batch 4 on one core 9.7 against 16.3-16.7 ms).
-pub(super) fn applies_strided(mg: usize, stride: [usize; 2]) -> bool {
+/// The output channels per chunk with which the lane kernel takes a stride-2 convolution with
+/// `mg` output channels per group ([`product_at`]), if it does: AVX-512, and chunks of four or
+/// three full registers (64 or 48 channels) dividing `mg`. ResNet's stem and its 3x3
+/// downsampling convolutions (128 to 512 channels): at batch 4 on one core, with the caches
+/// flushed before each call, the three 3x3 ones took 4.6 / 4.3 / 4.6 ms here against 6.3 / 5.6
+/// / 6.0 ms on phase planes or im2col, and the stem 10.0 ms against 16.6 on im2col.
+pub(super) fn strided_chunk(mg: usize, stride: [usize; 2]) -> Option<usize> {
     #[cfg(test)]
     if NO_LANES.load(std::sync::atomic::Ordering::Relaxed) {
-        return false;
+        return None;
     }
-    stride == [2, 2] && (mg == 48 || mg == 64) && super::sgemm::avx512()
+    if stride != [2, 2] || mg == 0 || !super::sgemm::avx512() {
+        return None;
+    }
+    #[cfg(test)]
+    if NO_STRIDED.load(std::sync::atomic::Ordering::Relaxed) && mg != 48 && mg != 64 {
+        return None;
+    }
+    [4 * W, 3 * W].into_iter().find(|&c| mg.is_multiple_of(c))
 }
+
+/// Test-only switch back to the strided lane kernel's old reach (48 or 64 channels, the stem
+/// of a ResNet), so timings compare the others' panel-kernel paths with it.
+#[cfg(test)]
+pub(super) static NO_STRIDED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Whether [`gemm`] runs: AVX-512 (and not switched off by a test).
 pub(super) fn applies_gemm() -> bool {
@@ -127,28 +142,14 @@ impl LanePacked {
 ///
 /// Panics where a read or write would leave its slice, or the CPU lacks AVX-512.
 pub(super) fn product(a: &LanePacked, x: &[f32], offs: &[usize], npos: usize, y: &mut [f32]) {
-    product_strided(a, x, offs, 1, npos, y);
-}
-
-/// [`product`] with the positions `s` (1 or 2) input columns apart: `y[p * ld + c] = sum_t
-/// w[c][t] * x[offs[t] + s p]`, for one output row of a strided convolution.
-pub(super) fn product_strided(
-    a: &LanePacked,
-    x: &[f32],
-    offs: &[usize],
-    s: usize,
-    npos: usize,
-    y: &mut [f32],
-) {
     assert_eq!(offs.len(), a.k, "lanes: one offset per reduction step");
-    assert!(s == 1 || s == 2, "lanes: position stride 1 or 2");
     let np = a.padded(npos);
     if np == 0 {
         return;
     }
     assert!(
         offs.iter()
-            .all(|&o| o.checked_add(s * (np - 1)).is_some_and(|e| e < x.len()))
+            .all(|&o| o.checked_add(np - 1).is_some_and(|e| e < x.len()))
             && y.len() >= np * a.ld(),
         "lanes: product out of bounds"
     );
@@ -162,7 +163,68 @@ pub(super) fn product_strided(
     // positions from each offset) and write (`np` rows of `ld`), and the packed weights hold
     // `k * ld` floats by construction.
     unsafe {
-        x86::product512(a, x, offs, s, np, y)
+        x86::product512(a, x, offs, np, y)
+    }
+}
+
+/// Reduction steps per block of [`product_at`], at most: 72 steps of four registers of
+/// weights (18 KiB) stay in L1 beside the inputs they meet while every position of a chunk
+/// passes them. Measured on ResNet-18's 3x3 / stride-2 layers (batch 4, one core): 3.5 / 3.5 /
+/// 4.0 ms at 64 and 72, 3.7-3.8 / 3.8 / 4.6 at 48 and 96, 4.6 / 4.7 / 5.6 at the panel
+/// kernels' 128, whose 32 KiB of weights fill L1.
+const AT_KC: usize = 72;
+
+/// The reduction blocks `(t0, kc)` of [`product_at`]: as few as [`AT_KC`] allows, of equal
+/// lengths (as [`super::sgemm::k_blocks`]).
+fn at_blocks(k: usize) -> impl Iterator<Item = (usize, usize)> {
+    let nb = k.div_ceil(AT_KC).max(1);
+    let (base, extra) = (k / nb, k % nb);
+    (0..nb).map(move |i| (i * base + i.min(extra), base + usize::from(i < extra)))
+}
+
+/// `y[j * ld + c] = sum_t w[c][t] * x[pos[j] + offs[t]]` for every listed position `j` and all
+/// `ld` lanes: a strided convolution's product, each output position `pos[j]` the input offset
+/// of its first tap (any layout: rows, stride, samples). Three or four registers of channels
+/// (`a.mv >= 3`), `pos.len()` a multiple of the block (`a.padded`; the caller repeats a
+/// position to fill the last).
+///
+/// Blocks of six (or eight) positions by the chunk's channels, each step loading the step's
+/// weights and broadcasting one input value per position; all positions pass a reduction
+/// block of weights before the next block (the output, position-major, takes the partial sums:
+/// a few hundred KiB, in L2). The per-row [`product`] order read every block of weights from L2
+/// once per output row, which held ResNet's 3x3 / stride-2 layers at 70-80 GFLOP/s; this runs
+/// them at 110-130.
+///
+/// Panics where a read or write would leave its slice, the shape is not one above, or the CPU
+/// lacks AVX-512.
+pub(super) fn product_at(a: &LanePacked, x: &[f32], offs: &[usize], pos: &[usize], y: &mut [f32]) {
+    assert_eq!(offs.len(), a.k, "lanes: one offset per reduction step");
+    assert!(
+        a.mv >= 3 && pos.len().is_multiple_of(a.block()),
+        "lanes: product_at takes 3 or 4 registers and whole blocks"
+    );
+    if pos.is_empty() {
+        return;
+    }
+    let (omax, pmax) = (
+        offs.iter().copied().max().unwrap_or(0),
+        pos.iter().copied().max().unwrap_or(0),
+    );
+    assert!(
+        omax.checked_add(pmax).is_some_and(|e| e < x.len()) && y.len() >= pos.len() * a.ld(),
+        "lanes: product_at out of bounds"
+    );
+    assert!(super::sgemm::avx512(), "lanes: the CPU lacks AVX-512");
+    if a.k == 0 {
+        y[..pos.len() * a.ld()].fill(0.0);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is present (asserted); every read is `x[pos[j] + offs[t]]`, at most
+    // `pmax + omax` (asserted inside `x`), every write one of `pos.len()` rows of `ld`
+    // (asserted inside `y`), and the packed weights hold `k * ld` floats by construction.
+    unsafe {
+        x86::product_at512(a, x, offs, pos, y)
     }
 }
 
@@ -300,7 +362,6 @@ mod x86 {
         a: &LanePacked,
         x: &[f32],
         offs: &[usize],
-        s: usize,
         np: usize,
         y: &mut [f32],
     ) {
@@ -310,27 +371,55 @@ mod x86 {
             let offs = &offs[t0..t0 + kc];
             let w = wp.wrapping_add(t0 * ld);
             macro_rules! run {
-                ($r:expr, $mv:literal, $s:literal) => {
+                ($r:expr, $mv:literal) => {
                     for p0 in (0..np).step_by($r) {
-                        // SAFETY: block `p0` reads positions `p0 .. p0 + R` (input columns `s`
-                        // apart) from each offset and writes rows `p0 .. p0 + R` of `y`, all
-                        // `< np` (the caller's bounds); the weights of steps `t0 .. t0 + kc`
-                        // are inside the packed data.
-                        unsafe {
-                            block::<$r, $mv, $s>(w, xp.add($s * p0), offs, yp.add(p0 * ld), t0 > 0)
-                        };
+                        // SAFETY: block `p0` reads positions `p0 .. p0 + R` from each offset
+                        // and writes rows `p0 .. p0 + R` of `y`, all `< np` (the caller's
+                        // bounds); the weights of steps `t0 .. t0 + kc` are inside the packed
+                        // data.
+                        unsafe { block::<$r, $mv>(w, xp.add(p0), offs, yp.add(p0 * ld), t0 > 0) };
                     }
                 };
             }
-            match (a.mv, s) {
-                (1, 1) => run!(R1, 1, 1),
-                (2, 1) => run!(R2, 2, 1),
-                (3, 1) => run!(R3, 3, 1),
-                (4, 1) => run!(R4, 4, 1),
-                (1, _) => run!(R1, 1, 2),
-                (2, _) => run!(R2, 2, 2),
-                (3, _) => run!(R3, 3, 2),
-                (_, _) => run!(R4, 4, 2),
+            match a.mv {
+                1 => run!(R1, 1),
+                2 => run!(R2, 2),
+                3 => run!(R3, 3),
+                _ => run!(R4, 4),
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; the bounds [`super::product_at`] asserts (`pos.len()` a multiple of the
+    /// block, `a.mv` 3 or 4).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn product_at512(
+        a: &LanePacked,
+        x: &[f32],
+        offs: &[usize],
+        pos: &[usize],
+        y: &mut [f32],
+    ) {
+        let (xp, yp, wp) = (x.as_ptr(), y.as_mut_ptr(), a.data.as_ptr());
+        let ld = a.ld();
+        for (t0, kc) in super::at_blocks(a.k) {
+            let offs = &offs[t0..t0 + kc];
+            let w = wp.wrapping_add(t0 * ld);
+            macro_rules! run {
+                ($r:expr, $mv:literal) => {
+                    for (j, p) in pos.chunks_exact($r).enumerate() {
+                        let p: &[usize; $r] = p.try_into().expect("whole blocks");
+                        // SAFETY: the block reads `x[p[r] + offs[i]]` and writes rows `j R ..
+                        // (j + 1) R` of `y`, inside both (the caller's bounds); the weights of
+                        // steps `t0 .. t0 + kc` are inside the packed data.
+                        unsafe { block_at::<$r, $mv>(w, xp, p, offs, yp.add(j * $r * ld), t0 > 0) };
+                    }
+                };
+            }
+            match a.mv {
+                3 => run!(R3, 3),
+                _ => run!(R4, 4),
             }
         }
     }
@@ -597,31 +686,51 @@ mod x86 {
     }
 
     /// `R` positions by `MV` registers of channels, for the reduction steps of `offs`:
-    /// `y[r * 16 MV + c] (+)= sum_i w[i * 16 MV + c] * x[offs[i] + S r]`.
+    /// `y[r * 16 MV + c] (+)= sum_i w[i * 16 MV + c] * x[offs[i] + r]`.
     ///
     /// # Safety
-    /// AVX-512F; `x + offs[i]` readable for `S (R - 1) + 1` floats, `w` for `offs.len() * 16
-    /// MV`, `y` for `R * 16 MV`.
+    /// AVX-512F; `x + offs[i]` readable for `R` floats, `w` for `offs.len() * 16 MV`, `y` for
+    /// `R * 16 MV`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn block<const R: usize, const MV: usize, const S: usize>(
+    unsafe fn block<const R: usize, const MV: usize>(
         w: *const f32,
         x: *const f32,
         offs: &[usize],
         y: *mut f32,
         accumulate: bool,
     ) {
+        let pos: [usize; R] = std::array::from_fn(|r| r);
+        // SAFETY: the caller's bounds are `block_at`'s for these positions.
+        unsafe { block_at::<R, MV>(w, x, &pos, offs, y, accumulate) }
+    }
+
+    /// `y[r * 16 MV + c] (+)= sum_i w[i * 16 MV + c] * x[pos[r] + offs[i]]`.
+    ///
+    /// # Safety
+    /// AVX-512F; `x + pos[r] + offs[i]` readable, `w` for `offs.len() * 16 MV` floats, `y` for
+    /// `R * 16 MV`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block_at<const R: usize, const MV: usize>(
+        w: *const f32,
+        x: *const f32,
+        pos: &[usize; R],
+        offs: &[usize],
+        y: *mut f32,
+        accumulate: bool,
+    ) {
         // SAFETY: the caller's bounds.
         unsafe {
+            let xr: [*const f32; R] = std::array::from_fn(|r| x.add(pos[r]));
             let mut acc = [[_mm512_setzero_ps(); MV]; R];
             for (i, &o) in offs.iter().enumerate() {
                 let mut wv = [_mm512_setzero_ps(); MV];
                 for (v, r) in wv.iter_mut().enumerate() {
                     *r = _mm512_loadu_ps(w.add((i * MV + v) * W));
                 }
-                let xr = x.add(o);
                 for (r, accr) in acc.iter_mut().enumerate() {
-                    let b = _mm512_set1_ps(*xr.add(S * r));
+                    let b = _mm512_set1_ps(*xr[r].add(o));
                     for v in 0..MV {
                         accr[v] = _mm512_fmadd_ps(b, wv[v], accr[v]);
                     }
@@ -901,6 +1010,45 @@ mod tests {
                         .sum();
                     let what = || format!("mg {mg} k {k}: ({p}, {ch})");
                     check(got, want, c[ch * npos + p], 1e-5, &what);
+                }
+            }
+        }
+    }
+
+    /// `product_at` against a float64 sum over the same taps: four and three registers of
+    /// channels (64, 48, and 40 with lanes past it), one to three reduction blocks (k 9, 144,
+    /// 150 = 3 x 50), and positions in any order and repeated (as the caller fills a block).
+    #[test]
+    fn product_at_matches_reference() {
+        if !avx512_here() {
+            return;
+        }
+        for &(mg, k, npos) in &[(64, 9, 30), (64, 144, 13), (48, 150, 40), (40, 73, 8)] {
+            let w = rand(mg * k, mg as u64 * 5 + k as u64);
+            let a = LanePacked::new(mg, k, &w);
+            let offs: Vec<usize> = (0..k).map(|t| 5 * t + t % 3).collect();
+            let xlen = 6 * k + 4 * npos + 7;
+            let x = rand(xlen, k as u64 + 11);
+            // Positions two apart, descending, then the last repeated to a whole block.
+            let mut pos: Vec<usize> = (0..npos).map(|j| 2 * (npos - 1 - j) + j % 2).collect();
+            let last = *pos.last().unwrap();
+            pos.resize(a.padded(npos), last);
+            let mut y = vec![f32::NAN; pos.len() * a.ld()];
+            product_at(&a, &x, &offs, &pos, &mut y);
+            for (j, &p) in pos.iter().enumerate() {
+                for ch in 0..a.ld() {
+                    let got = y[j * a.ld() + ch];
+                    if ch >= mg {
+                        assert_eq!(got, 0.0, "lane past mg");
+                        continue;
+                    }
+                    let want: f64 = (0..k)
+                        .map(|t| w[ch * k + t] as f64 * x[p + offs[t]] as f64)
+                        .sum();
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "mg {mg} k {k}: ({j}, {ch}): {got} vs {want}"
+                    );
                 }
             }
         }

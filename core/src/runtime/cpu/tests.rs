@@ -754,10 +754,22 @@ fn fast_paths_match_reference() {
         ([2, 4, 9, 11], [60, 2, 3, 3], conv(1, [1; 4], 1, 2)),
         ([1, 3, 11, 13], [15, 3, 3, 3], conv(1, [1, 0, 1, 2], 1, 1)),
         ([1, 2, 40, 30], [32, 2, 3, 3], conv(1, [1; 4], 1, 1)),
-        // the strided lane kernel (48 or 64 channels, stride 2): a small ResNet stem, and
-        // asymmetric pads with odd sizes
+        // the strided lane kernel (chunks of 48 or 64 channels, stride 2): a small ResNet
+        // stem, and asymmetric pads with odd sizes
         ([1, 3, 30, 26], [64, 3, 7, 7], conv(2, [3; 4], 1, 1)),
         ([2, 2, 17, 19], [48, 2, 3, 3], conv(2, [1, 0, 2, 1], 1, 1)),
+        // two chunks and two reduction blocks (k = 144), two samples' planes in one product
+        ([2, 16, 15, 13], [128, 16, 3, 3], conv(2, [1; 4], 1, 1)),
+        // no padding (the input read in place): a 2x2 / stride-2 downsampling, odd sizes; and
+        // a 1x1 / stride-2 one (ResNet's), which the lane kernel leaves to the panel kernel
+        ([3, 8, 11, 12], [64, 8, 2, 2], conv(2, [0; 4], 1, 1)),
+        ([3, 8, 11, 12], [64, 8, 1, 1], conv(2, [0; 4], 1, 1)),
+        // groups of 48-channel chunks (96 = two chunks per group) with dilation
+        ([2, 4, 13, 11], [192, 2, 3, 3], conv(2, [2, 1, 2, 0], 2, 2)),
+        // a plane of more positions than one product takes (35 x 34: rows 0-29, then 30-34),
+        // and samples two to a product with a last one alone (20 x 20 each, five samples)
+        ([1, 2, 70, 68], [64, 2, 3, 3], conv(2, [1; 4], 1, 1)),
+        ([5, 2, 40, 40], [64, 2, 3, 3], conv(2, [1; 4], 1, 1)),
         // an im2col block too large to make in one piece (147 x 1600, stride 3): made and
         // multiplied a few output rows at a time, the last chunk short
         ([1, 3, 120, 120], [8, 3, 7, 7], conv(3, [3; 4], 1, 1)),
@@ -1369,6 +1381,7 @@ fn model_timing() {
         "unaligned" => &super::sgemm::UNALIGNED_STRIP,
         "copynear" => &super::sgemm::COPY_NEAR,
         "binact" => &crate::runtime::exec::NO_BINARY_ACT,
+        "strided" => &super::lanes::NO_STRIDED,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")

@@ -29,11 +29,13 @@ pub(super) enum Form {
         ws: [usize; 4],
         groups: usize,
     },
-    /// Convolution weights of shape `ws` packed per group for the lane kernel.
+    /// Convolution weights of shape `ws` packed per group for the lane kernel, in chunks of
+    /// `chunk` output channels (the group's `mg` where it is one).
     ConvLanes {
         flipped: bool,
         ws: [usize; 4],
         groups: usize,
+        chunk: usize,
     },
     /// Winograd-domain weights of shape `ws` split into `splits` output-channel ranges.
     Winograd {
