@@ -705,6 +705,60 @@ fn strided_chunk(gm: &Geom) -> Option<usize> {
     })
 }
 
+/// `out` (`mg` planes of `ceil(oh / 2) x ceil(ow / 2)`) = the 3x3 / stride-2 / pad-1 max
+/// pooling of `relu(w * x + bias)` for padded input block `blk` (of `pblock` floats, rows `wp`
+/// apart) of `xin`, on the lane kernel: an even number of output rows at a time, each piece's
+/// pooled rows taken from the product rows while they are in L2 (the row before the piece
+/// kept from the last), then transposed into the planes with the bias and ReLU. ResNet's
+/// stem: its 112 x 112 x 64 activation (3.2 MB a sample) is never written and read back.
+#[allow(clippy::too_many_arguments)]
+fn strided_pooled(
+    gm: &Geom,
+    a: &lanes::LanePacked,
+    xin: &[f32],
+    offs: &[usize],
+    blk: usize,
+    [pblock, wp]: [usize; 2],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let [sh, sw] = gm.p.stride;
+    let (oh, ow, ld) = (gm.oh, gm.ow, a.ld());
+    let [poh, pow] = [oh.div_ceil(2), ow.div_ceil(2)];
+    // Output rows per piece: even, so a piece's pooled rows need only the row before it.
+    let rows = ((STRIDED_POSITIONS / ow) & !1).max(2);
+    let block = a.padded(1);
+    let cap = (rows * ow).next_multiple_of(block);
+    // Slot 0 holds the row before the piece; the product's rows follow.
+    let prod_len = (ow + cap) * ld;
+    let mut pos = Vec::with_capacity(cap);
+    let base = blk * pblock;
+    with_scratch(prod_len + rows / 2 * pow * ld, |buf| {
+        let (prod, pooled) = buf.split_at_mut(prod_len);
+        for r0 in (0..oh).step_by(rows) {
+            let r1 = (r0 + rows).min(oh);
+            pos.clear();
+            for oy in r0..r1 {
+                let row = base + oy * sh * wp;
+                pos.extend((0..ow).map(|ox| row + ox * sw));
+            }
+            let n = pos.len();
+            let last = pos[n - 1];
+            pos.resize(n.next_multiple_of(block), last);
+            lanes::product_at(a, xin, offs, &pos, &mut prod[ow * ld..]);
+            let (py0, py1) = (r0 / 2, if r1 == oh { poh } else { r1 / 2 });
+            let first = r0 as isize - 1;
+            let lo = r0.saturating_sub(1);
+            lanes::max3s2_rows(ld, prod, ow, first, [lo, r1], [py0, py1], pow, pooled);
+            let out = &mut out[py0 * pow..];
+            lanes::copy_out(a, pooled, pow, py1 - py0, pow, poh * pow, bias, true, out);
+            // The piece's last row, which the next piece's first pooled row reads.
+            let s = (r1 - r0) * ow * ld;
+            prod.copy_within(s..s + ow * ld, 0);
+        }
+    });
+}
+
 /// Largest block of the lane kernel's product (f32s) made at once: 16 KiB, half of L1.
 const LANE_CHUNK_FLOATS: usize = 4 << 10;
 
@@ -949,6 +1003,24 @@ impl CpuBackend {
         if NO_FUSED_POOL.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
+        // ResNet's stem pattern: a 3x3 / stride-2 / pad-1 max pooling after a stride-2
+        // convolution on the lane kernel, pooled from its product rows.
+        let pooled3 = act == Unary::Relu
+            && pool.kind == PoolKind::Max
+            && pool.kernel == [3, 3]
+            && pool.stride == [2, 2]
+            && pool.pad == [1; 4]
+            && pool.dilation == [1, 1]
+            && pool.out_hw == [gm.oh.div_ceil(2), gm.ow.div_ceil(2)];
+        if pooled3 && Direct::plan(&gm, false).is_none() {
+            let chunk = strided_chunk(&gm)?;
+            let ys = [gm.n, gm.m, gm.oh.div_ceil(2), gm.ow.div_ceil(2)];
+            let mut y = self.out_dirty(ys.iter().product());
+            if !y.is_empty() {
+                self.strided_forward(&gm, chunk, x, wts, bias, Some(act), true, &mut y);
+            }
+            return Some((y, ys));
+        }
         if !pooled {
             return None;
         }
@@ -1008,7 +1080,7 @@ impl CpuBackend {
             self.winograd_forward(shape, &gm, x, wts, bias, act, &mut y);
             return Some((y, ys));
         } else if let Some(chunk) = direct.is_none().then(|| strided_chunk(&gm)).flatten() {
-            self.strided_forward(&gm, chunk, x, wts, bias, act, &mut y);
+            self.strided_forward(&gm, chunk, x, wts, bias, act, false, &mut y);
             return Some((y, ys));
         } else {
             let (par_tasks, par) = self.conv_plan(gm.n * gm.g, gm.flops());
@@ -1225,6 +1297,7 @@ impl CpuBackend {
         wts: Weights<'_>,
         bias: Option<&[f32]>,
         act: Option<Unary>,
+        pool3: bool,
         y: &mut [f32],
     ) {
         if let Some(b) = bias {
@@ -1252,20 +1325,29 @@ impl CpuBackend {
         let plane = hp * wp;
         let offs = tap_offsets(gm, plane, wp);
         let relu = act == Some(Unary::Relu);
-        // Samples per task: as many whole planes as fit the product's positions.
-        let per = (STRIDED_POSITIONS / pw.max(1)).clamp(1, gm.n);
+        assert!(!pool3 || relu, "strided_forward: pooling after a ReLU only");
+        // The pooled planes' shape (with `pool3`) and size, which `y` holds per channel.
+        let [poh, pow] = [gm.oh.div_ceil(2), gm.ow.div_ceil(2)];
+        let ypw = if pool3 { poh * pow } else { pw };
+        // Samples per task: as many whole planes as fit the product's positions (one where
+        // pooling, which goes a few rows at a time).
+        let per = if pool3 {
+            1
+        } else {
+            (STRIDED_POSITIONS / pw.max(1)).clamp(1, gm.n)
+        };
         let (xblock, pblock) = (gm.h * gm.w, gm.cg * plane);
         let block = lw[0].padded(1);
         let mut body = |xin: &[f32]| {
             // Each task's output: one slice of `chunk` planes per sample.
             let mut tasks: Vec<(usize, usize, Vec<&mut [f32]>)> = Vec::new();
-            let mut samples: Vec<_> = y.chunks_mut(gm.m * pw).map(Some).collect();
+            let mut samples: Vec<_> = y.chunks_mut(gm.m * ypw).map(Some).collect();
             for s0 in (0..gm.n).step_by(per) {
                 let s1 = (s0 + per).min(gm.n);
                 let mut outs: Vec<Vec<&mut [f32]>> = (0..gm.g * nc).map(|_| Vec::new()).collect();
                 for ys in samples[s0..s1].iter_mut() {
                     let ys = ys.take().expect("each sample once");
-                    for (o, yc) in outs.iter_mut().zip(ys.chunks_mut(chunk * pw)) {
+                    for (o, yc) in outs.iter_mut().zip(ys.chunks_mut(chunk * ypw)) {
                         o.push(yc);
                     }
                 }
@@ -1277,6 +1359,13 @@ impl CpuBackend {
                 let (gi, c) = (gc / nc, gc % nc);
                 let a = &lw[gc];
                 let bias_c = bias.map(|b| &b[gi * gm.mg + c * chunk..][..chunk]);
+                if pool3 {
+                    let [out] = &mut outs[..] else {
+                        unreachable!("one sample per task where pooling")
+                    };
+                    strided_pooled(gm, a, xin, &offs, s0 * gm.g + gi, [pblock, wp], bias_c, out);
+                    return;
+                }
                 // Pieces: the samples' whole planes (several, or one that fits), or rows
                 // `r0..r1` of one sample's.
                 let rows = if outs.len() > 1 {

@@ -228,6 +228,49 @@ pub(super) fn product_at(a: &LanePacked, x: &[f32], offs: &[usize], pos: &[usize
     }
 }
 
+/// The 3x3 / stride-2 / pad-1 max pooling (ResNet's, after its stem) of position-major
+/// product rows (`ld` floats per position, `ow` positions per row): `rows` holds conv rows
+/// `first, first + 1, ...` (`first` may be -1: the padding row, never read), of which rows
+/// `lo..hi` are read; `out` (rows of `pw` pooled positions) gets pooled rows `py0..py1`. Taps
+/// outside `lo..hi` or the row's `ow` columns are padding, skipped. A NaN tap is skipped too
+/// (`max(x, m)` returns `m`), as the ReLU the caller applies after would have made it a 0
+/// before pooling: with the bias and ReLU applied to the maximum (both monotone), the
+/// result is the ReLU's pooling exactly.
+///
+/// Panics where a read or write would leave its slice, or the CPU lacks AVX-512.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn max3s2_rows(
+    ld: usize,
+    rows: &[f32],
+    ow: usize,
+    first: isize,
+    [lo, hi]: [usize; 2],
+    [py0, py1]: [usize; 2],
+    pw: usize,
+    out: &mut [f32],
+) {
+    if py1 <= py0 || pw == 0 {
+        return;
+    }
+    assert!(
+        ld.is_multiple_of(W)
+            && lo < hi
+            && first <= lo as isize
+            && (hi as isize - first) as usize * ow * ld <= rows.len()
+            && (py1 - py0) * pw * ld <= out.len()
+            && 2 * (pw - 1) < ow + 1,
+        "lanes: max3s2_rows out of bounds"
+    );
+    assert!(super::sgemm::avx512(), "lanes: the CPU lacks AVX-512");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is present (asserted); every row read is in `lo..hi`, inside `rows`
+    // (asserted), every column in `0..ow`, and every write one of `(py1 - py0) * pw`
+    // positions of `out` (asserted).
+    unsafe {
+        x86::max3s2_rows512(ld, rows, ow, first, [lo, hi], [py0, py1], pw, out)
+    }
+}
+
 /// Most pooled outputs per block with one register of channels (28 accumulators), and with two
 /// (24).
 const G1: usize = 7;
@@ -420,6 +463,48 @@ mod x86 {
             match a.mv {
                 3 => run!(R3, 3),
                 _ => run!(R4, 4),
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F and the bounds [`super::max3s2_rows`] asserts.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn max3s2_rows512(
+        ld: usize,
+        rows: &[f32],
+        ow: usize,
+        first: isize,
+        [lo, hi]: [usize; 2],
+        [py0, py1]: [usize; 2],
+        pw: usize,
+        out: &mut [f32],
+    ) {
+        let (rp, op) = (rows.as_ptr(), out.as_mut_ptr());
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        for py in py0..py1 {
+            // Conv rows 2 py - 1 ..= 2 py + 1 inside `lo..hi`.
+            let r0 = (2 * py).saturating_sub(1).max(lo);
+            let r1 = (2 * py + 2).min(hi);
+            for px in 0..pw {
+                let c0 = (2 * px).saturating_sub(1);
+                let c1 = (2 * px + 2).min(ow);
+                let o = op.wrapping_add(((py - py0) * pw + px) * ld);
+                for v in (0..ld).step_by(W) {
+                    let mut m = ninf;
+                    for r in r0..r1 {
+                        let row = (r as isize - first) as usize * ow;
+                        for c in c0..c1 {
+                            // SAFETY: row `r` in `lo..hi` and column `c < ow`: inside `rows`
+                            // (the caller's bounds).
+                            let x = unsafe { _mm512_loadu_ps(rp.add((row + c) * ld + v)) };
+                            m = _mm512_max_ps(x, m);
+                        }
+                    }
+                    // SAFETY: pooled position `(py, px)` of the `py0..py1` rows: inside `out`.
+                    unsafe { _mm512_storeu_ps(o.add(v), m) };
+                }
             }
         }
     }
@@ -1049,6 +1134,56 @@ mod tests {
                         (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
                         "mg {mg} k {k}: ({j}, {ch}): {got} vs {want}"
                     );
+                }
+            }
+        }
+    }
+
+    /// `max3s2_rows` against plain loops over the same windows: rows with a carried row
+    /// before them (`first` = lo - 1 read) and without (`first` = -1, the padding row), odd
+    /// and even widths and row counts, two and four registers of channels, and NaN taps
+    /// (skipped).
+    #[test]
+    fn max3s2_rows_matches_plain_loops() {
+        if !avx512_here() {
+            return;
+        }
+        for &(ld, ow, first, lo, hi, py0, py1) in &[
+            (64usize, 9usize, -1isize, 0usize, 6usize, 0usize, 3usize),
+            (32, 8, 3, 3, 8, 2, 4),
+            (64, 7, 3, 3, 9, 2, 5),
+            (32, 1, -1, 0, 1, 0, 1),
+        ] {
+            let nrows = (hi as isize - first) as usize;
+            let mut rows = rand(nrows * ow * ld, ow as u64 * 3 + hi as u64);
+            for i in (0..rows.len()).step_by(37) {
+                rows[i] = f32::NAN;
+            }
+            let pw = ow.div_ceil(2);
+            let mut out = vec![0.0f32; (py1 - py0) * pw * ld];
+            max3s2_rows(ld, &rows, ow, first, [lo, hi], [py0, py1], pw, &mut out);
+            for py in py0..py1 {
+                for px in 0..pw {
+                    for ch in 0..ld {
+                        let mut want = f32::NEG_INFINITY;
+                        for r in (2 * py).saturating_sub(1)..(2 * py + 2) {
+                            for c in (2 * px).saturating_sub(1)..(2 * px + 2) {
+                                if r < lo || r >= hi || c >= ow {
+                                    continue;
+                                }
+                                let v = rows[((r as isize - first) as usize * ow + c) * ld + ch];
+                                if v > want {
+                                    want = v;
+                                }
+                            }
+                        }
+                        let got = out[((py - py0) * pw + px) * ld + ch];
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "ld {ld} ow {ow}: ({py}, {px}, {ch})"
+                        );
+                    }
                 }
             }
         }
