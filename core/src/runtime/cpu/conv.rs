@@ -1,11 +1,14 @@
 //! Convolution forward and both adjoints: im2col + GEMM (1x1 convolutions skip im2col; depthwise
 //! convolutions use a direct loop, where GEMM with one output row would waste its blocking;
 //! stride-1 convolutions read their padded input in place, on the panel GEMM or, for 16 or 32
-//! output channels, on the lane kernel of [`super::lanes`]).
+//! output channels, on the lane kernel of [`super::lanes`]; stride-2 ones with chunks of 48 or
+//! 64 output channels run on that kernel too, their inputs broadcast from wherever they lie,
+//! and others on even/odd phase planes).
 //!
 //! Work is split by disjoint output blocks ((sample, group) for the forward and the input
-//! gradient, group for the weight gradient), so every output element is produced by exactly one
-//! task in a fixed reduction order: results do not depend on thread scheduling.
+//! gradient, group for the weight gradient; (samples, group, channel chunk) on the stride-2
+//! lane path), so every output element is produced by exactly one task in a fixed reduction
+//! order: results do not depend on thread scheduling.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -319,7 +322,8 @@ struct Direct {
 /// the direct path with: 512 KiB, half of a core's L2, where the product's reads stay. Past
 /// it, im2col. Measured (one thread, batch 4, ResNet-18's stride-2 3x3 layers): 128 -> 256
 /// channels on 28x28 (460 KiB) 5.70 against 6.26 ms on im2col, 256 -> 512 on 14x14 5.83
-/// against 6.77 ms, but 64 -> 128 on 56x56 (861 KiB) 6.45 against 6.15 ms.
+/// against 6.77 ms, but 64 -> 128 on 56x56 (861 KiB) 6.45 against 6.15 ms. (With AVX-512
+/// those layers take the strided lane path instead: [`strided_chunk`].)
 const PHASES_MAX_FLOATS: usize = 128 << 10;
 
 /// Test-only switch off the stride-2 direct path, for timing A/B runs.
@@ -615,22 +619,15 @@ impl Direct {
 
 /// `xpad`: the (sample, group) block `xg` in padded planes of `plane` floats with rows `wp`
 /// apart (the top and left padding before each plane's first row and column), zeros around.
-///
-/// Every float is written once, rows in order (a fill then a copy of each row moved the
-/// buffer twice: 13% of a ResNet-18 3x3 / stride-2 layer, whose padded input is 3.4 MB).
 fn pad_planes(gm: &Geom, xg: &[f32], xpad: &mut [f32], plane: usize, wp: usize) {
+    xpad.fill(0.0);
     let [pt, pl, _, _] = gm.p.pad;
-    let mut at = 0;
     for ci in 0..gm.cg {
-        let p0 = ci * plane;
         for iy in 0..gm.h {
-            let start = p0 + (iy + pt) * wp + pl;
-            xpad[at..start].fill(0.0);
-            xpad[start..start + gm.w].copy_from_slice(&xg[(ci * gm.h + iy) * gm.w..][..gm.w]);
-            at = start + gm.w;
+            let src = &xg[(ci * gm.h + iy) * gm.w..][..gm.w];
+            xpad[ci * plane + (iy + pt) * wp + pl..][..gm.w].copy_from_slice(src);
         }
     }
-    xpad[at..].fill(0.0);
 }
 
 /// `xpad`: the block `xg` zero-padded and split into phase planes of `pq` floats with rows
