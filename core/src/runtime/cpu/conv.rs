@@ -989,26 +989,25 @@ impl CpuBackend {
         pool: &Pool2dParams,
     ) -> Option<(Vec<f32>, [usize; 4])> {
         let gm = Geom::new(xs, ws, p);
-        let pooled = act == Unary::Relu
-            && pool.kind == PoolKind::Max
-            && pool.kernel == [2, 2]
-            && pool.stride == [2, 2]
-            && pool.pad == [0; 4]
-            && pool.dilation == [1, 1]
-            && pool.out_hw == [gm.oh / 2, gm.ow / 2];
+        // A square max pooling of kernel `k`, stride 2 and padding `pad` on every side, with
+        // floor-mode output sizes `out`.
+        let max_pool = |k: usize, pad: usize, out: [usize; 2]| {
+            act == Unary::Relu
+                && pool.kind == PoolKind::Max
+                && pool.kernel == [k, k]
+                && pool.stride == [2, 2]
+                && pool.pad == [pad; 4]
+                && pool.dilation == [1, 1]
+                && pool.out_hw == out
+        };
+        let pooled = max_pool(2, 0, [gm.oh / 2, gm.ow / 2]);
         #[cfg(test)]
         if NO_FUSED_POOL.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
         // ResNet's stem pattern: a 3x3 / stride-2 / pad-1 max pooling after a stride-2
         // convolution on the lane kernel, pooled from its product rows.
-        let pooled3 = act == Unary::Relu
-            && pool.kind == PoolKind::Max
-            && pool.kernel == [3, 3]
-            && pool.stride == [2, 2]
-            && pool.pad == [1; 4]
-            && pool.dilation == [1, 1]
-            && pool.out_hw == [gm.oh.div_ceil(2), gm.ow.div_ceil(2)];
+        let pooled3 = max_pool(3, 1, [gm.oh.div_ceil(2), gm.ow.div_ceil(2)]);
         if pooled3 && Direct::plan(&gm, false).is_none() {
             let chunk = strided_chunk(&gm)?;
             let ys = [gm.n, gm.m, gm.oh.div_ceil(2), gm.ow.div_ceil(2)];
