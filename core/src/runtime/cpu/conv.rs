@@ -702,6 +702,30 @@ fn strided_chunk(gm: &Geom) -> Option<usize> {
     })
 }
 
+/// `pos`: the first-tap offsets of output rows `r0..r1` of each padded input block starting at
+/// one of `bases` (rows `wp` apart), block after block, then the last repeated to a whole
+/// number of the lane kernel's `block`s ([`lanes::product_at`]'s positions).
+fn row_positions(
+    pos: &mut Vec<usize>,
+    gm: &Geom,
+    bases: impl Iterator<Item = usize>,
+    [r0, r1]: [usize; 2],
+    wp: usize,
+    block: usize,
+) {
+    let [sh, sw] = gm.p.stride;
+    pos.clear();
+    for base in bases {
+        for oy in r0..r1 {
+            let row = base + oy * sh * wp;
+            pos.extend((0..gm.ow).map(|ox| row + ox * sw));
+        }
+    }
+    if let Some(&last) = pos.last() {
+        pos.resize(pos.len().next_multiple_of(block), last);
+    }
+}
+
 /// `out` (`mg` planes of `ceil(oh / 2) x ceil(ow / 2)`) = the 3x3 / stride-2 / pad-1 max
 /// pooling of `relu(w * x + bias)` for padded input block `blk` (of `pblock` floats, rows `wp`
 /// apart) of `xin`, on the lane kernel: an even number of output rows at a time, each piece's
@@ -719,7 +743,6 @@ fn strided_pooled(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    let [sh, sw] = gm.p.stride;
     let (oh, ow, ld) = (gm.oh, gm.ow, a.ld());
     let [poh, pow] = [oh.div_ceil(2), ow.div_ceil(2)];
     // Output rows per piece: even, so a piece's pooled rows need only the row before it.
@@ -734,14 +757,7 @@ fn strided_pooled(
         let (prod, pooled) = buf.split_at_mut(prod_len);
         for r0 in (0..oh).step_by(rows) {
             let r1 = (r0 + rows).min(oh);
-            pos.clear();
-            for oy in r0..r1 {
-                let row = base + oy * sh * wp;
-                pos.extend((0..ow).map(|ox| row + ox * sw));
-            }
-            let n = pos.len();
-            let last = pos[n - 1];
-            pos.resize(n.next_multiple_of(block), last);
+            row_positions(&mut pos, gm, std::iter::once(base), [r0, r1], wp, block);
             lanes::product_at(a, xin, offs, &pos, &mut prod[ow * ld..]);
             let (py0, py1) = (r0 / 2, if r1 == oh { poh } else { r1 / 2 });
             let first = r0 as isize - 1;
@@ -1007,8 +1023,10 @@ impl CpuBackend {
         }
         // ResNet's stem pattern: a 3x3 / stride-2 / pad-1 max pooling after a stride-2
         // convolution on the lane kernel, pooled from its product rows.
+        // (`Direct::plan` refuses every convolution `strided_chunk` takes, so this is the path
+        // the unfused convolution runs too.)
         let pooled3 = max_pool(3, 1, [gm.oh.div_ceil(2), gm.ow.div_ceil(2)]);
-        if pooled3 && Direct::plan(&gm, false).is_none() {
+        if pooled3 {
             let chunk = strided_chunk(&gm)?;
             let ys = [gm.n, gm.m, gm.oh.div_ceil(2), gm.ow.div_ceil(2)];
             let mut y = self.out_dirty(ys.iter().product());
@@ -1316,7 +1334,6 @@ impl CpuBackend {
                 .map(|wc| lanes::LanePacked::new(chunk, k, wc))
                 .collect::<Vec<_>>()
         });
-        let [sh, sw] = gm.p.stride;
         let (hp, wp) = gm.padded_hw();
         let plane = hp * wp;
         let offs = tap_offsets(gm, plane, wp);
@@ -1374,17 +1391,8 @@ impl CpuBackend {
                 with_scratch(cap * a.ld(), |prod| {
                     for r0 in (0..gm.oh).step_by(rows) {
                         let r1 = (r0 + rows).min(gm.oh);
-                        pos.clear();
-                        for j in 0..outs.len() {
-                            let base = ((s0 + j) * gm.g + gi) * pblock;
-                            for oy in r0..r1 {
-                                let row = base + oy * sh * wp;
-                                pos.extend((0..gm.ow).map(|ox| row + ox * sw));
-                            }
-                        }
-                        let n = pos.len();
-                        let last = pos[n - 1];
-                        pos.resize(n.next_multiple_of(block), last);
+                        let bases = (s0..s0 + outs.len()).map(|s| (s * gm.g + gi) * pblock);
+                        row_positions(&mut pos, gm, bases, [r0, r1], wp, block);
                         lanes::product_at(a, xin, &offs, &pos, prod);
                         let per_piece = (r1 - r0) * gm.ow;
                         for (j, out) in outs.iter_mut().enumerate() {

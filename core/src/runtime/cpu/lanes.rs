@@ -174,14 +174,6 @@ pub(super) fn product(a: &LanePacked, x: &[f32], offs: &[usize], npos: usize, y:
 /// kernels' 128, whose 32 KiB of weights fill L1.
 const AT_KC: usize = 72;
 
-/// The reduction blocks `(t0, kc)` of [`product_at`]: as few as [`AT_KC`] allows, of equal
-/// lengths (as [`super::sgemm::k_blocks`]).
-fn at_blocks(k: usize) -> impl Iterator<Item = (usize, usize)> {
-    let nb = k.div_ceil(AT_KC).max(1);
-    let (base, extra) = (k / nb, k % nb);
-    (0..nb).map(move |i| (i * base + i.min(extra), base + usize::from(i < extra)))
-}
-
 /// `y[j * ld + c] = sum_t w[c][t] * x[pos[j] + offs[t]]` for every listed position `j` and all
 /// `ld` lanes: a strided convolution's product, each output position `pos[j]` the input offset
 /// of its first tap (any layout: rows, stride, samples). Three or four registers of channels
@@ -446,7 +438,7 @@ mod x86 {
     ) {
         let (xp, yp, wp) = (x.as_ptr(), y.as_mut_ptr(), a.data.as_ptr());
         let ld = a.ld();
-        for (t0, kc) in super::at_blocks(a.k) {
+        for (t0, kc) in super::super::sgemm::balanced_blocks(a.k, super::AT_KC) {
             let offs = &offs[t0..t0 + kc];
             let w = wp.wrapping_add(t0 * ld);
             macro_rules! run {

@@ -64,7 +64,6 @@ fn kc_max() -> usize {
 pub(super) fn k_blocks(k: usize) -> impl Iterator<Item = (usize, usize)> {
     let kc = kc_max();
     let nb = k.div_ceil(kc).max(1);
-    let (base, extra) = (k / nb, k % nb);
     #[cfg(test)]
     let unbalanced = UNBALANCED_K.load(std::sync::atomic::Ordering::Relaxed);
     #[cfg(not(test))]
@@ -73,9 +72,23 @@ pub(super) fn k_blocks(k: usize) -> impl Iterator<Item = (usize, usize)> {
         if unbalanced {
             (i * kc, kc.min(k - i * kc))
         } else {
-            (i * base + i.min(extra), base + usize::from(i < extra))
+            balanced_block(k, nb, i)
         }
     })
+}
+
+/// Block `i` `(t0, len)` of a `k`-long reduction cut into `nb` blocks whose lengths differ by at
+/// most one (the first ones longer).
+fn balanced_block(k: usize, nb: usize, i: usize) -> (usize, usize) {
+    let (base, extra) = (k / nb, k % nb);
+    (i * base + i.min(extra), base + usize::from(i < extra))
+}
+
+/// A `k`-long reduction in as few blocks of at most `kc` steps as there can be, balanced as
+/// [`k_blocks`]'s (whose blocks are these with `kc` = `KC`).
+pub(super) fn balanced_blocks(k: usize, kc: usize) -> impl Iterator<Item = (usize, usize)> {
+    let nb = k.div_ceil(kc).max(1);
+    (0..nb).map(move |i| balanced_block(k, nb, i))
 }
 
 /// Test-only switch to blocks of `2 KC`, for the timing tool's A/B runs.
