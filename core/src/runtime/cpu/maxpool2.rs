@@ -32,23 +32,38 @@ fn forward_row_isa(top: &[f32], bot: &[f32], out: &mut [f32], wide: bool) {
     } else if super::sgemm::available() {
         // SAFETY: AVX2 and FMA are present; the lengths are asserted above.
         done = unsafe { x86::forward(top, bot, out) };
-        if done < n {
-            // The last `n % 8` windows through the same kernel on a padded copy (the scalar
-            // loop mispredicts its data-dependent branches: 13 ns a window).
-            let r = n - done;
-            let (mut t, mut b, mut o) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 8]);
-            t[..2 * r].copy_from_slice(&top[2 * done..2 * n]);
-            b[..2 * r].copy_from_slice(&bot[2 * done..2 * n]);
-            // SAFETY: as above; the copies hold one whole group.
-            unsafe { x86::forward(&t, &b, &mut o) };
-            out[done..].copy_from_slice(&o[..r]);
-            done = n;
-        }
     }
     for o in done..n {
         out[o] = [top[2 * o + 1], bot[2 * o], bot[2 * o + 1]]
             .into_iter()
             .fold(top[2 * o], |b, v| if v > b { v } else { b });
+    }
+}
+
+/// [`forward_row`] over a plane's row pairs (input rows `w` apart, `out` rows of `ow`), the
+/// instruction set chosen once per plane. Why: the small CNN's second pooling has rows of seven
+/// windows, 14,336 a batch of 64, and dispatching each row cost more than pooling it.
+pub(super) fn forward_plane(plane: &[f32], w: usize, out: &mut [f32], ow: usize) {
+    if ow == 0 {
+        return;
+    }
+    let oh = out.len() / ow;
+    assert!(
+        out.len() == oh * ow
+            && 2 * ow <= w
+            && (oh == 0 || (2 * oh - 1) * w + 2 * ow <= plane.len()),
+        "maxpool2: plane bounds"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if !super::sgemm::avx512() && super::sgemm::available() {
+        // SAFETY: AVX2 and FMA are present; the bounds are asserted above.
+        unsafe { x86::forward_plane256(plane, w, out, ow) };
+        return;
+    }
+    for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+        let top = &plane[2 * oy * w..][..2 * ow];
+        let bot = &plane[(2 * oy + 1) * w..][..2 * ow];
+        forward_row(top, bot, row);
     }
 }
 
@@ -99,7 +114,17 @@ pub(super) fn relu_pool_plane(
     pw: usize,
     bias: Option<f32>,
 ) {
-    relu_pool_plane_isa(src, wp, out, pw, bias, true);
+    relu_pool_plane_isa(src, wp, out, pw, bias, Isa::Best);
+}
+
+/// Which kernel a test runs: the best this CPU has, AVX2 at most, or the portable loop.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Isa {
+    Best,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Avx2,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Portable,
 }
 
 fn relu_pool_plane_isa(
@@ -108,7 +133,7 @@ fn relu_pool_plane_isa(
     out: &mut [f32],
     pw: usize,
     bias: Option<f32>,
-    wide: bool,
+    isa: Isa,
 ) {
     if pw == 0 {
         return;
@@ -121,9 +146,13 @@ fn relu_pool_plane_isa(
         "relu_pool_plane: bounds"
     );
     #[cfg(target_arch = "x86_64")]
-    if wide && super::sgemm::avx512() {
+    if isa == Isa::Best && super::sgemm::avx512() {
         // SAFETY: AVX-512F is present; the bounds are asserted above.
         unsafe { x86::relu_pool_plane512(src, wp, out, pw, bias) };
+        return;
+    } else if isa != Isa::Portable && super::sgemm::available() {
+        // SAFETY: AVX2 and FMA are present; the bounds are asserted above.
+        unsafe { x86::relu_pool_plane256(src, wp, out, pw, bias) };
         return;
     }
     // Elsewhere: each row pair's taps through the ReLU into a stack block, then the plain rows.
@@ -138,7 +167,7 @@ fn relu_pool_plane_isa(
                 t[i] = f(top[2 * o0 + i]);
                 b[i] = f(bot[2 * o0 + i]);
             }
-            forward_row_isa(&t[..2 * r], &b[..2 * r], &mut row[o0..o0 + r], wide);
+            forward_row_isa(&t[..2 * r], &b[..2 * r], &mut row[o0..o0 + r], false);
         }
     }
 }
@@ -180,25 +209,6 @@ fn backward_row_isa(
     } else if super::sgemm::available() {
         // SAFETY: AVX2 and FMA are present; the lengths are asserted above.
         done = unsafe { x86::backward(top, bot, dy, gtop, gbot, accumulate) };
-        if done < n {
-            // The last `n % 8` windows on padded copies, as in `forward_row`.
-            let r = n - done;
-            let (mut t, mut b, mut d) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 8]);
-            let (mut gt, mut gb) = ([0.0f32; 16], [0.0f32; 16]);
-            let span = 2 * done..2 * n;
-            t[..2 * r].copy_from_slice(&top[span.clone()]);
-            b[..2 * r].copy_from_slice(&bot[span.clone()]);
-            d[..r].copy_from_slice(&dy[done..]);
-            if accumulate {
-                gt[..2 * r].copy_from_slice(&gtop[span.clone()]);
-                gb[..2 * r].copy_from_slice(&gbot[span.clone()]);
-            }
-            // SAFETY: as above; the copies hold one whole group.
-            unsafe { x86::backward(&t, &b, &d, &mut gt, &mut gb, accumulate) };
-            gtop[span.clone()].copy_from_slice(&gt[..2 * r]);
-            gbot[span].copy_from_slice(&gb[..2 * r]);
-            done = n;
-        }
     }
     for (o, &d) in dy.iter().enumerate().skip(done) {
         let v = [top[2 * o], top[2 * o + 1], bot[2 * o], bot[2 * o + 1]];
@@ -224,13 +234,62 @@ fn backward_row_isa(
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Even and odd elements of `p[0..16]`, in order.
+    /// Lane masks (sign bits, as MASKMOVPS reads them) of the first `len <= 16` floats of two
+    /// consecutive registers.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn split(p: *const f32) -> (__m256, __m256) {
-        // SAFETY: the caller guarantees 16 readable floats at `p`.
+    fn masks256(len: usize) -> (__m256i, __m256i) {
+        let i = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let m = |l: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(l.min(8) as i32), i);
+        (m(len), m(len.saturating_sub(8)))
+    }
+
+    /// The first `cnt <= 8` lanes of `v` stored at `p`: a 4-, a 2- and a 1-float store as `cnt`'s
+    /// bits ask. Why not MASKMOVPS: its stores are microcoded on AMD's Zen cores (the small
+    /// CNN's forward, whose second pooling ends every row with one, measured 3.1-3.6 ms with
+    /// them against 2.7-2.8 without on a Zen 3 core).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store_first(p: *mut f32, v: __m256, cnt: usize) {
+        if cnt >= 8 {
+            // SAFETY: the caller guarantees `cnt` writable floats at `p`.
+            unsafe { _mm256_storeu_ps(p, v) };
+            return;
+        }
+        let (mut q, mut part) = (p, _mm256_castps256_ps128(v));
+        // SAFETY: as above: the stores below write `cnt` floats in all, from `p` on.
         unsafe {
-            let (a, b) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+            if cnt & 4 != 0 {
+                _mm_storeu_ps(q, part);
+                part = _mm256_extractf128_ps::<1>(v);
+                q = q.add(4);
+            }
+            if cnt & 2 != 0 {
+                _mm_storel_pd(q.cast(), _mm_castps_pd(part));
+                part = _mm_movehl_ps(part, part);
+                q = q.add(2);
+            }
+            if cnt & 1 != 0 {
+                _mm_store_ss(q, part);
+            }
+        }
+    }
+
+    /// Even and odd elements of the first `2 cnt` floats at `p` (`cnt <= 8`; lanes past them
+    /// are zero), in order. Why masks, not a padded copy of a row's short last group: the
+    /// small CNN's second pooling has rows of seven windows, and the copies (library `memmove`
+    /// calls) took longer than the pooling.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn split(p: *const f32, cnt: usize) -> (__m256, __m256) {
+        // SAFETY: the caller guarantees 2 cnt readable floats at `p`; the masks cover no more.
+        unsafe {
+            let (a, b) = if cnt >= 8 {
+                (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+            } else {
+                let (ma, mb) = masks256(2 * cnt);
+                (_mm256_maskload_ps(p, ma), _mm256_maskload_ps(p.add(8), mb))
+            };
             // Within each 128-bit half: a0 a2 b0 b2 | a4 a6 b4 b6; then fix the half order.
             let ev = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
             let od = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
@@ -241,17 +300,29 @@ mod x86 {
         }
     }
 
-    /// `(lo, hi)` interleaved into `p[0..16]`: lo0 hi0 lo1 hi1 ...
+    /// `(lo, hi)` interleaved into the first `2 cnt` floats at `p` (`cnt <= 8`): lo0 hi0 lo1
+    /// hi1 ...
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn merge(p: *mut f32, lo: __m256, hi: __m256, accumulate: bool) {
+    unsafe fn merge(p: *mut f32, lo: __m256, hi: __m256, cnt: usize, accumulate: bool) {
         let a = _mm256_unpacklo_ps(lo, hi);
         let b = _mm256_unpackhi_ps(lo, hi);
         let first = _mm256_permute2f128_ps::<0x20>(a, b);
         let second = _mm256_permute2f128_ps::<0x31>(a, b);
-        // SAFETY: the caller guarantees 16 writable floats at `p`.
+        // SAFETY: the caller guarantees 2 cnt writable floats at `p`; the masks cover no more.
         unsafe {
-            if accumulate {
+            if cnt < 8 {
+                let (ma, mb) = masks256(2 * cnt);
+                let (na, nb) = ((2 * cnt).min(8), (2 * cnt).saturating_sub(8));
+                for (q, v, m, n) in [(p, first, ma, na), (p.add(8), second, mb, nb)] {
+                    let v = if accumulate {
+                        _mm256_add_ps(_mm256_maskload_ps(q, m), v)
+                    } else {
+                        v
+                    };
+                    store_first(q, v, n);
+                }
+            } else if accumulate {
                 _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), first));
                 _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), second));
             } else {
@@ -261,12 +332,16 @@ mod x86 {
         }
     }
 
-    /// The four taps of eight windows, then the masks of "this tap beat the best so far".
+    /// The four taps of `cnt <= 8` windows, then the masks of "this tap beat the best so far".
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn taps(top: *const f32, bot: *const f32) -> ([__m256; 4], [__m256; 3], __m256) {
+    unsafe fn taps(
+        top: *const f32,
+        bot: *const f32,
+        cnt: usize,
+    ) -> ([__m256; 4], [__m256; 3], __m256) {
         // SAFETY: as in `split`, for both rows.
-        let ((t0, t1), (b0, b1)) = unsafe { (split(top), split(bot)) };
+        let ((t0, t1), (b0, b1)) = unsafe { (split(top, cnt), split(bot, cnt)) };
         let is1 = _mm256_cmp_ps::<_CMP_GT_OQ>(t1, t0);
         let best = _mm256_blendv_ps(t0, t1, is1);
         let is2 = _mm256_cmp_ps::<_CMP_GT_OQ>(b0, best);
@@ -276,18 +351,34 @@ mod x86 {
         ([t0, t1, b0, b1], [is1, is2, is3], best)
     }
 
-    /// Whole groups of eight windows; returns how many windows it did.
+    /// See `forward_plane` (which checks the bounds).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn forward_plane256(plane: &[f32], w: usize, out: &mut [f32], ow: usize) {
+        for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+            let top = &plane[2 * oy * w..][..2 * ow];
+            let bot = &plane[(2 * oy + 1) * w..][..2 * ow];
+            // SAFETY: AVX2 and FMA are present (this function's contract); the rows hold 2 ow
+            // floats, twice the output row.
+            unsafe { forward(top, bot, row) };
+        }
+    }
+
+    /// Groups of eight windows, the last one shorter; returns how many windows it did (all).
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn forward(top: &[f32], bot: &[f32], out: &mut [f32]) -> usize {
-        let groups = out.len() / 8;
-        for g in 0..groups {
-            // SAFETY: window 8g + 7 reads taps below 16g + 16 <= 2 out.len() <= the rows.
+        let n = out.len();
+        for o in (0..n).step_by(8) {
+            let cnt = (n - o).min(8);
+            // SAFETY: windows o .. o + cnt read taps below 2 (o + cnt) <= 2 n <= the rows' and
+            // write outputs below o + cnt <= n (the caller's bounds); masked-off lanes are
+            // neither read nor written.
             unsafe {
-                let (_, _, best) = taps(top.as_ptr().add(16 * g), bot.as_ptr().add(16 * g));
-                _mm256_storeu_ps(out.as_mut_ptr().add(8 * g), best);
+                let (_, _, best) = taps(top.as_ptr().add(2 * o), bot.as_ptr().add(2 * o), cnt);
+                store_first(out.as_mut_ptr().add(o), best, cnt);
             }
         }
-        groups * 8
+        n
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -299,13 +390,18 @@ mod x86 {
         gbot: &mut [f32],
         accumulate: bool,
     ) -> usize {
-        let groups = dy.len() / 8;
-        for g in 0..groups {
+        let n = dy.len();
+        for o in (0..n).step_by(8) {
+            let cnt = (n - o).min(8);
             // SAFETY: as in `forward`, for the inputs, `dy` and both gradient rows.
             unsafe {
                 let (_, [is1, is2, is3], _) =
-                    taps(top.as_ptr().add(16 * g), bot.as_ptr().add(16 * g));
-                let d = _mm256_loadu_ps(dy.as_ptr().add(8 * g));
+                    taps(top.as_ptr().add(2 * o), bot.as_ptr().add(2 * o), cnt);
+                let d = if cnt == 8 {
+                    _mm256_loadu_ps(dy.as_ptr().add(o))
+                } else {
+                    _mm256_maskload_ps(dy.as_ptr().add(o), masks256(cnt).0)
+                };
                 // The last tap that beat the best so far is the first strict maximum.
                 let w3 = is3;
                 let w2 = _mm256_andnot_ps(is3, is2);
@@ -317,20 +413,22 @@ mod x86 {
                 );
                 let g_of = |w: __m256| _mm256_and_ps(w, d);
                 merge(
-                    gtop.as_mut_ptr().add(16 * g),
+                    gtop.as_mut_ptr().add(2 * o),
                     g_of(w0),
                     g_of(w1),
+                    cnt,
                     accumulate,
                 );
                 merge(
-                    gbot.as_mut_ptr().add(16 * g),
+                    gbot.as_mut_ptr().add(2 * o),
                     g_of(w2),
                     g_of(w3),
+                    cnt,
                     accumulate,
                 );
             }
         }
-        groups * 8
+        n
     }
 
     /// Even and odd elements of the first `2 cnt` floats at `p` (`cnt <= 16`; lanes past them
@@ -440,6 +538,61 @@ mod x86 {
             }
         }
         n
+    }
+
+    /// See `relu_pool_plane` (which checks the bounds). Eight windows per register, a row's
+    /// last group loaded and stored under masks. Why: the portable loop (the ReLU into a stack
+    /// block, then `forward_row`, whose short last group goes through a padded copy) took 55%
+    /// of the small CNN's fused first layer on an AVX2-only CPU.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn relu_pool_plane256(
+        src: &[f32],
+        wp: usize,
+        out: &mut [f32],
+        pw: usize,
+        bias: Option<f32>,
+    ) {
+        let (bv, z) = (_mm256_set1_ps(bias.unwrap_or(0.0)), _mm256_setzero_ps());
+        let ph = out.len() / pw;
+        // max(v + b, 0): MAXPS returns its second operand for a NaN (as the AVX-512 kernel).
+        let f = |v: __m256| {
+            let v = if bias.is_some() {
+                _mm256_add_ps(v, bv)
+            } else {
+                v
+            };
+            _mm256_max_ps(v, z)
+        };
+        for py in 0..ph {
+            for o in (0..pw).step_by(8) {
+                let cnt = (pw - o).min(8);
+                // SAFETY: the row pair's taps 2 o .. 2 (o + cnt) <= 2 pw lie inside `src` and
+                // the outputs o .. o + cnt inside `out` (the caller's bounds); a short group's
+                // masked-off lanes are neither read nor written.
+                unsafe {
+                    let top = src.as_ptr().add(2 * py * wp + 2 * o);
+                    let bot = top.add(wp);
+                    let [t0, t1, b0, b1] = if cnt == 8 {
+                        [top, top.add(8), bot, bot.add(8)].map(|p| _mm256_loadu_ps(p))
+                    } else {
+                        let (ma, mb) = masks256(2 * cnt);
+                        [(top, ma), (top.add(8), mb), (bot, ma), (bot.add(8), mb)]
+                            .map(|(p, m)| _mm256_maskload_ps(p, m))
+                    };
+                    let lo = _mm256_max_ps(f(t0), f(b0));
+                    let hi = _mm256_max_ps(f(t1), f(b1));
+                    // Within each 128-bit half: windows 0 1 4 5 | 2 3 6 7; then fix the order.
+                    let best = _mm256_max_ps(
+                        _mm256_shuffle_ps::<0b10_00_10_00>(lo, hi),
+                        _mm256_shuffle_ps::<0b11_01_11_01>(lo, hi),
+                    );
+                    let best = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(
+                        _mm256_castps_pd(best),
+                    ));
+                    store_first(out.as_mut_ptr().add(py * pw + o), best, cnt);
+                }
+            }
+        }
     }
 
     /// See `relu_pool_plane` (which checks the bounds).
@@ -579,7 +732,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     /// The fused ReLU + pooling of a plane (rows `wp` apart, bias or none) against the ReLU
-    /// written out and pooled by `forward_row`, on both vector kernels: equal as floats, NaN
+    /// written out and pooled by `forward_row`, on every kernel this CPU has: equal as floats, NaN
     /// taps (which the ReLU maps to 0) and signed zeros included, and nothing written past
     /// the plane.
     #[test]
@@ -613,18 +766,58 @@ mod tests {
                             .collect();
                         super::forward_row_isa(&top, &bot, row, false);
                     }
-                    for wide in [true, false] {
+                    for isa in [super::Isa::Best, super::Isa::Avx2, super::Isa::Portable] {
                         let mut out = vec![-9.0f32; ph * pw + 1];
-                        super::relu_pool_plane_isa(&src, wp, &mut out[..ph * pw], pw, bias, wide);
+                        super::relu_pool_plane_isa(&src, wp, &mut out[..ph * pw], pw, bias, isa);
                         assert_eq!(
                             out[..ph * pw],
                             want[..],
-                            "pw {pw} wp {wp} bias {bias:?} wide {wide}"
+                            "pw {pw} wp {wp} bias {bias:?} {isa:?}"
                         );
                         assert_eq!(out[ph * pw], -9.0, "wrote past the plane");
                     }
                 }
             }
+        }
+    }
+
+    /// `forward_plane` (one dispatch per plane) is `forward_row` on each row pair, bit for
+    /// bit (NaNs included), for rows shorter and longer than a register, extra input columns
+    /// and an odd input height; nothing is written past the output plane.
+    #[test]
+    fn plane_pooling_equals_row_pooling() {
+        for (ow, oh, extra) in [
+            (7usize, 7usize, 0usize),
+            (7, 3, 1),
+            (1, 2, 0),
+            (8, 4, 3),
+            (14, 5, 0),
+            (19, 2, 2),
+        ] {
+            let w = 2 * ow + extra;
+            let h = 2 * oh + extra % 2;
+            let plane: Vec<f32> = (0..h * w)
+                .map(|i| match (i * 13 + ow) % 9 {
+                    0 => f32::NAN,
+                    r => (r as f32 - 4.0) * 0.5,
+                })
+                .collect();
+            let mut want = vec![0.0f32; oh * ow];
+            for (oy, row) in want.chunks_exact_mut(ow).enumerate() {
+                super::forward_row(
+                    &plane[2 * oy * w..][..2 * ow],
+                    &plane[(2 * oy + 1) * w..][..2 * ow],
+                    row,
+                );
+            }
+            let mut got = vec![-5.0f32; oh * ow + 1];
+            super::forward_plane(&plane, w, &mut got[..oh * ow], ow);
+            let same = got[..oh * ow]
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{ow} x {oh}, {extra} extra: {got:?} against {want:?}");
+            assert_eq!(got[oh * ow], -5.0, "wrote past the plane");
         }
     }
 
@@ -714,7 +907,7 @@ mod tests {
                     .zip(b)
                     .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
             };
-            // The dispatched rows (AVX-512, or AVX2 with its padded tail, or scalar), and the
+            // The dispatched rows (AVX-512, or AVX2 with its masked tail, or scalar), and the
             // AVX2 rows on a CPU with AVX-512.
             for wide in [true, false] {
                 let mut out = vec![-7.0f32; n];

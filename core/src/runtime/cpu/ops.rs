@@ -977,11 +977,7 @@ impl PoolWindows {
         let ow = self.cols.len();
         // The ubiquitous 2x2 / stride 2 case: fixed-size pairs, no index arithmetic.
         if self.all_full(p) && self.kernel_2x2_stride_2(kernel) {
-            for (oy, out) in dst.chunks_exact_mut(ow).enumerate() {
-                let r0 = &plane[2 * oy * self.w..][..2 * ow];
-                let r1 = &plane[(2 * oy + 1) * self.w..][..2 * ow];
-                super::maxpool2::forward_row(r0, r1, out);
-            }
+            super::maxpool2::forward_plane(plane, self.w, dst, ow);
             return;
         }
         // The full columns: one range (windows move one way along the axis).
