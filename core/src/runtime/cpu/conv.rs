@@ -990,8 +990,9 @@ impl CpuBackend {
     /// pooling without padding (the small CNNs' pattern), computed from each sample's output
     /// planes while they are in cache, so the full-size activation is never written and read
     /// back: on the small CNN the first convolution's output is 3.2 MB a batch of 64, three
-    /// times this core's L2. `None` for other activations and poolings, and where the direct
-    /// path does not take the convolution (the caller then runs the steps one by one).
+    /// times this core's L2. `None` for other activations and poolings, and where neither the
+    /// direct nor the Winograd path takes the convolution (the caller then runs the steps one
+    /// by one).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn conv2d_act_maxpool2(
         &self,
@@ -1041,8 +1042,9 @@ impl CpuBackend {
         self.conv2d_core(x, gm, wts, bias, Some(Unary::Relu), true)
     }
 
-    /// The two above. With `pool2`, `None` where the path chosen for `gm` is not the direct
-    /// one (the only path that pools in its copy-out); without, always `Some`.
+    /// The two above. With `pool2`, `None` where the path chosen for `gm` is neither the
+    /// direct one (which pools in its copy-out) nor Winograd (which pools each output tile);
+    /// without, always `Some`.
     fn conv2d_core(
         &self,
         x: &[f32],
@@ -1064,7 +1066,7 @@ impl CpuBackend {
         } else {
             Direct::plan(&gm, pool2)
         };
-        if pool2 && direct.is_none() {
+        if pool2 && direct.is_none() && winograd.is_none() {
             return None;
         }
         let ws = [gm.m, gm.cg, gm.kh, gm.kw];
@@ -1091,7 +1093,7 @@ impl CpuBackend {
         if gm.is_depthwise() {
             self.depthwise_forward(&gm, x, w, &mut y);
         } else if let Some(shape) = winograd {
-            self.winograd_forward(shape, &gm, x, wts, bias, act, &mut y);
+            self.winograd_forward(shape, &gm, x, wts, bias, act, pool2, &mut y);
             return Some((y, ys));
         } else if let Some(chunk) = direct.is_none().then(|| strided_chunk(&gm)).flatten() {
             self.strided_forward(&gm, chunk, x, wts, bias, act, false, &mut y);
@@ -1207,7 +1209,9 @@ impl CpuBackend {
     }
 
     /// The Winograd forward: tasks are chunks of samples, or, with fewer samples than
-    /// threads, (sample, output-channel range) pairs, each writing its own block of `y`.
+    /// threads, (sample, output-channel range) pairs, each writing its own block of `y`. With
+    /// `pool2` (act ReLU), `y` is the 2x2 / stride-2 max pooling of the output, taken from
+    /// each output tile's registers (see `winograd::Plan::run`).
     #[allow(clippy::too_many_arguments)]
     fn winograd_forward(
         &self,
@@ -1217,12 +1221,19 @@ impl CpuBackend {
         wts: Weights<'_>,
         bias: Option<&[f32]>,
         act: Option<Unary>,
+        pool2: bool,
         y: &mut [f32],
     ) {
         if let Some(b) = bias {
             assert_eq!(b.len(), gm.m, "conv2d bias length");
         }
-        let pw = gm.p_out();
+        // Each output plane's size (pooled or not).
+        let pw = if pool2 {
+            debug_assert_eq!(act, Some(Unary::Relu), "pooled Winograd output: ReLU only");
+            (gm.oh / 2) * (gm.ow / 2)
+        } else {
+            gm.p_out()
+        };
         let par = self.parallel(gm.flops());
         let threads = if par { self.threads } else { 1 };
         // Ranges of at least 8 channels, so each GEMM keeps a useful height.
@@ -1243,7 +1254,7 @@ impl CpuBackend {
         let relu = act == Some(Unary::Relu);
         let run = |t: winograd::Task, yb: &mut [f32]| {
             let (co0, mr) = plan.range(t.range);
-            plan.run(&t, x, yb, bias.map(|b| &b[co0..co0 + mr]), relu);
+            plan.run(&t, x, yb, bias.map(|b| &b[co0..co0 + mr]), relu, pool2);
             if !relu {
                 epilogue(yb, pw, None, act);
             }

@@ -231,7 +231,7 @@ fn backward_row_isa(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     /// Lane masks (sign bits, as MASKMOVPS reads them) of the first `len <= 16` floats of two
@@ -250,7 +250,7 @@ mod x86 {
     /// them against 2.7-2.8 without on a Zen 3 core).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn store_first(p: *mut f32, v: __m256, cnt: usize) {
+    pub(in crate::runtime::cpu) unsafe fn store_first(p: *mut f32, v: __m256, cnt: usize) {
         if cnt >= 8 {
             // SAFETY: the caller guarantees `cnt` writable floats at `p`.
             unsafe { _mm256_storeu_ps(p, v) };

@@ -998,6 +998,42 @@ fn winograd_matches_reference() {
                     &format!("winograd {act:?} {ci}"),
                 );
             }
+            // The ReLU and 2x2 pooling taken from the output tiles (odd output sizes: the cut
+            // last tile row and column pool nothing): equal to the steps as floats, and to the
+            // reference; and it is the fused path that ran.
+            let [oh, ow] = [y.shape[2], y.shape[3]];
+            let pp = pool(
+                PoolKind::Max,
+                [2, 2],
+                [2, 2],
+                [0; 4],
+                [1, 1],
+                [oh / 2, ow / 2],
+            );
+            let pooled = b.conv2d_act_pool(&xt, &wt, Some(&bt), p, Unary::Relu, &pp);
+            let steps = b.pool2d(&b.conv2d_act(&xt, &wt, Some(&bt), p, Unary::Relu), &pp);
+            let what = format!("winograd pooled {ci}");
+            check(
+                b,
+                &pooled,
+                &r::pool2d(&r::unary(Unary::Relu, &y), &pp),
+                BWD,
+                &what,
+            );
+            assert_eq!(b.download(&pooled), b.download(&steps), "{what} vs steps");
+            let fused = b.conv2d_act_maxpool2(
+                &x.to_f32(),
+                *xs,
+                super::wcache::Weights::of(&wt.buf),
+                *ws,
+                Some(&bias.to_f32()),
+                p,
+                Unary::Relu,
+                &pp,
+            );
+            let (fy, fs) = fused.unwrap_or_else(|| panic!("{what}: not fused"));
+            assert_eq!(fs.to_vec(), pooled.shape, "{what}: shape");
+            assert_eq!(fy, b.download(&pooled), "{what}: the fused call");
             let got_dx = b.conv2d_backward_input(&up(b, &dy), &wt, p, *xs);
             check(b, &got_dx, &dx, BWD, &format!("winograd dx {ci}"));
             runs.push([b.download(&got), b.download(&got_dx)]);

@@ -240,12 +240,29 @@ impl Plan {
 
     /// Computes one task: `x` holds the whole input (`n x c x h x w`), `y` the task's output
     /// (`ns x mr x oh x ow`, the range's channels of its samples), to which `bias` (the range's
-    /// entries) is added and, if `relu`, the ReLU applied.
-    pub fn run(&self, t: &Task, x: &[f32], y: &mut [f32], bias: Option<&[f32]>, relu: bool) {
+    /// entries) is added and, if `relu`, the ReLU applied. With `pool2` (and `relu`), `y` is
+    /// the 2x2 / stride-2 max pooling of that instead (`ns x mr x oh/2 x ow/2`): each 2x2
+    /// output tile is one pooling window, so the pooling is a maximum of the tile's four
+    /// registers and the full-size output is never written.
+    pub fn run(
+        &self,
+        t: &Task,
+        x: &[f32],
+        y: &mut [f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        pool2: bool,
+    ) {
         let s = &self.s;
         let rg = &self.u.ranges[t.range];
         let (mr, c) = (rg.mr, s.c);
-        let (th, tw, pw) = (s.th(), s.tw(), s.oh * s.ow);
+        assert!(relu || !pool2, "winograd: pooling after a ReLU only");
+        let (th, tw) = (s.th(), s.tw());
+        let pw = if pool2 {
+            (s.oh / 2) * (s.ow / 2)
+        } else {
+            s.oh * s.ow
+        };
         let plane = s.h * s.w;
         assert!(
             x.len() >= (t.s0 + t.ns) * c * plane,
@@ -314,7 +331,8 @@ impl Plan {
                     for r in row_spans(b0, nbk, tw) {
                         let (sl, ty) = (r.row / th, r.row % th);
                         let ys = &mut y[(g0 + sl) * mr * pw..][..mr * pw];
-                        output_tiles(s, prod, mr, ldb, ps, r.col, ty, r.tx, ys, bias, relu);
+                        let act = (relu, pool2);
+                        output_tiles(s, prod, mr, ldb, ps, r.col, ty, r.tx, ys, bias, act);
                     }
                     b0 += nbk;
                 }
@@ -468,6 +486,8 @@ fn input_tiles(
 /// `y[co][2ty + a][2tx + b] = (A^T M A)[a][b] + bias[co]` (then ReLU) for tiles `tx` of one
 /// row (product columns `t0..`), every channel of the range, cropped to the output. May also
 /// write the outputs of up to seven tiles past the span, which a later span overwrites.
+/// `(relu, pool2)`: the ReLU, and the 2x2 pooling (`y[co][ty][tx]`, the maximum of the tile's
+/// four outputs after the ReLU, for the tiles wholly inside the output).
 #[allow(clippy::too_many_arguments)]
 fn output_tiles(
     s: &Shape,
@@ -480,16 +500,16 @@ fn output_tiles(
     tx: std::ops::Range<usize>,
     y: &mut [f32],
     bias: Option<&[f32]>,
-    relu: bool,
+    act: (bool, bool),
 ) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as in `input_tiles`.
     unsafe {
-        x86::output_tiles(s, prod, mr, ldb, ps, t0, ty, tx, y, bias, relu)
+        x86::output_tiles(s, prod, mr, ldb, ps, t0, ty, tx, y, bias, act)
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!(
-        "winograd: applies() is false off x86_64 ({s:?}, {mr}, {ldb}, {ps}, {t0}, {ty}, {tx:?}, {}, {bias:?}, {relu})",
+        "winograd: applies() is false off x86_64 ({s:?}, {mr}, {ldb}, {ps}, {t0}, {ty}, {tx:?}, {}, {bias:?}, {act:?})",
         prod.len() + y.len()
     )
 }
@@ -592,10 +612,18 @@ mod x86 {
         tx: std::ops::Range<usize>,
         y: &mut [f32],
         bias: Option<&[f32]>,
-        relu: bool,
+        (relu, pool2): (bool, bool),
     ) {
         let (ow, oh) = (s.ow, s.oh);
-        let pw = oh * ow;
+        if pool2 && 2 * ty + 1 >= oh {
+            // A tile row cut by the output's end: no pooling window of its own.
+            return;
+        }
+        let (pw, pool_w) = if pool2 {
+            ((oh / 2) * (ow / 2), ow / 2)
+        } else {
+            (oh * ow, 0)
+        };
         let groups = tx.len().div_ceil(L);
         let x0 = tx.start;
         assert!(tx.end <= s.tw(), "winograd: tile span");
@@ -624,6 +652,8 @@ mod x86 {
         for l0 in (0..groups * L).step_by(L).rev() {
             // Output columns 2 (x0 + l0) .. + 16, of which `cnt` exist.
             let cnt = (ow - 2 * (x0 + l0)).min(2 * L);
+            // Pooled columns x0 + l0 .. + 8, of which `cnt_p` exist (tiles wholly inside).
+            let cnt_p = pool_w.saturating_sub(x0 + l0).min(L);
             let (m0, m1) = (mask(cnt.min(L)), mask(cnt.saturating_sub(L)));
             for co in 0..mr {
                 let bv = _mm256_set1_ps(bias.map_or(0.0, |b| b[co]));
@@ -643,6 +673,26 @@ mod x86 {
                         ]);
                         cols[0][q] = a;
                         cols[1][q] = b;
+                    }
+                    if pool2 {
+                        // The tile's four outputs (both rows: `2 ty + 1 < oh`, checked above)
+                        // through the bias and ReLU, then their maximum: one pooled value per
+                        // tile, eight tiles per register. MAXPS returns its second operand for a
+                        // NaN, so a NaN output is the ReLU's 0, as `relu_pool_plane`'s.
+                        let f = |v: __m256| _mm256_max_ps(_mm256_add_ps(v, bv), zero);
+                        let [e0, o0] = at(cols[0]);
+                        let [e1, o1] = at(cols[1]);
+                        let best =
+                            _mm256_max_ps(_mm256_max_ps(f(e0), f(o0)), _mm256_max_ps(f(e1), f(o1)));
+                        let at_p = ty * pool_w + x0 + l0;
+                        let out = yp.add(co * pw + at_p);
+                        // The spill rule of the stores below, on the pooled rows.
+                        if at_p + L <= pw && (x0 == 0 || cnt_p == L) {
+                            _mm256_storeu_ps(out, best);
+                        } else {
+                            super::super::maxpool2::x86::store_first(out, best, cnt_p);
+                        }
+                        continue;
                     }
                     for (a, col) in cols.iter().enumerate().take(rows) {
                         let [mut ev, mut od] = at(*col);
