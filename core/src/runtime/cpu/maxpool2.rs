@@ -238,7 +238,7 @@ pub(super) mod x86 {
     /// consecutive registers.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn masks256(len: usize) -> (__m256i, __m256i) {
+    pub(in crate::runtime::cpu) fn masks256(len: usize) -> (__m256i, __m256i) {
         let i = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         let m = |l: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(l.min(8) as i32), i);
         (m(len), m(len.saturating_sub(8)))
