@@ -162,6 +162,18 @@ fn matmul_matches_reference() {
     }
 }
 
+/// The small CNNs' 2x2 / stride-2 max pooling (floor mode) of an `oh x ow` plane.
+fn max_pool_2x2(oh: usize, ow: usize) -> Pool2dParams {
+    pool(
+        PoolKind::Max,
+        [2, 2],
+        [2, 2],
+        [0; 4],
+        [1, 1],
+        [oh / 2, ow / 2],
+    )
+}
+
 fn pool(
     kind: PoolKind,
     kernel: [usize; 2],
@@ -804,14 +816,7 @@ fn fast_paths_match_reference() {
                 // floats, and to the reference.
                 let [oh, ow] = [y.shape[2], y.shape[3]];
                 for pp in [
-                    pool(
-                        PoolKind::Max,
-                        [2, 2],
-                        [2, 2],
-                        [0; 4],
-                        [1, 1],
-                        [oh / 2, ow / 2],
-                    ),
+                    max_pool_2x2(oh, ow),
                     pool(
                         PoolKind::Max,
                         [3, 3],
@@ -1002,14 +1007,7 @@ fn winograd_matches_reference() {
             // last tile row and column pool nothing): equal to the steps as floats, and to the
             // reference; and it is the fused path that ran.
             let [oh, ow] = [y.shape[2], y.shape[3]];
-            let pp = pool(
-                PoolKind::Max,
-                [2, 2],
-                [2, 2],
-                [0; 4],
-                [1, 1],
-                [oh / 2, ow / 2],
-            );
+            let pp = max_pool_2x2(oh, ow);
             let pooled = b.conv2d_act_pool(&xt, &wt, Some(&bt), p, Unary::Relu, &pp);
             let steps = b.pool2d(&b.conv2d_act(&xt, &wt, Some(&bt), p, Unary::Relu), &pp);
             let what = format!("winograd pooled {ci}");
