@@ -60,10 +60,25 @@ pub(super) fn forward_plane(plane: &[f32], w: usize, out: &mut [f32], ow: usize)
         unsafe { x86::forward_plane256(plane, w, out, ow) };
         return;
     }
-    for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
-        let top = &plane[2 * oy * w..][..2 * ow];
-        let bot = &plane[(2 * oy + 1) * w..][..2 * ow];
-        forward_row(top, bot, row);
+    plane_rows(plane, w, out, ow, forward_row);
+}
+
+/// `row(top, bot, out_row)` for each output row of a plane and its input row pair (inlined
+/// into each instruction set's build, so the per-row call costs nothing).
+#[inline(always)]
+fn plane_rows(
+    plane: &[f32],
+    w: usize,
+    out: &mut [f32],
+    ow: usize,
+    mut row: impl FnMut(&[f32], &[f32], &mut [f32]),
+) {
+    for (oy, o) in out.chunks_exact_mut(ow).enumerate() {
+        row(
+            &plane[2 * oy * w..][..2 * ow],
+            &plane[(2 * oy + 1) * w..][..2 * ow],
+            o,
+        );
     }
 }
 
@@ -275,29 +290,61 @@ pub(super) mod x86 {
         }
     }
 
+    /// The first `len <= 16` floats at `p` in two registers (lanes past them zero): whole
+    /// loads, or a short group's loads under masks. Why masks, not a padded copy of a row's
+    /// short last group: the small CNN's second pooling has rows of seven windows, and the
+    /// copies (library `memmove` calls) took longer than the pooling.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `len` readable floats at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(in crate::runtime::cpu) unsafe fn load16(p: *const f32, len: usize) -> (__m256, __m256) {
+        // SAFETY: the caller guarantees `len` readable floats at `p`; the masks cover no more.
+        unsafe {
+            if len >= 16 {
+                (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+            } else {
+                let (ma, mb) = masks256(len);
+                (_mm256_maskload_ps(p, ma), _mm256_maskload_ps(p.add(8), mb))
+            }
+        }
+    }
+
+    /// The even and the odd elements of the sixteen floats `a` then `b`, each in order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(in crate::runtime::cpu) fn evens_odds(a: __m256, b: __m256) -> (__m256, __m256) {
+        // Within each 128-bit half: a0 a2 b0 b2 | a4 a6 b4 b6; then fix the half order.
+        let ev = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+        let od = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+        let fix = |v: __m256| {
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+        };
+        (fix(ev), fix(od))
+    }
+
     /// Even and odd elements of the first `2 cnt` floats at `p` (`cnt <= 8`; lanes past them
-    /// are zero), in order. Why masks, not a padded copy of a row's short last group: the
-    /// small CNN's second pooling has rows of seven windows, and the copies (library `memmove`
-    /// calls) took longer than the pooling.
+    /// are zero), in order.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn split(p: *const f32, cnt: usize) -> (__m256, __m256) {
-        // SAFETY: the caller guarantees 2 cnt readable floats at `p`; the masks cover no more.
-        unsafe {
-            let (a, b) = if cnt >= 8 {
-                (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
-            } else {
-                let (ma, mb) = masks256(2 * cnt);
-                (_mm256_maskload_ps(p, ma), _mm256_maskload_ps(p.add(8), mb))
-            };
-            // Within each 128-bit half: a0 a2 b0 b2 | a4 a6 b4 b6; then fix the half order.
-            let ev = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
-            let od = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
-            let fix = |v: __m256| {
-                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
-            };
-            (fix(ev), fix(od))
-        }
+        // SAFETY: the caller guarantees 2 cnt readable floats at `p`.
+        let (a, b) = unsafe { load16(p, 2 * cnt) };
+        evens_odds(a, b)
+    }
+
+    /// `lo` and `hi` interleaved, lo0 hi0 lo1 hi1 ..., as two registers (lanes 0-3 of each,
+    /// then lanes 4-7).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(in crate::runtime::cpu) fn interleave(lo: __m256, hi: __m256) -> (__m256, __m256) {
+        let a = _mm256_unpacklo_ps(lo, hi);
+        let b = _mm256_unpackhi_ps(lo, hi);
+        (
+            _mm256_permute2f128_ps::<0x20>(a, b),
+            _mm256_permute2f128_ps::<0x31>(a, b),
+        )
     }
 
     /// `(lo, hi)` interleaved into the first `2 cnt` floats at `p` (`cnt <= 8`): lo0 hi0 lo1
@@ -305,10 +352,7 @@ pub(super) mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn merge(p: *mut f32, lo: __m256, hi: __m256, cnt: usize, accumulate: bool) {
-        let a = _mm256_unpacklo_ps(lo, hi);
-        let b = _mm256_unpackhi_ps(lo, hi);
-        let first = _mm256_permute2f128_ps::<0x20>(a, b);
-        let second = _mm256_permute2f128_ps::<0x31>(a, b);
+        let (first, second) = interleave(lo, hi);
         // SAFETY: the caller guarantees 2 cnt writable floats at `p`; the masks cover no more.
         unsafe {
             if cnt < 8 {
@@ -354,13 +398,11 @@ pub(super) mod x86 {
     /// See `forward_plane` (which checks the bounds).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn forward_plane256(plane: &[f32], w: usize, out: &mut [f32], ow: usize) {
-        for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
-            let top = &plane[2 * oy * w..][..2 * ow];
-            let bot = &plane[(2 * oy + 1) * w..][..2 * ow];
+        super::plane_rows(plane, w, out, ow, |top, bot, row| {
             // SAFETY: AVX2 and FMA are present (this function's contract); the rows hold 2 ow
             // floats, twice the output row.
             unsafe { forward(top, bot, row) };
-        }
+        });
     }
 
     /// Groups of eight windows, the last one shorter; returns how many windows it did (all).
@@ -571,24 +613,12 @@ pub(super) mod x86 {
                 // masked-off lanes are neither read nor written.
                 unsafe {
                     let top = src.as_ptr().add(2 * py * wp + 2 * o);
-                    let bot = top.add(wp);
-                    let [t0, t1, b0, b1] = if cnt == 8 {
-                        [top, top.add(8), bot, bot.add(8)].map(|p| _mm256_loadu_ps(p))
-                    } else {
-                        let (ma, mb) = masks256(2 * cnt);
-                        [(top, ma), (top.add(8), mb), (bot, ma), (bot.add(8), mb)]
-                            .map(|(p, m)| _mm256_maskload_ps(p, m))
-                    };
+                    let (t0, t1) = load16(top, 2 * cnt);
+                    let (b0, b1) = load16(top.add(wp), 2 * cnt);
                     let lo = _mm256_max_ps(f(t0), f(b0));
                     let hi = _mm256_max_ps(f(t1), f(b1));
-                    // Within each 128-bit half: windows 0 1 4 5 | 2 3 6 7; then fix the order.
-                    let best = _mm256_max_ps(
-                        _mm256_shuffle_ps::<0b10_00_10_00>(lo, hi),
-                        _mm256_shuffle_ps::<0b11_01_11_01>(lo, hi),
-                    );
-                    let best = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(
-                        _mm256_castps_pd(best),
-                    ));
+                    let (ev, od) = evens_odds(lo, hi);
+                    let best = _mm256_max_ps(ev, od);
                     store_first(out.as_mut_ptr().add(py * pw + o), best, cnt);
                 }
             }

@@ -261,6 +261,35 @@ fn copy_near() -> bool {
     false
 }
 
+/// Offsets of the rows of a copied strip `width` floats wide (`i * width`), one per reduction
+/// step a block can have: what the kernels read a copied strip with.
+const fn strip_offsets<const WIDTH: usize>() -> [usize; KC_ALLOC] {
+    let mut o = [0; KC_ALLOC];
+    let mut i = 0;
+    while i < KC_ALLOC {
+        o[i] = i * WIDTH;
+        i += 1;
+    }
+    o
+}
+
+/// Whether a reduction block's rows of the right operand (`rows_off`, read `width` floats wide)
+/// lie too far apart to be read in place (see [`STRIP_NEAR_BYTES`]).
+fn strips_far(rows_off: &[usize], width: usize) -> bool {
+    let lo = rows_off.iter().min().copied().unwrap_or(0);
+    let hi = rows_off.iter().max().copied().unwrap_or(0);
+    (hi - lo + width) * 4 > STRIP_NEAR_BYTES || copy_near()
+}
+
+/// A zeroed buffer for strips `width` floats wide of a `k`-long reduction, and the floats
+/// from its start to the first 64-byte line, where the copied rows begin.
+fn strip_buffer(k: usize, width: usize) -> (Vec<f32>, usize) {
+    // A line's worth (16 floats) more: the lead is under 16.
+    let buf = vec![0.0f32; KC_ALLOC.min(k) * width + 16];
+    let lead = strip_lead(buf.as_ptr());
+    (buf, lead)
+}
+
 /// Floats from `p` to the next 64-byte boundary (0 to 15), where a register's load or store
 /// touches one cache line, not two. Measured in a standalone copy of this kernel, on
 /// Winograd-shaped products with rows of `b` 48 floats apart: 121-128 GFLOP/s with the rows on
@@ -430,15 +459,7 @@ mod x86 {
                 (0..KC_ALLOC).map(|t| t * LANES).collect(),
             )
         };
-        const STRIP_OFFS: [usize; KC_ALLOC] = {
-            let mut o = [0; KC_ALLOC];
-            let mut i = 0;
-            while i < KC_ALLOC {
-                o[i] = i * NR;
-                i += 1;
-            }
-            o
-        };
+        const STRIP_OFFS: [usize; KC_ALLOC] = super::strip_offsets::<NR>();
         // Whole strips read by many panels from rows far apart are copied first, as the
         // AVX-512 kernel does (see there): a Linear layer's transposed weights have rows 512
         // bytes apart (128 outputs), eight L1 sets for a strip's 121 rows, and the kernel's
@@ -452,11 +473,7 @@ mod x86 {
         for (t0, kc) in super::k_blocks(k) {
             let acc = t0 > 0;
             let rows_off = &offs[t0..t0 + kc];
-            let far = copy && {
-                let lo = rows_off.iter().min().copied().unwrap_or(0);
-                let hi = rows_off.iter().max().copied().unwrap_or(0);
-                (hi - lo + NR) * 4 > super::STRIP_NEAR_BYTES || super::copy_near()
-            };
+            let far = copy && super::strips_far(rows_off, NR);
             for p0 in (0..panels).step_by(MC_PANELS) {
                 let p1 = panels.min(p0 + MC_PANELS);
                 for j0 in (0..n).step_by(NR) {
@@ -464,14 +481,12 @@ mod x86 {
                     let (nv, rem) = (nb / LANES, nb % LANES);
                     let (bsrc, boffs) = if far && nv == 2 && p1 - p0 >= super::STRIP_COPY_PANELS {
                         if bstrip.is_empty() {
-                            // Two registers' worth more, to start the rows on a 64-byte line.
-                            bstrip = vec![0.0f32; KC_ALLOC.min(k) * NR + NR];
-                            lead = super::strip_lead(bstrip.as_ptr());
+                            (bstrip, lead) = super::strip_buffer(k, NR);
                         }
                         for (i, &o) in rows_off.iter().enumerate() {
                             // SAFETY: row `o` holds NR floats from `j0` (nv == 2: a whole
                             // strip; the caller's bounds); the buffer holds KC_ALLOC rows of NR
-                            // after `lead < NR`.
+                            // after `lead < 16`.
                             unsafe {
                                 let src = bp.add(o + j0);
                                 let dst = bstrip.as_mut_ptr().add(lead + i * NR);
@@ -688,15 +703,7 @@ mod x86 {
         let (m, k) = (a.m, a.k);
         let panels = m.div_ceil(MR);
         let (bp, cp, ap) = (b.as_ptr(), c.as_mut_ptr(), a.data.as_ptr());
-        const STRIP_OFFS: [usize; KC_ALLOC] = {
-            let mut o = [0; KC_ALLOC];
-            let mut i = 0;
-            while i < KC_ALLOC {
-                o[i] = i * NR5;
-                i += 1;
-            }
-            o
-        };
+        const STRIP_OFFS: [usize; KC_ALLOC] = super::strip_offsets::<NR5>();
         // Allocated (and zeroed) at the first strip copied: small products call this often.
         let mut strip = Vec::new();
         let mut lead = 0;
@@ -705,11 +712,7 @@ mod x86 {
             let acc = t0 > 0;
             let rows_off = &offs[t0..t0 + kc];
             // Only looked at where a strip may be copied: small products call this often.
-            let far = copy && {
-                let lo = rows_off.iter().min().copied().unwrap_or(0);
-                let hi = rows_off.iter().max().copied().unwrap_or(0);
-                (hi - lo + NR5) * 4 > super::STRIP_NEAR_BYTES || super::copy_near()
-            };
+            let far = copy && super::strips_far(rows_off, NR5);
             for p0 in (0..panels).step_by(MC_PANELS) {
                 let p1 = panels.min(p0 + MC_PANELS);
                 for j0 in (0..n).step_by(NR5) {
@@ -723,9 +726,7 @@ mod x86 {
                     // them from L2 stalled the kernel (31 against 60 GFLOP/s).
                     let (bsrc, boffs) = if far && p1 - p0 >= super::STRIP_COPY_PANELS {
                         if strip.is_empty() {
-                            // A register's worth more, to start the rows on a 64-byte line.
-                            strip = vec![0.0f32; KC_ALLOC.min(k) * NR5 + W];
-                            lead = super::strip_lead(strip.as_ptr());
+                            (strip, lead) = super::strip_buffer(k, NR5);
                         }
                         for (i, &o) in rows_off.iter().enumerate() {
                             // SAFETY: row `o` holds `nb` floats from `j0` (the caller's bounds);

@@ -576,31 +576,20 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn deinterleave(src: &[f32], ev: &mut [f32], od: &mut [f32]) {
-        use super::super::maxpool2::x86::{masks256, store_first};
+        use super::super::maxpool2::x86::{evens_odds, load16, store_first};
         let n = src.len();
         assert!(
             ev.len() >= n.div_ceil(2) && od.len() >= n / 2,
             "winograd: de-interleaved rows too short"
         );
-        let fix = |v: __m256| {
-            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
-        };
         for i0 in (0..n).step_by(2 * L) {
             let len = (n - i0).min(2 * L);
             // SAFETY: elements i0 .. i0 + len of `src` are read (masked-off lanes are not), and
             // `ceil(len / 2)` and `len / 2` floats from i0 / 2 written, inside `ev` and `od`
             // (asserted above).
             unsafe {
-                let p = src.as_ptr().add(i0);
-                let (a, b) = if len == 2 * L {
-                    (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(L)))
-                } else {
-                    let (ma, mb) = masks256(len);
-                    (_mm256_maskload_ps(p, ma), _mm256_maskload_ps(p.add(L), mb))
-                };
-                // Within each 128-bit half: a0 a2 b0 b2 | a4 a6 b4 b6; then fix the half order.
-                let e = fix(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
-                let o = fix(_mm256_shuffle_ps::<0b11_01_11_01>(a, b));
+                let (a, b) = load16(src.as_ptr().add(i0), len);
+                let (e, o) = evens_odds(a, b);
                 store_first(ev.as_mut_ptr().add(i0 / 2), e, len.div_ceil(2));
                 store_first(od.as_mut_ptr().add(i0 / 2), o, len / 2);
             }
@@ -702,29 +691,23 @@ mod x86 {
         if let Some(b) = bias {
             assert!(b.len() >= mr, "winograd: bias");
         }
+        use super::super::maxpool2::x86::{interleave, store_first};
         let zero = _mm256_setzero_ps();
-        // Store masks for a partial group: lane i is stored when i < cnt.
-        let mask = |cnt: usize| {
-            let lanes: [i32; L] = std::array::from_fn(|i| if i < cnt { -1 } else { 0 });
-            // SAFETY: `lanes` holds eight i32s.
-            unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) }
-        };
         let (pp, yp) = (prod.as_ptr(), y.as_mut_ptr());
         // Groups right to left: only the last group of a span can run past the span's end, and
         // unmasked, its spill lands on the row's later tiles or the next rows' first columns,
         // which are written after it (this span's group 0 for the next row, later spans for the
         // rest). A spill that would leave the plane, or reach columns that an earlier span
-        // wrote, is masked instead (masked stores are slow on some CPUs).
+        // wrote, is cut off instead (`store_first`: masked stores are slow on some CPUs).
         for l0 in (0..groups * L).step_by(L).rev() {
             // Output columns 2 (x0 + l0) .. + 16, of which `cnt` exist.
             let cnt = (ow - 2 * (x0 + l0)).min(2 * L);
             // Pooled columns x0 + l0 .. + 8, of which `cnt_p` exist (tiles wholly inside).
             let cnt_p = pool_w.saturating_sub(x0 + l0).min(L);
-            let (m0, m1) = (mask(cnt.min(L)), mask(cnt.saturating_sub(L)));
             for co in 0..mr {
                 let bv = _mm256_set1_ps(bias.map_or(0.0, |b| b[co]));
                 // SAFETY: row co < mr of each of the 16 product planes (ps apart) at columns
-                // below t0 + groups L <= ldb; output rows 2ty + a < oh, columns masked to < ow.
+                // below t0 + groups L <= ldb; output rows 2ty + a < oh, columns cut off at ow.
                 unsafe {
                     let m = pp.add(co * ldb + t0 + l0);
                     let e = ps;
@@ -756,7 +739,7 @@ mod x86 {
                         if at_p + L <= pw && (x0 == 0 || cnt_p == L) {
                             _mm256_storeu_ps(out, best);
                         } else {
-                            super::super::maxpool2::x86::store_first(out, best, cnt_p);
+                            store_first(out, best, cnt_p);
                         }
                         continue;
                     }
@@ -768,24 +751,18 @@ mod x86 {
                             ev = _mm256_max_ps(ev, zero);
                             od = _mm256_max_ps(od, zero);
                         }
-                        // Interleave (even, odd) columns: lanes 0-3 then 4-7 of each.
-                        let lo = _mm256_unpacklo_ps(ev, od);
-                        let hi = _mm256_unpackhi_ps(ev, od);
-                        let out = yp.add(co * pw + (2 * ty + a) * ow + 2 * (x0 + l0));
-                        let first = _mm256_permute2f128_ps::<0x20>(lo, hi);
-                        let second = _mm256_permute2f128_ps::<0x31>(lo, hi);
+                        let (first, second) = interleave(ev, od);
                         let row_at = (2 * ty + a) * ow + 2 * (x0 + l0);
+                        let out = yp.add(co * pw + row_at);
                         // Past the row's end, the spill of a span that starts inside the row
                         // would land on the next output row's first columns, which an earlier
-                        // span wrote: masked.
+                        // span wrote: cut off.
                         if row_at + 2 * L <= pw && (x0 == 0 || cnt == 2 * L) {
                             _mm256_storeu_ps(out, first);
                             _mm256_storeu_ps(out.add(L), second);
                         } else {
-                            _mm256_maskstore_ps(out, m0, first);
-                            if cnt > L {
-                                _mm256_maskstore_ps(out.add(L), m1, second);
-                            }
+                            store_first(out, first, cnt.min(L));
+                            store_first(out.add(L), second, cnt.saturating_sub(L));
                         }
                     }
                 }
