@@ -1,5 +1,7 @@
 //! The direct convolution with output channels in the vector lanes (AVX-512): for the narrow
-//! layers (16 or 32 output channels per group) of the small CNNs.
+//! layers (16 or 32 output channels per group) of the small CNNs. With AVX2 alone, the pooled
+//! product and the copy-out only (the small CNNs' first convolution, whose one input channel
+//! keeps it off the Winograd path).
 //!
 //! Why: the panel kernel ([`super::sgemm`]) puts output channels in rows of six and output
 //! positions in registers of sixteen, so the demo CNN's second convolution (32 channels, 14 x
@@ -36,15 +38,36 @@ const R4: usize = 6;
 /// the pooled one does: the demo CNN's first convolution took 0.67 ms a batch against the
 /// panel kernel's 0.42 ms unpooled, and 16 x 288 x 196 products 1.65 against 1.40 ms; pooled,
 /// the first convolution is faster here.
+///
+/// With AVX2 alone, pooled only ([`pooled_product`]'s one-window kernel): the panel kernel
+/// computed the small CNNs' 16-channel first convolution in 18 rows and stored the full-size
+/// product for a separate pooling, which took 27% of that layer on a Zen 3 core.
 pub(super) fn applies(mg: usize, pooled: bool) -> bool {
     #[cfg(test)]
     if NO_LANES.load(std::sync::atomic::Ordering::Relaxed) {
         return false;
     }
-    (1..=2 * W).contains(&mg)
-        && (pooled || mg > W)
-        && 8 * (mg.div_ceil(W) * W - mg) <= mg
-        && super::sgemm::avx512()
+    let full = (1..=2 * W).contains(&mg) && 8 * (mg.div_ceil(W) * W - mg) <= mg;
+    full && if super::sgemm::avx512() {
+        pooled || mg > W
+    } else {
+        pooled && super::sgemm::available()
+    }
+}
+
+/// Which kernels a call runs: the best this CPU has, or (for tests on AVX-512 machines) the
+/// AVX2 ones.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Isa {
+    Best,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Avx2,
+}
+
+impl Isa {
+    fn avx512(self) -> bool {
+        self == Isa::Best && super::sgemm::avx512()
+    }
 }
 
 /// The output channels per chunk with which the lane kernel takes a stride-2 convolution with
@@ -288,6 +311,21 @@ pub(super) fn pooled_product(
     bias: Option<&[f32]>,
     p: &mut [f32],
 ) {
+    pooled_product_isa(a, x, offs, wp, ph, pw, bias, p, Isa::Best);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pooled_product_isa(
+    a: &LanePacked,
+    x: &[f32],
+    offs: &[usize],
+    wp: usize,
+    ph: usize,
+    pw: usize,
+    bias: Option<&[f32]>,
+    p: &mut [f32],
+    isa: Isa,
+) {
     assert_eq!(offs.len(), a.k, "lanes: one offset per reduction step");
     if ph == 0 || pw == 0 {
         return;
@@ -303,12 +341,17 @@ pub(super) fn pooled_product(
             && bias.is_none_or(|b| b.len() >= a.mg),
         "lanes: pooled product out of bounds"
     );
-    assert!(super::sgemm::avx512(), "lanes: the CPU lacks AVX-512");
+    assert!(super::sgemm::available(), "lanes: the CPU lacks AVX2");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is present (asserted); every read is of a window tap (at most `last`
-    // from an offset, asserted inside `x`), every write inside the `ph * pw` rows of `p`.
+    // SAFETY: AVX-512F (where the first runs) or AVX2 and FMA are present (asserted); every
+    // read is of a window tap (at most `last` from an offset, asserted inside `x`), every
+    // write inside the `ph * pw` rows of `p`.
     unsafe {
-        x86::pooled_product512(a, x, offs, wp, ph, pw, bias, p)
+        if isa.avx512() {
+            x86::pooled_product512(a, x, offs, wp, ph, pw, bias, p)
+        } else {
+            x86::pooled_product256(a, x, offs, wp, ph, pw, bias, p)
+        }
     }
 }
 
@@ -363,6 +406,22 @@ pub(super) fn copy_out(
     relu: bool,
     out: &mut [f32],
 ) {
+    copy_out_isa(a, y, wp, oh, ow, stride, bias, relu, out, Isa::Best);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn copy_out_isa(
+    a: &LanePacked,
+    y: &[f32],
+    wp: usize,
+    oh: usize,
+    ow: usize,
+    stride: usize,
+    bias: Option<&[f32]>,
+    relu: bool,
+    out: &mut [f32],
+    isa: Isa,
+) {
     let plane = oh * ow;
     if plane == 0 || a.mg == 0 {
         return;
@@ -377,11 +436,17 @@ pub(super) fn copy_out(
             && bias.is_none_or(|b| b.len() >= a.mg),
         "lanes: copy-out out of bounds"
     );
+    assert!(super::sgemm::available(), "lanes: the CPU lacks AVX2");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is present (a `LanePacked` is used only where `applies`); every position
-    // read is at most `last` (asserted inside `y`), every write is inside one of the `mg` planes.
+    // SAFETY: AVX-512F (where the first runs) or AVX2 and FMA are present (asserted); every
+    // position read is at most `last` (asserted inside `y`), every write is inside one of the
+    // `mg` planes.
     unsafe {
-        x86::copy_out512(a, y, wp, ow, plane, stride, bias, relu, out)
+        if isa.avx512() {
+            x86::copy_out512(a, y, wp, ow, plane, stride, bias, relu, out)
+        } else {
+            x86::copy_out256(a, y, wp, ow, plane, stride, bias, relu, out)
+        }
     }
 }
 
@@ -981,6 +1046,289 @@ mod x86 {
             }
         }
     }
+
+    /// The operands of one [`pool_window256`].
+    struct Window256<'a> {
+        /// Packed weights of the channel group's first lane, at step 0 (step `t` at `t ld`).
+        w: *const f32,
+        ld: usize,
+        /// The window's top-left tap (before the offsets).
+        x: *const f32,
+        wp: usize,
+        offs: &'a [usize],
+        blocks: &'a [(usize, usize)],
+        bias: [__m256; 2],
+        tmp: *mut f32,
+        /// The window's pooled output, channels of the group.
+        p: *mut f32,
+    }
+
+    /// [`super::pooled_product`] on AVX2: one window (four positions) by sixteen channels
+    /// (two registers) at a time, eight accumulators, each channel group of `ld` in turn.
+    /// Why one window: two registers of weights, four broadcasts and eight multiply-adds per
+    /// step keep the two FMA pipes busy with the sixteen registers AVX2 has; two windows
+    /// would need sixteen accumulators.
+    ///
+    /// # Safety
+    /// AVX2 and FMA, and the bounds `pooled_product` asserts.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn pooled_product256(
+        a: &LanePacked,
+        x: &[f32],
+        offs: &[usize],
+        wp: usize,
+        ph: usize,
+        pw: usize,
+        bias: Option<&[f32]>,
+        p: &mut [f32],
+    ) {
+        use super::super::maxpool2::x86::load16;
+        let ld = a.ld();
+        let blocks: Vec<(usize, usize)> = super::super::sgemm::k_blocks(a.k).collect();
+        // The partial sums of the earlier reduction blocks: four positions of 16 channels.
+        let mut tmp = [0.0f32; 4 * W];
+        let (xp, pp, wt) = (x.as_ptr(), p.as_mut_ptr(), a.data.as_ptr());
+        for v in 0..a.mv {
+            let nch = W.min(a.mg - v * W);
+            let bias = match bias {
+                // SAFETY: the bias holds `mg` values (asserted by the caller); the lanes past
+                // them are not read.
+                Some(b) => unsafe { load16(b.as_ptr().add(v * W), nch) },
+                None => (_mm256_setzero_ps(), _mm256_setzero_ps()),
+            };
+            for py in 0..ph {
+                for px in 0..pw {
+                    // SAFETY: the window's taps are inside `x` from every offset and its pooled
+                    // output one of the `ph * pw` rows of `p` (the caller's bounds); the
+                    // weights of every step of group `v` are inside the packed data.
+                    unsafe {
+                        pool_window256(&Window256 {
+                            w: wt.add(v * W),
+                            ld,
+                            x: xp.add(2 * py * wp + 2 * px),
+                            wp,
+                            offs,
+                            blocks: &blocks,
+                            bias: [bias.0, bias.1],
+                            tmp: tmp.as_mut_ptr(),
+                            p: pp.add((py * pw + px) * ld + v * W),
+                        })
+                    };
+                }
+            }
+        }
+    }
+
+    /// One window's four positions reduced over each block of steps (the blocks' sums added in
+    /// order through `tmp`, as the panel kernels add theirs), then
+    /// `p[c] = max over the four of max(sum + bias, 0)` for the group's 16 channels.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `x + offs[t] + {0, 1, wp, wp + 1}` readable for every step, `w + t ld`
+    /// for 16 floats, `tmp` for 64 floats, `p` writable for 16.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pool_window256(a: &Window256<'_>) {
+        let z = _mm256_setzero_ps();
+        let taps = [0, 1, a.wp, a.wp + 1];
+        let nb = a.blocks.len();
+        let op = a.offs.as_ptr();
+        // SAFETY: the caller's bounds.
+        unsafe {
+            let mut acc = [[z; 2]; 4];
+            for (bi, &(t0, kc)) in a.blocks.iter().enumerate() {
+                acc = [[z; 2]; 4];
+                for t in t0..t0 + kc {
+                    let wv = a.w.add(t * a.ld);
+                    let (w0, w1) = (_mm256_loadu_ps(wv), _mm256_loadu_ps(wv.add(8)));
+                    let xr = a.x.add(*op.add(t));
+                    for (accr, &tap) in acc.iter_mut().zip(&taps) {
+                        let b = _mm256_broadcast_ss(&*xr.add(tap));
+                        accr[0] = _mm256_fmadd_ps(b, w0, accr[0]);
+                        accr[1] = _mm256_fmadd_ps(b, w1, accr[1]);
+                    }
+                }
+                if bi + 1 < nb {
+                    for (r, accr) in acc.iter().enumerate() {
+                        for (h, &sv) in accr.iter().enumerate() {
+                            let d = a.tmp.add(r * W + h * 8);
+                            let val = if bi > 0 {
+                                _mm256_add_ps(_mm256_loadu_ps(d), sv)
+                            } else {
+                                sv
+                            };
+                            _mm256_storeu_ps(d, val);
+                        }
+                    }
+                } else if bi > 0 {
+                    for (r, accr) in acc.iter_mut().enumerate() {
+                        for (h, sv) in accr.iter_mut().enumerate() {
+                            *sv = _mm256_add_ps(_mm256_loadu_ps(a.tmp.add(r * W + h * 8)), *sv);
+                        }
+                    }
+                }
+            }
+            for h in 0..2 {
+                let f = |s: __m256| _mm256_max_ps(_mm256_add_ps(s, a.bias[h]), z);
+                let m = _mm256_max_ps(
+                    _mm256_max_ps(f(acc[0][h]), f(acc[1][h])),
+                    _mm256_max_ps(f(acc[2][h]), f(acc[3][h])),
+                );
+                _mm256_storeu_ps(a.p.add(h * 8), m);
+            }
+        }
+    }
+
+    /// Transposes the 8 x 8 block `r` (row `i` = register `i`) in place.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn transpose8(r: &mut [__m256; 8]) {
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
+        });
+        // t0 = r0/r1 lo, t1 = r0/r1 hi, t2 = r2/r3 lo, t3 = r2/r3 hi, ...
+        let u: [__m256; 8] = std::array::from_fn(|i| {
+            let q = 4 * (i / 4);
+            let (a, b) = (t[q + (i % 4) / 2], t[q + 2 + (i % 4) / 2]);
+            if i % 2 == 0 {
+                _mm256_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm256_shuffle_ps::<0xee>(a, b)
+            }
+        });
+        // u[0..4]: columns 0, 1, 2, 3 of rows 0-3 (each 128-bit half one row group); u[4..8]
+        // the same of rows 4-7.
+        for c in 0..4 {
+            r[c] = _mm256_permute2f128_ps::<0x20>(u[c], u[4 + c]);
+            r[4 + c] = _mm256_permute2f128_ps::<0x31>(u[c], u[4 + c]);
+        }
+    }
+
+    /// [`super::copy_out`] on AVX2 (see [`copy_out512`]).
+    ///
+    /// # Safety
+    /// AVX2 and FMA, and the bounds `copy_out` asserts.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn copy_out256(
+        a: &LanePacked,
+        y: &[f32],
+        wp: usize,
+        w: usize,
+        plane: usize,
+        stride: usize,
+        bias: Option<&[f32]>,
+        relu: bool,
+        out: &mut [f32],
+    ) {
+        // SAFETY (all): the caller's guarantees.
+        unsafe {
+            match (relu, bias.is_some()) {
+                (true, true) => copy_out_t256::<true, true>(a, y, wp, w, plane, stride, bias, out),
+                (true, false) => {
+                    copy_out_t256::<true, false>(a, y, wp, w, plane, stride, bias, out)
+                }
+                (false, true) => {
+                    copy_out_t256::<false, true>(a, y, wp, w, plane, stride, bias, out)
+                }
+                (false, false) => {
+                    copy_out_t256::<false, false>(a, y, wp, w, plane, stride, bias, out)
+                }
+            }
+        }
+    }
+
+    /// [`copy_out_t`] with eight outputs and eight channels at a time.
+    ///
+    /// # Safety
+    /// As [`copy_out256`]'s.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn copy_out_t256<const RELU: bool, const BIAS: bool>(
+        a: &LanePacked,
+        y: &[f32],
+        wp: usize,
+        w: usize,
+        plane: usize,
+        stride: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        use super::super::maxpool2::x86::{load16, store_first};
+        const H: usize = 8;
+        let ld = a.ld();
+        let z = _mm256_setzero_ps();
+        let (yp, op) = (y.as_ptr(), out.as_mut_ptr());
+        let mut at = [0usize; H];
+        for g in 0..a.mg.div_ceil(H) {
+            let nch = H.min(a.mg - g * H);
+            let bv = match bias {
+                // SAFETY: the bias holds `mg` values (asserted by the caller); lanes past them
+                // are not read.
+                Some(b) if BIAS => unsafe { load16(b.as_ptr().add(g * H), nch).0 },
+                _ => z,
+            };
+            let yv = yp.wrapping_add(g * H);
+            // The output at float offset `o` with the bias and the copy-out's ReLU (NaN to 0,
+            // the sign of a zero kept).
+            let f = |o: usize| {
+                // SAFETY: the caller's bounds: every position read is at most `last`.
+                let mut s = unsafe { _mm256_loadu_ps(yv.add(o)) };
+                if BIAS {
+                    s = _mm256_add_ps(s, bv);
+                }
+                if RELU {
+                    let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(s, s);
+                    _mm256_blendv_ps(_mm256_max_ps(z, s), z, nan)
+                } else {
+                    s
+                }
+            };
+            let (mut qy, mut qx) = (0, 0);
+            let row = wp * ld;
+            let mut rowbase = 0;
+            for q0 in (0..plane).step_by(H) {
+                let n = H.min(plane - q0);
+                if wp == w {
+                    // Consecutive positions (the pooled product's rows): no row ends to find.
+                    for (j, o) in at.iter_mut().enumerate() {
+                        *o = if j < n { (q0 + j) * ld } else { 0 };
+                    }
+                } else {
+                    for (j, o) in at.iter_mut().enumerate() {
+                        if j < n {
+                            *o = rowbase + qx * ld;
+                            qx += 1;
+                            if qx == w {
+                                (qx, qy) = (0, qy + 1);
+                                rowbase = qy * row;
+                            }
+                        } else {
+                            // The first output: inside `y`, and never stored.
+                            *o = 0;
+                        }
+                    }
+                }
+                let mut r = [z; H];
+                for (rj, &o) in r.iter_mut().zip(at.iter()) {
+                    *rj = f(o);
+                }
+                transpose8(&mut r);
+                for (c, &rc) in r.iter().enumerate().take(nch) {
+                    // SAFETY: plane `g * 8 + c < mg`, positions `q0 .. q0 + n <= plane <=
+                    // stride`.
+                    unsafe { store_first(op.add((g * H + c) * stride + q0), rc, n) };
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -995,6 +1343,15 @@ mod tests {
             eprintln!("no AVX-512 on this CPU: the lane kernels are not used here");
         }
         here
+    }
+
+    /// The kernels this CPU runs: AVX2, and the AVX-512 ones where present.
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Avx2];
+        if crate::runtime::cpu::sgemm::avx512() {
+            v.push(Isa::Best);
+        }
+        v
     }
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
@@ -1181,15 +1538,18 @@ mod tests {
         }
     }
 
-    /// The pooled product equals the product's ReLU pooled by plain loops: one and two
-    /// registers of channels (15, 16, 30, 32), one to three reduction blocks, and pooled row
-    /// widths that end in every shorter block (1-7 windows against blocks of 7 or 3).
+    /// The pooled product (each kernel this CPU runs) against the panel kernel's product, bit
+    /// for bit (the same reduction order), then the bias, ReLU and pooling, and against a
+    /// float64 sum: one or two registers of channels (15, 16, 30, 32), one to three reduction
+    /// blocks, and pooled row widths that end in every shorter block (1-7 windows against
+    /// blocks of 7 or 3).
     #[test]
-    fn pooled_product_equals_product_then_pooled_copy_out() {
-        if !avx512_here() {
+    fn pooled_product_equals_panel_product_then_pooling() {
+        if !crate::runtime::cpu::sgemm::available() {
+            eprintln!("no AVX2 on this CPU: the lane kernels are not used here");
             return;
         }
-        for &(mg, k) in &[(16, 9), (15, 40), (32, 144), (30, 300), (32, 1)] {
+        for &(mg, k) in &[(16, 9), (15, 40), (32, 144), (30, 300), (32, 1), (16, 27)] {
             for pw in 1..=9 {
                 let (ph, wp) = (3, 2 * pw + 2);
                 let (oh, ow) = (2 * ph + 1, 2 * pw + 1);
@@ -1198,33 +1558,48 @@ mod tests {
                 // The rows of the steps overlap, as in the direct path.
                 let offs: Vec<usize> = (0..k).map(|t| (t % 7) * wp + t / 7).collect();
                 let npos = (oh - 1) * wp + ow;
-                let np = a.padded(npos);
-                let x = rand(offs.iter().max().unwrap() + np, (pw * 13 + k) as u64);
+                let x = rand(offs.iter().max().unwrap() + npos + 16, (pw * 13 + k) as u64);
+                let panel = crate::runtime::cpu::sgemm::PackedA::new(mg, k, &w, k, 1);
+                let mut y = vec![0.0f32; mg * npos];
+                crate::runtime::cpu::sgemm::gemm_rows(&panel, &x, &offs, npos, &mut y, npos);
                 let bias = rand(mg, 3);
                 for b in [Some(&bias[..]), None] {
-                    let mut y = vec![0.0f32; np * a.ld()];
-                    product(&a, &x, &offs, npos, &mut y);
-                    let ld = a.ld();
                     let f = |p: usize, c: usize| {
-                        let v = b.map_or(y[p * ld + c], |b| y[p * ld + c] + b[c]);
+                        let v = b.map_or(y[c * npos + p], |b| y[c * npos + p] + b[c]);
                         if v.is_nan() || v < 0.0 { 0.0 } else { v }
                     };
-                    let mut pooled = vec![f32::NAN; ph * pw * ld];
-                    pooled_product(&a, &x, &offs, wp, ph, pw, b, &mut pooled);
-                    for (q, got) in pooled.chunks_exact(ld).enumerate() {
-                        let p = 2 * (q / pw) * wp + 2 * (q % pw);
-                        for (c, &g) in got.iter().enumerate().take(mg) {
-                            let want = f(p, c)
-                                .max(f(p + 1, c))
-                                .max(f(p + wp, c))
-                                .max(f(p + wp + 1, c));
-                            // Equal as numbers: the sums are the product's bit for bit, and
-                            // only the sign of a zero may differ.
-                            assert!(
-                                g == want,
-                                "mg {mg} k {k} pw {pw} bias {}: ({q}, {c}) {g} vs {want}",
-                                b.is_some()
-                            );
+                    let f64_sum = |p: usize, c: usize| {
+                        let s: f64 = (0..k)
+                            .map(|t| w[c * k + t] as f64 * x[offs[t] + p] as f64)
+                            .sum();
+                        (s + b.map_or(0.0, |b| b[c] as f64)).max(0.0)
+                    };
+                    for isa in isas() {
+                        let ld = a.ld();
+                        let mut pooled = vec![f32::NAN; ph * pw * ld];
+                        pooled_product_isa(&a, &x, &offs, wp, ph, pw, b, &mut pooled, isa);
+                        for (q, got) in pooled.chunks_exact(ld).enumerate() {
+                            let p = 2 * (q / pw) * wp + 2 * (q % pw);
+                            let win = [p, p + 1, p + wp, p + wp + 1];
+                            for (c, &g) in got.iter().enumerate() {
+                                let what = format!(
+                                    "{isa:?} mg {mg} k {k} pw {pw} bias {}: ({q}, {c})",
+                                    b.is_some()
+                                );
+                                if c >= mg {
+                                    assert_eq!(g, 0.0, "{what}: lane past mg");
+                                    continue;
+                                }
+                                let want = win.iter().map(|&p| f(p, c)).fold(0.0f32, f32::max);
+                                // Equal as numbers: the sums are the panel kernel's bit for
+                                // bit, and only the sign of a zero may differ.
+                                assert!(g == want, "{what}: {g} vs {want}");
+                                let exact = win.iter().map(|&p| f64_sum(p, c)).fold(0.0, f64::max);
+                                assert!(
+                                    (g as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
+                                    "{what}: {g} vs {exact} (float64)"
+                                );
+                            }
                         }
                     }
                 }
@@ -1272,15 +1647,21 @@ mod tests {
     /// planes whose size is not a multiple of 16 and channel counts past one register.
     #[test]
     fn copy_out_matches_plain_loops() {
-        if !avx512_here() {
+        if !crate::runtime::cpu::sgemm::available() {
+            eprintln!("no AVX2 on this CPU: the lane kernels are not used here");
             return;
         }
-        for &(mg, oh, ow, wp) in &[
+        for (&(mg, oh, ow, wp), isa) in [
             (16, 28, 28, 29),
             (32, 14, 14, 15),
             (30, 5, 7, 9),
             (15, 1, 3, 3),
-        ] {
+            (5, 3, 5, 5),
+            (44, 2, 9, 11),
+        ]
+        .iter()
+        .flat_map(|c| isas().into_iter().map(move |i| (c, i)))
+        {
             let a = LanePacked::new(mg, 1, &vec![0.0; mg]);
             let ld = a.ld();
             let npos = (oh - 1) * wp + ow;
@@ -1291,7 +1672,7 @@ mod tests {
                 let (h, w) = (oh, ow);
                 let mut out = vec![f32::NAN; mg * h * w];
                 let b = with_bias.then_some(&bias[..]);
-                copy_out(&a, &y, wp, oh, ow, h * w, b, relu, &mut out);
+                copy_out_isa(&a, &y, wp, oh, ow, h * w, b, relu, &mut out, isa);
                 let f = |p: usize, c: usize| {
                     let v = b.map_or(y[p * ld + c], |b| y[p * ld + c] + b[c]);
                     if relu && (v.is_nan() || v < 0.0) {
@@ -1307,7 +1688,7 @@ mod tests {
                             let got = out[(c * h + i) * w + j];
                             assert!(
                                 got == want || (got.is_nan() && want.is_nan()),
-                                "mg {mg} {oh}x{ow} relu {relu}: ({c}, {i}, {j}) {got} vs {want}"
+                                "{isa:?} mg {mg} {oh}x{ow} relu {relu}: ({c}, {i}, {j}) {got} vs {want}"
                             );
                         }
                     }
