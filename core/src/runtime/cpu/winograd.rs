@@ -567,7 +567,58 @@ mod x86 {
     /// CNN's second convolution's input (rows of 14) at 7% of its forward on a Zen 3 core.
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn stage_avx2(s: &Shape, x: &[f32], xd: &mut [f32]) {
+        if stage_short(s, x, xd) {
+            return;
+        }
         super::stage_rows(s, x, xd, |src, ev, od| deinterleave(src, ev, od));
+    }
+
+    /// [`super::stage`] for rows of at most sixteen elements after an odd first column, where
+    /// whole registers fit the staged rows: the masks made once, and every row one pair of
+    /// loads and one store to each half, whose lanes past the row (loaded as zeros) are its
+    /// right padding. Why: rows of 14 (the small CNN's second convolution) spent most of
+    /// their time on the general loop's per-row bookkeeping and partial stores. Returns false
+    /// (staging nothing) where the rows do not qualify.
+    #[target_feature(enable = "avx2,fma")]
+    fn stage_short(s: &Shape, x: &[f32], xd: &mut [f32]) -> bool {
+        use super::super::maxpool2::x86::{evens_odds, masks256};
+        let (hp, lw) = (s.hp(), s.lw());
+        let odd = s.pl % 2;
+        let n = s.w.saturating_sub(odd);
+        // The lanes a row's stores reach: from `k` (after the odd first column), eight.
+        let k = s.pl / 2 + odd;
+        if s.w == 0 || n > 2 * L || k + L > lw {
+            return false;
+        }
+        let rows = s.h.min(hp.saturating_sub(s.pt));
+        assert!(
+            x.len() >= s.c * s.h * s.w && xd.len() >= s.c * hp * 2 * lw,
+            "winograd: staging bounds"
+        );
+        let (ma, mb) = masks256(n);
+        let (xp, dp) = (x.as_ptr(), xd.as_mut_ptr());
+        for ci in 0..s.c {
+            for iy in 0..rows {
+                // SAFETY: row `iy < h` of channel `ci < c` is inside `x` (asserted), its `n`
+                // elements after the first `odd` read under the masks; the staged row `(ci, iy +
+                // pt)` (`iy + pt < hp`) is inside `xd` (asserted), written at lanes `k - odd ..
+                // k + 8 <= lw` of each half.
+                unsafe {
+                    let src = xp.add((ci * s.h + iy) * s.w);
+                    let ev = dp.add((ci * hp + iy + s.pt) * 2 * lw);
+                    let od = ev.add(lw);
+                    if odd == 1 {
+                        *od.add(k - 1) = *src;
+                    }
+                    let a = _mm256_maskload_ps(src.add(odd), ma);
+                    let b = _mm256_maskload_ps(src.add(odd + L), mb);
+                    let (e, o) = evens_odds(a, b);
+                    _mm256_storeu_ps(ev.add(k), e);
+                    _mm256_storeu_ps(od.add(k), o);
+                }
+            }
+        }
+        true
     }
 
     /// `ev[i] = src[2 i]` and `od[i] = src[2 i + 1]` for every element of `src` (the last one
