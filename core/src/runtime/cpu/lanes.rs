@@ -97,7 +97,7 @@ pub(super) fn strided_chunk(mg: usize, stride: [usize; 2]) -> Option<usize> {
 pub(super) static NO_STRIDED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// Whether [`gemm`] runs: AVX-512 (and not switched off by a test).
+/// Whether [`gemm`] runs: AVX2 and FMA, or AVX-512 (and not switched off by a test).
 pub(super) fn applies_gemm() -> bool {
     #[cfg(test)]
     if NO_LANES.load(std::sync::atomic::Ordering::Relaxed)
@@ -105,7 +105,7 @@ pub(super) fn applies_gemm() -> bool {
     {
         return false;
     }
-    super::sgemm::avx512()
+    super::sgemm::available()
 }
 
 /// Test-only switch off the lane GEMM alone, for timing A/B runs.
@@ -369,6 +369,13 @@ const GV: usize = 4;
 ///
 /// Panics where a view is too short or the CPU lacks AVX-512.
 pub(super) fn gemm(m: usize, n: usize, k: usize, a: &[f32], bt: &[f32], c: &mut [f32]) {
+    gemm_isa(m, n, k, a, bt, c, Isa::Best);
+}
+
+/// [`gemm`] on the kernels `isa` names. With AVX2 alone: six rows by two registers (16
+/// columns), the panel kernel's block, without its per-call packing of `a` (the demo CNN's
+/// Linear layer on a Zen 3 core: 11% of the layer) or its sixth row past 64.
+fn gemm_isa(m: usize, n: usize, k: usize, a: &[f32], bt: &[f32], c: &mut [f32], isa: Isa) {
     if m == 0 || n == 0 {
         return;
     }
@@ -376,16 +383,21 @@ pub(super) fn gemm(m: usize, n: usize, k: usize, a: &[f32], bt: &[f32], c: &mut 
         a.len() >= m * k && bt.len() >= k * n && c.len() >= m * n,
         "lanes: gemm operands too short"
     );
-    assert!(super::sgemm::avx512(), "lanes: the CPU lacks AVX-512");
+    assert!(super::sgemm::available(), "lanes: the CPU lacks AVX2");
     if k == 0 {
         c[..m * n].fill(0.0);
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is present (asserted), and the lengths asserted above bound every
-    // access: rows `< m` of `a` and `c`, rows `< k` of `bt`, columns `< n` (masked).
+    // SAFETY: AVX-512F (where the first runs) or AVX2 and FMA are present (asserted), and the
+    // lengths asserted above bound every access: rows `< m` of `a` and `c`, rows `< k` of
+    // `bt`, columns `< n` (masked).
     unsafe {
-        x86::gemm512(m, n, k, a, bt, c)
+        if isa.avx512() {
+            x86::gemm512(m, n, k, a, bt, c)
+        } else {
+            x86::gemm256(m, n, k, a, bt, c)
+        }
     }
 }
 
@@ -1047,6 +1059,123 @@ mod x86 {
         }
     }
 
+    /// [`super::gemm`] on AVX2: blocks of six rows by sixteen columns (two registers), the
+    /// reduction in `k_blocks` order; a short last column block read under masks and stored in
+    /// part.
+    ///
+    /// # Safety
+    /// AVX2 and FMA, and the bounds `gemm` asserts.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemm256(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        bt: &[f32],
+        c: &mut [f32],
+    ) {
+        use super::super::maxpool2::x86::masks256;
+        const R: usize = 6;
+        let (ap, bp, cp) = (a.as_ptr(), bt.as_ptr(), c.as_mut_ptr());
+        for (t0, kc) in super::super::sgemm::k_blocks(k) {
+            for j0 in (0..n).step_by(2 * 8) {
+                let cols = (n - j0).min(16);
+                let masks = masks256(cols);
+                for i0 in (0..m).step_by(R) {
+                    let g = Gemm256 {
+                        a: ap.wrapping_add(i0 * k + t0),
+                        lda: k,
+                        b: bp.wrapping_add(t0 * n + j0),
+                        ldb: n,
+                        kc,
+                        c: cp.wrapping_add(i0 * n + j0),
+                        ldc: n,
+                        accumulate: t0 > 0,
+                        cols,
+                        masks,
+                    };
+                    // SAFETY: rows `i0 ..` (at most `m`) of `a` and `c`, steps `t0 .. t0 + kc`
+                    // of `bt`, columns `j0 .. j0 + cols <= n`: inside the operands.
+                    unsafe {
+                        match m - i0 {
+                            1 => gemm_block256::<1>(&g),
+                            2 => gemm_block256::<2>(&g),
+                            3 => gemm_block256::<3>(&g),
+                            4 => gemm_block256::<4>(&g),
+                            5 => gemm_block256::<5>(&g),
+                            _ => gemm_block256::<R>(&g),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The operands of one [`gemm_block256`].
+    struct Gemm256 {
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        /// Columns of the block (at most 16), and their masks.
+        cols: usize,
+        masks: (__m256i, __m256i),
+    }
+
+    /// `R` rows by two registers of columns: `c[r][j] (+)= sum_t a[r][t] * b[t][j]` over `kc`
+    /// steps, columns `< cols` only (the others neither read nor written).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `R` rows of `kc` at `a` (stride `lda`), `kc` rows of `cols` at `b`
+    /// (stride `ldb`) and `R` rows of `cols` at `c` (stride `ldc`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn gemm_block256<const R: usize>(g: &Gemm256) {
+        use super::super::maxpool2::x86::{load16, store_first};
+        let z = _mm256_setzero_ps();
+        let full = g.cols == 16;
+        // SAFETY: the caller's bounds.
+        unsafe {
+            let mut acc = [[z; 2]; R];
+            for t in 0..g.kc {
+                let brow = g.b.add(t * g.ldb);
+                let (b0, b1) = if full {
+                    (_mm256_loadu_ps(brow), _mm256_loadu_ps(brow.add(8)))
+                } else {
+                    (
+                        _mm256_maskload_ps(brow, g.masks.0),
+                        _mm256_maskload_ps(brow.add(8), g.masks.1),
+                    )
+                };
+                for (r, accr) in acc.iter_mut().enumerate() {
+                    let x = _mm256_broadcast_ss(&*g.a.add(r * g.lda + t));
+                    accr[0] = _mm256_fmadd_ps(x, b0, accr[0]);
+                    accr[1] = _mm256_fmadd_ps(x, b1, accr[1]);
+                }
+            }
+            for (r, accr) in acc.iter().enumerate() {
+                let d = g.c.add(r * g.ldc);
+                let (mut v0, mut v1) = (accr[0], accr[1]);
+                if g.accumulate {
+                    let (s0, s1) = load16(d, g.cols);
+                    v0 = _mm256_add_ps(s0, v0);
+                    v1 = _mm256_add_ps(s1, v1);
+                }
+                if full {
+                    _mm256_storeu_ps(d, v0);
+                    _mm256_storeu_ps(d.add(8), v1);
+                } else {
+                    store_first(d, v0, g.cols.min(8));
+                    store_first(d.add(8), v1, g.cols.saturating_sub(8));
+                }
+            }
+        }
+    }
+
     /// The operands of one [`pool_window256`].
     struct Window256<'a> {
         /// Packed weights of the channel group's first lane, at step 0 (step `t` at `t ld`).
@@ -1612,20 +1741,32 @@ mod tests {
     /// or a partial group of four, and reductions of one to three blocks.
     #[test]
     fn gemm_matches_reference_and_panel_kernel() {
-        if !avx512_here() {
+        if !crate::runtime::cpu::sgemm::available() {
+            eprintln!("no AVX2 on this CPU: the lane kernels are not used here");
             return;
         }
-        for &(m, n, k) in &[
+        for (&(m, n, k), isa) in [
             (64, 128, 1568),
             (7, 10, 3),
             (5, 70, 300),
             (13, 64, 129),
             (1, 1, 1),
-        ] {
+            (4, 16, 2),
+            (11, 23, 40),
+            (3, 9, 257),
+        ]
+        .iter()
+        .flat_map(|c| isas().into_iter().map(move |i| (c, i)))
+        {
             let a = rand(m * k, (m * 7 + k) as u64);
             let bt = rand(k * n, (n * 5 + k) as u64);
-            let mut c = vec![f32::NAN; m * n];
-            gemm(m, n, k, &a, &bt, &mut c);
+            // One guard element past `c`: a store past the last column would change it.
+            let mut c = vec![f32::NAN; m * n + 1];
+            gemm_isa(m, n, k, &a, &bt, &mut c[..m * n], isa);
+            assert!(
+                c[m * n].is_nan(),
+                "{isa:?} {m}x{n}x{k}: wrote past the product"
+            );
             let pa = crate::runtime::cpu::sgemm::PackedA::new(m, k, &a, k, 1);
             let mut c2 = vec![0.0f32; m * n];
             crate::runtime::cpu::sgemm::gemm_packed(&pa, &bt, n, n, &mut c2, n);
@@ -1636,7 +1777,7 @@ mod tests {
                         .sum();
                     let got = c[i * n + j];
                     check(got, want, c2[i * n + j], 1e-4, &|| {
-                        format!("{m}x{n}x{k}: ({i}, {j})")
+                        format!("{isa:?} {m}x{n}x{k}: ({i}, {j})")
                     });
                 }
             }
