@@ -1424,6 +1424,7 @@ fn model_timing() {
         "copynear" => &super::sgemm::COPY_NEAR,
         "binact" => &crate::runtime::exec::NO_BINARY_ACT,
         "strided" => &super::lanes::NO_STRIDED,
+        "slices" => &super::OLD_SLICES,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")
