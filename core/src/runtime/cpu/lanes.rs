@@ -1074,40 +1074,84 @@ mod x86 {
         bt: &[f32],
         c: &mut [f32],
     ) {
-        use super::super::maxpool2::x86::masks256;
+        use super::super::maxpool2::x86::{load16, masks256};
         const R: usize = 6;
         let (ap, bp, cp) = (a.as_ptr(), bt.as_ptr(), c.as_mut_ptr());
-        for (t0, kc) in super::super::sgemm::k_blocks(k) {
-            for j0 in (0..n).step_by(2 * 8) {
-                let cols = (n - j0).min(16);
-                let masks = masks256(cols);
-                for i0 in (0..m).step_by(R) {
-                    let g = Gemm256 {
-                        a: ap.wrapping_add(i0 * k + t0),
-                        lda: k,
-                        b: bp.wrapping_add(t0 * n + j0),
-                        ldb: n,
-                        kc,
-                        c: cp.wrapping_add(i0 * n + j0),
-                        ldc: n,
-                        accumulate: t0 > 0,
-                        cols,
-                        masks,
+        // With more than one block of rows, each reduction block's rows of `bt` are copied
+        // first, strip by strip (16 columns each, the strip's rows consecutive), reading `bt`
+        // row by row. Why: a Linear layer's transposed weights have rows `n` floats apart (512
+        // bytes at 128 outputs); read in place, a strip's 121 rows fell into 8 of L1's 64 sets,
+        // and each strip's pass over rows that far apart missed the prefetchers (the small
+        // CNN's Linear layer inside its forward, on a Zen 3 core: the kernel's loads of `bt`
+        // were 37% of its time).
+        let copy = m > R && !super::super::sgemm::no_strip();
+        let strips = n.div_ceil(16);
+        let kmax = super::super::sgemm::k_blocks(k)
+            .map(|b| b.1)
+            .max()
+            .unwrap_or(0);
+        let body = |buf: &mut [f32]| {
+            let lead = super::super::sgemm::line_lead(buf.as_ptr());
+            let sp = buf.as_mut_ptr().wrapping_add(lead);
+            for (t0, kc) in super::super::sgemm::k_blocks(k) {
+                if copy {
+                    for t in 0..kc {
+                        for (si, j0) in (0..n).step_by(16).enumerate() {
+                            // SAFETY: row `t0 + t < k` of `bt` holds `min(16, n - j0)` floats
+                            // from `j0`; the buffer holds `strips * kmax` rows of 16 after
+                            // `lead < 16` (`kc <= kmax`).
+                            unsafe {
+                                let (x0, x1) = load16(bp.add((t0 + t) * n + j0), (n - j0).min(16));
+                                let d = sp.add((si * kc + t) * 16);
+                                _mm256_storeu_ps(d, x0);
+                                _mm256_storeu_ps(d.add(8), x1);
+                            }
+                        }
+                    }
+                }
+                for (si, j0) in (0..n).step_by(16).enumerate() {
+                    let cols = (n - j0).min(16);
+                    let masks = masks256(cols);
+                    let (b, ldb) = if copy {
+                        (sp.wrapping_add(si * kc * 16).cast_const(), 16)
+                    } else {
+                        (bp.wrapping_add(t0 * n + j0), n)
                     };
-                    // SAFETY: rows `i0 ..` (at most `m`) of `a` and `c`, steps `t0 .. t0 + kc`
-                    // of `bt`, columns `j0 .. j0 + cols <= n`: inside the operands.
-                    unsafe {
-                        match m - i0 {
-                            1 => gemm_block256::<1>(&g),
-                            2 => gemm_block256::<2>(&g),
-                            3 => gemm_block256::<3>(&g),
-                            4 => gemm_block256::<4>(&g),
-                            5 => gemm_block256::<5>(&g),
-                            _ => gemm_block256::<R>(&g),
+                    for i0 in (0..m).step_by(R) {
+                        let g = Gemm256 {
+                            a: ap.wrapping_add(i0 * k + t0),
+                            lda: k,
+                            b,
+                            ldb,
+                            copied: copy,
+                            kc,
+                            c: cp.wrapping_add(i0 * n + j0),
+                            ldc: n,
+                            accumulate: t0 > 0,
+                            cols,
+                            masks,
+                        };
+                        // SAFETY: rows `i0 ..` (at most `m`) of `a` and `c`, steps `t0 .. t0 +
+                        // kc` of `bt` (or the strip's copy), columns `j0 .. j0 + cols <= n`:
+                        // inside the operands.
+                        unsafe {
+                            match m - i0 {
+                                1 => gemm_block256::<1>(&g),
+                                2 => gemm_block256::<2>(&g),
+                                3 => gemm_block256::<3>(&g),
+                                4 => gemm_block256::<4>(&g),
+                                5 => gemm_block256::<5>(&g),
+                                _ => gemm_block256::<R>(&g),
+                            }
                         }
                     }
                 }
             }
+        };
+        if copy {
+            super::super::conv::with_scratch(strips * kmax * 16 + 16, body);
+        } else {
+            body(&mut []);
         }
     }
 
@@ -1121,6 +1165,8 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
+        /// Whether `b` is the strip copy (whole registers, zeros past `cols`).
+        copied: bool,
         /// Columns of the block (at most 16), and their masks.
         cols: usize,
         masks: (__m256i, __m256i),
@@ -1131,7 +1177,7 @@ mod x86 {
     ///
     /// # Safety
     /// AVX2 and FMA; `R` rows of `kc` at `a` (stride `lda`), `kc` rows of `cols` at `b`
-    /// (stride `ldb`) and `R` rows of `cols` at `c` (stride `ldc`).
+    /// (stride `ldb`; of 16 where `copied`) and `R` rows of `cols` at `c` (stride `ldc`).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn gemm_block256<const R: usize>(g: &Gemm256) {
@@ -1143,7 +1189,7 @@ mod x86 {
             let mut acc = [[z; 2]; R];
             for t in 0..g.kc {
                 let brow = g.b.add(t * g.ldb);
-                let (b0, b1) = if full {
+                let (b0, b1) = if full || g.copied {
                     (_mm256_loadu_ps(brow), _mm256_loadu_ps(brow.add(8)))
                 } else {
                     (
