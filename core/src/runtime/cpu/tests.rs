@@ -1425,6 +1425,7 @@ fn model_timing() {
         "binact" => &crate::runtime::exec::NO_BINARY_ACT,
         "strided" => &super::lanes::NO_STRIDED,
         "slices" => &super::OLD_SLICES,
+        "shortpanels" => &super::sgemm::NO_SHORT_PANELS,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")
