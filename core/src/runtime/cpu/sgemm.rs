@@ -283,7 +283,7 @@ fn strips_far(rows_off: &[usize], width: usize) -> bool {
 
 /// A zeroed buffer for strips `width` floats wide of a `k`-long reduction, and the floats
 /// from its start to the first 64-byte line, where the copied rows begin.
-pub(super) fn strip_buffer(k: usize, width: usize) -> (Vec<f32>, usize) {
+fn strip_buffer(k: usize, width: usize) -> (Vec<f32>, usize) {
     // A line's worth (16 floats) more: the lead is under 16.
     let buf = vec![0.0f32; KC_ALLOC.min(k) * width + 16];
     let lead = strip_lead(buf.as_ptr());
