@@ -10,6 +10,7 @@
 //! more than the op (the demo model is a small CNN on 28x28 images).
 
 mod conv;
+mod crew;
 mod gemm;
 mod lanes;
 mod maxpool2;
@@ -38,6 +39,12 @@ pub const PAR_MIN_FLOPS: usize = 1 << 16;
 /// Elements per parallel chunk for elementwise ops (large enough to amortise task overhead).
 const ELEM_CHUNK: usize = 1 << 14;
 
+/// Test-only switch from the spinning slice helpers (`crew`) to the rayon pool, for timing A/B
+/// runs.
+#[cfg(test)]
+pub(crate) static NO_CREW: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Test-only switch back to running every slice on the pool (the caller waiting), for timing
 /// A/B runs.
 #[cfg(test)]
@@ -58,6 +65,9 @@ pub struct CpuBackend {
     bufs: Arc<BufPool>,
     /// Weights in the forms the kernels read (see `wcache`).
     weights: wcache::WeightCache,
+    /// Threads for one slice each of a sliced batch, started at the first sliced call (see
+    /// `crew`); `None` inside if they could not be started.
+    crew: std::sync::OnceLock<Option<crew::Crew>>,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -81,6 +91,7 @@ impl CpuBackend {
                 threads: 1,
                 bufs: Arc::default(),
                 weights: Default::default(),
+                crew: Default::default(),
             };
         }
         match rayon::ThreadPoolBuilder::new()
@@ -93,6 +104,7 @@ impl CpuBackend {
                 threads: want,
                 bufs: Arc::default(),
                 weights: Default::default(),
+                crew: Default::default(),
             },
             Err(e) => {
                 tracing::warn!("cpu backend: could not start {want} threads ({e}); using 1");
@@ -101,6 +113,7 @@ impl CpuBackend {
                     threads: 1,
                     bufs: Arc::default(),
                     weights: Default::default(),
+                    crew: Default::default(),
                 }
             }
         }
@@ -204,10 +217,25 @@ impl Backend for CpuBackend {
         let old = OLD_SLICES.load(std::sync::atomic::Ordering::Relaxed);
         #[cfg(not(test))]
         let old = false;
-        // One slice per worker: the calling thread runs the first itself and the pool the
-        // others, so a call wakes one thread fewer and the caller does not sleep through its
-        // own work (two threads, the small CNN at batch 64: 1.01-1.36 against 1.05-1.41 ms a
-        // call, in-process A/B on a 2-core VM whose wake-ups are slow).
+        #[cfg(test)]
+        let no_crew = NO_CREW.load(std::sync::atomic::Ordering::Relaxed);
+        #[cfg(not(test))]
+        let no_crew = false;
+        // At least a slice per worker: the calling thread and the crew's helpers, which spin
+        // between calls, take the slices (two threads, the small CNN at batch 64, 3 runs of
+        // 1000 calls each way: median 1.49-1.65 against 1.62-1.85 ms a call on the rayon pool,
+        // whose sleeping workers a 2-core VM is slow to wake).
+        if solo && self.threads > 1 && !old && !no_crew {
+            let crew = self.crew.get_or_init(|| crew::Crew::new(self.threads - 1));
+            if crew.as_ref().is_some_and(|c| c.run(parts, &run)) {
+                return;
+            }
+        }
+        // No crew (another caller holds it, or its threads did not start), or fewer slices
+        // than workers (a batch of 4 on 16 threads leaves the ops their own parallelism on the
+        // pool). One slice per worker: the calling thread runs the first itself and the pool
+        // the others, so a call wakes one thread fewer and the caller does not sleep through
+        // its own work (1.01-1.36 against 1.05-1.41 ms a call in the case above).
         match &self.pool {
             Some(p) if parts == self.threads && !old => p.in_place_scope(|s| {
                 for i in 1..parts {
