@@ -253,6 +253,20 @@ mod tests {
         }
     }
 
+    /// Counts the calling slice in and waits until `n` slices have come (a slice that never
+    /// comes fails the test after 10 s instead of hanging it).
+    fn meet(started: &AtomicUsize, n: usize) {
+        started.fetch_add(1, Ordering::SeqCst);
+        let t = Instant::now();
+        while started.load(Ordering::SeqCst) < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "a slice never started"
+            );
+            std::thread::yield_now();
+        }
+    }
+
     /// Each slice waits until all have started: this ends only if every slice runs at the same
     /// time as the others, on threads of their own.
     #[test]
@@ -262,16 +276,8 @@ mod tests {
             let started = AtomicUsize::new(0);
             let ids = Mutex::new(Vec::new());
             assert!(crew.run(4, &|_| {
-                started.fetch_add(1, Ordering::SeqCst);
                 ids.lock().unwrap().push(std::thread::current().id());
-                let t = Instant::now();
-                while started.load(Ordering::SeqCst) < 4 {
-                    assert!(
-                        t.elapsed() < Duration::from_secs(10),
-                        "a slice never started"
-                    );
-                    std::thread::yield_now();
-                }
+                meet(&started, 4);
             }));
             let mut ids = ids.into_inner().unwrap();
             assert!(
@@ -290,17 +296,7 @@ mod tests {
         for _ in 0..3 {
             std::thread::sleep(SPIN * 3);
             let started = AtomicUsize::new(0);
-            assert!(crew.run(2, &|_| {
-                started.fetch_add(1, Ordering::SeqCst);
-                let t = Instant::now();
-                while started.load(Ordering::SeqCst) < 2 {
-                    assert!(
-                        t.elapsed() < Duration::from_secs(10),
-                        "the helper never woke"
-                    );
-                    std::thread::yield_now();
-                }
-            }));
+            assert!(crew.run(2, &|_| meet(&started, 2)));
         }
     }
 
