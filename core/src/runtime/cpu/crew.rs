@@ -80,7 +80,7 @@ struct Shared {
     stop: AtomicBool,
 }
 
-/// `helpers` threads that each run one slice per call, beside the calling thread.
+/// `helpers` threads that take the slices of each call beside the calling thread.
 pub(super) struct Crew {
     shared: Arc<Shared>,
     threads: Vec<(Thread, JoinHandle<()>)>,
