@@ -990,7 +990,7 @@ mod x86 {
         rows: usize,
         accumulate: bool,
     ) {
-        // SAFETY: as `micro`'s, for rows < R <= MR.
+        // SAFETY: as `micro`'s, for rows <= R < MR.
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             for (t, &o) in offs.iter().enumerate() {
