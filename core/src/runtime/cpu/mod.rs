@@ -65,8 +65,8 @@ pub struct CpuBackend {
     bufs: Arc<BufPool>,
     /// Weights in the forms the kernels read (see `wcache`).
     weights: wcache::WeightCache,
-    /// Threads for one slice each of a sliced batch, started at the first sliced call (see
-    /// `crew`); `None` inside if they could not be started.
+    /// Helper threads that take the slices of a sliced batch beside the caller, started at the
+    /// first sliced call (see `crew`); `None` inside if they could not be started.
     crew: std::sync::OnceLock<Option<crew::Crew>>,
 }
 
@@ -222,9 +222,10 @@ impl Backend for CpuBackend {
         #[cfg(not(test))]
         let no_crew = false;
         // At least a slice per worker: the calling thread and the crew's helpers, which spin
-        // between calls, take the slices (two threads, the small CNN at batch 64, 3 runs of
-        // 1000 calls each way: median 1.49-1.65 against 1.62-1.85 ms a call on the rayon pool,
-        // whose sleeping workers a 2-core VM is slow to wake).
+        // between calls, take the slices (two threads, the small CNN, 3 runs of 1000 calls each
+        // way, median call: 1.48-1.79 against 1.59-1.76 ms at batch 64 and 0.41-0.53 against
+        // 0.48-0.54 ms at batch 16 on the rayon pool, whose sleeping workers a 2-core VM is
+        // slow to wake).
         if solo && self.threads > 1 && !old && !no_crew {
             let crew = self.crew.get_or_init(|| crew::Crew::new(self.threads - 1));
             if crew.as_ref().is_some_and(|c| c.run(parts, &run)) {

@@ -1450,7 +1450,7 @@ fn model_timing() {
     let [best, median] = [0.0, 0.5].map(|q: f64| {
         times.clone().map(|mut t| {
             t.sort_by(f64::total_cmp);
-            t.get(((t.len() - 1) as f64 * q) as usize)
+            t.get((t.len().saturating_sub(1) as f64 * q) as usize)
                 .copied()
                 .unwrap_or(f64::NAN)
         })
