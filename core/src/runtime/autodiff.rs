@@ -66,6 +66,12 @@ pub fn backward<B: Backend>(
             needs[n.output] = true;
         }
     }
+    let mut uses = vec![0usize; g.values.len()];
+    for n in &g.nodes {
+        for &i in &n.inputs {
+            uses[i] += 1;
+        }
+    }
     let mut grads: Vec<Option<Tensor<B>>> = vec![None; g.values.len()];
     for (v, s) in seeds {
         let want = &tape.get(*v).shape;
@@ -126,6 +132,12 @@ pub fn backward<B: Backend>(
                     out.push((2, b.reduce(&dy, &[0, 2, 3], ReduceOp::Sum, false)));
                 }
             }
+            // A ReLU's derivative from its output (`y > 0` exactly where `x > 0`): a taped run
+            // that fuses a Conv with its ReLU never keeps the Conv's output.
+            Op::Unary(Unary::Relu) => {
+                let y = tape.get(node.output);
+                out.push((0, b.unary_backward(Unary::Relu, y, y, &dy)))
+            }
             Op::Unary(u) => out.push((0, b.unary_backward(*u, x(0), tape.get(node.output), &dy))),
             Op::Binary(op) => {
                 let (a, c) = (x(0), x(1));
@@ -175,7 +187,30 @@ pub fn backward<B: Backend>(
             Op::Pool { .. } => {
                 let (p, _) = shape::pool_geometry(&node.op, &x(0).shape)
                     .map_err(|e| e.at_node(&node.name))?;
-                out.push((0, b.pool2d_backward(&dy, x(0), &p)));
+                // A ReLU whose output only this pooling reads (not a graph output, not seeded):
+                // both backward passes as one, straight to the ReLU's input, which the ReLU's
+                // own turn then finds without a gradient and skips.
+                let v = node.inputs[0];
+                let relu = match g.values[v].kind {
+                    ValueKind::Node(ri) => Some(&g.nodes[ri]),
+                    _ => None,
+                }
+                .filter(|r| {
+                    matches!(r.op, Op::Unary(Unary::Relu))
+                        && uses[v] == 1
+                        && !g.outputs.contains(&v)
+                        && grads[v].is_none()
+                        && fuse_relu_pool()
+                });
+                match relu {
+                    Some(r) => {
+                        let gi = b.relu_pool2d_backward(&dy, x(0), &p);
+                        if needs[r.inputs[0]] {
+                            acc(b, &mut grads, r.inputs[0], gi);
+                        }
+                    }
+                    None => out.push((0, b.pool2d_backward(&dy, x(0), &p))),
+                }
             }
             Op::Reduce { axes, op, .. } => {
                 out.push((0, reduce_adjoint(b, &dy, &x(0).shape, axes, *op)))
@@ -309,4 +344,18 @@ pub fn backward<B: Backend>(
         })
         .collect();
     Ok(Grads { inputs, params })
+}
+
+/// Test-only switch off the ReLU + pooling backward fusion, for equality tests and timing A/B
+/// runs.
+#[cfg(test)]
+pub(crate) static NO_RELU_POOL: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`backward`] fuses a ReLU's backward into its pooling's (always, outside tests).
+fn fuse_relu_pool() -> bool {
+    #[cfg(test)]
+    return !NO_RELU_POOL.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    true
 }

@@ -396,6 +396,19 @@ pub trait Backend: Send + Sync {
         x: &Tensor<Self>,
         p: &Pool2dParams,
     ) -> Tensor<Self>;
+    /// The gradient of `pool2d(relu(x))` with respect to `x`, from `r = relu(x)` (the pooling's
+    /// input, which the tape keeps): [`Backend::pool2d_backward`], then the ReLU's backward
+    /// with `r` for `x` (`r > 0` exactly where `x > 0`). Autodiff's fusion of the two backward
+    /// passes, so a backend can mask each plane while it is in cache instead of writing the
+    /// pooling's gradient out and reading it back. The default runs the primitives.
+    fn relu_pool2d_backward(
+        &self,
+        dy: &Tensor<Self>,
+        r: &Tensor<Self>,
+        p: &Pool2dParams,
+    ) -> Tensor<Self> {
+        self.unary_backward(Unary::Relu, r, r, &self.pool2d_backward(dy, r, p))
+    }
 
     // ---- elementwise family --------------------------------------------------------------------
     fn unary(&self, op: Unary, x: &Tensor<Self>) -> Tensor<Self>;

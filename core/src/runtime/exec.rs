@@ -64,8 +64,9 @@ impl<B: Backend> Tape<B> {
     pub(crate) fn get(&self, v: ValueId) -> &Tensor<B> {
         match &self.values[v] {
             Some(t) => t,
-            // The executor computes every value before any consumer runs and keeps all of them
-            // when taping; reaching this is an executor bug.
+            // The executor computes every value before any consumer runs and, when taping,
+            // keeps all of them but the outputs of Convs fused with their ReLU, which no
+            // backward rule reads; reaching this is an executor bug.
             None => panic!("tape value {v} missing"),
         }
     }
@@ -212,7 +213,7 @@ impl<B: Backend> Model<B> {
         }
         let last_use = if keep_all { Vec::new() } else { last_uses(g) };
         let (fuse, binary_acts) = if keep_all {
-            (Vec::new(), Vec::new())
+            (taped_conv_relu_fusions(g), Vec::new())
         } else {
             (conv_act_fusions(g), binary_act_fusions(g))
         };
@@ -480,6 +481,31 @@ pub(crate) fn conv_act_fusions(g: &Graph) -> Vec<Option<ConvFusion>> {
         })
         .collect()
 }
+
+/// The fusions a taped run (one kept for the backward pass) takes: a Conv and the ReLU that
+/// is its output's only consumer, computed as one [`Backend::conv2d_act`], never with the
+/// pooling after them (whose backward reads the ReLU's output). The Conv's output is then
+/// never computed and stays absent from the tape: no backward rule reads it (the Conv's reads
+/// its input and weights, the ReLU's its own output, whose sign is the input's).
+pub(crate) fn taped_conv_relu_fusions(g: &Graph) -> Vec<Option<ConvFusion>> {
+    #[cfg(test)]
+    if NO_TAPED_FUSION.load(std::sync::atomic::Ordering::Relaxed) {
+        return Vec::new();
+    }
+    conv_act_fusions(g)
+        .into_iter()
+        .map(|f| {
+            f.filter(|f| f.act == Unary::Relu)
+                .map(|f| ConvFusion { pool: false, ..f })
+        })
+        .collect()
+}
+
+/// Test-only switch off the taped run's Conv + ReLU fusion, for equality tests and timing
+/// A/B runs.
+#[cfg(test)]
+pub(crate) static NO_TAPED_FUSION: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Inference-only fusions: `Some(act)` at a Binary node whose output feeds only the very next
 /// node, an elementwise activation `act`, and is not a graph output: a residual block's Add and

@@ -108,6 +108,21 @@ pub(super) fn applies_gemm() -> bool {
     super::sgemm::available()
 }
 
+/// Whether untransposed products (`a * b`, both by rows) take the lane GEMM (always, outside
+/// timing runs).
+pub(super) fn nn_applies() -> bool {
+    #[cfg(test)]
+    if NO_LANE_NN.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    true
+}
+
+/// Test-only switch: untransposed products back on the panel kernel, for timing A/B runs.
+#[cfg(test)]
+pub(super) static NO_LANE_NN: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Test-only switch off the lane GEMM alone, for timing A/B runs.
 #[cfg(test)]
 pub(super) static NO_LANE_GEMM: std::sync::atomic::AtomicBool =

@@ -456,7 +456,28 @@ impl Backend for CpuBackend {
             [xs[0], xs[1], p.out_hw[0], p.out_hw[1]],
             "pool2d_backward dy shape"
         );
-        self.wrap(self.pool2d_backward_impl(&dy.buf, &x.buf, xs, p), &x.shape)
+        self.wrap(
+            self.pool2d_backward_impl(&dy.buf, &x.buf, xs, p, false),
+            &x.shape,
+        )
+    }
+
+    fn relu_pool2d_backward(
+        &self,
+        dy: &Tensor<Self>,
+        r: &Tensor<Self>,
+        p: &Pool2dParams,
+    ) -> Tensor<Self> {
+        let xs = dims4(&r.shape, "pool2d x");
+        assert_eq!(
+            dy.shape,
+            [xs[0], xs[1], p.out_hw[0], p.out_hw[1]],
+            "pool2d_backward dy shape"
+        );
+        self.wrap(
+            self.pool2d_backward_impl(&dy.buf, &r.buf, xs, p, true),
+            &r.shape,
+        )
     }
 
     fn unary(&self, op: Unary, x: &Tensor<Self>) -> Tensor<Self> {

@@ -631,6 +631,12 @@ impl CpuBackend {
             sgemm::gemm_nt(m, n, k, a, k, b, k, &mut out, n);
             return (out, out_shape);
         }
+        if mid && !trans_b && !trans_a && lanes::applies_gemm() && lanes::nn_applies() {
+            // `b` is already `k x n` by rows, the lane kernel's right operand: the input
+            // gradient of a Linear layer (`dy * W`), with nothing transposed or packed.
+            lanes::gemm(m, n, k, a, &b[..k * n], &mut out);
+            return (out, out_shape);
+        }
         if mid && !trans_b && m >= sgemm::MR {
             let pa = if trans_a {
                 PackedA::new(m, k, a, 1, m)
@@ -713,11 +719,22 @@ impl CpuBackend {
         x: &[f32],
         xs: [usize; 4],
         p: &Pool2dParams,
+        relu: bool,
     ) -> Vec<f32> {
         let [n, c, h, w] = xs;
         let [oh, ow] = p.out_hw;
         let win = PoolWindows::new(h, w, p);
         let work = n * c * oh * ow * p.kernel[0] * p.kernel[1];
+        // With `relu`, `x` is a ReLU's output and the ReLU's backward follows each plane's,
+        // while the plane is in cache: `d * (x > 0 ? 1 : 0)`, the ReLU backward's own
+        // arithmetic (so the fused result equals the two passes' to the bit).
+        let mask = |plane: &[f32], dst: &mut [f32]| {
+            if relu {
+                for (d, &r) in dst.iter_mut().zip(plane) {
+                    *d *= unary_derivative_f32(Unary::Relu, r, 0.0);
+                }
+            }
+        };
         let pairs = p.kind == PoolKind::Max && win.all_full(p) && win.is_2x2_stride_2(p);
         // Disjoint 2x2 windows that tile the plane write every element of dx themselves.
         let tiled = pairs && 2 * oh == h && 2 * ow == w;
@@ -739,6 +756,7 @@ impl CpuBackend {
                     let (xt, xb) = (&plane[r0..r0 + 2 * ow], &plane[r1..r1 + 2 * ow]);
                     super::maxpool2::backward_row(xt, xb, drow, top, bot, !tiled);
                 }
+                mask(plane, dst);
                 return;
             }
             for oy in 0..oh {
@@ -760,6 +778,7 @@ impl CpuBackend {
                     }
                 }
             }
+            mask(plane, dst);
         });
         dx
     }

@@ -327,6 +327,20 @@ fn short_panels() -> bool {
     true
 }
 
+/// Test-only switch off the AVX2 kernel's one-row variant, for timing A/B runs.
+#[cfg(test)]
+pub(crate) static NO_ONE_ROW: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the AVX2 kernel takes a one-row product on its one-row variant (always, outside
+/// timing A/B runs).
+fn one_row() -> bool {
+    #[cfg(test)]
+    return !NO_ONE_ROW.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    true
+}
+
 /// Whether a test turned the strip copy off (always false outside tests).
 pub(super) fn no_strip() -> bool {
     #[cfg(test)]
@@ -460,6 +474,38 @@ mod x86 {
         ldc: usize,
     ) {
         let (m, k) = (a.m, a.k);
+        if m == 1 && n >= ROW_COLS && super::one_row() {
+            // A single row (the input gradient of a one-channel image's first convolution, on
+            // every attack step): the panel kernels keep two column registers, so two
+            // accumulation chains, and spend their time waiting on the FMA's latency; eight
+            // registers of columns keep the FMA units busy. Reduction order as below (each
+            // block of k in sequence, its sum then added to the earlier blocks'), so the
+            // result is the same to the bit.
+            let wide = n / ROW_COLS * ROW_COLS;
+            for (t0, kc) in super::k_blocks(k) {
+                for j0 in (0..wide).step_by(ROW_COLS) {
+                    // SAFETY: the panel holds k*MR floats (row 0 at every MR-th); b's rows
+                    // hold n >= j0 + ROW_COLS floats from each offset and c's one row n
+                    // floats (the caller's asserts).
+                    unsafe {
+                        micro_row(
+                            a.data.as_ptr().add(t0 * MR),
+                            b.as_ptr().add(j0),
+                            &offs[t0..t0 + kc],
+                            c.as_mut_ptr().add(j0),
+                            t0 > 0,
+                        )
+                    };
+                }
+            }
+            if wide < n {
+                // SAFETY: as for this call; the offsets still reach `n - wide` floats of the
+                // shifted rows, and c's row holds them. Fewer than ROW_COLS columns: the call
+                // takes the panel path below.
+                unsafe { gemm_rows_avx2(a, &b[wide..], offs, n - wide, &mut c[wide..], ldc) };
+            }
+            return;
+        }
         let panels = m.div_ceil(MR);
         let (bp, cp, ap) = (b.as_ptr(), c.as_mut_ptr(), a.data.as_ptr());
         // The column tail's zero-padded strip and its row offsets, made once per call (not per
@@ -971,6 +1017,45 @@ mod x86 {
         }
     }
 
+    /// Columns of one [`micro_row`] call.
+    const ROW_COLS: usize = ROW_NV * LANES;
+    /// Column registers of [`micro_row`]: eight chains of FMAs in flight, which covers the
+    /// FMA's latency on both units.
+    const ROW_NV: usize = 8;
+
+    /// One row by [`ROW_COLS`] columns: `c[j] (+)= sum_t a[t*MR] * b[offs[t] + j]`.
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn micro_row(
+        a: *const f32,
+        b: *const f32,
+        offs: &[usize],
+        c: *mut f32,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller guarantees offs.len()*MR readable floats at `a`, ROW_COLS floats
+        // at `b + offs[t]` for every t, and ROW_COLS floats at `c`.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); ROW_NV];
+            for (t, &o) in offs.iter().enumerate() {
+                let brow = b.add(o);
+                let av = _mm256_broadcast_ss(&*a.add(t * MR));
+                for (v, x) in acc.iter_mut().enumerate() {
+                    *x = _mm256_fmadd_ps(av, _mm256_loadu_ps(brow.add(v * LANES)), *x);
+                }
+            }
+            for (v, &x) in acc.iter().enumerate() {
+                let dst = c.add(v * LANES);
+                let val = if accumulate {
+                    _mm256_add_ps(_mm256_loadu_ps(dst), x)
+                } else {
+                    x
+                };
+                _mm256_storeu_ps(dst, val);
+            }
+        }
+    }
+
     /// [`micro`] with two registers of columns, reducing the panel's first `R` rows only
     /// (`rows <= R < MR`). Why: a row count that is a power of two ends in a panel of two or
     /// four rows, which the full kernel reduced as six (the Winograd products of 32 channels:
@@ -1133,6 +1218,11 @@ mod tests {
             (11, 33, 12),
             (14, 16, 6),
             (15, 20, 11),
+            // One row: whole blocks of 64 columns, then strips and a tail, over one and two
+            // KC blocks.
+            (1, 838, 144),
+            (1, 64, 300),
+            (1, 150, 257),
         ] {
             // Rows of `b` near each other (read in place) and far apart (copied strip by strip
             // where there are enough panels: see STRIP_NEAR_BYTES).
@@ -1161,6 +1251,43 @@ mod tests {
                     "{m}x{n}x{k}: AVX2 vs AVX-512"
                 );
             }
+        }
+    }
+
+    /// The one-row kernel reduces in the panel kernels' order: a one-row product equals the
+    /// first row of a two-row one (on the short-panel kernel) to the bit.
+    #[test]
+    fn one_row_equals_the_first_row_of_a_panel() {
+        if !available() {
+            eprintln!("no AVX2/FMA: the kernel is not used on this CPU");
+            return;
+        }
+        for &(n, k) in &[(838, 144), (200, 300), (64, 9), (70, 1)] {
+            let ldb = n + 5;
+            let (a, b) = (operand(2 * k, 0), operand(k * ldb, 1));
+            let offs: Vec<usize> = (0..k).map(|t| t * ldb).collect();
+            let mut one = vec![f32::NAN; n];
+            gemm_rows_isa(
+                &PackedA::new(1, k, &a, k, 1),
+                &b,
+                &offs,
+                n,
+                &mut one,
+                n,
+                false,
+            );
+            let mut two = vec![f32::NAN; 2 * n];
+            gemm_rows_isa(
+                &PackedA::new(2, k, &a, k, 1),
+                &b,
+                &offs,
+                n,
+                &mut two,
+                n,
+                false,
+            );
+            let bits = |c: &[f32]| c.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&one), bits(&two[..n]), "1 x {n} x {k}");
         }
     }
 

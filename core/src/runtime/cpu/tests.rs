@@ -139,8 +139,11 @@ fn matmul_matches_reference() {
         (vec![3, 70, 60], vec![3, 50, 60], false, true),
         (vec![90, 100], vec![90, 80], true, false),
         (vec![64, 300], vec![10, 300], false, true),
-        // mid-size single products: plain (packed kernel), both transposed (gemm crate)
+        // mid-size single products: plain (lane kernel, `b` read as stored; the second one a
+        // Linear layer's input gradient with fewer rows than the panel kernel's block), both
+        // transposed (gemm crate)
         (vec![50, 40], vec![40, 60], false, false),
+        (vec![4, 128], vec![128, 300], false, false),
         (vec![60, 30], vec![50, 60], true, true),
         // a Linear layer's weights ([out, in], trans_b): transposed once and cached
         (vec![40, 300], vec![48, 300], false, true),
@@ -270,6 +273,42 @@ fn pool_matches_reference() {
                 &r::pool2d_backward(&dy, &x, p),
                 BWD,
                 &format!("pool2d backward {ci}"),
+            );
+            // The pooling of a ReLU's output (ties at zero in about half of each window):
+            // the fused backward against the reference's two passes, and equal to the CPU's
+            // own two passes to the bit.
+            let rx = r::unary(Unary::Relu, &x);
+            let rt = up(&b, &rx);
+            let fused = b.relu_pool2d_backward(&up(&b, &dy), &rt, p);
+            let pooled = r::pool2d_backward(&dy, &rx, p);
+            check(
+                &b,
+                &fused,
+                &r::unary_backward(Unary::Relu, &x, &rx, &pooled),
+                BWD,
+                &format!("relu + pool2d backward {ci}"),
+            );
+            let two = b.unary_backward(
+                Unary::Relu,
+                &rt,
+                &rt,
+                &b.pool2d_backward(&up(&b, &dy), &rt, p),
+            );
+            let bits = |t: &Tensor<CpuBackend>| {
+                b.download(t)
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&fused), bits(&two), "relu + pool2d backward {ci}");
+            // Some gradient is masked: a window's winner that the ReLU clamped.
+            let (f, p2) = (
+                b.download(&fused),
+                b.download(&b.pool2d_backward(&up(&b, &dy), &rt, p)),
+            );
+            assert!(
+                f.iter().zip(&p2).any(|(a, b)| *a == 0.0 && *b != 0.0),
+                "relu + pool2d backward {ci}: nothing masked"
             );
         }
     }
@@ -1253,6 +1292,73 @@ fn fused_inference_equals_taped_forward() {
     );
 }
 
+/// Autodiff's fusions (a taped Conv with its ReLU, a ReLU's backward with its pooling's) give
+/// the gradients of the unfused passes, input and weights, on every test model, and fire on
+/// the models that have the patterns.
+#[test]
+fn fused_backward_equals_unfused() {
+    use crate::runtime::autodiff::{self, NO_RELU_POOL};
+    use crate::runtime::exec::{Model, NO_TAPED_FUSION, taped_conv_relu_fusions};
+    use crate::runtime::ir::{Op, ValueKind};
+    use std::sync::atomic::Ordering;
+    let (_, models) = crate::runtime::graph_tests::models();
+    let (mut conv_relu, mut relu_pool) = (false, false);
+    let b = CpuBackend::new(Some(1));
+    for m in models {
+        let graph = crate::runtime::onnx::load(&m.path).expect("import");
+        conv_relu |= taped_conv_relu_fusions(&graph).iter().any(Option::is_some);
+        relu_pool |= graph.nodes.iter().any(|n| {
+            matches!(n.op, Op::Pool { .. })
+                && matches!(graph.values[n.inputs[0]].kind,
+                    ValueKind::Node(r) if matches!(graph.nodes[r].op, Op::Unary(Unary::Relu)))
+        });
+        let model = Model::new(&b, graph);
+        let mut shape = m.input_shape.clone();
+        shape[0] = 2;
+        let n: usize = shape.iter().product();
+        let x = b.upload(
+            &crate::runtime::graph_tests::input_data(n, 7, -1.0, 1.0),
+            &shape,
+        );
+        let params: Vec<usize> = (0..model.graph.params.len()).collect();
+        let grads = |unfused: bool| {
+            NO_TAPED_FUSION.store(unfused, Ordering::Relaxed);
+            NO_RELU_POOL.store(unfused, Ordering::Relaxed);
+            let tape = model.run(&b, &[&x], true).expect("taped run");
+            let seeds: Vec<_> = model
+                .graph
+                .outputs
+                .iter()
+                .enumerate()
+                .map(|(i, &o)| {
+                    let t = tape.get(o);
+                    let w =
+                        crate::runtime::graph_tests::input_data(t.len(), 30 + i as u64, -1.0, 1.0);
+                    (o, b.upload(&w, &t.shape))
+                })
+                .collect();
+            let g = autodiff::backward(&b, &model.graph, &tape, &seeds, &[0], &params)
+                .expect("backward");
+            NO_TAPED_FUSION.store(false, Ordering::Relaxed);
+            NO_RELU_POOL.store(false, Ordering::Relaxed);
+            g.inputs
+                .iter()
+                .chain(&g.params)
+                .map(|t| b.download(t))
+                .collect::<Vec<_>>()
+        };
+        let (fused, unfused) = (grads(false), grads(true));
+        assert!(
+            fused[0].iter().any(|v| *v != 0.0),
+            "{}: zero gradient",
+            m.name
+        );
+        assert_eq!(fused, unfused, "{}", m.name);
+    }
+    assert!(conv_relu, "no test model has a Conv -> ReLU");
+    assert!(relu_pool, "no test model has a ReLU -> Pool");
+}
+
 /// Timing of the convolution paths, single-threaded (`ADVERSE_TIMING_THREADS=n` for more),
 /// best of many repetitions: Winograd (where it applies), direct (no im2col) and im2col
 /// (`cargo test --release -p adverse --lib conv_timing -- --ignored --nocapture`). Not a
@@ -1427,6 +1533,10 @@ fn model_timing() {
         "slices" => &super::OLD_SLICES,
         "shortpanels" => &super::sgemm::NO_SHORT_PANELS,
         "crew" => &super::NO_CREW,
+        "lanenn" => &super::lanes::NO_LANE_NN,
+        "onerow" => &super::sgemm::NO_ONE_ROW,
+        "relupool" => &crate::runtime::autodiff::NO_RELU_POOL,
+        "tapefuse" => &crate::runtime::exec::NO_TAPED_FUSION,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")
