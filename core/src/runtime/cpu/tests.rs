@@ -1244,30 +1244,39 @@ fn recycled_buffers_do_not_leak_stale_values() {
     }
 }
 
+/// A test model on `b` and an input of `batch` samples (values in [-1, 1] from `seed`).
+fn model_and_input(
+    b: &CpuBackend,
+    m: &crate::runtime::graph_tests::ModelInfo,
+    batch: usize,
+    seed: u64,
+) -> (crate::runtime::exec::Model<CpuBackend>, Tensor<CpuBackend>) {
+    let graph = crate::runtime::onnx::load(&m.path).expect("import");
+    let model = crate::runtime::exec::Model::new(b, graph);
+    let mut shape = m.input_shape.clone();
+    shape[0] = batch;
+    let n: usize = shape.iter().product();
+    let data = crate::runtime::graph_tests::input_data(n, seed, -1.0, 1.0);
+    let x = b.upload(&data, &shape);
+    (model, x)
+}
+
 /// The executor's inference-only Conv + activation (+ Pool) and Binary + activation fusions:
 /// they fire on the test models that have the patterns, and the fused forward equals the
 /// unfused (taped) run (as floats: a fused ReLU + max pooling may give a zero of the other
 /// sign).
 #[test]
 fn fused_inference_equals_taped_forward() {
-    use crate::runtime::exec::{Model, binary_act_fusions, conv_act_fusions};
+    use crate::runtime::exec::{binary_act_fusions, conv_act_fusions};
     let (_, models) = crate::runtime::graph_tests::models();
     let (mut fused_any, mut pooled_any, mut binary_any) = (false, false, false);
     for b in backends() {
         for m in models {
-            let graph = crate::runtime::onnx::load(&m.path).expect("import");
-            let fusions = conv_act_fusions(&graph);
+            let (model, x) = model_and_input(&b, m, 3, 5);
+            let fusions = conv_act_fusions(&model.graph);
             fused_any |= fusions.iter().any(Option::is_some);
             pooled_any |= fusions.iter().flatten().any(|f| f.pool);
-            binary_any |= binary_act_fusions(&graph).iter().any(Option::is_some);
-            let model = Model::new(&b, graph);
-            let mut shape = m.input_shape.clone();
-            shape[0] = 3;
-            let n: usize = shape.iter().product();
-            let x = b.upload(
-                &crate::runtime::graph_tests::input_data(n, 5, -1.0, 1.0),
-                &shape,
-            );
+            binary_any |= binary_act_fusions(&model.graph).iter().any(Option::is_some);
             let fast = model.forward(&b, &x).expect("forward");
             let tape = model.run(&b, &[&x], true).expect("taped run");
             for (o, f) in model.graph.outputs.iter().zip(&fast) {
@@ -1298,28 +1307,21 @@ fn fused_inference_equals_taped_forward() {
 #[test]
 fn fused_backward_equals_unfused() {
     use crate::runtime::autodiff::{self, NO_RELU_POOL};
-    use crate::runtime::exec::{Model, NO_TAPED_FUSION, taped_conv_relu_fusions};
+    use crate::runtime::exec::{NO_TAPED_FUSION, taped_conv_relu_fusions};
     use crate::runtime::ir::{Op, ValueKind};
     use std::sync::atomic::Ordering;
     let (_, models) = crate::runtime::graph_tests::models();
     let (mut conv_relu, mut relu_pool) = (false, false);
     let b = CpuBackend::new(Some(1));
     for m in models {
-        let graph = crate::runtime::onnx::load(&m.path).expect("import");
-        conv_relu |= taped_conv_relu_fusions(&graph).iter().any(Option::is_some);
+        let (model, x) = model_and_input(&b, m, 2, 7);
+        let graph = &model.graph;
+        conv_relu |= taped_conv_relu_fusions(graph).iter().any(Option::is_some);
         relu_pool |= graph.nodes.iter().any(|n| {
             matches!(n.op, Op::Pool { .. })
                 && matches!(graph.values[n.inputs[0]].kind,
                     ValueKind::Node(r) if matches!(graph.nodes[r].op, Op::Unary(Unary::Relu)))
         });
-        let model = Model::new(&b, graph);
-        let mut shape = m.input_shape.clone();
-        shape[0] = 2;
-        let n: usize = shape.iter().product();
-        let x = b.upload(
-            &crate::runtime::graph_tests::input_data(n, 7, -1.0, 1.0),
-            &shape,
-        );
         let params: Vec<usize> = (0..model.graph.params.len()).collect();
         let grads = |unfused: bool| {
             NO_TAPED_FUSION.store(unfused, Ordering::Relaxed);
