@@ -8,7 +8,7 @@
 //! gradients.
 
 use super::backend::{Backend, Binary, PadMode, ReduceOp, Tensor, Unary};
-use super::exec::{ExecError, Tape, reduce_adjoint};
+use super::exec::{ExecError, Tape, reduce_adjoint, value_uses};
 use super::ir::{Graph, Op, ValueId, ValueKind};
 use super::shape;
 
@@ -66,12 +66,7 @@ pub fn backward<B: Backend>(
             needs[n.output] = true;
         }
     }
-    let mut uses = vec![0usize; g.values.len()];
-    for n in &g.nodes {
-        for &i in &n.inputs {
-            uses[i] += 1;
-        }
-    }
+    let uses = value_uses(g);
     let mut grads: Vec<Option<Tensor<B>>> = vec![None; g.values.len()];
     for (v, s) in seeds {
         let want = &tape.get(*v).shape;

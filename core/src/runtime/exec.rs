@@ -543,7 +543,7 @@ fn only_consumer(g: &Graph, uses: &[usize], node: &Node, next: &Node) -> bool {
 }
 
 /// How many node inputs read each value.
-fn value_uses(g: &Graph) -> Vec<usize> {
+pub(crate) fn value_uses(g: &Graph) -> Vec<usize> {
     let mut uses = vec![0usize; g.values.len()];
     for n in &g.nodes {
         for &i in &n.inputs {
