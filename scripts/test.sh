@@ -20,6 +20,7 @@ if ((${#need[@]})); then
     echo "test.sh: installing ${need[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    apt-get clean  # the downloaded .deb files (Chromium's are large) are not needed again
   else
     echo "test.sh: missing system packages: ${need[*]} (run as root or install them)" >&2
     exit 2
@@ -30,12 +31,19 @@ fi
 if ! .venv/bin/python -c 'import pydicom, numpy, onnx, onnxruntime, scipy, skimage, PIL' >/dev/null 2>&1; then
   echo "test.sh: creating the oracle venv (.venv)"
   python3 -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -r scripts/requirements-oracle.txt
+  .venv/bin/pip install -q --no-cache-dir --upgrade pip
+  .venv/bin/pip install -q --no-cache-dir -r scripts/requirements-oracle.txt
 fi
 export ADVERSE_PYTHON="$root/.venv/bin/python"
 
 # --- Rust checks and tests ---
+# Disk: CI machines may have little free space. Incremental caches (1.4 GB for this workspace) only
+# pay off on rebuilds, which a one-shot run never does, so they are off here; the free space is
+# printed before and after so a failure for lack of it is easy to recognise.
+export CARGO_INCREMENTAL=0
+free_disk() { df -h . | awk -v when="$1" 'NR==2 {print "test.sh: disk " when ": " $4 " free"}'; }
+free_disk "before the build"
+trap 'free_disk "at the end"; du -sh target 2>/dev/null | sed "s/^/test.sh: build output: /"' EXIT
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 # --all-targets: the same feature resolution as `cargo test` (dev-dependencies on), so the test
