@@ -81,7 +81,11 @@ pub(super) fn strided_chunk(mg: usize, stride: [usize; 2]) -> Option<usize> {
     if NO_LANES.load(std::sync::atomic::Ordering::Relaxed) {
         return None;
     }
-    if stride != [2, 2] || mg == 0 || !super::sgemm::avx512() {
+    if stride != [2, 2] || mg == 0 || !super::sgemm::available() {
+        return None;
+    }
+    #[cfg(test)]
+    if NO_STRIDED_AVX2.load(std::sync::atomic::Ordering::Relaxed) && !super::sgemm::avx512() {
         return None;
     }
     #[cfg(test)]
@@ -90,6 +94,12 @@ pub(super) fn strided_chunk(mg: usize, stride: [usize; 2]) -> Option<usize> {
     }
     [4 * W, 3 * W].into_iter().find(|&c| mg.is_multiple_of(c))
 }
+
+/// Test-only switch: stride-2 convolutions off the lane kernel where it would run on AVX2 (back
+/// on phase planes or im2col), for timing A/B runs.
+#[cfg(test)]
+pub(super) static NO_STRIDED_AVX2: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Test-only switch back to the strided lane kernel's old reach (48 or 64 channels, the stem
 /// of a ResNet), so timings compare the others' panel-kernel paths with it.
@@ -170,8 +180,10 @@ impl LanePacked {
         npos.next_multiple_of(self.block())
     }
 
+    /// At four registers, two of the AVX-512 kernels' blocks (`R4`): three of the AVX2
+    /// [`product_at`]'s ([`AT_R256`] positions).
     fn block(&self) -> usize {
-        [R1, R2, R3, R4][self.mv - 1]
+        [R1, R2, R3, 2 * R4][self.mv - 1]
     }
 }
 
@@ -205,6 +217,12 @@ pub(super) fn product(a: &LanePacked, x: &[f32], offs: &[usize], npos: usize, y:
     }
 }
 
+/// Positions per block of the AVX2 [`product_at`]: four positions by two registers of
+/// channels, eight accumulators, which keep Zen 3's two FMA pipes busy (latency 4); with six
+/// positions the compiler loaded all six inputs before the products and spilled accumulators
+/// to the stack (ResNet-18's 3x3 / stride-2 layers ran at half the panel kernel's speed).
+const AT_R256: usize = 4;
+
 /// Reduction steps per block of [`product_at`], at most: 72 steps of four registers of
 /// weights (18 KiB) stay in L1 beside the inputs they meet while every position of a chunk
 /// passes them. Measured on ResNet-18's 3x3 / stride-2 layers (batch 4, one core): 3.5 / 3.5 /
@@ -225,9 +243,25 @@ const AT_KC: usize = 72;
 /// once per output row, which held ResNet's 3x3 / stride-2 layers at 70-80 GFLOP/s; this runs
 /// them at 110-130.
 ///
+/// On AVX2 (eight lanes a register), blocks of [`AT_R256`] positions by sixteen channels, the chunk's channels sixteen at a time inside each position
+/// block (the block's inputs stay in L1 between them): one FMA per step from zero, the
+/// reduction blocks' sums added in order, so the result equals the AVX-512 kernel's bit for
+/// bit.
+///
 /// Panics where a read or write would leave its slice, the shape is not one above, or the CPU
-/// lacks AVX-512.
+/// lacks AVX2.
 pub(super) fn product_at(a: &LanePacked, x: &[f32], offs: &[usize], pos: &[usize], y: &mut [f32]) {
+    product_at_isa(a, x, offs, pos, y, Isa::Best);
+}
+
+fn product_at_isa(
+    a: &LanePacked,
+    x: &[f32],
+    offs: &[usize],
+    pos: &[usize],
+    y: &mut [f32],
+    isa: Isa,
+) {
     assert_eq!(offs.len(), a.k, "lanes: one offset per reduction step");
     assert!(
         a.mv >= 3 && pos.len().is_multiple_of(a.block()),
@@ -244,17 +278,22 @@ pub(super) fn product_at(a: &LanePacked, x: &[f32], offs: &[usize], pos: &[usize
         omax.checked_add(pmax).is_some_and(|e| e < x.len()) && y.len() >= pos.len() * a.ld(),
         "lanes: product_at out of bounds"
     );
-    assert!(super::sgemm::avx512(), "lanes: the CPU lacks AVX-512");
+    assert!(super::sgemm::available(), "lanes: the CPU lacks AVX2");
     if a.k == 0 {
         y[..pos.len() * a.ld()].fill(0.0);
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is present (asserted); every read is `x[pos[j] + offs[t]]`, at most
-    // `pmax + omax` (asserted inside `x`), every write one of `pos.len()` rows of `ld`
-    // (asserted inside `y`), and the packed weights hold `k * ld` floats by construction.
+    // SAFETY: AVX-512F (where the first runs) or AVX2 and FMA are present (asserted); every
+    // read is `x[pos[j] + offs[t]]`, at most `pmax + omax` (asserted inside `x`), every write
+    // one of `pos.len()` rows of `ld` (asserted inside `y`), and the packed weights hold `k *
+    // ld` floats by construction.
     unsafe {
-        x86::product_at512(a, x, offs, pos, y)
+        if isa.avx512() {
+            x86::product_at512(a, x, offs, pos, y)
+        } else {
+            x86::product_at256(a, x, offs, pos, y)
+        }
     }
 }
 
@@ -267,9 +306,23 @@ pub(super) fn product_at(a: &LanePacked, x: &[f32], offs: &[usize], pos: &[usize
 /// before pooling: with the bias and ReLU applied to the maximum (both monotone), the
 /// result is the ReLU's pooling exactly.
 ///
-/// Panics where a read or write would leave its slice, or the CPU lacks AVX-512.
+/// Panics where a read or write would leave its slice, or the CPU lacks AVX2.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn max3s2_rows(
+    ld: usize,
+    rows: &[f32],
+    ow: usize,
+    first: isize,
+    lohi: [usize; 2],
+    py: [usize; 2],
+    pw: usize,
+    out: &mut [f32],
+) {
+    max3s2_rows_isa(ld, rows, ow, first, lohi, py, pw, out, Isa::Best);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn max3s2_rows_isa(
     ld: usize,
     rows: &[f32],
     ow: usize,
@@ -278,6 +331,7 @@ pub(super) fn max3s2_rows(
     [py0, py1]: [usize; 2],
     pw: usize,
     out: &mut [f32],
+    isa: Isa,
 ) {
     if py1 <= py0 || pw == 0 {
         return;
@@ -291,13 +345,17 @@ pub(super) fn max3s2_rows(
             && 2 * (pw - 1) < ow + 1,
         "lanes: max3s2_rows out of bounds"
     );
-    assert!(super::sgemm::avx512(), "lanes: the CPU lacks AVX-512");
+    assert!(super::sgemm::available(), "lanes: the CPU lacks AVX2");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is present (asserted); every row read is in `lo..hi`, inside `rows`
-    // (asserted), every column in `0..ow`, and every write one of `(py1 - py0) * pw`
-    // positions of `out` (asserted).
+    // SAFETY: AVX-512F (where the first runs) or AVX2 and FMA are present (asserted); every
+    // row read is in `lo..hi`, inside `rows` (asserted), every column in `0..ow`, and every
+    // write one of `(py1 - py0) * pw` positions of `out` (asserted).
     unsafe {
-        x86::max3s2_rows512(ld, rows, ow, first, [lo, hi], [py0, py1], pw, out)
+        if isa.avx512() {
+            x86::max3s2_rows512(ld, rows, ow, first, [lo, hi], [py0, py1], pw, out)
+        } else {
+            x86::max3s2_rows256(ld, rows, ow, first, [lo, hi], [py0, py1], pw, out)
+        }
     }
 }
 
@@ -479,7 +537,7 @@ fn copy_out_isa(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{G1, G2, GR, GV, LanePacked, R1, R2, R3, R4, W};
+    use super::{AT_R256, G1, G2, GR, GV, LanePacked, R1, R2, R3, R4, W};
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -588,6 +646,140 @@ mod x86 {
                     }
                     // SAFETY: pooled position `(py, px)` of the `py0..py1` rows: inside `out`.
                     unsafe { _mm512_storeu_ps(o.add(v), m) };
+                }
+            }
+        }
+    }
+
+    /// [`super::product_at`] on AVX2: see there.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; the bounds `product_at` asserts (`pos.len()` a multiple of the block,
+    /// `a.mv` 3 or 4).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn product_at256(
+        a: &LanePacked,
+        x: &[f32],
+        offs: &[usize],
+        pos: &[usize],
+        y: &mut [f32],
+    ) {
+        let (xp, yp, wp) = (x.as_ptr(), y.as_mut_ptr(), a.data.as_ptr());
+        let ld = a.ld();
+        for (t0, kc) in super::super::sgemm::balanced_blocks(a.k, super::AT_KC) {
+            let offs = &offs[t0..t0 + kc];
+            let w = wp.wrapping_add(t0 * ld);
+            macro_rules! run {
+                ($r:expr) => {
+                    for (j, p) in pos.chunks_exact($r).enumerate() {
+                        let p: &[usize; $r] = p.try_into().expect("whole blocks");
+                        for c0 in (0..ld).step_by(2 * 8) {
+                            // SAFETY: the block reads `x[p[r] + offs[i]]` and writes
+                            // channels `c0 .. c0 + 16` of rows `j R .. (j + 1) R` of `y`,
+                            // inside both (the caller's bounds); the weights of steps `t0 ..
+                            // t0 + kc` are inside the packed data (`c0 + 16 <= ld`).
+                            unsafe {
+                                block_at256::<$r>(
+                                    w.add(c0),
+                                    ld,
+                                    xp,
+                                    p,
+                                    offs,
+                                    yp.add(j * $r * ld + c0),
+                                    t0 > 0,
+                                )
+                            };
+                        }
+                    }
+                };
+            }
+            // `a.block()` (12 or 8 positions) is a multiple of AT_R256.
+            run!(AT_R256)
+        }
+    }
+
+    /// `y[r * ld + c] (+)= sum_i w[i * ld + c] * x[pos[r] + offs[i]]` for `c < 16`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `x + pos[r] + offs[i]` readable, `w` for `(offs.len() - 1) * ld + 16`
+    /// floats, `y` for `(R - 1) * ld + 16`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block_at256<const R: usize>(
+        w: *const f32,
+        ld: usize,
+        x: *const f32,
+        pos: &[usize; R],
+        offs: &[usize],
+        y: *mut f32,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's bounds.
+        unsafe {
+            let xr: [*const f32; R] = std::array::from_fn(|r| x.add(pos[r]));
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for (i, &o) in offs.iter().enumerate() {
+                let w0 = _mm256_loadu_ps(w.add(i * ld));
+                let w1 = _mm256_loadu_ps(w.add(i * ld + 8));
+                for (r, accr) in acc.iter_mut().enumerate() {
+                    let b = _mm256_set1_ps(*xr[r].add(o));
+                    accr[0] = _mm256_fmadd_ps(b, w0, accr[0]);
+                    accr[1] = _mm256_fmadd_ps(b, w1, accr[1]);
+                }
+            }
+            for (r, accr) in acc.iter().enumerate() {
+                for (v, &s) in accr.iter().enumerate() {
+                    let d = y.add(r * ld + v * 8);
+                    let val = if accumulate {
+                        _mm256_add_ps(_mm256_loadu_ps(d), s)
+                    } else {
+                        s
+                    };
+                    _mm256_storeu_ps(d, val);
+                }
+            }
+        }
+    }
+
+    /// [`super::max3s2_rows`] on AVX2 (see [`max3s2_rows512`]).
+    ///
+    /// # Safety
+    /// AVX2 and the bounds `max3s2_rows` asserts.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn max3s2_rows256(
+        ld: usize,
+        rows: &[f32],
+        ow: usize,
+        first: isize,
+        [lo, hi]: [usize; 2],
+        [py0, py1]: [usize; 2],
+        pw: usize,
+        out: &mut [f32],
+    ) {
+        let (rp, op) = (rows.as_ptr(), out.as_mut_ptr());
+        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+        for py in py0..py1 {
+            let r0 = (2 * py).saturating_sub(1).max(lo);
+            let r1 = (2 * py + 2).min(hi);
+            for px in 0..pw {
+                let c0 = (2 * px).saturating_sub(1);
+                let c1 = (2 * px + 2).min(ow);
+                let o = op.wrapping_add(((py - py0) * pw + px) * ld);
+                for v in (0..ld).step_by(8) {
+                    let mut m = ninf;
+                    for r in r0..r1 {
+                        let row = (r as isize - first) as usize * ow;
+                        for c in c0..c1 {
+                            // SAFETY: row `r` in `lo..hi` and column `c < ow`: inside `rows`
+                            // (the caller's bounds); `ld` is a multiple of 16.
+                            let x = unsafe { _mm256_loadu_ps(rp.add((row + c) * ld + v)) };
+                            // MAXPS returns its second operand for a NaN: NaN taps skipped.
+                            m = _mm256_max_ps(x, m);
+                        }
+                    }
+                    // SAFETY: pooled position `(py, px)` of the `py0..py1` rows: inside `out`.
+                    unsafe { _mm256_storeu_ps(o.add(v), m) };
                 }
             }
         }
@@ -1644,35 +1836,49 @@ mod tests {
     /// 150 = 3 x 50), and positions in any order and repeated (as the caller fills a block).
     #[test]
     fn product_at_matches_reference() {
-        if !avx512_here() {
+        if !crate::runtime::cpu::sgemm::available() {
+            eprintln!("no AVX2 on this CPU: the lane kernels are not used here");
             return;
         }
-        for &(mg, k, npos) in &[(64, 9, 30), (64, 144, 13), (48, 150, 40), (40, 73, 8)] {
-            let w = rand(mg * k, mg as u64 * 5 + k as u64);
-            let a = LanePacked::new(mg, k, &w);
-            let offs: Vec<usize> = (0..k).map(|t| 5 * t + t % 3).collect();
-            let xlen = 6 * k + 4 * npos + 7;
-            let x = rand(xlen, k as u64 + 11);
-            // Positions two apart, descending, then the last repeated to a whole block.
-            let mut pos: Vec<usize> = (0..npos).map(|j| 2 * (npos - 1 - j) + j % 2).collect();
-            let last = *pos.last().unwrap();
-            pos.resize(a.padded(npos), last);
-            let mut y = vec![f32::NAN; pos.len() * a.ld()];
-            product_at(&a, &x, &offs, &pos, &mut y);
-            for (j, &p) in pos.iter().enumerate() {
-                for ch in 0..a.ld() {
-                    let got = y[j * a.ld() + ch];
-                    if ch >= mg {
-                        assert_eq!(got, 0.0, "lane past mg");
-                        continue;
+        // Each kernel's results, bit for bit equal between the kernels.
+        let mut first: Vec<Vec<f32>> = Vec::new();
+        for isa in isas() {
+            for (case, &(mg, k, npos)) in [(64, 9, 30), (64, 144, 13), (48, 150, 40), (40, 73, 8)]
+                .iter()
+                .enumerate()
+            {
+                let w = rand(mg * k, mg as u64 * 5 + k as u64);
+                let a = LanePacked::new(mg, k, &w);
+                let offs: Vec<usize> = (0..k).map(|t| 5 * t + t % 3).collect();
+                let xlen = 6 * k + 4 * npos + 7;
+                let x = rand(xlen, k as u64 + 11);
+                // Positions two apart, descending, then the last repeated to a whole block.
+                let mut pos: Vec<usize> = (0..npos).map(|j| 2 * (npos - 1 - j) + j % 2).collect();
+                let last = *pos.last().unwrap();
+                pos.resize(a.padded(npos), last);
+                let mut y = vec![f32::NAN; pos.len() * a.ld()];
+                product_at_isa(&a, &x, &offs, &pos, &mut y, isa);
+                if let Some(f) = first.get(case) {
+                    let same = f.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits());
+                    assert!(same, "{isa:?} differs from the other kernel: mg {mg} k {k}");
+                } else {
+                    first.push(y.clone());
+                }
+                for (j, &p) in pos.iter().enumerate() {
+                    for ch in 0..a.ld() {
+                        let got = y[j * a.ld() + ch];
+                        if ch >= mg {
+                            assert_eq!(got, 0.0, "lane past mg");
+                            continue;
+                        }
+                        let want: f64 = (0..k)
+                            .map(|t| w[ch * k + t] as f64 * x[p + offs[t]] as f64)
+                            .sum();
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "mg {mg} k {k}: ({j}, {ch}): {got} vs {want}"
+                        );
                     }
-                    let want: f64 = (0..k)
-                        .map(|t| w[ch * k + t] as f64 * x[p + offs[t]] as f64)
-                        .sum();
-                    assert!(
-                        (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "mg {mg} k {k}: ({j}, {ch}): {got} vs {want}"
-                    );
                 }
             }
         }
@@ -1684,44 +1890,58 @@ mod tests {
     /// (skipped).
     #[test]
     fn max3s2_rows_matches_plain_loops() {
-        if !avx512_here() {
+        if !crate::runtime::cpu::sgemm::available() {
+            eprintln!("no AVX2 on this CPU: the lane kernels are not used here");
             return;
         }
-        for &(ld, ow, first, lo, hi, py0, py1) in &[
-            (64usize, 9usize, -1isize, 0usize, 6usize, 0usize, 3usize),
-            (32, 8, 3, 3, 8, 2, 4),
-            (64, 7, 3, 3, 9, 2, 5),
-            (32, 1, -1, 0, 1, 0, 1),
-        ] {
-            let nrows = (hi as isize - first) as usize;
-            let mut rows = rand(nrows * ow * ld, ow as u64 * 3 + hi as u64);
-            for i in (0..rows.len()).step_by(37) {
-                rows[i] = f32::NAN;
-            }
-            let pw = ow.div_ceil(2);
-            let mut out = vec![0.0f32; (py1 - py0) * pw * ld];
-            max3s2_rows(ld, &rows, ow, first, [lo, hi], [py0, py1], pw, &mut out);
-            for py in py0..py1 {
-                for px in 0..pw {
-                    for ch in 0..ld {
-                        let mut want = f32::NEG_INFINITY;
-                        for r in (2 * py).saturating_sub(1)..(2 * py + 2) {
-                            for c in (2 * px).saturating_sub(1)..(2 * px + 2) {
-                                if r < lo || r >= hi || c >= ow {
-                                    continue;
-                                }
-                                let v = rows[((r as isize - first) as usize * ow + c) * ld + ch];
-                                if v > want {
-                                    want = v;
+        for isa in isas() {
+            for &(ld, ow, first, lo, hi, py0, py1) in &[
+                (64usize, 9usize, -1isize, 0usize, 6usize, 0usize, 3usize),
+                (32, 8, 3, 3, 8, 2, 4),
+                (64, 7, 3, 3, 9, 2, 5),
+                (32, 1, -1, 0, 1, 0, 1),
+            ] {
+                let nrows = (hi as isize - first) as usize;
+                let mut rows = rand(nrows * ow * ld, ow as u64 * 3 + hi as u64);
+                for i in (0..rows.len()).step_by(37) {
+                    rows[i] = f32::NAN;
+                }
+                let pw = ow.div_ceil(2);
+                let mut out = vec![0.0f32; (py1 - py0) * pw * ld];
+                max3s2_rows_isa(
+                    ld,
+                    &rows,
+                    ow,
+                    first,
+                    [lo, hi],
+                    [py0, py1],
+                    pw,
+                    &mut out,
+                    isa,
+                );
+                for py in py0..py1 {
+                    for px in 0..pw {
+                        for ch in 0..ld {
+                            let mut want = f32::NEG_INFINITY;
+                            for r in (2 * py).saturating_sub(1)..(2 * py + 2) {
+                                for c in (2 * px).saturating_sub(1)..(2 * px + 2) {
+                                    if r < lo || r >= hi || c >= ow {
+                                        continue;
+                                    }
+                                    let v =
+                                        rows[((r as isize - first) as usize * ow + c) * ld + ch];
+                                    if v > want {
+                                        want = v;
+                                    }
                                 }
                             }
+                            let got = out[((py - py0) * pw + px) * ld + ch];
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "{isa:?} ld {ld} ow {ow}: ({py}, {px}, {ch})"
+                            );
                         }
-                        let got = out[((py - py0) * pw + px) * ld + ch];
-                        assert_eq!(
-                            got.to_bits(),
-                            want.to_bits(),
-                            "ld {ld} ow {ow}: ({py}, {px}, {ch})"
-                        );
                     }
                 }
             }

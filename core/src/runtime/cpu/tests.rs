@@ -889,8 +889,8 @@ fn fast_paths_match_reference() {
                         .is_some();
                     // The 3x3 / stride-2 pooling fuses after a stride-2 convolution on the
                     // strided lane kernel (the cases above that take it, where the CPU has
-                    // AVX-512), always.
-                    let strided = matches!(ci, 11..=14 | 16..=18) && super::sgemm::avx512();
+                    // AVX2), always.
+                    let strided = matches!(ci, 11..=14 | 16..=18) && super::sgemm::available();
                     let relu = act == Unary::Relu;
                     let pattern = relu && (pp.kernel == [2, 2] || strided);
                     assert!(fused <= pattern, "{what}: fused");
@@ -1532,6 +1532,7 @@ fn model_timing() {
         "copynear" => &super::sgemm::COPY_NEAR,
         "binact" => &crate::runtime::exec::NO_BINARY_ACT,
         "strided" => &super::lanes::NO_STRIDED,
+        "strided256" => &super::lanes::NO_STRIDED_AVX2,
         "slices" => &super::OLD_SLICES,
         "shortpanels" => &super::sgemm::NO_SHORT_PANELS,
         "crew" => &super::NO_CREW,
