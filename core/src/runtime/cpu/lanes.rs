@@ -1,7 +1,8 @@
 //! The direct convolution with output channels in the vector lanes (AVX-512): for the narrow
 //! layers (16 or 32 output channels per group) of the small CNNs. With AVX2 alone, the pooled
-//! product and the copy-out only (the small CNNs' first convolution, whose one input channel
-//! keeps it off the Winograd path).
+//! product and the copy-out (the small CNNs' first convolution, whose one input channel keeps
+//! it off the Winograd path), the GEMM, and the strided product with its 3x3 pooling (ResNet's
+//! stem and downsampling convolutions).
 //!
 //! Why: the panel kernel ([`super::sgemm`]) puts output channels in rows of six and output
 //! positions in registers of sixteen, so the demo CNN's second convolution (32 channels, 14 x
@@ -71,11 +72,13 @@ impl Isa {
 }
 
 /// The output channels per chunk with which the lane kernel takes a stride-2 convolution with
-/// `mg` output channels per group ([`product_at`]), if it does: AVX-512, and chunks of four or
-/// three full registers (64 or 48 channels) dividing `mg`. ResNet's stem and its 3x3
-/// downsampling convolutions (128 to 512 channels): at batch 4 on one core, with the caches
-/// flushed before each call, the three 3x3 ones took 4.6 / 4.3 / 4.6 ms here against 6.3 / 5.6
-/// / 6.0 ms on phase planes or im2col, and the stem 10.0 ms against 16.6 on im2col.
+/// `mg` output channels per group ([`product_at`]), if it does: AVX2 and FMA (or AVX-512), and
+/// chunks of four or three full registers of sixteen (64 or 48 channels) dividing `mg`. ResNet's
+/// stem and its 3x3 downsampling convolutions (128 to 512 channels): at batch 4 on one AVX-512
+/// core, with the caches flushed before each call, the three 3x3 ones took 4.6 / 4.3 / 4.6 ms
+/// here against 6.3 / 5.6 / 6.0 ms on phase planes or im2col, and the stem 10.0 ms against 16.6
+/// on im2col; at batch 2 on one Zen 3 core (AVX2), in a model, 3.3 / 3.3 / 4.3 against 3.5 /
+/// 4.0 / 5.6 ms, and the stem with its pooling 7.3 against 9.4 ms.
 pub(super) fn strided_chunk(mg: usize, stride: [usize; 2]) -> Option<usize> {
     #[cfg(test)]
     if NO_LANES.load(std::sync::atomic::Ordering::Relaxed) {
@@ -586,66 +589,144 @@ mod x86 {
         pos: &[usize],
         y: &mut [f32],
     ) {
-        let (xp, yp, wp) = (x.as_ptr(), y.as_mut_ptr(), a.data.as_ptr());
-        let ld = a.ld();
-        for (t0, kc) in super::super::sgemm::balanced_blocks(a.k, super::AT_KC) {
-            let offs = &offs[t0..t0 + kc];
-            let w = wp.wrapping_add(t0 * ld);
-            macro_rules! run {
-                ($r:expr, $mv:literal) => {
-                    for (j, p) in pos.chunks_exact($r).enumerate() {
-                        let p: &[usize; $r] = p.try_into().expect("whole blocks");
-                        // SAFETY: the block reads `x[p[r] + offs[i]]` and writes rows `j R ..
-                        // (j + 1) R` of `y`, inside both (the caller's bounds); the weights of
-                        // steps `t0 .. t0 + kc` are inside the packed data.
-                        unsafe { block_at::<$r, $mv>(w, xp, p, offs, yp.add(j * $r * ld), t0 > 0) };
-                    }
-                };
-            }
+        let xp = x.as_ptr();
+        // SAFETY (both): each block reads `x[p[r] + offs[i]]` and writes its `R` rows of `y`,
+        // inside both (the caller's bounds); the weights of the reduction block's steps are
+        // inside the packed data.
+        unsafe {
             match a.mv {
-                3 => run!(R3, 3),
-                _ => run!(R4, 4),
+                3 => at_blocks::<R3>(a, offs, pos, y, |w, p, offs, yr, acc| {
+                    block_at::<R3, 3>(w, xp, p, offs, yr, acc)
+                }),
+                _ => at_blocks::<R4>(a, offs, pos, y, |w, p, offs, yr, acc| {
+                    block_at::<R4, 4>(w, xp, p, offs, yr, acc)
+                }),
             }
         }
     }
 
+    /// The loops of both `product_at` kernels: `block(w, p, offs, y, accumulate)` for each
+    /// reduction block (`offs` its steps' offsets, `w` their packed weights) and each `R`
+    /// positions `p` (`y` their first row), all positions passing a block of weights before
+    /// the next block.
+    ///
     /// # Safety
-    /// AVX-512F and the bounds [`super::max3s2_rows`] asserts.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn max3s2_rows512(
-        ld: usize,
-        rows: &[f32],
-        ow: usize,
-        first: isize,
-        [lo, hi]: [usize; 2],
-        [py0, py1]: [usize; 2],
-        pw: usize,
-        out: &mut [f32],
+    /// `pos.len()` a multiple of `R`, `y` holding `pos.len()` rows of `a.ld()`.
+    #[inline(always)]
+    unsafe fn at_blocks<const R: usize>(
+        a: &LanePacked,
+        offs: &[usize],
+        pos: &[usize],
+        y: &mut [f32],
+        mut block: impl FnMut(*const f32, &[usize; R], &[usize], *mut f32, bool),
+    ) {
+        let (yp, wp, ld) = (y.as_mut_ptr(), a.data.as_ptr(), a.ld());
+        for (t0, kc) in super::super::sgemm::balanced_blocks(a.k, super::AT_KC) {
+            let offs = &offs[t0..t0 + kc];
+            let w = wp.wrapping_add(t0 * ld);
+            for (j, p) in pos.chunks_exact(R).enumerate() {
+                let p: &[usize; R] = p.try_into().expect("whole blocks");
+                block(w, p, offs, yp.wrapping_add(j * R * ld), t0 > 0);
+            }
+        }
+    }
+
+    /// One `max3s2_rows` kernel: [`max3s2_windows`] on one instruction set's registers.
+    macro_rules! max3s2_kernel {
+        ($(#[$doc:meta])* $name:ident, $feature:literal, $lanes:expr,
+         $set1:ident, $load:ident, $max:ident, $store:ident) => {
+            $(#[$doc])*
+            #[target_feature(enable = $feature)]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn $name(
+                ld: usize,
+                rows: &[f32],
+                ow: usize,
+                first: isize,
+                lohi: [usize; 2],
+                py: [usize; 2],
+                pw: usize,
+                out: &mut [f32],
+            ) {
+                let ninf = $set1(f32::NEG_INFINITY);
+                // SAFETY: the caller's bounds; each load and store is one of
+                // `max3s2_windows`'s.
+                unsafe {
+                    max3s2_windows(
+                        (ld, rows, ow, first, lohi, py, pw, out),
+                        $lanes,
+                        ninf,
+                        |p| $load(p),
+                        |x, m| $max(x, m),
+                        |p, m| $store(p, m),
+                    )
+                }
+            }
+        };
+    }
+
+    max3s2_kernel!(
+        /// # Safety
+        /// AVX-512F and the bounds [`super::max3s2_rows`] asserts.
+        max3s2_rows512, "avx512f", W,
+        _mm512_set1_ps, _mm512_loadu_ps, _mm512_max_ps, _mm512_storeu_ps
+    );
+
+    max3s2_kernel!(
+        /// [`super::max3s2_rows`] on AVX2.
+        ///
+        /// # Safety
+        /// AVX2 and the bounds `max3s2_rows` asserts.
+        max3s2_rows256, "avx2,fma", 8,
+        _mm256_set1_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_storeu_ps
+    );
+
+    /// The loops of both `max3s2_rows` kernels, over registers of `lanes` channels: each
+    /// pooled position's window of conv rows `2 py - 1 ..= 2 py + 1` inside `lo..hi` and
+    /// columns `2 px - 1 ..= 2 px + 1` inside `0..ow`. `max(x, m)` returns `m` for a NaN `x`
+    /// (MAXPS does), so NaN taps are skipped.
+    ///
+    /// # Safety
+    /// The bounds `max3s2_rows` asserts; `lanes` divides `ld`.
+    #[inline(always)]
+    #[allow(clippy::type_complexity)]
+    unsafe fn max3s2_windows<V: Copy>(
+        (ld, rows, ow, first, [lo, hi], [py0, py1], pw, out): (
+            usize,
+            &[f32],
+            usize,
+            isize,
+            [usize; 2],
+            [usize; 2],
+            usize,
+            &mut [f32],
+        ),
+        lanes: usize,
+        ninf: V,
+        load: impl Fn(*const f32) -> V,
+        max: impl Fn(V, V) -> V,
+        store: impl Fn(*mut f32, V),
     ) {
         let (rp, op) = (rows.as_ptr(), out.as_mut_ptr());
-        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
         for py in py0..py1 {
-            // Conv rows 2 py - 1 ..= 2 py + 1 inside `lo..hi`.
             let r0 = (2 * py).saturating_sub(1).max(lo);
             let r1 = (2 * py + 2).min(hi);
             for px in 0..pw {
                 let c0 = (2 * px).saturating_sub(1);
                 let c1 = (2 * px + 2).min(ow);
                 let o = op.wrapping_add(((py - py0) * pw + px) * ld);
-                for v in (0..ld).step_by(W) {
+                for v in (0..ld).step_by(lanes) {
                     let mut m = ninf;
                     for r in r0..r1 {
                         let row = (r as isize - first) as usize * ow;
                         for c in c0..c1 {
-                            // SAFETY: row `r` in `lo..hi` and column `c < ow`: inside `rows`
-                            // (the caller's bounds).
-                            let x = unsafe { _mm512_loadu_ps(rp.add((row + c) * ld + v)) };
-                            m = _mm512_max_ps(x, m);
+                            // Row `r` in `lo..hi` and column `c < ow`: inside `rows` (the
+                            // caller's bounds).
+                            m = max(load(rp.wrapping_add((row + c) * ld + v)), m);
                         }
                     }
-                    // SAFETY: pooled position `(py, px)` of the `py0..py1` rows: inside `out`.
-                    unsafe { _mm512_storeu_ps(o.add(v), m) };
+                    // Pooled position `(py, px)` of the `py0..py1` rows: inside `out`.
+                    store(o.wrapping_add(v), m);
                 }
             }
         }
@@ -664,37 +745,17 @@ mod x86 {
         pos: &[usize],
         y: &mut [f32],
     ) {
-        let (xp, yp, wp) = (x.as_ptr(), y.as_mut_ptr(), a.data.as_ptr());
-        let ld = a.ld();
-        for (t0, kc) in super::super::sgemm::balanced_blocks(a.k, super::AT_KC) {
-            let offs = &offs[t0..t0 + kc];
-            let w = wp.wrapping_add(t0 * ld);
-            macro_rules! run {
-                ($r:expr) => {
-                    for (j, p) in pos.chunks_exact($r).enumerate() {
-                        let p: &[usize; $r] = p.try_into().expect("whole blocks");
-                        for c0 in (0..ld).step_by(2 * 8) {
-                            // SAFETY: the block reads `x[p[r] + offs[i]]` and writes
-                            // channels `c0 .. c0 + 16` of rows `j R .. (j + 1) R` of `y`,
-                            // inside both (the caller's bounds); the weights of steps `t0 ..
-                            // t0 + kc` are inside the packed data (`c0 + 16 <= ld`).
-                            unsafe {
-                                block_at256::<$r>(
-                                    w.add(c0),
-                                    ld,
-                                    xp,
-                                    p,
-                                    offs,
-                                    yp.add(j * $r * ld + c0),
-                                    t0 > 0,
-                                )
-                            };
-                        }
-                    }
-                };
-            }
-            // `a.block()` (12 or 8 positions) is a multiple of AT_R256.
-            run!(AT_R256)
+        let (xp, ld) = (x.as_ptr(), a.ld());
+        // SAFETY: `a.block()` (12 or 8 positions) is a multiple of AT_R256. Each block reads
+        // `x[p[r] + offs[i]]` and writes channels `c0 .. c0 + 16` of its rows of `y`, inside
+        // both (the caller's bounds); the weights of the reduction block's steps are inside
+        // the packed data (`c0 + 16 <= ld`).
+        unsafe {
+            at_blocks::<AT_R256>(a, offs, pos, y, |w, p, offs, yr, acc| {
+                for c0 in (0..ld).step_by(2 * 8) {
+                    block_at256::<AT_R256>(w.add(c0), ld, xp, p, offs, yr.add(c0), acc);
+                }
+            })
         }
     }
 
@@ -736,50 +797,6 @@ mod x86 {
                         s
                     };
                     _mm256_storeu_ps(d, val);
-                }
-            }
-        }
-    }
-
-    /// [`super::max3s2_rows`] on AVX2 (see [`max3s2_rows512`]).
-    ///
-    /// # Safety
-    /// AVX2 and the bounds `max3s2_rows` asserts.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn max3s2_rows256(
-        ld: usize,
-        rows: &[f32],
-        ow: usize,
-        first: isize,
-        [lo, hi]: [usize; 2],
-        [py0, py1]: [usize; 2],
-        pw: usize,
-        out: &mut [f32],
-    ) {
-        let (rp, op) = (rows.as_ptr(), out.as_mut_ptr());
-        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
-        for py in py0..py1 {
-            let r0 = (2 * py).saturating_sub(1).max(lo);
-            let r1 = (2 * py + 2).min(hi);
-            for px in 0..pw {
-                let c0 = (2 * px).saturating_sub(1);
-                let c1 = (2 * px + 2).min(ow);
-                let o = op.wrapping_add(((py - py0) * pw + px) * ld);
-                for v in (0..ld).step_by(8) {
-                    let mut m = ninf;
-                    for r in r0..r1 {
-                        let row = (r as isize - first) as usize * ow;
-                        for c in c0..c1 {
-                            // SAFETY: row `r` in `lo..hi` and column `c < ow`: inside `rows`
-                            // (the caller's bounds); `ld` is a multiple of 16.
-                            let x = unsafe { _mm256_loadu_ps(rp.add((row + c) * ld + v)) };
-                            // MAXPS returns its second operand for a NaN: NaN taps skipped.
-                            m = _mm256_max_ps(x, m);
-                        }
-                    }
-                    // SAFETY: pooled position `(py, px)` of the `py0..py1` rows: inside `out`.
-                    unsafe { _mm256_storeu_ps(o.add(v), m) };
                 }
             }
         }
