@@ -977,6 +977,24 @@ fn fast_paths_match_reference() {
     }
 }
 
+/// Blocks widen only where a range's transformed weights outweigh the cache-sized block, into
+/// as few blocks of equal width (whole 16-column strips) as the cap allows.
+#[test]
+fn winograd_blocks_widen_for_heavy_weights() {
+    use super::winograd::wide_block;
+    // light weights (64 x 64 channels): the cache-sized block stays
+    assert_eq!(wide_block(32, 16 * 64 * 64, 392), 32);
+    // heavy weights (256 x 256): ResNet's 14x14 layer at batch 2, 98 tiles in one block
+    assert_eq!(wide_block(32, 16 * 256 * 256, 98), 112);
+    // at batch 4, 196 tiles in two blocks of 98 (not 128 and 68)
+    assert_eq!(wide_block(32, 16 * 256 * 256, 196), 112);
+    // a task no wider than the block keeps it
+    assert_eq!(wide_block(32, 16 * 512 * 512, 32), 32);
+    assert_eq!(wide_block(32, 16 * 512 * 512, 20), 32);
+    // the case in `winograd_matches_reference`
+    assert_eq!(wide_block(32, 16 * 200 * 64, 150), 80);
+}
+
 /// The Winograd F(2x2, 3x3) path against the f64 reference, forward (bias, fused ReLU and
 /// another activation) and input gradient (the flipped convolution takes the same path), on
 /// shapes that reach each of its branches: odd output sizes (partial tiles, masked last rows),
@@ -1002,6 +1020,10 @@ fn winograd_matches_reference() {
         // ResNet's last stage in small: 7x7 planes (4 x 4 tiles, the last row and column
         // half outside), 64 tiles in all, taken because the transformed weights are kept
         ([4, 32, 7, 7], [40, 32, 3, 3], conv(1, [1; 4], 1, 1)),
+        // transformed weights past `WIDE_WEIGHT_FLOATS` (16 x 200 x 64): on one thread two
+        // wide blocks of 80 tiles, each three samples' 25 tiles (rows of several samples in
+        // one block); on three, a sample per task in one cache-sized block
+        ([6, 64, 10, 10], [200, 64, 3, 3], conv(1, [1; 4], 1, 1)),
     ];
     let one = CpuBackend::new(Some(1));
     let three = CpuBackend::new(Some(3));
@@ -1540,6 +1562,7 @@ fn model_timing() {
         "onerow" => &super::sgemm::NO_ONE_ROW,
         "relupool" => &crate::runtime::autodiff::NO_RELU_POOL,
         "tapefuse" => &crate::runtime::exec::NO_TAPED_FUSION,
+        "wide" => &super::winograd::NO_WIDE_BLOCKS,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")

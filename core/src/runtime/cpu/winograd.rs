@@ -279,7 +279,7 @@ impl Plan {
         let spt = th * tw;
         // At least BLOCK_ALIGN tiles, even past the cache budget: narrower GEMMs lose more to
         // their edges than the cache misses cost (measured on 256 channels).
-        let nb = block_tiles(per_tile, tw);
+        let nb = wide_block(block_tiles(per_tile, tw), 16 * mr * c, t.ns * spt);
         let group = (nb / spt).max(1);
         // At least L spare columns (see `input_tiles`), and rows a whole number of 64-byte lines
         // apart, so no register the GEMM loads or stores straddles two lines.
@@ -371,6 +371,42 @@ fn block_tiles(per_tile: usize, tw: usize) -> usize {
     let _ = tw;
     (BLOCK_FLOATS / per_tile / BLOCK_ALIGN).max(1) * BLOCK_ALIGN
 }
+
+/// The block width for a task of `total` tiles whose range's transformed weights are `u`
+/// f32s, given the cache-sized width `nb`: where the weights outweigh [`WIDE_WEIGHT_FLOATS`],
+/// the task's tiles in as few blocks as [`WIDE_BLOCK_TILES`] allows, of equal widths. Why: every
+/// block reads all of the weights, which then cost more than the block's own transformed
+/// inputs and products (ResNet-18's 256-channel 14x14 layers: 4 MiB of weights for each block
+/// of 32 tiles, two blocks per sample); a wider block spills its inputs and products to L3
+/// instead, which costs less than reading the weights again.
+pub(super) fn wide_block(nb: usize, u: usize, total: usize) -> usize {
+    let cap = wide_cap();
+    if cap == 0 || u <= WIDE_WEIGHT_FLOATS || total <= nb {
+        return nb;
+    }
+    let blocks = total.div_ceil(cap);
+    total.div_ceil(blocks).next_multiple_of(2 * L).max(nb)
+}
+
+/// Transformed weights (f32s of one range, all 16 products) past which blocks widen: see
+/// [`wide_block`].
+const WIDE_WEIGHT_FLOATS: usize = 2 * BLOCK_FLOATS;
+/// Widest block [`wide_block`] makes.
+const WIDE_BLOCK_TILES: usize = 128;
+
+/// [`WIDE_BLOCK_TILES`], or 0 (no widening) in a timing A/B run's B side.
+fn wide_cap() -> usize {
+    #[cfg(test)]
+    if NO_WIDE_BLOCKS.load(std::sync::atomic::Ordering::Relaxed) {
+        return 0;
+    }
+    WIDE_BLOCK_TILES
+}
+
+/// Test-only switch back to cache-sized blocks whatever the weights, for timing A/B runs.
+#[cfg(test)]
+pub(super) static NO_WIDE_BLOCKS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Test-only switch back to blocks of whole tile rows, for timing A/B runs.
 #[cfg(test)]
