@@ -1,9 +1,11 @@
 //! Runtime benchmark: images/s for forward and forward + input gradient on the CPU backend (and
 //! a hardware GPU when present) against onnxruntime's CPU forward, measured in the same run on
 //! the same ONNX files (scripts/oracle/make_models.py --bench). Prints a table with ratios.
-//! Every figure is the best of 5 timed rounds, on both sides, in each of [`PASSES`] passes; the
-//! CPU rows' passes alternate with onnxruntime's, so a machine whose speed drifts slows both
-//! sides alike.
+//! The CPU forward and onnxruntime's take turns, round by round, in [`PAIRED_ROUNDS`] pairs
+//! (onnxruntime served by one Python process for the whole run), and each side reports its
+//! best round; the table is followed by the pairs' own ratios (median and range), which a
+//! machine whose speed drifts between phases cannot tilt towards either side. The other rows
+//! are the best of [`ROUNDS`] rounds.
 //!
 //! `cargo bench -p adverse --bench runtime` (env `ADVERSE_BENCH_QUICK=1` for fewer iterations,
 //! `ADVERSE_BENCH_MODELS=demo_cnn` for one model).
@@ -12,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use adverse::runtime::backend::{Backend, LossTargets, counter_uniform};
+use adverse::runtime::backend::{Backend, LossTargets, Tensor, counter_uniform};
 use adverse::runtime::cpu::CpuBackend;
 use adverse::runtime::exec::Model;
 use adverse::runtime::gpu::{AdapterPolicy, GpuBackend, GpuOptions};
@@ -20,7 +22,7 @@ use adverse::runtime::loss::LossSpec;
 use adverse::runtime::onnx;
 
 mod common;
-use common::{ort_ips, python, repo_root};
+use common::{OrtServer, python, repo_root};
 
 struct Row {
     model: String,
@@ -31,54 +33,124 @@ struct Row {
     torch: Option<f64>,
 }
 
-fn time_backend<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize, grad: bool) -> f64 {
-    let model = Model::new(b, onnx::load(path).expect("import"));
-    let n = shape[0];
-    let data: Vec<f32> = (0..shape.iter().product::<usize>())
-        .map(|i| counter_uniform(1, i as u32))
-        .collect();
-    let x = b.upload(&data, shape);
-    let labels: Vec<u32> = (0..n as u32).map(|i| i % 10).collect();
-    let step = || {
+/// A model and its input, made once and timed in rounds of `iters` passes.
+struct Timed<B: Backend> {
+    model: Model<B>,
+    x: Tensor<B>,
+    labels: Vec<u32>,
+}
+
+impl<B: Backend> Timed<B> {
+    /// The model of `path` on a counter-random batch of `shape`, after one warm-up pass of
+    /// each kind (pipelines, pools, cached weight forms).
+    fn new(b: &B, path: &Path, shape: &[usize]) -> Self {
+        let model = Model::new(b, onnx::load(path).expect("import"));
+        let data: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|i| counter_uniform(1, i as u32))
+            .collect();
+        let t = Timed {
+            model,
+            x: b.upload(&data, shape),
+            labels: (0..shape[0] as u32).map(|i| i % 10).collect(),
+        };
+        t.step(b, false);
+        t.step(b, true);
+        t
+    }
+
+    fn step(&self, b: &B, grad: bool) {
         if grad {
-            let (_, g, _) = model
+            let (_, g, _) = self
+                .model
                 .loss_and_input_grad(
                     b,
-                    &x,
+                    &self.x,
                     LossSpec::CrossEntropy { targeted: false },
-                    &LossTargets::Classes(&labels),
+                    &LossTargets::Classes(&self.labels),
                 )
                 .expect("grad");
             b.download(&g);
         } else {
-            let o = model.forward(b, &x).expect("forward");
+            let o = self.model.forward(b, &self.x).expect("forward");
             b.download(&o[0]);
         }
-    };
-    step(); // warm-up (pipelines, pools)
-    // The best of ROUNDS rounds, as ort_run.py measures onnxruntime.
-    let mut best = f64::INFINITY;
-    for _ in 0..ROUNDS {
+    }
+
+    /// Seconds of one round of `iters` passes.
+    fn round(&self, b: &B, iters: usize, grad: bool) -> f64 {
         let t = Instant::now();
         for _ in 0..iters {
-            step();
+            self.step(b, grad);
         }
-        best = best.min(t.elapsed().as_secs_f64());
+        t.elapsed().as_secs_f64()
     }
-    (n * iters) as f64 / best
+
+    /// Images/s of the best of [`ROUNDS`] rounds, as ort_run.py measures onnxruntime.
+    fn best_ips(&self, b: &B, iters: usize, grad: bool) -> f64 {
+        let best = (0..ROUNDS)
+            .map(|_| self.round(b, iters, grad))
+            .fold(f64::INFINITY, f64::min);
+        (self.x.shape[0] * iters) as f64 / best
+    }
 }
+
+/// The median of sorted `v` (the mean of the middle two for an even length).
+fn median(v: &[f64]) -> f64 {
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+fn time_backend<B: Backend>(b: &B, path: &Path, shape: &[usize], iters: usize, grad: bool) -> f64 {
+    Timed::new(b, path, shape).best_ips(b, iters, grad)
+}
+
+/// The CPU forward against onnxruntime's in [`PAIRED_ROUNDS`] pairs of rounds, onnxruntime's
+/// round then ours, one pair after another (a served onnxruntime session: see `OrtServer`):
+/// (best onnxruntime images/s, best CPU images/s, the pairs' ratios CPU / onnxruntime).
+fn paired_forward(
+    cpu: &CpuBackend,
+    timed: &Timed<CpuBackend>,
+    path: &Path,
+    iters: usize,
+    threads: usize,
+    rounds: usize,
+) -> (f64, f64, Vec<f64>) {
+    let mut ort = OrtServer::start(path, timed.x.shape[0], iters, threads);
+    let (mut best_ort, mut best_cpu) = (f64::INFINITY, f64::INFINITY);
+    let mut ratios = Vec::with_capacity(rounds);
+    // A pause after each round, so neither side starts while the other's threads still spin
+    // for more work: onnxruntime's pool spins after a parallel section (measured: its served
+    // process used 60 ms of CPU in the 100 ms after a round of the small CNN, none after that;
+    // a 20 ms pause left our rounds of the small CNN at 0.6x of their speed), the crew's
+    // helpers for 250 us.
+    let pause = || std::thread::sleep(std::time::Duration::from_millis(200));
+    for _ in 0..rounds {
+        let o = ort.round();
+        pause();
+        let c = timed.round(cpu, iters, false);
+        pause();
+        best_ort = best_ort.min(o);
+        best_cpu = best_cpu.min(c);
+        ratios.push(o / c);
+    }
+    let ips = |secs: f64| (timed.x.shape[0] * iters) as f64 / secs;
+    (ips(best_ort), ips(best_cpu), ratios)
+}
+
+/// Pairs of rounds in [`paired_forward`]. On these shared 2-core VMs the speed of the same
+/// binary swung by up to 1.6x between phases minutes long, and runs of each side seconds apart
+/// could land in different phases (onnxruntime's small-CNN figure fell from 44,063 to 28,937
+/// images/s between two runs of unchanged code); adjacent rounds share a phase.
+const PAIRED_ROUNDS: usize = 15;
 
 /// Timed rounds per row; each row reports its best round. On a shared machine (CI, these
 /// 2-core VMs) the mean carries other tenants' load: onnxruntime's own mean moved by 1.5x from
 /// run to run, the best round by much less.
 const ROUNDS: usize = 5;
-
-/// Passes over onnxruntime's forward and the CPU backend's rows, alternating; each side keeps
-/// its best. On these shared 2-core VMs the speed of the same binary swung by up to 1.6x between
-/// phases minutes long, and one pass of each side, one after the other, could land in
-/// different phases (onnxruntime's small-CNN figure fell from 44,063 to 28,937 images/s
-/// between two runs of unchanged code).
-const PASSES: usize = 3;
 
 /// Per-node forward times (`ADVERSE_BENCH_PROFILE=1`): where a model's forward time goes.
 /// `sync` waits for the device after each node (a no-op on the CPU), so a GPU node's time is
@@ -217,6 +289,8 @@ fn main() {
     })
     .ok();
     let mut rows = Vec::new();
+    // (model, ratios of the paired forward rounds, CPU / onnxruntime)
+    let mut paired: Vec<(&str, Vec<f64>)> = Vec::new();
     // (name, input shape at batch 1, batch, iterations)
     // `ADVERSE_BENCH_DEMO_BATCH=1024`: the small CNN at another batch (a large GPU is idle at 64).
     let demo_batch = std::env::var("ADVERSE_BENCH_DEMO_BATCH")
@@ -258,12 +332,12 @@ fn main() {
             }
             continue;
         }
-        let (mut ort, mut f, mut g) = (0.0f64, 0.0f64, 0.0f64);
-        for _ in 0..if quick { 1 } else { PASSES } {
-            ort = ort.max(ort_ips(&path, batch, iters, threads));
-            f = f.max(time_backend(&cpu, &path, &shape, iters, false));
-            g = g.max(time_backend(&cpu, &path, &shape, iters, true));
-        }
+        let timed = Timed::new(&cpu, &path, &shape);
+        let rounds = if quick { ROUNDS } else { PAIRED_ROUNDS };
+        let (ort, f, ratios) = paired_forward(&cpu, &timed, &path, iters, threads, rounds);
+        let g = timed.best_ips(&cpu, iters, true);
+        drop(timed);
+        paired.push((name, ratios));
         rows.push(Row {
             model: name.into(),
             what: "onnxruntime forward (cpu)".into(),
@@ -342,6 +416,16 @@ fn main() {
             r.ips / r.reference,
             r.torch
                 .map_or(String::new(), |t| format!("{:.2}x", r.ips / t))
+        );
+    }
+    for (model, mut ratios) in paired {
+        ratios.sort_by(f64::total_cmp);
+        let (lo, hi) = (ratios[0], ratios[ratios.len() - 1]);
+        let above = ratios.iter().filter(|&&r| r >= 1.0).count();
+        println!(
+            "{model}: cpu forward / onnxruntime forward in {} paired rounds: median {:.2}x (range {lo:.2}-{hi:.2}x, at or above 1x in {above})",
+            ratios.len(),
+            median(&ratios),
         );
     }
 }

@@ -101,3 +101,65 @@ pub fn ort_ips(path: &Path, batch: usize, iters: usize, threads: usize) -> f64 {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ort_run.py JSON");
     v["images_per_s"].as_f64().expect("images_per_s")
 }
+
+/// onnxruntime's CPU forward as a server (`ort_run.py --serve`): one session, made and warmed
+/// once, that times a round of `iters` batches each time [`OrtServer::round`] asks. Why: a bench
+/// that alternates whole runs of each side (seconds apart) on these shared VMs compares phases
+/// of the machine as much as the runtimes; rounds interleaved one by one see the same phases.
+pub struct OrtServer {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl OrtServer {
+    pub fn start(path: &Path, batch: usize, iters: usize, threads: usize) -> OrtServer {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = Command::new(python())
+            .arg(repo_root().join("scripts/oracle/ort_run.py"))
+            .arg("--serve")
+            .arg(path)
+            .args([
+                "--batch",
+                &batch.to_string(),
+                "--iters",
+                &iters.to_string(),
+                "--threads",
+                &threads.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run onnxruntime (python venv)");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("ort_run.py --serve");
+        assert_eq!(line.trim(), "ready", "ort_run.py --serve did not start");
+        OrtServer { child, out }
+    }
+
+    /// Seconds of one round.
+    pub fn round(&mut self) -> f64 {
+        use std::io::{BufRead, Write};
+        let stdin = self.child.stdin.as_mut().expect("piped stdin");
+        stdin
+            .write_all(b"round\n")
+            .and_then(|()| stdin.flush())
+            .expect("ort_run.py --serve: write");
+        let mut line = String::new();
+        self.out
+            .read_line(&mut line)
+            .expect("ort_run.py --serve: read");
+        line.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("ort_run.py --serve: {line:?}"))
+    }
+}
+
+impl Drop for OrtServer {
+    fn drop(&mut self) {
+        // EOF on its stdin ends the server's loop.
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
