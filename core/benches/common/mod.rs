@@ -76,12 +76,11 @@ pub fn ensure_plugins(package: &str, lib: &str) {
     );
 }
 
-/// onnxruntime's CPU forward pass alone (scripts/oracle/ort_run.py --bench): images/s over
-/// `iters` batches of `batch` random inputs with `threads` intra-op threads.
-pub fn ort_ips(path: &Path, batch: usize, iters: usize, threads: usize) -> f64 {
-    let out = Command::new(python())
-        .arg(repo_root().join("scripts/oracle/ort_run.py"))
-        .arg("--bench")
+/// `ort_run.py MODE PATH` timing batches of `batch` in rounds of `iters` on `threads` threads.
+fn ort_command(mode: &str, path: &Path, batch: usize, iters: usize, threads: usize) -> Command {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo_root().join("scripts/oracle/ort_run.py"))
+        .arg(mode)
         .arg(path)
         .args([
             "--batch",
@@ -90,7 +89,14 @@ pub fn ort_ips(path: &Path, batch: usize, iters: usize, threads: usize) -> f64 {
             &iters.to_string(),
             "--threads",
             &threads.to_string(),
-        ])
+        ]);
+    cmd
+}
+
+/// onnxruntime's CPU forward pass alone (scripts/oracle/ort_run.py --bench): images/s over
+/// `iters` batches of `batch` random inputs with `threads` intra-op threads.
+pub fn ort_ips(path: &Path, batch: usize, iters: usize, threads: usize) -> f64 {
+    let out = ort_command("--bench", path, batch, iters, threads)
         .output()
         .expect("run onnxruntime (python venv)");
     assert!(
@@ -115,18 +121,7 @@ impl OrtServer {
     pub fn start(path: &Path, batch: usize, iters: usize, threads: usize) -> OrtServer {
         use std::io::BufRead;
         use std::process::Stdio;
-        let mut child = Command::new(python())
-            .arg(repo_root().join("scripts/oracle/ort_run.py"))
-            .arg("--serve")
-            .arg(path)
-            .args([
-                "--batch",
-                &batch.to_string(),
-                "--iters",
-                &iters.to_string(),
-                "--threads",
-                &threads.to_string(),
-            ])
+        let mut child = ort_command("--serve", path, batch, iters, threads)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
