@@ -8,7 +8,8 @@ Usage:
       times K forward passes on a random float32 batch and prints JSON {"images_per_s": ...}.
   ort_run.py --serve MODEL --batch B --iters K [--threads T]
       prints "ready" once the session is made and warm, then for each line "round" read from
-      stdin times one round of K forward passes and prints its seconds on a line; ends at EOF.
+      stdin runs one untimed forward pass, times a round of K more and prints its seconds on a
+      line; ends at EOF.
       The Rust bench interleaves these rounds with its own, so both sides see the same phases
       of a shared machine.
 """
@@ -58,6 +59,7 @@ def serve(argv):
         if line.strip() != "round":
             print(f"unknown command {line.strip()!r}", file=sys.stderr)
             return 2
+        sess.run(None, {name: x})  # wakes the pool's threads, which slept since the last round
         t0 = time.perf_counter()
         for _ in range(iters):
             sess.run(None, {name: x})
