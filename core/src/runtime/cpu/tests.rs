@@ -1563,6 +1563,7 @@ fn model_timing() {
         "relupool" => &crate::runtime::autodiff::NO_RELU_POOL,
         "tapefuse" => &crate::runtime::exec::NO_TAPED_FUSION,
         "wide" => &super::winograd::NO_WIDE_BLOCKS,
+        "prefetch" => &super::sgemm::NO_PREFETCH_A,
         _ => &super::sgemm::FORCE_AVX2,
     };
     let reps: usize = std::env::var("ADVERSE_TIMING_REPS")
