@@ -549,6 +549,7 @@ mod x86 {
         let mut bstrip: Vec<f32> = Vec::new();
         let mut lead = 0;
         let copy = panels.min(MC_PANELS) >= super::STRIP_COPY_PANELS && !super::no_strip();
+        let prefetch = super::prefetch_a();
         // Goto's loop order: a KC x MC block of the packed weights stays in L2 while every NR
         // strip of the right operand (at most KC x 16, in L1) meets its MC/MR panels.
         for (t0, kc) in super::k_blocks(k) {
@@ -581,7 +582,7 @@ mod x86 {
                     };
                     for p in p0..p1 {
                         let rows = MR.min(m - p * MR);
-                        if j0 == 0 && p + PREFETCH_AHEAD < p1 && super::prefetch_a() {
+                        if prefetch && j0 == 0 && p + PREFETCH_AHEAD < p1 {
                             // The first strip of a block brings its panels from memory: ask for
                             // a later panel's block ahead of its use. Each is kc * MR floats,
                             // far from the previous one (panels are k * MR apart), too short a

@@ -380,11 +380,14 @@ fn block_tiles(per_tile: usize, tw: usize) -> usize {
 /// of 32 tiles, two blocks per sample); a wider block spills its inputs and products to L3
 /// instead, which costs less than reading the weights again.
 pub(super) fn wide_block(nb: usize, u: usize, total: usize) -> usize {
-    let cap = wide_cap();
-    if cap == 0 || u <= WIDE_WEIGHT_FLOATS || total <= nb {
+    #[cfg(test)]
+    if NO_WIDE_BLOCKS.load(std::sync::atomic::Ordering::Relaxed) {
         return nb;
     }
-    let blocks = total.div_ceil(cap);
+    if u <= WIDE_WEIGHT_FLOATS || total <= nb {
+        return nb;
+    }
+    let blocks = total.div_ceil(WIDE_BLOCK_TILES);
     total.div_ceil(blocks).next_multiple_of(2 * L).max(nb)
 }
 
@@ -393,15 +396,6 @@ pub(super) fn wide_block(nb: usize, u: usize, total: usize) -> usize {
 const WIDE_WEIGHT_FLOATS: usize = 2 * BLOCK_FLOATS;
 /// Widest block [`wide_block`] makes.
 const WIDE_BLOCK_TILES: usize = 128;
-
-/// [`WIDE_BLOCK_TILES`], or 0 (no widening) in a timing A/B run's B side.
-fn wide_cap() -> usize {
-    #[cfg(test)]
-    if NO_WIDE_BLOCKS.load(std::sync::atomic::Ordering::Relaxed) {
-        return 0;
-    }
-    WIDE_BLOCK_TILES
-}
 
 /// Test-only switch back to cache-sized blocks whatever the weights, for timing A/B runs.
 #[cfg(test)]
