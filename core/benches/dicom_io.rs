@@ -8,6 +8,9 @@ use std::time::Instant;
 
 use adverse::dicom::{DecodeLimits, DerivedOptions, DicomFile, write_derived};
 
+mod common;
+use common::repo_root;
+
 /// Little-endian native and lossless compressed files both sides decode.
 const FILES: &[&str] = &[
     "MR2_UNCR.dcm",
@@ -25,13 +28,6 @@ const FILES: &[&str] = &[
 ];
 const ITERATIONS: usize = 5;
 const CHILD_ENV: &str = "ADVERSE_DICOM_IO_BENCH_CHILD";
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("core/ has a parent")
-        .to_path_buf()
-}
 
 fn files() -> Vec<PathBuf> {
     let dir = repo_root().join("tests/data/dicom/pydicom-data");

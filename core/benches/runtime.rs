@@ -22,7 +22,7 @@ use adverse::runtime::loss::LossSpec;
 use adverse::runtime::onnx;
 
 mod common;
-use common::{OrtServer, python, repo_root};
+use common::{OrtServer, percentile, python, repo_root};
 
 struct Row {
     model: String,
@@ -91,16 +91,6 @@ impl<B: Backend> Timed<B> {
             .map(|_| self.round(b, iters, grad))
             .fold(f64::INFINITY, f64::min);
         (self.x.shape[0] * iters) as f64 / best
-    }
-}
-
-/// The median of sorted `v` (the mean of the middle two for an even length).
-fn median(v: &[f64]) -> f64 {
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
     }
 }
 
@@ -428,7 +418,7 @@ fn main() {
         println!(
             "{model}: cpu forward / onnxruntime forward in {} paired rounds: median {:.2}x (range {lo:.2}-{hi:.2}x, at or above 1x in {above})",
             ratios.len(),
-            median(&ratios),
+            percentile(&ratios, 0.5),
         );
     }
 }

@@ -14,46 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("core/ has a parent")
-        .to_path_buf()
-}
-
-fn bin_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_adverse"))
-        .parent()
-        .expect("the adverse binary has a folder")
-        .to_path_buf()
-}
-
-/// The basic plugins' library beside the binary, built with the same profile if missing.
-fn ensure_plugins() {
-    let dir = bin_dir();
-    let lib = dir.join(format!(
-        "{}adverse_plugins_basic{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    ));
-    if lib.exists() {
-        return;
-    }
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(repo_root())
-        .args(["build", "-p", "adverse-plugins-basic"]);
-    match dir.file_name().and_then(|s| s.to_str()) {
-        Some("release") => {
-            cmd.arg("--release");
-        }
-        Some("debug") | None => {}
-        Some(profile) => {
-            cmd.args(["--profile", profile]);
-        }
-    }
-    let status = cmd.status().expect("run cargo build");
-    assert!(status.success() && lib.exists(), "{cmd:?} failed");
-}
+mod common;
+use common::{bin_dir, ensure_plugins, percentile, repo_root};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -121,11 +83,6 @@ fn wait_for(path: &Path, limit: Duration) {
         assert!(t.elapsed() < limit, "{} did not appear", path.display());
         std::thread::sleep(Duration::from_millis(1));
     }
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 /// Drop-to-output times (ms) of `n` single files dropped 300 ms apart.
@@ -238,7 +195,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    ensure_plugins();
+    ensure_plugins("adverse-plugins-basic", "adverse_plugins_basic");
     let data = samples();
     let files = env_usize("ADVERSE_BENCH_FILES", 2000);
     let lat_n = env_usize("ADVERSE_BENCH_LATENCY_N", 40);

@@ -158,3 +158,10 @@ impl Drop for OrtServer {
         let _ = self.child.wait();
     }
 }
+
+/// The `q` quantile of ascending `sorted` (the nearest rank; `q = 0.5` is the median, the
+/// middle element of an odd count).
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
